@@ -1,0 +1,132 @@
+"""ClientApp: decodes the round's records, runs the node's local work in the core, replies.
+
+The node's data: when the SuperNode's node config names ``partition-id`` the global training set
+is partitioned by id (simulation, or a deployment that asks for it); otherwise the node's own
+dataset at its ``data-dir`` is the whole partition. No client ever sees the global test set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmetanas_core.config import RunConfig
+from fedmetanas_core.coordinator import plan_from_config
+from fedmetanas_core.data import ClientData, load_client_data, load_own_data
+from fedmetanas_core.genotype import Genotype, build_fixed_network
+from fedmetanas_core.search_space import SearchModel
+from fedmetanas_core.seeding import make_generator
+from fedmetanas_core.training import (
+    fedmetanas_local_search,
+    fednas_local_search,
+    personalize_fixed,
+    personalize_search_model,
+    resolve_device,
+    space_from_config,
+    train_fixed,
+)
+
+app = ClientApp()
+
+_CONFIGS: dict[int, RunConfig] = {}
+_DATA: dict[tuple, ClientData] = {}
+
+
+def run_config(context: Context) -> RunConfig:
+    """Validated once per run and process (Ray actors live across rounds)."""
+    cfg = _CONFIGS.get(context.run_id)
+    if cfg is None:
+        cfg = RunConfig.from_flat(dict(context.run_config), check_paths=False)
+        _CONFIGS[context.run_id] = cfg
+        threads = cfg.torch_threads or (1 if any(k.startswith("RAY_") for k in os.environ) else 0)
+        if threads:
+            torch.set_num_threads(threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+    return cfg
+
+
+def node_data(cfg: RunConfig, node_config: dict[str, Any]) -> ClientData:
+    data_dir = str(node_config.get("data-dir") or cfg.resolved_data_dir())
+    common = dict(
+        query_fraction=cfg.query_fraction, test_fraction=cfg.local_test_fraction, seed=cfg.seed,
+        hf_dataset=cfg.hf_dataset, image_size=cfg.image_size, on_corrupt_image=cfg.on_corrupt_image,
+    )  # fmt: skip
+    if "partition-id" in node_config:
+        pid = int(node_config["partition-id"])
+        n = cfg.num_partitions or int(node_config["num-partitions"])
+        key = ("id", cfg.dataset, data_dir, pid, n, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed, cfg.train_subset)
+        if key not in _DATA:
+            _DATA[key] = load_client_data(
+                cfg.dataset, data_dir, pid, n, partitioner=cfg.partitioner, dirichlet_alpha=cfg.dirichlet_alpha,
+                classes_per_partition=cfg.classes_per_client, shards_per_partition=cfg.shards_per_client,
+                min_partition_size=cfg.min_partition_size, train_subset=cfg.train_subset, **common,
+            )  # fmt: skip
+    else:
+        key = ("own", cfg.dataset, data_dir, cfg.seed)
+        if key not in _DATA:
+            _DATA[key] = load_own_data(cfg.dataset, data_dir, **common)
+    return _DATA[key]
+
+
+def build_model(cfg: RunConfig, config: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    space = space_from_config(cfg, int(config["num-classes"]), int(config["in-channels"]))
+    if config["phase"] == "search":
+        return SearchModel(space).to(device)
+    genotype = Genotype.from_json(config["genotype"]) if config.get("genotype") else None
+    return build_fixed_network(space, genotype).to(device)
+
+
+def _prepare(msg: Message, context: Context):
+    cfg = run_config(context)
+    config = dict(msg.content["config"])
+    device = resolve_device(cfg.device)
+    model = build_model(cfg, config, device)
+    state = msg.content["arrays"].to_torch_state_dict()
+    model.load_state_dict(state)
+    shapes = {k: v.shape for k, v in state.items()}
+    plan = plan_from_config(config, shapes)
+    plan.masks = {k: v.to(device) for k, v in plan.masks.items()}
+    data = node_data(cfg, context.node_config)
+    return cfg, config, device, model, plan, data
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    t0 = time.time()
+    cfg, config, device, model, plan, data = _prepare(msg, context)
+    generator = make_generator(cfg.seed, "train", data.partition_id, config.get("phase"), plan.server_round)
+    mu = float(config.get("proximal-mu", 0.0))  # set by FedProx
+    if config["phase"] == "fixed":
+        result = train_fixed(model, data, cfg, int(config["local-epochs"]), generator, device, proximal_mu=mu)
+    elif cfg.method == "fednas":
+        result = fednas_local_search(model, data, cfg, generator, device, proximal_mu=mu)
+    else:
+        result = fedmetanas_local_search(model, data, cfg, plan, generator, device, proximal_mu=mu)
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.train_loss,
+            "client-seconds": time.time() - t0,
+        }
+    )
+    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Local test accuracy before and after K adaptation steps on the local train split."""
+    cfg, config, device, model, plan, data = _prepare(msg, context)
+    generator = make_generator(cfg.seed, "personalize", data.partition_id)
+    if config["phase"] == "search":
+        result = personalize_search_model(model, data, cfg, plan, generator, device)
+    else:
+        result = personalize_fixed(model, data, cfg, generator, device)
+    metrics = MetricRecord({"num-examples": len(data.test), "partition-id": data.partition_id, **result})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+

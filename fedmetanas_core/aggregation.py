@@ -1,0 +1,121 @@
+"""Server-side maths on client states: screening, averaging rules for logits, permanent masks.
+
+Client states are ``{name: np.ndarray}``. Nothing here mutates an input (FedNAS's aggregation edited
+client 0's dict in place; FedML's rebound a loop variable and "averaged" client 0 alone).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .relaxation import probabilities
+from .search_space import SpaceConfig, arch_param_name
+
+State = dict[str, np.ndarray]
+
+
+def weighted_average(states: list[State], weights: list[float]) -> State:
+    """Sample-weighted mean over the replies of this round (n_k / sum of this round's n)."""
+    if not states:
+        raise ValueError("nothing to aggregate")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("aggregation weights must sum to > 0")
+    out = {}
+    for key in states[0]:
+        acc = np.zeros_like(states[0][key], dtype=np.float64)
+        for s, w in zip(states, weights):
+            acc += (w / total) * s[key].astype(np.float64)
+        out[key] = acc.astype(states[0][key].dtype)
+    return out
+
+
+def transform_logits(state: State, rule: str) -> State:
+    """Put architecture logits into the form that a *linear* average should see.
+
+    Logits are defined up to a per-row shift, so averaging raw logits (``logits``, FedNAS) is not
+    averaging distributions; ``centered`` removes the shift, ``log-softmax`` makes the mean a
+    geometric mean of probabilities. Applied per reply, so every linear Flower strategy composes.
+    """
+    if rule == "logits":
+        return state
+    out = dict(state)
+    for key, value in state.items():
+        if not key.startswith("arch."):
+            continue
+        v = value.astype(np.float64)
+        if rule == "centered":
+            v = v - v.mean(axis=-1, keepdims=True)
+        elif rule == "log-softmax":
+            v = torch.log_softmax(torch.from_numpy(v), dim=-1).numpy()
+        else:
+            raise ValueError(f"unknown alpha aggregation {rule!r}")
+        out[key] = v.astype(value.dtype)
+    return out
+
+
+def reply_problem(state: State, reference: State, max_norm_ratio: float = 1e3) -> str | None:
+    """Why a client's state must not be aggregated, or None. Checks names, shapes, finiteness, norm."""
+    if set(state) != set(reference):
+        missing = sorted(set(reference) - set(state))[:3]
+        extra = sorted(set(state) - set(reference))[:3]
+        return f"wrong array names (missing {missing}, unexpected {extra})"
+    for key, ref in reference.items():
+        value = state[key]
+        if value.shape != ref.shape:
+            return f"wrong shape for {key}: {value.shape} != {ref.shape}"
+        if not np.all(np.isfinite(value)):
+            return f"non-finite values in {key}"
+    ref_norm = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in reference.values()))
+    norm = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in state.values()))
+    if norm > max_norm_ratio * max(ref_norm, 1.0):
+        return f"absurd norm {norm:.3g} (global model {ref_norm:.3g})"
+    return None
+
+
+def update_masks(
+    space: SpaceConfig, arch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], threshold: float, tau_min: float
+) -> dict[str, torch.Tensor]:
+    """Monotone permanent masks (True = keep) decided on the aggregated logits at ``tau_min``.
+
+    An entry whose probability at tau_min falls below ``threshold`` is pruned for good. The best
+    real op of each edge and the best input pair of each node are never pruned, so every client keeps
+    searching one well-formed space.
+    """
+    new = {}
+    none_idx = space.primitives.index("none") if "none" in space.primitives else -1
+    for name, logits in arch.items():
+        old = masks.get(name, torch.ones_like(logits, dtype=torch.bool))
+        if threshold <= 0:
+            new[name] = old.clone()
+            continue
+        probs = probabilities(logits, old, tau=tau_min)
+        keep = old & (probs >= threshold)
+        guard = probs.clone()
+        if ".alpha." in name and none_idx >= 0:
+            guard[..., none_idx] = -1.0
+        best = guard.argmax(dim=-1, keepdim=True)
+        keep.scatter_(-1, best, True)
+        new[name] = keep
+    return new
+
+
+def arch_statistics(space: SpaceConfig, arch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], tau: float) -> dict[str, float]:
+    """Entropy of op and pair distributions per cell type (near 0 = near one-hot), and pruned share."""
+    from .relaxation import entropy
+
+    stats: dict[str, float] = {}
+    for cell_type in ("normal", "reduce"):
+        name = arch_param_name("alpha", cell_type)
+        stats[f"alpha-entropy-{cell_type}"] = entropy(probabilities(arch[name], masks.get(name), tau))
+        betas = [k for k in arch if k.startswith(f"arch.beta.{cell_type}-")]
+        if betas:
+            stats[f"beta-entropy-{cell_type}"] = float(
+                np.mean([entropy(probabilities(arch[k], masks.get(k), tau)[None]) for k in betas])
+            )
+    total = sum(m.numel() for m in masks.values()) or 1
+    stats["pruned-fraction"] = sum(int((~m).sum()) for m in masks.values()) / total
+    return stats

@@ -1,0 +1,312 @@
+"""Run configuration: every key, its type, default, allowed values and meaning, in one table.
+
+The Flower app declares the same keys in ``pyproject.toml`` (a test keeps the two in step), and
+``RunConfig.from_flat`` validates a flat ``{key: value}`` mapping once, up front, before any data
+is loaded, so a typo costs a one-line error instead of hours of search.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+PRIMITIVES = (
+    "none",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+)
+METHODS = ("fedmetanas", "fednas", "fedavg")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "hf")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
+STRATEGIES = (
+    "FedAvg", "FedAvgM", "FedProx", "FedAdagrad", "FedAdam", "FedYogi",
+    "FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan",
+)  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A run-config value that is not allowed; the message names key, value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"run-config '{key}' = {value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None  # returns an error text, or None when fine
+    group: str = "run"
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
+
+
+def _choice(options: Iterable[str]) -> Callable[[Any], str | None]:
+    options = tuple(options)
+    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _unit_open(v: Any) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def _unit(v: Any) -> str | None:
+    return None if 0 <= v <= 1 else "must be in [0, 1]"
+
+
+def _fraction_below_one(v: Any) -> str | None:
+    return None if 0 < v < 1 else "must be in (0, 1)"
+
+
+def _primitives(v: str) -> str | None:
+    names = [p.strip() for p in v.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PRIMITIVES]
+    if unknown:
+        return f"unknown op(s) {', '.join(unknown)}; allowed: {', '.join(PRIMITIVES)}"
+    if len(set(names)) != len(names):
+        return "ops must not repeat"
+    if not [p for p in names if p != "none"]:
+        return "needs at least one op other than 'none'"
+    return None
+
+
+def _strategy(v: str) -> str | None:
+    if v in STRATEGIES or (":" in v and all(v.split(":", 1))):
+        return None
+    return f"must be one of {', '.join(STRATEGIES)} or an import path 'package.module:ClassName'"
+
+
+KEYS: tuple[Key, ...] = (
+    # --- run
+    Key("method", "fedmetanas", "fedmetanas | fednas (search + FedAvg retraining) | fedavg (fixed architecture)", _choice(METHODS)),
+    Key("num-server-rounds", 12, "federated rounds (FedNAS: search rounds)", _at_least(1)),
+    Key("seed", 0, "global seed: partitions, init, Gumbel noise, task sampling", _at_least(0)),
+    Key("deterministic", False, "use deterministic torch algorithms (CPU runs repeat exactly)"),
+    Key("device", "auto", "auto (CUDA when present) | cpu | cuda", _choice(("auto", "cpu", "cuda"))),
+    Key("torch-threads", 0, "torch threads per client process; 0 = one per simulated client when clients share cores", _at_least(0)),
+    Key("fraction-train", 1.0, "fraction of nodes sampled for training each round", _unit_open),
+    Key("fraction-evaluate", 1.0, "fraction of nodes sampled for local evaluation each round (0 = off)", _unit),
+    Key("min-available-nodes", 2, "wait for this many nodes before a round starts", _at_least(1)),
+    Key("min-train-nodes", 2, "fewest training replies a round may be aggregated from", _at_least(1)),
+    Key("round-timeout", 3600.0, "seconds to wait for a round's replies", _positive),
+    Key("results-dir", "", "where outputs go; '' = ./results/<method>-<dataset>-<time> (made absolute)"),
+    Key("strategy", "FedAvg", "server aggregation: a Flower strategy name or 'package.module:ClassName'", _strategy),
+    # --- data
+    Key("dataset", "digits", "digits | mnist | fashion-mnist | cifar10 | cifar100 | imagefolder | hf", _choice(DATASETS), "data"),
+    Key("data-dir", "", "dataset folder (downloads go here; imagefolder: has train/ and test/); '' = ./data", None, "data"),
+    Key("hf-dataset", "", "Hugging Face dataset for dataset = hf (hub name or 'imagefolder:/abs/dir')", None, "data"),
+    Key("num-partitions", 0, "partitions when partitioning by id; 0 = the node's num-partitions", _at_least(0), "data"),
+    Key("partitioner", "dirichlet", "iid | dirichlet | pathological | shard (flwr-datasets)", _choice(PARTITIONERS), "data"),
+    Key("dirichlet-alpha", 0.5, "Dirichlet concentration over labels (smaller = more non-IID)", _positive, "data"),
+    Key("classes-per-client", 2, "pathological partitioner: classes per client", _at_least(1), "data"),
+    Key("shards-per-client", 2, "shard partitioner: shards per client", _at_least(1), "data"),
+    Key("min-partition-size", 10, "smallest allowed partition (Dirichlet retries to meet it)", _at_least(3), "data"),
+    Key("query-fraction", 0.2, "share of a client's partition used as MAML query / FedNAS alpha-validation split", _fraction_below_one, "data"),
+    Key("local-test-fraction", 0.2, "share of a client's partition held out as its local test split", _fraction_below_one, "data"),
+    Key("image-size", 0, "resize images to this square size once at load; 0 = native", _at_least(0), "data"),
+    Key("train-subset", 0, "use this many training examples (0 = all)", _at_least(0), "data"),
+    Key("test-subset", 0, "use this many global test examples (0 = all)", _at_least(0), "data"),
+    Key("on-corrupt-image", "fail", "fail | skip: what to do with an unreadable image file", _choice(("fail", "skip")), "data"),
+    Key("batch-size", 32, "support / query / training batch size", _at_least(2), "data"),
+    Key("eval-batch-size", 512, "evaluation batch size (>1: BatchNorm uses batch statistics)", _at_least(2), "data"),
+    # --- search space
+    Key("num-cells", 3, "cells in the supernet; reduction cells at 1/3 and 2/3 of the depth", _at_least(1), "space"),
+    Key("num-nodes", 3, "intermediate nodes per cell", _at_least(1), "space"),
+    Key("init-channels", 8, "channels of the first cell", _at_least(1), "space"),
+    Key("stem-multiplier", 3, "stem output channels = stem-multiplier x init-channels", _at_least(1), "space"),
+    Key("primitives", ",".join(PRIMITIVES), "comma-separated op set", _primitives, "space"),
+    Key("input-pruning", True, "pairwise input-node weights (beta) per node; off = every edge feeds its node", None, "space"),
+    # --- relaxation and soft pruning
+    Key("relax-mode", "gumbel-soft", "gumbel-soft | softmax | gumbel-hard (straight-through, runs only the sampled op)", _choice(("gumbel-soft", "softmax", "gumbel-hard")), "relaxation"),
+    Key("tau-max", 1.0, "temperature of the first round", _positive, "relaxation"),
+    Key("tau-min", 0.1, "temperature of the last round (> 0)", _positive, "relaxation"),
+    Key("tau-schedule", "linear", "linear | exponential | cosine annealing over rounds", _choice(("linear", "exponential", "cosine")), "relaxation"),
+    Key("eval-mode", "softmax", "supernet evaluation: softmax at the round's temperature without noise | argmax", _choice(("softmax", "argmax")), "relaxation"),
+    Key("prune-threshold", 0.01, "ops / input pairs with relaxed weight <= this are skipped in forward passes", _unit, "relaxation"),
+    Key("mask-threshold", 0.01, "server masks ops whose aggregated probability at tau-min is below this (0 = never)", _unit, "relaxation"),
+    Key("mask-start-round", 2, "first round after which permanent masks may grow", _at_least(1), "relaxation"),
+    Key("alpha-aggregation", "logits", "logits | centered | log-softmax: how architecture logits are averaged", _choice(("logits", "centered", "log-softmax")), "relaxation"),
+    # --- meta learning (FedMetaNAS)
+    Key("meta-learner", "fomaml", "fomaml | reptile", _choice(("fomaml", "reptile")), "meta"),
+    Key("maml-order", 1, "1 = first-order MAML (paper), 2 = exact second order", _choice((1, 2)), "meta"),
+    Key("inner-steps", 2, "task-learner steps K on each support batch", _at_least(1), "meta"),
+    Key("inner-lr-w", 0.05, "task-learner step size for weights", _positive, "meta"),
+    Key("inner-lr-alpha", 0.05, "task-learner step size for alphas/betas", _positive, "meta"),
+    Key("tasks-per-meta-batch", 2, "tasks (support, query pairs) per meta step", _at_least(1), "meta"),
+    Key("local-meta-iters", 8, "meta steps per client per round", _at_least(1), "meta"),
+    Key("warmup-rounds", 0, "rounds with alphas frozen at tau-max", _at_least(0), "meta"),
+    Key("reptile-lr-w", 1.0, "Reptile meta step size for weights", _positive, "meta"),
+    Key("reptile-lr-alpha", 0.6, "Reptile meta step size for alphas", _positive, "meta"),
+    # --- optimisers (all methods)
+    Key("outer-lr-w", 0.05, "meta / local optimiser learning rate for weights (SGD, momentum)", _positive, "optim"),
+    Key("momentum", 0.9, "SGD momentum for weights", _unit, "optim"),
+    Key("weight-decay", 3e-4, "weight decay for weights", _at_least(0), "optim"),
+    Key("outer-lr-alpha", 0.003, "Adam learning rate for alphas/betas", _positive, "optim"),
+    Key("alpha-weight-decay", 1e-3, "Adam weight decay for alphas/betas", _at_least(0), "optim"),
+    Key("grad-clip", 5.0, "gradient-norm clip for weights (0 = off)", _at_least(0), "optim"),
+    Key("personalize-steps", 5, "local adaptation steps in the personalization evaluation", _at_least(0), "optim"),
+    # --- baselines
+    Key("local-epochs", 1, "FedNAS / FedAvg: local epochs per round", _at_least(1), "baselines"),
+    Key("retrain-rounds", 12, "FedNAS: FedAvg rounds retraining the derived network from scratch", _at_least(0), "baselines"),
+    Key("retrain-local-epochs", 1, "FedNAS: local epochs per retraining round", _at_least(1), "baselines"),
+    Key("fedavg-genotype", "", "FedAvg: genotype.yaml of a fixed architecture; '' = a standard small CNN", None, "baselines"),
+    # --- strategy parameters (used by the strategies that take them)
+    Key("proximal-mu", 0.01, "FedProx proximal term", _at_least(0), "strategy"),
+    Key("server-learning-rate", 1.0, "FedAvgM server learning rate", _positive, "strategy"),
+    Key("server-momentum", 0.0, "FedAvgM server momentum", _unit, "strategy"),
+    Key("eta", 0.01, "FedAdam/FedYogi/FedAdagrad server learning rate", _positive, "strategy"),
+    Key("eta-l", 0.01, "FedOpt-family client learning rate (logged by Flower)", _positive, "strategy"),
+    Key("beta-1", 0.9, "FedAdam/FedYogi first-moment decay", _unit, "strategy"),
+    Key("beta-2", 0.99, "FedAdam/FedYogi second-moment decay", _unit, "strategy"),
+    Key("tau", 0.001, "FedOpt-family adaptivity", _positive, "strategy"),
+    Key("trim-beta", 0.2, "FedTrimmedAvg fraction cut at each end", _fraction_below_one, "strategy"),
+    Key("num-malicious-nodes", 0, "Krum / MultiKrum / Bulyan: assumed malicious nodes", _at_least(0), "strategy"),
+    Key("num-nodes-to-select", 1, "MultiKrum: nodes averaged", _at_least(1), "strategy"),
+)
+
+BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
+
+
+def defaults() -> dict[str, Any]:
+    return {k.name: k.default for k in KEYS}
+
+
+def _cast(key: Key, value: Any) -> Any:
+    """TOML gives int for 1 and float for 1.0: accept ints where floats go, nothing looser."""
+    want = key.type
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+            if math.isfinite(value):
+                return value
+            raise ConfigError(key.name, value, "must be a finite number")
+    elif want is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(key.name, value, f"must be of type {want.__name__}")
+
+
+class RunConfig(Mapping[str, Any]):
+    """A validated, read-only run config; ``cfg.num_server_rounds`` reads ``num-server-rounds``."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self._values = dict(values)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], *, check_paths: bool = True) -> "RunConfig":
+        unknown = sorted(set(flat) - set(BY_NAME))
+        if unknown:
+            raise ConfigError(unknown[0], flat[unknown[0]], "unknown key; see the README's run-config table")
+        values = defaults()
+        for name, raw in flat.items():
+            key = BY_NAME[name]
+            value = _cast(key, raw)
+            problem = key.check(value) if key.check else None
+            if problem:
+                raise ConfigError(name, raw, problem)
+            values[name] = value
+        cfg = cls(values)
+        cfg._check_relations(check_paths)
+        return cfg
+
+    def _check_relations(self, check_paths: bool) -> None:
+        if self.tau_max < self.tau_min:
+            raise ConfigError("tau-max", self.tau_max, f"must be >= tau-min ({self.tau_min})")
+        if self.query_fraction + self.local_test_fraction >= 1:
+            raise ConfigError("query-fraction", self.query_fraction, "query-fraction + local-test-fraction must be < 1")
+        if self.min_train_nodes > self.min_available_nodes:
+            raise ConfigError("min-train-nodes", self.min_train_nodes, f"must be <= min-available-nodes ({self.min_available_nodes})")
+        if self.dataset == "hf" and not self.hf_dataset:
+            raise ConfigError("hf-dataset", self.hf_dataset, "required when dataset = hf")
+        if self.maml_order == 2 and self.meta_learner == "reptile":
+            raise ConfigError("maml-order", 2, "second order applies to fomaml only, not reptile")
+        if check_paths:
+            self._check_paths()
+
+    def _check_paths(self) -> None:
+        if self.dataset == "imagefolder":
+            root = Path(self.data_dir)
+            if not self.data_dir or not root.is_dir():
+                raise ConfigError("data-dir", self.data_dir, "imagefolder needs an existing folder with train/ and test/")
+            for split in ("train", "test"):
+                if not (root / split).is_dir():
+                    raise ConfigError("data-dir", self.data_dir, f"imagefolder needs a '{split}/' subfolder")
+        if self.fedavg_genotype and not Path(self.fedavg_genotype).is_file():
+            raise ConfigError("fedavg-genotype", self.fedavg_genotype, "must be a readable genotype.yaml")
+
+    # --- access
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        try:
+            return self._values[attr.replace("_", "-")]
+        except KeyError:
+            raise AttributeError(attr) from None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        values = dict(self._values)
+        values.update({k.replace("_", "-"): v for k, v in changes.items()})
+        return RunConfig.from_flat(values, check_paths=False)
+
+    @property
+    def primitive_list(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.primitives.split(",") if p.strip())
+
+    def resolved_results_dir(self, stamp: str) -> Path:
+        """Absolute results directory; Flower runs the ServerApp from the SuperLink's cwd."""
+        if self.results_dir:
+            return Path(self.results_dir).expanduser().resolve()
+        return (Path.cwd() / "results" / f"{self.method}-{self.dataset}-{stamp}").resolve()
+
+    def resolved_data_dir(self) -> str:
+        return str(Path(self.data_dir or os.path.join(os.getcwd(), "data")).expanduser().resolve())
+
+
+def markdown_table() -> str:
+    """The README's run-config reference table, generated so it never drifts from KEYS."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for k in KEYS:
+        default = f'"{k.default}"' if isinstance(k.default, str) else str(k.default).lower() if isinstance(k.default, bool) else k.default
+        rows.append(f"| `{k.name}` | `{default}` | {k.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m fedmetanas_core.config  -> the README table
+    print(markdown_table())

@@ -1,0 +1,199 @@
+"""Server-side state of a run, Flower-free: what each round sends, what happens to the aggregate.
+
+A run is a list of phases: FedMetaNAS is one search phase (the searched model is final, no
+retraining); FedNAS is a search phase followed by a fixed-network phase that retrains the derived
+genotype from scratch; FedAvg is one fixed-network phase. The Flower ServerApp drives the phases
+round by round and only translates between records and these objects.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .aggregation import State, arch_statistics, update_masks
+from .config import RunConfig
+from .data import ImageData
+from .genotype import DiscreteNetwork, Genotype, build_fixed_network, count_parameters, derive_genotype
+from .relaxation import TemperatureSchedule
+from .search_space import SearchModel, SpaceConfig
+from .seeding import derive_seed
+from .training import RoundPlan, eval_settings, evaluate, load_arrays, space_from_config, state_arrays
+
+MASK_PREFIX = "mask:"
+
+
+# ---------------------------------------------------------------------------------------------
+# the round protocol: plain values that fit a Flower ConfigRecord
+
+
+def plan_to_config(plan: RoundPlan) -> dict[str, Any]:
+    out: dict[str, Any] = {"tau": float(plan.tau), "alpha-frozen": bool(plan.alpha_frozen), "round": int(plan.server_round)}
+    for name, mask in plan.masks.items():
+        out[MASK_PREFIX + name] = [bool(b) for b in mask.flatten().tolist()]
+    return out
+
+
+def plan_from_config(config: dict[str, Any], shapes: dict[str, torch.Size]) -> RoundPlan:
+    masks = {}
+    for key, value in config.items():
+        if key.startswith(MASK_PREFIX):
+            name = key[len(MASK_PREFIX) :]
+            masks[name] = torch.tensor(list(value), dtype=torch.bool).reshape(shapes[name])
+    return RoundPlan(
+        server_round=int(config.get("round", 0)),
+        tau=float(config.get("tau", 1.0)),
+        alpha_frozen=bool(config.get("alpha-frozen", False)),
+        masks=masks,
+    )
+
+
+def seeded_init(module_factory, seed: int, *stream):
+    """Same seed, same initial model, whatever else used the global RNG before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "init", *stream))
+        return module_factory()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class SearchPhase:
+    """Supernet search (FedMetaNAS: Gumbel, MAML, soft pruning; FedNAS: softmax, MiLeNAS)."""
+
+    kind = "search"
+
+    def __init__(self, cfg: RunConfig, space: SpaceConfig, test: ImageData, device: torch.device, rounds: int):
+        self.cfg, self.space, self.test, self.device, self.rounds = cfg, space, test, device, rounds
+        self.is_meta = cfg.method == "fedmetanas"
+        self.model = seeded_init(lambda: SearchModel(space), cfg.seed, "search").to(device)
+        self.masks: dict[str, torch.Tensor] = {}
+        self.schedule = TemperatureSchedule(cfg.tau_max, cfg.tau_min, rounds, cfg.tau_schedule, cfg.warmup_rounds)
+        self.genotype: Genotype | None = None
+        self.last: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return "search"
+
+    def initial_state(self) -> State:
+        return state_arrays(self.model)
+
+    def plan(self, server_round: int) -> RoundPlan:
+        if not self.is_meta:  # FedNAS: plain softmax at temperature 1, nothing masked
+            return RoundPlan(server_round, 1.0, False, {})
+        frozen = server_round <= self.cfg.warmup_rounds
+        return RoundPlan(server_round, self.schedule(server_round), frozen, dict(self.masks))
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        return {"phase": "search", **plan_to_config(self.plan(server_round))}
+
+    def arch_state(self) -> dict[str, torch.Tensor]:
+        return {f"arch.{k}": v.detach().cpu() for k, v in self.model.arch.state_dict().items()}
+
+    def accept(self, server_round: int, state: State) -> dict[str, Any]:
+        """Install the aggregate, grow the masks, evaluate supernet and derived network on the test set."""
+        load_arrays(self.model, state)
+        plan = self.plan(server_round)
+        arch = self.arch_state()
+        if self.is_meta and server_round >= self.cfg.mask_start_round:
+            self.masks = update_masks(self.space, arch, self.masks, self.cfg.mask_threshold, self.cfg.tau_min)
+        self.genotype = derive_genotype(self.space, arch, self.masks)
+        stats = arch_statistics(self.space, arch, self.masks, plan.tau)
+        supernet = self.evaluate_supernet(plan.tau)
+        derived = self.derived_network()
+        derived_eval = evaluate(derived, self.test, self.cfg.eval_batch_size, self.device)
+        self.last = {
+            "tau": plan.tau,
+            "supernet-accuracy": supernet["accuracy"],
+            "supernet-loss": supernet["loss"],
+            "accuracy": derived_eval["accuracy"],
+            "loss": derived_eval["loss"],
+            **stats,
+            "skip-count": self.genotype.op_counts().get("skip_connect", 0),
+            "genotype": self.genotype.to_dict(),
+        }
+        return self.last
+
+    @torch.no_grad()
+    def evaluate_supernet(self, tau: float) -> dict[str, float]:
+        settings = eval_settings(self.cfg, tau)
+        return evaluate(lambda x: self.model(x, settings, self.masks), self.test, self.cfg.eval_batch_size, self.device)
+
+    def derived_network(self) -> DiscreteNetwork:
+        assert self.genotype is not None
+        return DiscreteNetwork.inherit(self.model, self.genotype).to(self.device)
+
+
+class FixedPhase:
+    """FedAvg on a fixed network: the FedAvg baseline, or FedNAS retraining the derived genotype."""
+
+    kind = "fixed"
+
+    def __init__(self, cfg: RunConfig, space: SpaceConfig, genotype: Genotype | None, test: ImageData, device: torch.device, rounds: int, name: str):
+        self.cfg, self.space, self.genotype, self.test, self.device, self.rounds = cfg, space, genotype, test, device, rounds
+        self.net = seeded_init(lambda: build_fixed_network(space, genotype), cfg.seed, name).to(device)
+        self.name = name
+        self.last: dict[str, Any] = {}
+
+    def initial_state(self) -> State:
+        return state_arrays(self.net)
+
+    def plan(self, server_round: int) -> RoundPlan:
+        return RoundPlan(server_round, 1.0, False, {})
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        genotype = self.genotype.to_json() if self.genotype is not None else ""
+        epochs = self.cfg.retrain_local_epochs if self.name == "retrain" else self.cfg.local_epochs
+        return {"phase": "fixed", "genotype": genotype, "local-epochs": epochs, **plan_to_config(self.plan(server_round))}
+
+    def accept(self, server_round: int, state: State) -> dict[str, Any]:
+        load_arrays(self.net, state)
+        result = evaluate(self.net, self.test, self.cfg.eval_batch_size, self.device)
+        self.last = {"tau": 1.0, "accuracy": result["accuracy"], "loss": result["loss"]}
+        return self.last
+
+
+def space_for_run(cfg: RunConfig, test: ImageData) -> SpaceConfig:
+    return space_from_config(cfg, test.num_classes, test.in_channels)
+
+
+def model_config(space: SpaceConfig) -> dict[str, Any]:
+    """What a client needs to build the same networks as the server (sent every round)."""
+    return {"num-classes": space.num_classes, "in-channels": space.in_channels}
+
+
+class ProgressClock:
+    """Elapsed and estimated remaining time over all rounds of all phases."""
+
+    def __init__(self, total_rounds: int):
+        self.start = time.time()
+        self.total = total_rounds
+        self.done = 0
+
+    def tick(self) -> tuple[float, float]:
+        self.done += 1
+        elapsed = time.time() - self.start
+        remaining = elapsed / self.done * (self.total - self.done)
+        return elapsed, remaining
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def genotype_json(genotype: Genotype | None) -> str:
+    return json.dumps(genotype.to_dict()) if genotype else ""
+
+
+def parameter_count(module) -> int:
+    return count_parameters(module)
+
+
+def finite_state(state: State) -> bool:
+    return all(np.all(np.isfinite(v)) for v in state.values())

@@ -1,0 +1,97 @@
+"""Functional MAML over network weights AND architecture logits.
+
+Parameters travel as flat ``{name: tensor}`` dicts (``net.*`` and ``arch.*``); adapted parameters are
+new tensors, so the inner loop never mutates the module (the classic ``.data`` write silently cuts
+the graph and makes "second order" first order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+Params = dict[str, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def is_arch(name: str) -> bool:
+    return name.startswith("arch.")
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    steps: int
+    lr_w: float
+    lr_alpha: float
+    adapt_arch: bool = True  # False while alphas are frozen (warm-up)
+
+
+def loss_on(model: torch.nn.Module, params: Params, batch: Batch, **forward_kwargs) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(functional_call(model, params, (x,), forward_kwargs), y)
+
+
+def inner_adapt(
+    model: torch.nn.Module,
+    params: Params,
+    support: Batch | Callable[[int], Batch],
+    inner: InnerLoop,
+    create_graph: bool = False,
+    **forward_kwargs,
+) -> Params:
+    """K plain gradient steps on the support batch; weights and alphas each with their own step size.
+
+    ``create_graph=False`` (first order): each step starts from detached leaves, so the result is a
+    fresh leaf dict whose gradients are the FOMAML meta-gradient. ``create_graph=True`` keeps the
+    graph back to ``params`` for exact second-order MAML. ``support`` may be a function of the step
+    (personalization walks over several batches).
+    """
+    current = params if create_graph else {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    for step in range(inner.steps):
+        batch = support(step) if callable(support) else support
+        names = [k for k in current if inner.adapt_arch or not is_arch(k)]
+        loss = loss_on(model, current, batch, **forward_kwargs)
+        grads = torch.autograd.grad(loss, [current[k] for k in names], create_graph=create_graph, allow_unused=True)
+        updated = dict(current)
+        for name, grad in zip(names, grads):
+            if grad is None:
+                continue
+            lr = inner.lr_alpha if is_arch(name) else inner.lr_w
+            updated[name] = current[name] - lr * grad
+        current = updated if create_graph else {k: v.detach().requires_grad_(True) for k, v in updated.items()}
+    return current
+
+
+def fomaml_task_gradient(model, params: Params, support: Batch, query: Batch, inner: InnerLoop, **fw) -> tuple[Params, float]:
+    """Query-loss gradient at the adapted parameters: the first-order meta-gradient for ``params``."""
+    adapted = inner_adapt(model, params, support, inner, create_graph=False, **fw)
+    loss = loss_on(model, adapted, query, **fw)
+    names = list(adapted)
+    grads = torch.autograd.grad(loss, [adapted[k] for k in names], allow_unused=True)
+    return {k: (g if g is not None else torch.zeros_like(adapted[k])) for k, g in zip(names, grads)}, float(loss.detach())
+
+
+def second_order_task_gradient(model, params: Params, support: Batch, query: Batch, inner: InnerLoop, **fw) -> tuple[Params, float]:
+    """Exact MAML: differentiate the query loss through the inner steps back to ``params``."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    adapted = inner_adapt(model, leaves, support, inner, create_graph=True, **fw)
+    loss = loss_on(model, adapted, query, **fw)
+    names = list(leaves)
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+    return {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, grads)}, float(loss.detach())
+
+
+def reptile_task_delta(model, params: Params, support: Batch, inner: InnerLoop, **fw) -> tuple[Params, float]:
+    """Reptile direction: adapted minus initial parameters (the inner loop runs on support only)."""
+    adapted = inner_adapt(model, params, support, inner, create_graph=False, **fw)
+    with torch.no_grad():
+        loss = float(loss_on(model, adapted, support, **fw))
+    return {k: (adapted[k].detach() - params[k].detach()) for k in params}, loss
+
+
+def mean_dicts(dicts: list[Params]) -> Params:
+    return {k: torch.stack([d[k] for d in dicts]).mean(0) for k in dicts[0]}

@@ -1,0 +1,107 @@
+"""What a run leaves behind: config.yaml, rounds.jsonl, summary.json, genotype.yaml, the derived model.
+
+Files are written atomically (temporary file, then rename), so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .genotype import DiscreteNetwork, Genotype, SimpleCNN, build_fixed_network
+from .search_space import SpaceConfig
+
+MODEL_FILE = "derived_model.pt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for name in ("fedmetanas", "flwr", "torch", "torchvision", "numpy", "flwr-datasets"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def machine_description() -> str:
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores{gpu}"
+
+
+class RunRecorder:
+    def __init__(self, results_dir: Path):
+        self.dir = Path(results_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, cfg: dict[str, Any]) -> None:
+        atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(dict(cfg), sort_keys=True))
+
+    def log_round(self, row: dict[str, Any]) -> None:
+        with open(self.dir / "rounds.jsonl", "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+
+    def write_genotype(self, genotype: Genotype) -> None:
+        atomic_write_text(self.dir / "genotype.yaml", yaml.safe_dump(genotype.to_dict(), sort_keys=False))
+
+    def save_model(self, net: torch.nn.Module, space: SpaceConfig, genotype: Genotype | None) -> Path:
+        payload = {
+            "space": asdict(space),
+            "genotype": genotype.to_dict() if genotype is not None else None,
+            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        }
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        path = self.dir / MODEL_FILE
+        atomic_write_bytes(path, buf.getvalue())
+        return path
+
+
+def load_derived_model(path: str | Path) -> DiscreteNetwork | SimpleCNN:
+    """Load a run's final model (the derived network with its weights, ready for inference).
+
+    ``path`` is a results directory or its ``derived_model.pt``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    space = SpaceConfig(**{**payload["space"], "primitives": tuple(payload["space"]["primitives"])})
+    genotype = Genotype.from_dict(payload["genotype"]) if payload["genotype"] is not None else None
+    net = build_fixed_network(space, genotype)
+    net.load_state_dict(payload["state_dict"])
+    net.eval()
+    return net

@@ -1,0 +1,279 @@
+"""Local work on one client, for each method, and evaluation. Flower-free: the apps call these.
+
+- FedMetaNAS: first-order MAML (or exact MAML, or Reptile) over weights and alphas, with the
+  round's temperature and masks from the server.
+- FedNAS: MiLeNAS-style first-order search (alpha gradient = validation + training loss), plain softmax.
+- FedAvg / FedNAS retraining: SGD on a fixed discrete network.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import RunConfig
+from .data import BatchStream, ClientData, ImageData
+from .maml import InnerLoop, fomaml_task_gradient, inner_adapt, mean_dicts, reptile_task_delta, second_order_task_gradient
+from .search_space import RelaxSettings, SearchModel, SpaceConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def space_from_config(cfg: RunConfig, num_classes: int, in_channels: int) -> SpaceConfig:
+    return SpaceConfig(
+        num_classes=num_classes,
+        in_channels=in_channels,
+        init_channels=cfg.init_channels,
+        num_cells=cfg.num_cells,
+        num_nodes=cfg.num_nodes,
+        stem_multiplier=cfg.stem_multiplier,
+        primitives=cfg.primitive_list,
+        input_pruning=cfg.input_pruning if cfg.method == "fedmetanas" else False,
+    )
+
+
+@dataclass
+class RoundPlan:
+    """What the server decides for a round and sends along: schedule position and masks."""
+
+    server_round: int
+    tau: float
+    alpha_frozen: bool = False
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class LocalResult:
+    num_examples: int
+    train_loss: float
+    steps: int
+
+
+# ---------------------------------------------------------------------------------------------
+# state <-> numpy (what travels)
+
+
+def state_arrays(module: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def load_arrays(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    own = module.state_dict()
+    missing = set(own) - set(arrays)
+    unexpected = set(arrays) - set(own)
+    if missing or unexpected:
+        raise KeyError(f"state mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    module.load_state_dict({k: torch.as_tensor(np.asarray(v)).to(own[k].dtype) for k, v in arrays.items()})
+
+
+def _to(batch, device):
+    x, y = batch
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _clip(params, max_norm: float) -> None:
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def _anchor(module: nn.Module, mu: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """FedProx: remember the round's global weights to pull the local ones back towards them."""
+    if mu <= 0:
+        return []
+    return [(p, p.detach().clone()) for p in module.parameters()]
+
+
+def _add_proximal(anchors: list[tuple[torch.Tensor, torch.Tensor]], mu: float) -> None:
+    """Gradient of mu/2 * ||w - w_global||^2, added to the weights' gradients before the step."""
+    for p, p0 in anchors:
+        if p.grad is not None:
+            p.grad.add_(p.detach() - p0, alpha=mu)
+
+
+# ---------------------------------------------------------------------------------------------
+# FedMetaNAS: MAML over weights and alphas
+
+
+def train_settings(cfg: RunConfig, tau: float) -> RelaxSettings:
+    return RelaxSettings(tau=tau, mode=cfg.relax_mode, noise=True, threshold=cfg.prune_threshold)
+
+
+def eval_settings(cfg: RunConfig, tau: float) -> RelaxSettings:
+    return RelaxSettings(tau=tau, mode="softmax", noise=False, threshold=cfg.prune_threshold, argmax=cfg.eval_mode == "argmax")
+
+
+def meta_optimizers(model: SearchModel, cfg: RunConfig):
+    """Re-created every round: clients are stateless, and no stale Adam moments survive a mask."""
+    opt_w = torch.optim.SGD(model.net.parameters(), lr=cfg.outer_lr_w, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt_a = torch.optim.Adam(model.arch.parameters(), lr=cfg.outer_lr_alpha, betas=(0.5, 0.999), weight_decay=cfg.alpha_weight_decay)
+    return opt_w, opt_a
+
+
+def fedmetanas_local_search(
+    model: SearchModel, data: ClientData, cfg: RunConfig, plan: RoundPlan, generator: torch.Generator, device: torch.device,
+    proximal_mu: float = 0.0,
+) -> LocalResult:
+    """Meta-train (w, alpha, beta) on tasks from the client's train (support) and query splits."""
+    model.train()
+    support_stream = BatchStream(data.train, cfg.batch_size, generator)
+    query_stream = BatchStream(data.query, cfg.batch_size, generator)
+    inner = InnerLoop(cfg.inner_steps, cfg.inner_lr_w, cfg.inner_lr_alpha, adapt_arch=not plan.alpha_frozen)
+    fw = dict(settings=train_settings(cfg, plan.tau), masks=plan.masks, generator=generator)
+    opt_w, opt_a = meta_optimizers(model, cfg)
+    anchors = _anchor(model.net, proximal_mu)
+    losses = []
+    for _ in range(cfg.local_meta_iters):
+        params = dict(model.named_parameters())
+        task_results = []
+        for _ in range(cfg.tasks_per_meta_batch):
+            support = _to(support_stream.next_batch(), device)
+            if cfg.meta_learner == "reptile":
+                task_results.append(reptile_task_delta(model, params, support, inner, **fw))
+                continue
+            query = _to(query_stream.next_batch(), device)
+            task_grad = second_order_task_gradient if cfg.maml_order == 2 else fomaml_task_gradient
+            task_results.append(task_grad(model, params, support, query, inner, **fw))
+        direction = mean_dicts([r[0] for r in task_results])
+        losses.append(float(np.mean([r[1] for r in task_results])))
+        if cfg.meta_learner == "reptile":
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.startswith("arch.") and plan.alpha_frozen:
+                        continue
+                    p.add_(direction[name], alpha=cfg.reptile_lr_alpha if name.startswith("arch.") else cfg.reptile_lr_w)
+            continue
+        for name, p in model.named_parameters():
+            p.grad = direction[name]
+        _add_proximal(anchors, proximal_mu)
+        _clip(model.net.parameters(), cfg.grad_clip)
+        opt_w.step()
+        if not plan.alpha_frozen:
+            opt_a.step()
+        opt_w.zero_grad(set_to_none=True)
+        opt_a.zero_grad(set_to_none=True)
+    return LocalResult(len(data.train), float(np.mean(losses)), cfg.local_meta_iters)
+
+
+# ---------------------------------------------------------------------------------------------
+# FedNAS: MiLeNAS-style first-order search, plain softmax, no MAML, no pruning
+
+
+def fednas_local_search(
+    model: SearchModel, data: ClientData, cfg: RunConfig, generator: torch.Generator, device: torch.device,
+    proximal_mu: float = 0.0,
+) -> LocalResult:
+    """Per minibatch: alpha step on grad(L_val) + grad(L_train), then the weight step on L_train."""
+    model.train()
+    settings = RelaxSettings(tau=1.0, mode="softmax", noise=False, threshold=0.0)
+    train_stream = BatchStream(data.train, cfg.batch_size, generator)
+    val_stream = BatchStream(data.query, cfg.batch_size, generator)
+    opt_w, opt_a = meta_optimizers(model, cfg)
+    steps = cfg.local_epochs * max(1, math.ceil(len(data.train) / cfg.batch_size))
+    anchors = _anchor(model.net, proximal_mu)
+    losses = []
+    for _ in range(steps):
+        xv, yv = _to(val_stream.next_batch(), device)
+        xt, yt = _to(train_stream.next_batch(), device)
+        opt_w.zero_grad(set_to_none=True)
+        opt_a.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xv, settings), yv).backward(inputs=list(model.arch.parameters()))
+        train_loss = F.cross_entropy(model(xt, settings), yt)
+        train_loss.backward()  # adds lambda=1 x grad_alpha(L_train) and gives grad_w(L_train)
+        _add_proximal(anchors, proximal_mu)
+        _clip(model.net.parameters(), cfg.grad_clip)
+        opt_a.step()
+        opt_w.step()
+        losses.append(float(train_loss))
+    return LocalResult(len(data.train), float(np.mean(losses)), steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# FedAvg on a fixed network (the FedAvg baseline and FedNAS retraining)
+
+
+def train_fixed(
+    net: nn.Module, data: ClientData, cfg: RunConfig, epochs: int, generator: torch.Generator, device: torch.device,
+    proximal_mu: float = 0.0,
+) -> LocalResult:
+    net.train()
+    stream = BatchStream(data.train, cfg.batch_size, generator)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.outer_lr_w, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps = epochs * max(1, math.ceil(len(data.train) / cfg.batch_size))
+    anchors = _anchor(net, proximal_mu)
+    losses = []
+    for _ in range(steps):
+        x, y = _to(stream.next_batch(), device)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        _add_proximal(anchors, proximal_mu)
+        _clip(net.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(float(loss))
+    return LocalResult(len(data.train), float(np.mean(losses)), steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and personalization
+
+
+@torch.no_grad()
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: ImageData, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Accuracy and mean loss. BatchNorm uses batch statistics, so batches must hold > 1 example."""
+    correct, loss_sum, n = 0, 0.0, len(data)
+    for start in range(0, n, batch_size):
+        x = data.x[start : start + batch_size].to(device)
+        y = data.y[start : start + batch_size].to(device)
+        logits = forward(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
+
+
+def personalize_search_model(
+    model: SearchModel, data: ClientData, cfg: RunConfig, plan: RoundPlan, generator: torch.Generator, device: torch.device
+) -> dict[str, float]:
+    """Local test accuracy before and after K task-learner steps on the local train split."""
+    ev = eval_settings(cfg, plan.tau)
+    before = evaluate(lambda x: model(x, ev, plan.masks), data.test, cfg.eval_batch_size, device)
+    if cfg.personalize_steps == 0:
+        return {"accuracy-before": before["accuracy"], "accuracy-after": before["accuracy"]}
+    stream = BatchStream(data.train, cfg.batch_size, generator)
+    inner = InnerLoop(cfg.personalize_steps, cfg.inner_lr_w, cfg.inner_lr_alpha, adapt_arch=not plan.alpha_frozen)
+    params = dict(model.named_parameters())
+    adapted = inner_adapt(
+        model, params, lambda _: _to(stream.next_batch(), device), inner,
+        settings=train_settings(cfg, plan.tau), masks=plan.masks, generator=generator,
+    )  # fmt: skip
+    from torch.func import functional_call
+
+    after = evaluate(
+        lambda x: functional_call(model, adapted, (x,), dict(settings=ev, masks=plan.masks)), data.test, cfg.eval_batch_size, device
+    )
+    return {"accuracy-before": before["accuracy"], "accuracy-after": after["accuracy"]}
+
+
+def personalize_fixed(
+    net: nn.Module, data: ClientData, cfg: RunConfig, generator: torch.Generator, device: torch.device
+) -> dict[str, float]:
+    """Local fine-tuning of a fixed network for the same number of steps (the baselines)."""
+    before = evaluate(net, data.test, cfg.eval_batch_size, device)
+    if cfg.personalize_steps == 0:
+        return {"accuracy-before": before["accuracy"], "accuracy-after": before["accuracy"]}
+    stream = BatchStream(data.train, cfg.batch_size, generator)
+    params = {k: v for k, v in net.named_parameters()}
+    adapted = inner_adapt(net, params, lambda _: _to(stream.next_batch(), device), InnerLoop(cfg.personalize_steps, cfg.inner_lr_w, 0.0))
+    from torch.func import functional_call
+
+    after = evaluate(lambda x: functional_call(net, adapted, (x,)), data.test, cfg.eval_batch_size, device)
+    return {"accuracy-before": before["accuracy"], "accuracy-after": after["accuracy"]}

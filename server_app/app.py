@@ -1,0 +1,188 @@
+"""ServerApp: validates the run config, drives the phases round by round, writes the results.
+
+Thin: the method lives in ``fedmetanas_core``; this module moves records between Flower and it.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from logging import ERROR, INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedmetanas_core.config import ConfigError, RunConfig
+from fedmetanas_core.coordinator import FixedPhase, ProgressClock, SearchPhase, fmt_duration, model_config, space_for_run
+from fedmetanas_core.data import load_dataset
+from fedmetanas_core.genotype import Genotype, count_parameters
+from fedmetanas_core.outputs import RunRecorder, machine_description, package_versions
+from fedmetanas_core.training import evaluate, resolve_device
+from server_app.strategy import SearchStrategy, _array_record, build_base_strategy
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        cfg = RunConfig.from_flat(context.run_config)
+    except ConfigError as exc:
+        log(ERROR, "%s", exc)
+        raise SystemExit(2) from None
+    run_experiment(grid, cfg)
+
+
+class Experiment:
+    """One run: its phases, timers, recorder and the final summary."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig):
+        self.grid, self.cfg = grid, cfg
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.recorder = RunRecorder(cfg.resolved_results_dir(stamp))
+        self.recorder.write_config(dict(cfg))
+        self.device = resolve_device(cfg.device)
+        _, self.test = load_dataset(
+            cfg.dataset, cfg.resolved_data_dir(), hf_dataset=cfg.hf_dataset, image_size=cfg.image_size,
+            test_subset=cfg.test_subset, subset_seed=cfg.seed, on_corrupt_image=cfg.on_corrupt_image,
+        )  # fmt: skip
+        self.space = space_for_run(cfg, self.test)
+        self.base_config = {"method": cfg.method, **model_config(self.space)}
+        retrain = cfg.retrain_rounds if cfg.method == "fednas" else 0
+        self.clock = ProgressClock(cfg.num_server_rounds + retrain)
+        self.nodes_seen: set[int] = set()
+        self.rejected_total = 0
+
+    def run_phase(self, phase) -> ArrayRecord:
+        cfg = self.cfg
+        strategy = SearchStrategy(
+            build_base_strategy(cfg), cfg.alpha_aggregation if phase.kind == "search" else "logits", cfg.min_train_nodes
+        )
+        self.strategy = strategy
+        arrays = _array_record(phase.initial_state())
+        for rnd in range(1, phase.rounds + 1):
+            t_round = time.time()
+            config = ConfigRecord({**self.base_config, **phase.round_config(rnd)})
+            replies = list(self.grid.send_and_receive(strategy.configure_train(rnd, arrays, config, self.grid), timeout=cfg.round_timeout))
+            client_seconds = [
+                float(m.content["metrics"]["client-seconds"])
+                for m in replies
+                if not m.has_error() and "metrics" in m.content.metric_records and "client-seconds" in m.content["metrics"]
+            ]
+            self.nodes_seen.update(m.metadata.src_node_id for m in replies)
+            aggregated, _ = strategy.aggregate_train(rnd, replies)
+            if aggregated is not None:
+                metrics = phase.accept(rnd, {k: v.numpy() for k, v in aggregated.items()})
+                arrays = aggregated
+            else:
+                metrics = {**phase.last, "tau": phase.plan(rnd).tau}
+            self.rejected_total += len(strategy.rejected)
+            elapsed, remaining = self.clock.tick()
+            row = {
+                "phase": phase.name,
+                "round": rnd,
+                **{k: v for k, v in metrics.items() if k != "genotype"},
+                "replies": len(replies),
+                "aggregated": aggregated is not None,
+                "rejected": len(strategy.rejected),
+                "rejected-reasons": strategy.rejected,
+                "round-s": time.time() - t_round,
+                "client-s-max": max(client_seconds, default=0.0),
+                "elapsed-s": elapsed,
+            }
+            self.recorder.log_round(row)
+            acc = metrics.get("accuracy", float("nan"))
+            extra = f" supernet {metrics['supernet-accuracy']:.4f}" if "supernet-accuracy" in metrics else ""
+            log(
+                INFO,
+                "[%s %d/%d] tau %.3f | test acc %.4f%s | elapsed %s | remaining ~%s%s",
+                phase.name, rnd, phase.rounds, metrics.get("tau", 1.0), acc, extra,
+                fmt_duration(elapsed), fmt_duration(remaining),
+                f" | {len(strategy.rejected)} replies rejected" if strategy.rejected else "",
+            )  # fmt: skip
+        return arrays
+
+    def personalize(self, phase, arrays: ArrayRecord) -> list[dict[str, Any]]:
+        if self.cfg.fraction_evaluate == 0:
+            return []
+        config = ConfigRecord({**self.base_config, **phase.round_config(phase.rounds), "personalize": True})
+        messages = self.strategy.configure_evaluate(phase.rounds, arrays, config, self.grid)
+        replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
+        self.strategy.aggregate_evaluate(phase.rounds, replies)
+        return sorted(self.strategy.evaluate_replies, key=lambda m: m.get("partition-id", -1))
+
+
+def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
+    exp = Experiment(grid, cfg)
+    t0 = time.time()
+    search_time = retrain_time = 0.0
+    supernet_acc = None
+    genotype: Genotype | None = None
+    if cfg.method in ("fedmetanas", "fednas"):
+        search = SearchPhase(cfg, exp.space, exp.test, exp.device, cfg.num_server_rounds)
+        arrays = exp.run_phase(search)
+        search_time = time.time() - t0
+        genotype = search.genotype
+        supernet_acc = search.evaluate_supernet(search.plan(cfg.num_server_rounds).tau)["accuracy"]
+        final_phase = search
+        final_net = search.derived_network()
+        if cfg.method == "fednas" and cfg.retrain_rounds > 0:
+            t1 = time.time()
+            final_phase = FixedPhase(cfg, exp.space, genotype, exp.test, exp.device, cfg.retrain_rounds, "retrain")
+            arrays = exp.run_phase(final_phase)
+            retrain_time = time.time() - t1
+            final_net = final_phase.net
+    else:
+        genotype = Genotype.load_yaml(cfg.fedavg_genotype) if cfg.fedavg_genotype else None
+        final_phase = FixedPhase(cfg, exp.space, genotype, exp.test, exp.device, cfg.num_server_rounds, "fedavg")
+        arrays = exp.run_phase(final_phase)
+        search_time = time.time() - t0
+        final_net = final_phase.net
+    final_eval = evaluate(final_net, exp.test, cfg.eval_batch_size, exp.device)
+    train_end = time.time()
+    clients = exp.personalize(final_phase, arrays)
+    before = [c["accuracy-before"] for c in clients]
+    after = [c["accuracy-after"] for c in clients]
+    summary = {
+        "method": cfg.method,
+        "strategy": cfg.strategy,
+        "dataset": cfg.dataset,
+        "num_clients": len(exp.nodes_seen),
+        "partitioner": {
+            "name": cfg.partitioner, "dirichlet_alpha": cfg.dirichlet_alpha,
+            "classes_per_client": cfg.classes_per_client, "shards_per_client": cfg.shards_per_client,
+        },  # fmt: skip
+        "rounds": cfg.num_server_rounds,
+        "retrain_rounds": cfg.retrain_rounds if cfg.method == "fednas" else 0,
+        "final_test_accuracy": final_eval["accuracy"],
+        "final_test_loss": final_eval["loss"],
+        "supernet_test_accuracy": supernet_acc,
+        "personalized_accuracy": float(np.mean(after)) if after else None,
+        "personalized_accuracy_before": float(np.mean(before)) if before else None,
+        "personalized_accuracy_std": float(np.std(after)) if after else None,
+        "personalized_per_client": clients,
+        "search_time_s": search_time,
+        "retrain_time_s": retrain_time,
+        "total_time_s": train_end - t0,
+        "wall_time_s": time.time() - t0,
+        "genotype": genotype.to_dict() if genotype else None,
+        "params": count_parameters(final_net),
+        "supernet_params": count_parameters(search.model.net) if cfg.method != "fedavg" else None,
+        "rejected_replies": exp.rejected_total,
+        "seed": cfg.seed,
+        "machine": machine_description(),
+        "versions": package_versions(),
+        "results_dir": str(exp.recorder.dir),
+    }
+    if genotype is not None:
+        exp.recorder.write_genotype(genotype)
+    exp.recorder.save_model(final_net, exp.space, genotype if cfg.method != "fedavg" or cfg.fedavg_genotype else None)
+    exp.recorder.write_summary(summary)
+    log(INFO, "final test accuracy %.4f (supernet %s) | personalized %s", final_eval["accuracy"],
+        f"{supernet_acc:.4f}" if supernet_acc is not None else "-", summary["personalized_accuracy"])  # fmt: skip
+    log(INFO, "Results written to %s", exp.recorder.dir)
+    return exp.recorder.dir

@@ -1,0 +1,150 @@
+"""The server's aggregation: any Flower strategy, composed with the architecture-search safeguards.
+
+``SearchStrategy`` wraps a Flower strategy (FedAvg, FedAdam, Krum, ... or a user's own class) and
+adds, once for all of them: screening of faulty replies (errors, wrong names or shapes, NaN/Inf,
+absurd norms), the alpha-aggregation rule, and a finite-check of the aggregate. The method's own
+logic (temperature, masks, genotype) lives in ``fedmetanas_core.coordinator`` and reaches the
+clients through the ConfigRecord, so no strategy needs to know about it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from logging import INFO, WARNING
+from typing import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp import strategy as flwr_strategies
+from flwr.serverapp.strategy import Strategy
+
+from fedmetanas_core.aggregation import reply_problem, transform_logits
+from fedmetanas_core.coordinator import finite_state
+from fedmetanas_core.config import RunConfig
+
+# run-config keys -> constructor arguments of Flower's strategies (passed where the class takes them)
+STRATEGY_ARGUMENTS = {
+    "proximal_mu": "proximal-mu",
+    "server_learning_rate": "server-learning-rate",
+    "server_momentum": "server-momentum",
+    "eta": "eta",
+    "eta_l": "eta-l",
+    "beta_1": "beta-1",
+    "beta_2": "beta-2",
+    "tau": "tau",
+    "beta": "trim-beta",
+    "num_malicious_nodes": "num-malicious-nodes",
+    "num_nodes_to_select": "num-nodes-to-select",
+}
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """A Flower strategy by name, or a user's own class by import path 'package.module:ClassName'."""
+    if ":" in name:
+        module_name, class_name = name.split(":", 1)
+        cls = getattr(importlib.import_module(module_name), class_name)
+    else:
+        cls = getattr(flwr_strategies, name)
+    if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
+        raise TypeError(f"strategy '{name}' is not a flwr.serverapp.strategy.Strategy subclass")
+    return cls
+
+
+def build_base_strategy(cfg: RunConfig) -> Strategy:
+    """A fresh strategy instance (one per phase: FedAdam's moments must not cross architectures)."""
+    cls = strategy_class(cfg.strategy)
+    accepted = inspect.signature(cls.__init__).parameters
+    candidates = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate if cfg.fraction_evaluate > 0 else 1.0,
+        "min_train_nodes": cfg.min_train_nodes,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": cfg.min_available_nodes,
+        **{arg: cfg[key] for arg, key in STRATEGY_ARGUMENTS.items()},
+    }
+    return cls(**{k: v for k, v in candidates.items() if k in accepted})
+
+
+class SearchStrategy(Strategy):
+    """Delegates sampling and aggregation to ``base``; never lets a faulty reply reach the model."""
+
+    def __init__(self, base: Strategy, alpha_aggregation: str = "logits", min_replies: int = 1):
+        self.base = base
+        self.alpha_aggregation = alpha_aggregation
+        self.min_replies = min_replies
+        self._reference: dict[str, np.ndarray] | None = None
+        self.rejected: list[str] = []  # reasons, for the last train round
+        self.evaluate_replies: list[dict] = []  # per-client metrics of the last evaluate round
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> SearchStrategy around %s (alpha aggregation: %s)", type(self.base).__name__, self.alpha_aggregation)
+        self.base.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._reference = {k: v.numpy() for k, v in arrays.items()}
+        return self.base.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good: list[Message] = []
+        self.rejected = []
+        for msg in replies:
+            reason = self._problem(msg)
+            if reason:
+                node = msg.metadata.src_node_id
+                self.rejected.append(f"node {node}: {reason}")
+                log(WARNING, "round %s: reply from node %s excluded from aggregation: %s", server_round, node, reason)
+                continue
+            if self.alpha_aggregation != "logits":
+                state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+                msg.content["arrays"] = _array_record(transform_logits(state, self.alpha_aggregation))
+            good.append(msg)
+        if len(good) < self.min_replies:
+            log(WARNING, "round %s: only %s usable replies (< %s): round skipped, global model unchanged", server_round, len(good), self.min_replies)
+            return None, None
+        arrays, metrics = self.base.aggregate_train(server_round, good)
+        if arrays is not None and not finite_state({k: v.numpy() for k, v in arrays.items()}):
+            log(WARNING, "round %s: aggregate is not finite: round skipped, global model unchanged", server_round)
+            return None, metrics
+        return arrays, metrics
+
+    def _problem(self, msg: Message) -> str | None:
+        if msg.has_error():
+            return f"client error: {msg.error.reason}"
+        content = msg.content
+        if len(content.array_records) != 1 or "arrays" not in content.array_records:
+            return "reply must carry exactly one ArrayRecord named 'arrays'"
+        metrics = content.metric_records.get("metrics")
+        if metrics is None or "num-examples" not in metrics:
+            return "reply lacks MetricRecord 'metrics' with 'num-examples'"
+        n = metrics["num-examples"]
+        if not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
+            return f"bad num-examples {n!r}"
+        try:
+            state = {k: v.numpy() for k, v in content["arrays"].items()}
+        except Exception as exc:  # an undecodable array is a faulty reply, not a server crash
+            return f"undecodable arrays: {exc}"
+        return reply_problem(state, self._reference or state)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.base.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        ok = [m for m in replies if not m.has_error() and "metrics" in m.content.metric_records]
+        self.evaluate_replies = [dict(m.content["metrics"]) for m in ok]
+        if not ok:
+            return None
+        try:
+            return self.base.aggregate_evaluate(server_round, ok)
+        except Exception as exc:  # inconsistent evaluate replies must not end a finished search
+            log(WARNING, "round %s: evaluate aggregation failed: %s", server_round, exc)
+            return None
+
+
+def _array_record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    from flwr.app import Array
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
