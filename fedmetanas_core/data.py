@@ -15,7 +15,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,11 @@ class ImageData:
         return int(self.y.shape[0])
 
     def subset(self, idx: Any) -> ImageData:
-        index = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        """Examples at the given integer indices (array, list or tensor), as copies."""
+        if isinstance(idx, torch.Tensor):
+            index = idx.long()
+        else:  # copied, so read-only arrays (e.g. cached partitions) are fine
+            index = torch.from_numpy(np.array(idx, dtype=np.int64).reshape(-1))
         return ImageData(self.x[index], self.y[index], self.classes)
 
 
@@ -203,14 +207,15 @@ def _normalise(
 
 def _to_unit_float(x: torch.Tensor, image_size: int) -> torch.Tensor:
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-    if image_size and tuple(x.shape[2:]) != (image_size, image_size):
-        # Chunked so that upsampling a large dataset does not need two full copies at once.
-        x = torch.cat([
-            F.interpolate(chunk, size=(image_size, image_size), mode="bilinear",
-                          align_corners=False, antialias=True)
-            for chunk in x.split(4096)
-        ]) if len(x) else x.new_zeros((0, x.shape[1], image_size, image_size))
-    return x.contiguous()
+    if not image_size or tuple(x.shape[2:]) == (image_size, image_size):
+        return x.contiguous()
+    resized = x.new_empty((x.shape[0], x.shape[1], image_size, image_size))
+    for start in range(0, len(x), 4096):  # chunks keep the temporary memory small
+        resized[start:start + 4096] = F.interpolate(
+            x[start:start + 4096], size=(image_size, image_size), mode="bilinear",
+            align_corners=False, antialias=True,
+        )
+    return resized
 
 
 def _stratified_subset(labels: torch.Tensor, n: int, seed: int) -> np.ndarray:
@@ -267,6 +272,9 @@ def _load_torchvision(name: str, data_dir: str) -> _Raw:
 
 # --- image files: imagefolder trees and Hugging Face datasets ---------------------------------
 
+# Images to decode: (encoded sources: paths or bytes, names for messages, labels).
+_Source = tuple[list[Any], list[str], list[int]]
+
 
 def _load_imagefolder(data_dir: str, image_size: int, on_corrupt_image: str) -> _Raw:
     """Decode data_dir/{train,test}/<class>/* once and keep the tensors in a disk cache."""
@@ -305,12 +313,12 @@ def _load_imagefolder(data_dir: str, image_size: int, on_corrupt_image: str) -> 
             fingerprint.update(b"--test--\n")
     cache_name = f"imagefolder-{fingerprint.hexdigest()[:24]}.pt"
 
-    def source(samples: list[tuple[str, int]]) -> tuple[list[Any], list[str], list[int]]:
+    def source(samples: list[tuple[str, int]]) -> _Source:
         return [p for p, _ in samples], [p for p, _ in samples], [lab for _, lab in samples]
 
     return _decode_cached(
-        cache_name, data_dir, tuple(classes), source(train_samples),
-        source(test_samples) if test_samples else None, image_size, on_corrupt_image,
+        cache_name, data_dir, tuple(classes), lambda: source(train_samples),
+        (lambda: source(test_samples)) if test_samples else None, image_size, on_corrupt_image,
     )
 
 
@@ -352,17 +360,21 @@ def _load_hf(hf_dataset: str, data_dir: str, image_size: int, on_corrupt_image: 
     if isinstance(features[label_col], datasets.ClassLabel):
         classes = tuple(features[label_col].names)
     else:
-        top = max(int(np.max(train[label_col])), int(np.max(test[label_col])) if test is not None else 0)
+        top = max(max(train[label_col][:]), max(test[label_col][:]) if test is not None else 0)
         classes = tuple(str(i) for i in range(top + 1))
 
-    def source(split: Any, split_name: str) -> tuple[list[Any], list[str], list[int]]:
+    def source(split: Any, split_name: str) -> _Source:
         # Undecoded bytes/paths, so decoding goes through the same corrupt-image handling.
-        cells = split.cast_column(image_col, datasets.Image(decode=False))[image_col]
+        cells = split.cast_column(image_col, datasets.Image(decode=False))[image_col][:]
         sources, names = [], []
         for i, cell in enumerate(cells):
             sources.append(cell["bytes"] if cell["bytes"] is not None else cell["path"])
             names.append(cell["path"] or f"{hf_dataset}[{split_name}][{i}]")
-        return sources, names, [int(v) for v in split[label_col]]
+        labels = [int(v) for v in split[label_col][:]]
+        if labels and min(labels) < 0:
+            raise DataError(f"hf-dataset={hf_dataset!r}: the {split_name} split has unlabelled "
+                            f"examples (label -1); pick a dataset whose splits are labelled")
+        return sources, names, labels
 
     fingerprint = hashlib.sha256(
         f"hf\0{_CACHE_VERSION}\0{hf_dataset}\0{image_size}\0{image_col}\0{label_col}\0"
@@ -370,8 +382,8 @@ def _load_hf(hf_dataset: str, data_dir: str, image_size: int, on_corrupt_image: 
     )
     cache_name = f"hf-{fingerprint.hexdigest()[:24]}.pt"
     return _decode_cached(
-        cache_name, data_dir, classes, source(train, "train"),
-        source(test, "test") if test is not None else None, image_size, on_corrupt_image,
+        cache_name, data_dir, classes, lambda: source(train, "train"),
+        (lambda: source(test, "test")) if test is not None else None, image_size, on_corrupt_image,
     )
 
 
@@ -379,12 +391,13 @@ def _decode_cached(
     cache_name: str,
     data_dir: str,
     classes: tuple[str, ...],
-    train_source: tuple[list[Any], list[str], list[int]],
-    test_source: tuple[list[Any], list[str], list[int]] | None,
+    train_source: Callable[[], _Source],
+    test_source: Callable[[], _Source] | None,
     image_size: int,
     on_corrupt_image: str,
 ) -> _Raw:
-    """Decode (sources, names, labels) for both splits unless a matching disk cache exists.
+    """Decode both splits unless a matching disk cache exists. Sources are callables so that a
+    cache hit does not even read the encoded images.
 
     Skipped images are recorded in the cache, so a later run still warns about them, and a run
     with on-corrupt-image='fail' still fails on them instead of silently using the cache.
@@ -392,7 +405,8 @@ def _decode_cached(
     cache_dirs = _cache_dirs(data_dir)
     payload = _read_cache(cache_dirs, cache_name)
     if payload is None:
-        payload = _decode_splits(train_source, test_source, image_size, on_corrupt_image)
+        payload = _decode_splits(train_source(), test_source() if test_source else None,
+                                 image_size, on_corrupt_image)
         _write_cache(cache_dirs, cache_name, payload)
     elif payload["skipped"]:
         skipped = payload["skipped"]
@@ -410,8 +424,8 @@ def _decode_cached(
 
 
 def _decode_splits(
-    train_source: tuple[list[Any], list[str], list[int]],
-    test_source: tuple[list[Any], list[str], list[int]] | None,
+    train_source: _Source,
+    test_source: _Source | None,
     image_size: int,
     on_corrupt_image: str,
 ) -> dict[str, Any]:
@@ -513,6 +527,7 @@ def _write_cache(cache_dirs: list[Path], cache_name: str, payload: dict[str, Any
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=cache_name, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 torch.save(payload, f)
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; other users may share the data dir
             os.replace(tmp, directory / cache_name)
             return
         except OSError as exc:
@@ -659,6 +674,9 @@ def _partition(
 
 @dataclass(frozen=True)
 class ClientData:
+    """One client's data, split three ways so that architecture search, meta-learning and
+    reporting never evaluate on examples they trained on."""
+
     train: ImageData  # support batches + weight updates
     query: ImageData  # MAML query / FedNAS alpha-validation batches
     test: ImageData  # local test split: reporting and personalization only
@@ -774,14 +792,14 @@ def load_own_data(
     train, test = _load_full(dataset, data_dir, hf_dataset=hf_dataset, image_size=image_size,
                              on_corrupt_image=on_corrupt_image)
     everything = np.arange(len(train))
+    if len(train) < 3:
+        raise DataError(f"dataset={dataset!r} at data-dir={data_dir!r} has {len(train)} training "
+                        f"example(s); a device needs at least 3 (train, query and test)")
     if test is None:
         train_idx, query_idx, test_idx = split_partition(everything, query_fraction=query_fraction,
                                                          test_fraction=test_fraction, seed=seed)
         test = train.subset(test_idx)
     else:
-        if len(train) < 2:
-            raise DataError(f"data-dir={data_dir!r}: the train split needs at least 2 examples "
-                            f"(one for train, one for query); it has {len(train)}")
         train_idx, query_idx = _random_split(everything, (query_fraction,), ("query-fraction",),
                                              seed, 0)
     return ClientData(train.subset(train_idx), train.subset(query_idx), test, 0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import struct
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -269,6 +271,10 @@ def test_partitions_are_deterministic_disjoint_and_seeded(digit_labels, partitio
     if partitioner == "shard":
         shard_size = len(digit_labels) // 20
         assert all(len(p) == 2 * shard_size for p in parts)
+    train, _ = D.load_dataset("digits")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cached partitions are read-only; subset must not mind
+        assert len(train.subset(parts[0])) == len(parts[0])
 
 
 def test_small_alpha_dirichlet_is_more_skewed_than_iid(digit_labels):
@@ -358,3 +364,13 @@ def test_batch_stream_visits_every_example_once_per_epoch():
     assert len(y) == 10 and torch.equal(whole.next_batch()[1], y)
     with pytest.raises(D.DataError, match="batch-size"):
         D.BatchStream(data, 0)
+
+
+def test_data_module_never_imports_flwr():
+    code = (
+        "import sys, numpy as np; from fedmetanas_core import data; "
+        "data.partition_indices(np.arange(40) % 4, 4, 'dirichlet', min_partition_size=1); "
+        "assert not [m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')], 'flwr imported'"
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=60)
