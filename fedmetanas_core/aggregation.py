@@ -94,9 +94,10 @@ def update_masks(
             continue
         probs = probabilities(logits, old, tau=tau_min)
         keep = old & (probs >= threshold)
-        guard = probs.clone()
+        # the guard ranks logits, not probabilities: at tau_min every real op may underflow to 0
+        guard = logits.detach().float().masked_fill(~old, float("-inf"))
         if ".alpha." in name and none_idx >= 0:
-            guard[..., none_idx] = -1.0
+            guard[..., none_idx] = float("-inf")
         best = guard.argmax(dim=-1, keepdim=True)
         keep.scatter_(-1, best, True)
         new[name] = keep

@@ -55,7 +55,7 @@ class Key:
 
 def _choice(options: Iterable[str]) -> Callable[[Any], str | None]:
     options = tuple(options)
-    return lambda v: None if v in options else f"must be one of {', '.join(options)}"
+    return lambda v: None if v in options else f"must be one of {', '.join(map(str, options))}"
 
 
 def _at_least(low: float) -> Callable[[Any], str | None]:
@@ -99,7 +99,7 @@ def _strategy(v: str) -> str | None:
 KEYS: tuple[Key, ...] = (
     # --- run
     Key("method", "fedmetanas", "fedmetanas | fednas (search + FedAvg retraining) | fedavg (fixed architecture)", _choice(METHODS)),
-    Key("num-server-rounds", 12, "federated rounds (FedNAS: search rounds)", _at_least(1)),
+    Key("num-server-rounds", 20, "federated rounds (FedNAS: search rounds)", _at_least(1)),
     Key("seed", 0, "global seed: partitions, init, Gumbel noise, task sampling", _at_least(0)),
     Key("deterministic", False, "use deterministic torch algorithms (CPU runs repeat exactly)"),
     Key("device", "auto", "auto (CUDA when present) | cpu | cuda", _choice(("auto", "cpu", "cuda"))),
@@ -127,11 +127,11 @@ KEYS: tuple[Key, ...] = (
     Key("train-subset", 0, "use this many training examples (0 = all)", _at_least(0), "data"),
     Key("test-subset", 0, "use this many global test examples (0 = all)", _at_least(0), "data"),
     Key("on-corrupt-image", "fail", "fail | skip: what to do with an unreadable image file", _choice(("fail", "skip")), "data"),
-    Key("batch-size", 32, "support / query / training batch size", _at_least(2), "data"),
+    Key("batch-size", 64, "support / query / training batch size", _at_least(2), "data"),
     Key("eval-batch-size", 512, "evaluation batch size (>1: BatchNorm uses batch statistics)", _at_least(2), "data"),
     # --- search space
-    Key("num-cells", 3, "cells in the supernet; reduction cells at 1/3 and 2/3 of the depth", _at_least(1), "space"),
-    Key("num-nodes", 3, "intermediate nodes per cell", _at_least(1), "space"),
+    Key("num-cells", 2, "cells in the supernet; reduction cells at 1/3 and 2/3 of the depth", _at_least(1), "space"),
+    Key("num-nodes", 2, "intermediate nodes per cell", _at_least(1), "space"),
     Key("init-channels", 8, "channels of the first cell", _at_least(1), "space"),
     Key("stem-multiplier", 3, "stem output channels = stem-multiplier x init-channels", _at_least(1), "space"),
     Key("primitives", ",".join(PRIMITIVES), "comma-separated op set", _primitives, "space"),
@@ -149,19 +149,19 @@ KEYS: tuple[Key, ...] = (
     # --- meta learning (FedMetaNAS)
     Key("meta-learner", "fomaml", "fomaml | reptile", _choice(("fomaml", "reptile")), "meta"),
     Key("maml-order", 1, "1 = first-order MAML (paper), 2 = exact second order", _choice((1, 2)), "meta"),
-    Key("inner-steps", 2, "task-learner steps K on each support batch", _at_least(1), "meta"),
-    Key("inner-lr-w", 0.05, "task-learner step size for weights", _positive, "meta"),
+    Key("inner-steps", 1, "task-learner steps K on each support batch", _at_least(1), "meta"),
+    Key("inner-lr-w", 0.1, "task-learner step size for weights", _positive, "meta"),
     Key("inner-lr-alpha", 0.05, "task-learner step size for alphas/betas", _positive, "meta"),
-    Key("tasks-per-meta-batch", 2, "tasks (support, query pairs) per meta step", _at_least(1), "meta"),
-    Key("local-meta-iters", 8, "meta steps per client per round", _at_least(1), "meta"),
-    Key("warmup-rounds", 0, "rounds with alphas frozen at tau-max", _at_least(0), "meta"),
+    Key("tasks-per-meta-batch", 1, "tasks (support, query pairs) per meta step", _at_least(1), "meta"),
+    Key("local-meta-iters", 10, "meta steps per client per round", _at_least(1), "meta"),
+    Key("warmup-rounds", 3, "rounds with alphas frozen at tau-max", _at_least(0), "meta"),
     Key("reptile-lr-w", 1.0, "Reptile meta step size for weights", _positive, "meta"),
     Key("reptile-lr-alpha", 0.6, "Reptile meta step size for alphas", _positive, "meta"),
     # --- optimisers (all methods)
-    Key("outer-lr-w", 0.05, "meta / local optimiser learning rate for weights (SGD, momentum)", _positive, "optim"),
+    Key("outer-lr-w", 0.1, "meta / local optimiser learning rate for weights (SGD, momentum)", _positive, "optim"),
     Key("momentum", 0.9, "SGD momentum for weights", _unit, "optim"),
     Key("weight-decay", 3e-4, "weight decay for weights", _at_least(0), "optim"),
-    Key("outer-lr-alpha", 0.003, "Adam learning rate for alphas/betas", _positive, "optim"),
+    Key("outer-lr-alpha", 0.05, "Adam learning rate for alphas/betas", _positive, "optim"),
     Key("alpha-weight-decay", 1e-3, "Adam weight decay for alphas/betas", _at_least(0), "optim"),
     Key("grad-clip", 5.0, "gradient-norm clip for weights (0 = off)", _at_least(0), "optim"),
     Key("personalize-steps", 5, "local adaptation steps in the personalization evaluation", _at_least(0), "optim"),
@@ -299,6 +299,21 @@ class RunConfig(Mapping[str, Any]):
         return str(Path(self.data_dir or os.path.join(os.getcwd(), "data")).expanduser().resolve())
 
 
+def toml_table() -> str:
+    """The ``[tool.flwr.app.config]`` body of pyproject.toml, generated from KEYS."""
+
+    def value(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else f'"{v}"' if isinstance(v, str) else repr(v)
+
+    lines, group = [], None
+    for k in KEYS:
+        if k.group != group:
+            lines.append(f"# --- {k.group}")
+            group = k.group
+        lines.append(f"{k.name} = {value(k.default)}")
+    return "\n".join(lines)
+
+
 def markdown_table() -> str:
     """The README's run-config reference table, generated so it never drifts from KEYS."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
@@ -308,5 +323,7 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m fedmetanas_core.config  -> the README table
-    print(markdown_table())
+if __name__ == "__main__":  # python -m fedmetanas_core.config [--toml]: the README table / pyproject block
+    import sys
+
+    print(toml_table() if "--toml" in sys.argv else markdown_table())

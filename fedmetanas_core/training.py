@@ -193,7 +193,7 @@ def fednas_local_search(
         _clip(model.net.parameters(), cfg.grad_clip)
         opt_a.step()
         opt_w.step()
-        losses.append(float(train_loss))
+        losses.append(float(train_loss.detach()))
     return LocalResult(len(data.train), float(np.mean(losses)), steps)
 
 
@@ -219,7 +219,7 @@ def train_fixed(
         _add_proximal(anchors, proximal_mu)
         _clip(net.parameters(), cfg.grad_clip)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return LocalResult(len(data.train), float(np.mean(losses)), steps)
 
 
