@@ -99,7 +99,7 @@ def _strategy(v: str) -> str | None:
 KEYS: tuple[Key, ...] = (
     # --- run
     Key("method", "fedmetanas", "fedmetanas | fednas (search + FedAvg retraining) | fedavg (fixed architecture)", _choice(METHODS)),
-    Key("num-server-rounds", 20, "federated rounds (FedNAS: search rounds)", _at_least(1)),
+    Key("num-server-rounds", 30, "federated rounds (FedNAS: search rounds)", _at_least(1)),
     Key("seed", 0, "global seed: partitions, init, Gumbel noise, task sampling", _at_least(0)),
     Key("deterministic", False, "use deterministic torch algorithms (CPU runs repeat exactly)"),
     Key("device", "auto", "auto (CUDA when present) | cpu | cuda", _choice(("auto", "cpu", "cuda"))),

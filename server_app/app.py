@@ -180,9 +180,32 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     }
     if genotype is not None:
         exp.recorder.write_genotype(genotype)
-    exp.recorder.save_model(final_net, exp.space, genotype if cfg.method != "fedavg" or cfg.fedavg_genotype else None)
+    exp.recorder.save_model(final_net, exp.space, genotype)
     exp.recorder.write_summary(summary)
+    _after_run(exp.recorder.dir, final_net, exp.test)
     log(INFO, "final test accuracy %.4f (supernet %s) | personalized %s", final_eval["accuracy"],
         f"{supernet_acc:.4f}" if supernet_acc is not None else "-", summary["personalized_accuracy"])  # fmt: skip
     log(INFO, "Results written to %s", exp.recorder.dir)
     return exp.recorder.dir
+
+
+def _after_run(results_dir: Path, final_net, test) -> None:
+    """Device export and figures: extras that must never cost a run its numeric results."""
+    for name, step in (("export", _export), ("figures", _figures)):
+        try:
+            step(results_dir, final_net, test)
+        except Exception as exc:  # reported, never fatal: summary.json is already written
+            log(ERROR, "%s failed (numeric results are saved): %s: %s", name, type(exc).__name__, exc)
+            (results_dir / f"{name}_error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+
+
+def _export(results_dir: Path, final_net, test) -> None:
+    from fedmetanas_core.export import export_model
+
+    export_model(final_net, test, results_dir)
+
+
+def _figures(results_dir: Path, final_net, test) -> None:
+    from fedmetanas_core.report import write_run_figures
+
+    write_run_figures(results_dir)
