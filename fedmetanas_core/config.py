@@ -110,6 +110,8 @@ KEYS: tuple[Key, ...] = (
     Key("min-train-nodes", 2, "fewest training replies a round may be aggregated from", _at_least(1)),
     Key("round-timeout", 3600.0, "seconds to wait for a round's replies", _positive),
     Key("results-dir", "", "where outputs go; '' = ./results/<method>-<dataset>-<time> (made absolute)"),
+    Key("resume", False, "continue the run whose checkpoint is in results-dir (same config required)"),
+    Key("checkpoint", True, "write checkpoint.pt atomically after every round"),
     Key("strategy", "FedAvg", "server aggregation: a Flower strategy name or 'package.module:ClassName'", _strategy),
     # --- data
     Key("dataset", "digits", "digits | mnist | fashion-mnist | cifar10 | cifar100 | imagefolder | hf", _choice(DATASETS), "data"),
