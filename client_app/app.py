@@ -111,6 +111,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
+            "partition-id": data.partition_id,
             "train-loss": result.train_loss,
             "client-seconds": time.time() - t0,
         }

@@ -24,6 +24,7 @@ from typing import Any
 from .config import ConfigError, RunConfig
 
 APP_DIR = Path(__file__).resolve().parents[1]
+PATH_KEYS = ("data-dir", "results-dir", "fedavg-genotype")
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     app_dir = Path(getattr(args, "app", APP_DIR)).resolve()
     try:
         overrides = parse_run_config(args.run_config)
+        for key in PATH_KEYS:  # the ServerApp runs in the SuperLink's directory: send absolute paths
+            if isinstance(overrides.get(key), str) and overrides[key]:
+                overrides[key] = str(Path(overrides[key]).expanduser().resolve())
         cfg = RunConfig.from_flat({**app_defaults(app_dir), **overrides})
         results_dir = cfg.resolved_results_dir(datetime.now().strftime("%Y%m%d-%H%M%S"))
         results_dir.mkdir(parents=True, exist_ok=True)

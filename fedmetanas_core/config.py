@@ -33,11 +33,17 @@ STRATEGIES = (
 
 
 class ConfigError(ValueError):
-    """A run-config value that is not allowed; the message names key, value and what is allowed."""
+    """A config value that is not allowed; the one-line message names key, value and what is allowed.
 
-    def __init__(self, key: str, value: Any, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"run-config '{key}' = {value!r} is invalid: {allowed}")
+    ``source`` is ``run-config`` or ``node-config`` (a SuperNode's ``--node-config``).
+    """
+
+    def __init__(self, key: str, value: Any, allowed: str, source: str = "run-config"):
+        self.key, self.value, self.allowed, self.source = key, value, allowed, source
+        super().__init__(f"{source} '{key}' = {value!r} is invalid: {allowed}")
+
+    def __reduce__(self):  # picklable (Ray ships exceptions between processes)
+        return (type(self), (self.key, self.value, self.allowed, self.source))
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,10 @@ def _unit(v: Any) -> str | None:
 
 def _fraction_below_one(v: Any) -> str | None:
     return None if 0 < v < 1 else "must be in (0, 1)"
+
+
+def _below_half(v: Any) -> str | None:
+    return None if 0 <= v < 0.5 else "must be in [0, 0.5) (the fraction cut at each end)"
 
 
 def _primitives(v: str) -> str | None:
@@ -181,7 +191,7 @@ KEYS: tuple[Key, ...] = (
     Key("beta-1", 0.9, "FedAdam/FedYogi first-moment decay", _unit, "strategy"),
     Key("beta-2", 0.99, "FedAdam/FedYogi second-moment decay", _unit, "strategy"),
     Key("tau", 0.001, "FedOpt-family adaptivity", _positive, "strategy"),
-    Key("trim-beta", 0.2, "FedTrimmedAvg fraction cut at each end", _fraction_below_one, "strategy"),
+    Key("trim-beta", 0.2, "FedTrimmedAvg fraction cut at each end", _below_half, "strategy"),
     Key("num-malicious-nodes", 0, "Krum / MultiKrum / Bulyan: assumed malicious nodes", _at_least(0), "strategy"),
     Key("num-nodes-to-select", 1, "MultiKrum: nodes averaged", _at_least(1), "strategy"),
 )
@@ -250,19 +260,84 @@ class RunConfig(Mapping[str, Any]):
             raise ConfigError("hf-dataset", self.hf_dataset, "required when dataset = hf")
         if self.maml_order == 2 and self.meta_learner == "reptile":
             raise ConfigError("maml-order", 2, "second order applies to fomaml only, not reptile")
+        if 0 < self.num_partitions < self.min_available_nodes:
+            raise ConfigError(
+                "num-partitions", self.num_partitions,
+                f"must be 0 (one partition per node) or >= min-available-nodes ({self.min_available_nodes})",
+            )  # fmt: skip
+        self._check_strategy_nodes()
         if check_paths:
             self._check_paths()
 
+    def _check_strategy_nodes(self) -> None:
+        """Byzantine-robust and trimming strategies need enough nodes for their parameters.
+
+        ``n`` is ``min-available-nodes``: rounds start only once that many nodes are connected.
+        """
+        n, f, name = self.min_available_nodes, self.num_malicious_nodes, self.strategy
+        if name in ("Krum", "MultiKrum") and not n > 2 * f + 2:
+            raise ConfigError(
+                "min-available-nodes", n,
+                f"strategy {name} with num-malicious-nodes={f} needs more than 2*f+2 = {2 * f + 2} nodes",
+            )  # fmt: skip
+        if name == "MultiKrum" and self.num_nodes_to_select > n - f:
+            raise ConfigError(
+                "num-nodes-to-select", self.num_nodes_to_select,
+                f"MultiKrum needs num-nodes-to-select <= min-available-nodes - num-malicious-nodes ({n} - {f} = {n - f})",
+            )  # fmt: skip
+        if name == "Bulyan" and n < 4 * f + 3:
+            raise ConfigError(
+                "min-available-nodes", n,
+                f"strategy Bulyan with num-malicious-nodes={f} needs at least 4*f+3 = {4 * f + 3} nodes",
+            )  # fmt: skip
+        if name == "FedTrimmedAvg" and int(self.trim_beta * n) < 1:
+            need = math.ceil(1 / self.trim_beta - 1e-9) if self.trim_beta > 0 else "infinitely many"
+            raise ConfigError(
+                "min-available-nodes", n,
+                f"FedTrimmedAvg with trim-beta={self.trim_beta} trims nothing with fewer than {need} nodes "
+                f"(raise min-available-nodes or trim-beta, or use FedAvg)",
+            )  # fmt: skip
+
     def _check_paths(self) -> None:
+        """Filesystem checks (server and CLI; clients skip them: their data-dir is the node's)."""
         if self.dataset == "imagefolder":
-            root = Path(self.data_dir)
+            root = Path(self.data_dir).expanduser()
             if not self.data_dir or not root.is_dir():
                 raise ConfigError("data-dir", self.data_dir, "imagefolder needs an existing folder with train/ and test/")
-            for split in ("train", "test"):
-                if not (root / split).is_dir():
-                    raise ConfigError("data-dir", self.data_dir, f"imagefolder needs a '{split}/' subfolder")
-        if self.fedavg_genotype and not Path(self.fedavg_genotype).is_file():
+            for folder in (root, root / "train", root / "test"):
+                if not folder.is_dir():
+                    raise ConfigError("data-dir", self.data_dir, f"imagefolder needs a '{folder.name}/' subfolder")
+                if not os.access(folder, os.R_OK | os.X_OK):
+                    raise ConfigError("data-dir", self.data_dir, f"folder {folder} is not readable")
+        elif self.dataset in ("mnist", "fashion-mnist", "cifar10", "cifar100"):
+            # torchvision reads its files there, or downloads them there: readable, or creatable
+            root = Path(self.resolved_data_dir())
+            if root.exists():
+                if not root.is_dir():
+                    raise ConfigError("data-dir", self.data_dir, f"{root} exists but is not a directory")
+                if not os.access(root, os.R_OK | os.X_OK):
+                    raise ConfigError("data-dir", self.data_dir, f"folder {root} is not readable")
+            else:
+                problem = _creatable(root)
+                if problem:
+                    raise ConfigError("data-dir", self.data_dir, f"{root} does not exist and cannot be created: {problem}")
+        elif self.dataset == "hf":
+            builder, sep, local_dir = self.hf_dataset.partition(":")
+            if sep and builder and "/" not in builder and not Path(local_dir).expanduser().is_dir():
+                raise ConfigError("hf-dataset", self.hf_dataset, f"{local_dir!r} is not an existing directory")
+        if self.fedavg_genotype and not (Path(self.fedavg_genotype).is_file() and os.access(self.fedavg_genotype, os.R_OK)):
             raise ConfigError("fedavg-genotype", self.fedavg_genotype, "must be a readable genotype.yaml")
+        if self.results_dir:
+            out = Path(self.results_dir).expanduser().resolve()
+            if out.exists():
+                if not out.is_dir():
+                    raise ConfigError("results-dir", self.results_dir, "exists but is not a directory")
+                if not os.access(out, os.W_OK | os.X_OK):
+                    raise ConfigError("results-dir", self.results_dir, "directory is not writable")
+            else:
+                problem = _creatable(out)
+                if problem:
+                    raise ConfigError("results-dir", self.results_dir, f"cannot be created: {problem}")
 
     # --- access
     def __getattr__(self, attr: str) -> Any:
@@ -299,6 +374,80 @@ class RunConfig(Mapping[str, Any]):
 
     def resolved_data_dir(self) -> str:
         return str(Path(self.data_dir or os.path.join(os.getcwd(), "data")).expanduser().resolve())
+
+
+def _creatable(path: Path) -> str | None:
+    """None when ``path`` could be made with mkdir -p: its nearest existing parent is a writable dir."""
+    parent = path
+    while not parent.exists():
+        if parent.parent == parent:
+            return "no existing parent folder"
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "data-dir")
+
+
+def validate_node_config(node_config: Mapping[str, Any], cfg: "RunConfig | None" = None) -> dict[str, Any]:
+    """Check a SuperNode's node config once, before any data is loaded; returns it normalised.
+
+    ``partition-id``: int >= 0; ``num-partitions``: int >= 1 and > partition-id; ``data-dir``: an
+    existing, readable folder. Other keys pass through (Flower or a deployment may add some), except
+    misspellings of these three (``partition_id``), which would silently change which data is used.
+    With the run config, ``partition-id`` must also fit its ``num-partitions`` and, when the run
+    config does not fix the number of partitions, ``partition-id`` needs ``num-partitions``.
+    Raises ``ConfigError`` naming the key (source ``node-config``).
+    """
+    out = dict(node_config)
+    for name in out:
+        canonical = str(name).strip().lower().replace("_", "-")
+        if canonical in NODE_CONFIG_KEYS and name != canonical:
+            raise ConfigError(name, out[name], f"unknown key; did you mean '{canonical}'?", "node-config")
+
+    def as_int(key: str, low: int) -> int | None:
+        if key not in out:
+            return None
+        raw = out[key]
+        value = raw
+        if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():  # Flower's legacy proxy sends strings
+            value = int(raw.strip())
+        elif isinstance(raw, float) and raw.is_integer():
+            value = int(raw)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, raw, "must be an integer", "node-config")
+        if value < low:
+            raise ConfigError(key, raw, f"must be >= {low}", "node-config")
+        out[key] = value
+        return value
+
+    pid = as_int("partition-id", 0)
+    num = as_int("num-partitions", 1)
+    if num is not None and pid is not None and pid >= num:
+        raise ConfigError("partition-id", pid, f"must be < num-partitions ({num})", "node-config")
+    if cfg is not None and pid is not None:
+        if cfg.num_partitions and pid >= cfg.num_partitions:
+            raise ConfigError("partition-id", pid, f"must be < the run config's num-partitions ({cfg.num_partitions})", "node-config")
+        if not cfg.num_partitions and num is None:
+            raise ConfigError(
+                "num-partitions", None, "required with partition-id (or set the run config's num-partitions)", "node-config"
+            )
+    if "data-dir" in out:
+        raw = out["data-dir"]
+        if not isinstance(raw, str) or not raw.strip():
+            raise ConfigError("data-dir", raw, "must be the path of an existing folder", "node-config")
+        root = Path(raw).expanduser()
+        if not root.is_dir():
+            raise ConfigError("data-dir", raw, "must be an existing folder", "node-config")
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise ConfigError("data-dir", raw, "folder is not readable", "node-config")
+        if cfg is not None and cfg.dataset == "imagefolder" and not (root / "train").is_dir():
+            raise ConfigError("data-dir", raw, "imagefolder needs a 'train/' subfolder (test/ is optional on a node)", "node-config")
+    return out
 
 
 def toml_table() -> str:

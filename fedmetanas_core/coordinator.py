@@ -8,7 +8,6 @@ round by round and only translates between records and these objects.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -18,9 +17,9 @@ import torch
 from .aggregation import State, arch_statistics, update_masks
 from .config import RunConfig
 from .data import ImageData
-from .genotype import DiscreteNetwork, Genotype, build_fixed_network, count_parameters, derive_genotype
-from .relaxation import TemperatureSchedule
-from .search_space import SearchModel, SpaceConfig
+from .genotype import DiscreteNetwork, Genotype, build_fixed_network, derive_genotype
+from .relaxation import TemperatureSchedule, probabilities
+from .search_space import SearchModel, SpaceConfig, edge_key
 from .seeding import derive_seed
 from .training import RoundPlan, eval_settings, evaluate, load_arrays, space_from_config, state_arrays
 
@@ -116,8 +115,25 @@ class SearchPhase:
             **stats,
             "skip-count": self.genotype.op_counts().get("skip_connect", 0),
             "genotype": self.genotype.to_dict(),
+            **self.op_probabilities(arch),
         }
         return self.last
+
+    def op_probabilities(self, arch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Per-edge softmax(alpha) with masks, for the heatmaps of how the architecture converged."""
+        probs = {
+            t: [[round(float(p), 5) for p in row] for row in probabilities(arch[f"arch.alpha.{t}"], self.masks.get(f"arch.alpha.{t}"))]
+            for t in ("normal", "reduce")
+        }
+        edges = [edge_key(j, i) for j, i in self.space.topology.edges]
+        return {"op-probs": probs, "primitives": list(self.space.primitives), "edges": edges}
+
+    def restore(self, state: State, masks: dict[str, torch.Tensor], last: dict[str, Any]) -> None:
+        """Continue from a checkpoint: the global model, the permanent masks, the last metrics."""
+        load_arrays(self.model, state)
+        self.masks = {k: v.to(torch.bool) for k, v in masks.items()}
+        self.genotype = derive_genotype(self.space, self.arch_state(), self.masks)
+        self.last = dict(last)
 
     @torch.no_grad()
     def evaluate_supernet(self, tau: float) -> dict[str, float]:
@@ -157,6 +173,10 @@ class FixedPhase:
         self.last = {"tau": 1.0, "accuracy": result["accuracy"], "loss": result["loss"]}
         return self.last
 
+    def restore(self, state: State, masks: dict[str, torch.Tensor], last: dict[str, Any]) -> None:
+        load_arrays(self.net, state)
+        self.last = dict(last)
+
 
 def space_for_run(cfg: RunConfig, test: ImageData) -> SpaceConfig:
     return space_from_config(cfg, test.num_classes, test.in_channels)
@@ -185,14 +205,6 @@ class ProgressClock:
 def fmt_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def genotype_json(genotype: Genotype | None) -> str:
-    return json.dumps(genotype.to_dict()) if genotype else ""
-
-
-def parameter_count(module) -> int:
-    return count_parameters(module)
 
 
 def finite_state(state: State) -> bool:

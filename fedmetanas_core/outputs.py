@@ -105,3 +105,38 @@ def load_derived_model(path: str | Path) -> DiscreteNetwork | SimpleCNN:
     net.load_state_dict(payload["state_dict"])
     net.eval()
     return net
+
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+# keys that may differ between a run and its resumption without changing results
+RESUME_NEUTRAL_KEYS = frozenset({"resume", "checkpoint", "results-dir", "round-timeout", "torch-threads", "device"})
+
+
+def save_checkpoint(results_dir: Path, payload: dict[str, Any]) -> None:
+    """Everything needed to continue after the last finished round; written atomically."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(Path(results_dir) / CHECKPOINT_FILE, buf.getvalue())
+
+
+def load_checkpoint(results_dir: Path) -> dict[str, Any] | None:
+    path = Path(results_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = (set(saved) | set(current)) - RESUME_NEUTRAL_KEYS
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+def truncate_rounds(results_dir: Path, keep: set[tuple[str, int]]) -> None:
+    """Drop rounds.jsonl lines of rounds the checkpoint does not cover (logged, then crashed)."""
+    path = Path(results_dir) / "rounds.jsonl"
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if (json.loads(ln)["phase"], json.loads(ln)["round"]) in keep]
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))

@@ -1,18 +1,21 @@
 """ServerApp: validates the run config, drives the phases round by round, writes the results.
 
-Thin: the method lives in ``fedmetanas_core``; this module moves records between Flower and it.
+Thin: the method lives in ``fedmetanas_core``; this module moves records between Flower and it,
+keeps the clock, and checkpoints after every round so a crash loses no finished round.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from datetime import datetime
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -20,7 +23,15 @@ from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.coordinator import FixedPhase, ProgressClock, SearchPhase, fmt_duration, model_config, space_for_run
 from fedmetanas_core.data import load_dataset
 from fedmetanas_core.genotype import Genotype, count_parameters
-from fedmetanas_core.outputs import RunRecorder, machine_description, package_versions
+from fedmetanas_core.outputs import (
+    RunRecorder,
+    config_differences,
+    load_checkpoint,
+    machine_description,
+    package_versions,
+    save_checkpoint,
+    truncate_rounds,
+)
 from fedmetanas_core.training import evaluate, resolve_device
 from server_app.strategy import SearchStrategy, _array_record, build_base_strategy
 
@@ -37,13 +48,27 @@ def main(grid: Grid, context: Context) -> None:
     run_experiment(grid, cfg)
 
 
+def _strategy_state(strategy) -> dict[str, Any]:
+    """Plain-data attributes of a Flower strategy (e.g. FedAdam's moments), for the checkpoint."""
+    plain = (int, float, str, bool, np.ndarray, type(None), dict, list, tuple)
+    return {k: v for k, v in vars(strategy).items() if isinstance(v, plain) and not callable(v)}
+
+
+def _client_order(msg: Message) -> tuple[int, int]:
+    """Aggregate in a fixed order (by partition id) so float sums repeat exactly across runs."""
+    if not msg.has_error() and "metrics" in msg.content.metric_records:
+        return int(msg.content["metrics"].get("partition-id", 0)), msg.metadata.src_node_id
+    return 1 << 30, msg.metadata.src_node_id
+
+
 class Experiment:
-    """One run: its phases, timers, recorder and the final summary."""
+    """One run: its phases, timers, recorder, checkpoint and the final summary."""
 
     def __init__(self, grid: Grid, cfg: RunConfig):
         self.grid, self.cfg = grid, cfg
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.recorder = RunRecorder(cfg.resolved_results_dir(stamp))
+        self.checkpoint = self._load_checkpoint()
         self.recorder.write_config(dict(cfg))
         self.device = resolve_device(cfg.device)
         _, self.test = load_dataset(
@@ -56,55 +81,120 @@ class Experiment:
         self.clock = ProgressClock(cfg.num_server_rounds + retrain)
         self.nodes_seen: set[int] = set()
         self.rejected_total = 0
+        self.elapsed_before = 0.0  # wall time of the run before a resume
+        self.extra: dict[str, Any] = {}  # results carried across phases (and checkpoints)
+        self.done: list[tuple[str, int]] = []
+        if self.checkpoint is not None:
+            ck = self.checkpoint
+            self.elapsed_before = ck["elapsed"]
+            self.clock.done = len(ck["done"])
+            self.clock.start -= ck["elapsed"]
+            self.nodes_seen = set(ck["nodes_seen"])
+            self.rejected_total = ck["rejected_total"]
+            self.extra = ck["extra"]
+            self.done = [tuple(d) for d in ck["done"]]
+            random.setstate(ck["rng"]["python"])
+            np.random.set_state(ck["rng"]["numpy"])
+            torch.set_rng_state(ck["rng"]["torch"])
+            truncate_rounds(self.recorder.dir, set(self.done))
+            log(INFO, "Resuming from %s: %d rounds already done", self.recorder.dir, len(self.done))
 
-    def run_phase(self, phase) -> ArrayRecord:
+    def _load_checkpoint(self) -> dict[str, Any] | None:
+        if not self.cfg.resume:
+            return None
+        ck = load_checkpoint(self.recorder.dir)
+        if ck is None:
+            raise ConfigError("resume", True, f"no checkpoint.pt in results-dir {self.recorder.dir}")
+        changed = config_differences(ck["config"], dict(self.cfg))
+        if changed:
+            raise ConfigError("resume", True, f"the run config differs from the checkpoint's in {', '.join(changed)}")
+        return ck
+
+    def run_phase(self, index: int, phase) -> ArrayRecord:
         cfg = self.cfg
         strategy = SearchStrategy(
             build_base_strategy(cfg), cfg.alpha_aggregation if phase.kind == "search" else "logits", cfg.min_train_nodes
         )
         self.strategy = strategy
         arrays = _array_record(phase.initial_state())
-        for rnd in range(1, phase.rounds + 1):
-            t_round = time.time()
-            config = ConfigRecord({**self.base_config, **phase.round_config(rnd)})
-            replies = list(self.grid.send_and_receive(strategy.configure_train(rnd, arrays, config, self.grid), timeout=cfg.round_timeout))
-            client_seconds = [
-                float(m.content["metrics"]["client-seconds"])
-                for m in replies
-                if not m.has_error() and "metrics" in m.content.metric_records and "client-seconds" in m.content["metrics"]
-            ]
-            self.nodes_seen.update(m.metadata.src_node_id for m in replies)
-            aggregated, _ = strategy.aggregate_train(rnd, replies)
-            if aggregated is not None:
-                metrics = phase.accept(rnd, {k: v.numpy() for k, v in aggregated.items()})
-                arrays = aggregated
-            else:
-                metrics = {**phase.last, "tau": phase.plan(rnd).tau}
-            self.rejected_total += len(strategy.rejected)
-            elapsed, remaining = self.clock.tick()
-            row = {
-                "phase": phase.name,
-                "round": rnd,
-                **{k: v for k, v in metrics.items() if k != "genotype"},
-                "replies": len(replies),
-                "aggregated": aggregated is not None,
-                "rejected": len(strategy.rejected),
-                "rejected-reasons": strategy.rejected,
-                "round-s": time.time() - t_round,
-                "client-s-max": max(client_seconds, default=0.0),
-                "elapsed-s": elapsed,
-            }
-            self.recorder.log_round(row)
-            acc = metrics.get("accuracy", float("nan"))
-            extra = f" supernet {metrics['supernet-accuracy']:.4f}" if "supernet-accuracy" in metrics else ""
-            log(
-                INFO,
-                "[%s %d/%d] tau %.3f | test acc %.4f%s | elapsed %s | remaining ~%s%s",
-                phase.name, rnd, phase.rounds, metrics.get("tau", 1.0), acc, extra,
-                fmt_duration(elapsed), fmt_duration(remaining),
-                f" | {len(strategy.rejected)} replies rejected" if strategy.rejected else "",
-            )  # fmt: skip
+        start = 1
+        ck = self.checkpoint
+        if ck is not None and ck["phase_index"] == index:
+            phase.restore(ck["arrays"], ck["masks"], ck["last"])
+            arrays = _array_record(ck["arrays"])
+            for k, v in ck["strategy"].items():
+                setattr(strategy.base, k, v)
+            start = ck["round"] + 1
+        for rnd in range(start, phase.rounds + 1):
+            arrays = self.run_round(index, phase, rnd, arrays)
         return arrays
+
+    def run_round(self, index: int, phase, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
+        cfg, strategy = self.cfg, self.strategy
+        t_round = time.time()
+        config = ConfigRecord({**self.base_config, **phase.round_config(rnd)})
+        messages = strategy.configure_train(rnd, arrays, config, self.grid)
+        replies = sorted(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), key=_client_order)
+        client_seconds = [
+            float(m.content["metrics"]["client-seconds"])
+            for m in replies
+            if not m.has_error() and "metrics" in m.content.metric_records and "client-seconds" in m.content["metrics"]
+        ]
+        self.nodes_seen.update(m.metadata.src_node_id for m in replies)
+        aggregated, _ = strategy.aggregate_train(rnd, replies)
+        if aggregated is not None:
+            metrics = phase.accept(rnd, {k: v.numpy() for k, v in aggregated.items()})
+            arrays = aggregated
+        else:
+            metrics = {**phase.last, "tau": phase.plan(rnd).tau}
+        self.rejected_total += len(strategy.rejected)
+        elapsed, remaining = self.clock.tick()
+        row = {
+            "phase": phase.name,
+            "round": rnd,
+            **{k: v for k, v in metrics.items() if k != "genotype"},
+            "replies": len(replies),
+            "aggregated": aggregated is not None,
+            "rejected": len(strategy.rejected),
+            "rejected-reasons": strategy.rejected,
+            "round-s": time.time() - t_round,
+            "client-s-max": max(client_seconds, default=0.0),
+            "elapsed-s": elapsed,
+        }
+        self.recorder.log_round(row)
+        self.done.append((phase.name, rnd))
+        if cfg.checkpoint:
+            self.save(index, phase, rnd, arrays, elapsed)
+        acc = metrics.get("accuracy", float("nan"))
+        extra = f" supernet {metrics['supernet-accuracy']:.4f}" if "supernet-accuracy" in metrics else ""
+        log(
+            INFO,
+            "[%s %d/%d] tau %.3f | test acc %.4f%s | elapsed %s | remaining ~%s%s",
+            phase.name, rnd, phase.rounds, metrics.get("tau", 1.0), acc, extra,
+            fmt_duration(elapsed), fmt_duration(remaining),
+            f" | {len(strategy.rejected)} replies rejected" if strategy.rejected else "",
+        )  # fmt: skip
+        return arrays
+
+    def save(self, index: int, phase, rnd: int, arrays: ArrayRecord, elapsed: float) -> None:
+        save_checkpoint(
+            self.recorder.dir,
+            {
+                "config": dict(self.cfg),
+                "phase_index": index,
+                "round": rnd,
+                "arrays": {k: v.numpy() for k, v in arrays.items()},
+                "masks": {k: v.cpu() for k, v in getattr(phase, "masks", {}).items()},
+                "last": phase.last,
+                "strategy": _strategy_state(self.strategy.base),
+                "done": self.done,
+                "elapsed": elapsed,
+                "nodes_seen": sorted(self.nodes_seen),
+                "rejected_total": self.rejected_total,
+                "extra": self.extra,
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            },
+        )
 
     def personalize(self, phase, arrays: ArrayRecord) -> list[dict[str, Any]]:
         if self.cfg.fraction_evaluate == 0:
@@ -118,29 +208,31 @@ class Experiment:
 
 def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     exp = Experiment(grid, cfg)
-    t0 = time.time()
-    search_time = retrain_time = 0.0
-    supernet_acc = None
+    t0 = time.time() - exp.elapsed_before
+    supernet_model = None
     genotype: Genotype | None = None
     if cfg.method in ("fedmetanas", "fednas"):
         search = SearchPhase(cfg, exp.space, exp.test, exp.device, cfg.num_server_rounds)
-        arrays = exp.run_phase(search)
-        search_time = time.time() - t0
-        genotype = search.genotype
-        supernet_acc = search.evaluate_supernet(search.plan(cfg.num_server_rounds).tau)["accuracy"]
-        final_phase = search
-        final_net = search.derived_network()
+        supernet_model = search.model.net
+        if exp.checkpoint is None or exp.checkpoint["phase_index"] == 0:
+            arrays = exp.run_phase(0, search)
+            exp.extra["search_time_s"] = time.time() - t0
+            exp.extra["supernet_test_accuracy"] = search.evaluate_supernet(search.plan(cfg.num_server_rounds).tau)["accuracy"]
+            exp.extra["genotype"] = search.genotype.to_dict()
+        genotype = Genotype.from_dict(exp.extra["genotype"])
+        final_phase, final_net = search, None
         if cfg.method == "fednas" and cfg.retrain_rounds > 0:
-            t1 = time.time()
             final_phase = FixedPhase(cfg, exp.space, genotype, exp.test, exp.device, cfg.retrain_rounds, "retrain")
-            arrays = exp.run_phase(final_phase)
-            retrain_time = time.time() - t1
+            arrays = exp.run_phase(1, final_phase)
+            exp.extra["retrain_time_s"] = (time.time() - t0) - exp.extra["search_time_s"]
             final_net = final_phase.net
+        else:
+            final_net = search.derived_network()
     else:
         genotype = Genotype.load_yaml(cfg.fedavg_genotype) if cfg.fedavg_genotype else None
         final_phase = FixedPhase(cfg, exp.space, genotype, exp.test, exp.device, cfg.num_server_rounds, "fedavg")
-        arrays = exp.run_phase(final_phase)
-        search_time = time.time() - t0
+        arrays = exp.run_phase(0, final_phase)
+        exp.extra["search_time_s"] = time.time() - t0
         final_net = final_phase.net
     final_eval = evaluate(final_net, exp.test, cfg.eval_batch_size, exp.device)
     train_end = time.time()
@@ -160,19 +252,20 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         "retrain_rounds": cfg.retrain_rounds if cfg.method == "fednas" else 0,
         "final_test_accuracy": final_eval["accuracy"],
         "final_test_loss": final_eval["loss"],
-        "supernet_test_accuracy": supernet_acc,
+        "supernet_test_accuracy": exp.extra.get("supernet_test_accuracy"),
         "personalized_accuracy": float(np.mean(after)) if after else None,
         "personalized_accuracy_before": float(np.mean(before)) if before else None,
         "personalized_accuracy_std": float(np.std(after)) if after else None,
         "personalized_per_client": clients,
-        "search_time_s": search_time,
-        "retrain_time_s": retrain_time,
+        "search_time_s": exp.extra.get("search_time_s", 0.0),
+        "retrain_time_s": exp.extra.get("retrain_time_s", 0.0),
         "total_time_s": train_end - t0,
         "wall_time_s": time.time() - t0,
         "genotype": genotype.to_dict() if genotype else None,
         "params": count_parameters(final_net),
-        "supernet_params": count_parameters(search.model.net) if cfg.method != "fedavg" else None,
+        "supernet_params": count_parameters(supernet_model) if supernet_model is not None else None,
         "rejected_replies": exp.rejected_total,
+        "resumed": exp.checkpoint is not None,
         "seed": cfg.seed,
         "machine": machine_description(),
         "versions": package_versions(),
@@ -184,7 +277,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     exp.recorder.write_summary(summary)
     _after_run(exp.recorder.dir, final_net, exp.test)
     log(INFO, "final test accuracy %.4f (supernet %s) | personalized %s", final_eval["accuracy"],
-        f"{supernet_acc:.4f}" if supernet_acc is not None else "-", summary["personalized_accuracy"])  # fmt: skip
+        summary["supernet_test_accuracy"], summary["personalized_accuracy"])  # fmt: skip
     log(INFO, "Results written to %s", exp.recorder.dir)
     return exp.recorder.dir
 
@@ -195,7 +288,7 @@ def _after_run(results_dir: Path, final_net, test) -> None:
         try:
             step(results_dir, final_net, test)
         except Exception as exc:  # reported, never fatal: summary.json is already written
-            log(ERROR, "%s failed (numeric results are saved): %s: %s", name, type(exc).__name__, exc)
+            log(WARNING, "%s failed (numeric results are saved): %s: %s", name, type(exc).__name__, exc)
             (results_dir / f"{name}_error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
+from collections import Counter
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -23,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedmetanas_core.aggregation import reply_problem, transform_logits
 from fedmetanas_core.coordinator import finite_state
-from fedmetanas_core.config import RunConfig
+from fedmetanas_core.config import ConfigError, RunConfig
 
 # run-config keys -> constructor arguments of Flower's strategies (passed where the class takes them)
 STRATEGY_ARGUMENTS = {
@@ -51,6 +54,37 @@ def strategy_class(name: str) -> type[Strategy]:
     if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
         raise TypeError(f"strategy '{name}' is not a flwr.serverapp.strategy.Strategy subclass")
     return cls
+
+
+def check_strategy(cfg: RunConfig, app_dir: str | Path | None = None) -> None:
+    """Up-front check that ``strategy`` imports, is a Strategy and accepts the run's settings.
+
+    Raises ``ConfigError('strategy', ...)`` (one line, no traceback) instead of failing once the data
+    is loaded. ``app_dir``: the Flower app directory, put on ``sys.path`` while importing, as the
+    ServerApp has it (the CLI's own ``sys.path`` may not contain it).
+    """
+    added = app_dir is not None and str(app_dir) not in sys.path
+    if added:
+        sys.path.insert(0, str(app_dir))
+    try:
+        try:
+            strategy_class(cfg.strategy)
+        except ModuleNotFoundError as exc:
+            raise ConfigError("strategy", cfg.strategy, f"cannot import module {exc.name!r}") from None
+        except AttributeError:
+            where = cfg.strategy.split(":", 1)[0] if ":" in cfg.strategy else "flwr.serverapp.strategy"
+            raise ConfigError("strategy", cfg.strategy, f"{where} has no such class") from None
+        except TypeError as exc:
+            raise ConfigError("strategy", cfg.strategy, str(exc)) from None
+        except Exception as exc:  # the user's module failed while importing
+            raise ConfigError("strategy", cfg.strategy, f"importing it failed: {type(exc).__name__}: {exc}") from None
+        try:
+            build_base_strategy(cfg)
+        except Exception as exc:  # e.g. a constructor that rejects the run's parameters
+            raise ConfigError("strategy", cfg.strategy, f"cannot be built from the run config: {type(exc).__name__}: {exc}") from None
+    finally:
+        if added:
+            sys.path.remove(str(app_dir))
 
 
 def build_base_strategy(cfg: RunConfig) -> Strategy:
@@ -84,27 +118,52 @@ class SearchStrategy(Strategy):
         self.base.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self._reference = {k: v.numpy() for k, v in arrays.items()}
+        self.set_reference(arrays)
         return self.base.configure_train(server_round, arrays, config, grid)
+
+    def set_reference(self, arrays: ArrayRecord) -> None:
+        """The global model replies are screened against (names, shapes, dtypes, norm)."""
+        self._reference = {k: v.numpy() for k, v in arrays.items()}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good: list[Message] = []
         self.rejected = []
+
+        def reject(msg: Message, reason: str) -> None:
+            node = msg.metadata.src_node_id
+            self.rejected.append(f"node {node}: {reason}")
+            log(WARNING, "round %s: reply from node %s excluded from aggregation: %s", server_round, node, reason)
+
         for msg in replies:
-            reason = self._problem(msg)
+            try:
+                reason = self._problem(msg)
+            except Exception as exc:  # a reply the screen cannot even read is a faulty reply
+                reason = f"unreadable reply: {type(exc).__name__}: {exc}"
             if reason:
-                node = msg.metadata.src_node_id
-                self.rejected.append(f"node {node}: {reason}")
-                log(WARNING, "round %s: reply from node %s excluded from aggregation: %s", server_round, node, reason)
+                reject(msg, reason)
                 continue
-            if self.alpha_aggregation != "logits":
+            good.append(msg)
+        # Flower's strategies refuse the whole round when metric keys differ between replies:
+        # keep the replies with the most common key set, so one odd client cannot block a round.
+        keysets = [frozenset(m.content["metrics"].keys()) for m in good]
+        if len(set(keysets)) > 1:
+            common = Counter(keysets).most_common(1)[0][0]
+            for msg, keys in zip(list(good), keysets):
+                if keys != common:
+                    reject(msg, f"metric keys {sorted(keys)} differ from the other replies' {sorted(common)}")
+                    good.remove(msg)
+        if self.alpha_aggregation != "logits":
+            for msg in good:
                 state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
                 msg.content["arrays"] = _array_record(transform_logits(state, self.alpha_aggregation))
-            good.append(msg)
         if len(good) < self.min_replies:
             log(WARNING, "round %s: only %s usable replies (< %s): round skipped, global model unchanged", server_round, len(good), self.min_replies)
             return None, None
-        arrays, metrics = self.base.aggregate_train(server_round, good)
+        try:
+            arrays, metrics = self.base.aggregate_train(server_round, good)
+        except Exception as exc:  # e.g. a robust strategy that cannot aggregate this many replies
+            log(WARNING, "round %s: aggregation failed (%s: %s): round skipped, global model unchanged", server_round, type(exc).__name__, exc)
+            return None, None
         if arrays is not None and not finite_state({k: v.numpy() for k, v in arrays.items()}):
             log(WARNING, "round %s: aggregate is not finite: round skipped, global model unchanged", server_round)
             return None, metrics
@@ -116,17 +175,23 @@ class SearchStrategy(Strategy):
         content = msg.content
         if len(content.array_records) != 1 or "arrays" not in content.array_records:
             return "reply must carry exactly one ArrayRecord named 'arrays'"
-        metrics = content.metric_records.get("metrics")
-        if metrics is None or "num-examples" not in metrics:
-            return "reply lacks MetricRecord 'metrics' with 'num-examples'"
+        if len(content.metric_records) != 1 or "metrics" not in content.metric_records:
+            return "reply must carry exactly one MetricRecord named 'metrics'"
+        metrics = content.metric_records["metrics"]
+        if "num-examples" not in metrics:
+            return "reply lacks 'num-examples' in its MetricRecord 'metrics'"
         n = metrics["num-examples"]
-        if not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
             return f"bad num-examples {n!r}"
         try:
             state = {k: v.numpy() for k, v in content["arrays"].items()}
         except Exception as exc:  # an undecodable array is a faulty reply, not a server crash
             return f"undecodable arrays: {exc}"
-        return reply_problem(state, self._reference or state)
+        reference = self._reference or state
+        for key, value in state.items():
+            if value.dtype.kind not in "fiu" or (key in reference and value.dtype.kind != reference[key].dtype.kind):
+                return f"wrong dtype for {key}: {value.dtype}"
+        return reply_problem(state, reference)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.base.configure_evaluate(server_round, arrays, config, grid)
