@@ -260,6 +260,8 @@ def _accuracy_figure(data: RunData, path: Path, x: str) -> None:
         ax.legend(fontsize=8, loc="best")
     if x == "step":
         ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+    else:
+        ax_loss.set_xlim(left=0)
     ax_acc.set_ylabel("accuracy")
     ax_loss.set_ylabel("loss")
     ax_loss.set_xlabel(xlabel)
@@ -370,10 +372,10 @@ def _fig_alpha_heatmap(data: RunData, path: Path, cell_type: str) -> None:
             for e, o in chosen:
                 ax.add_patch(Rectangle((o - 0.5, e - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
     axes[0].set_ylabel("edge (node <- input)")
-    fig.colorbar(im, ax=list(axes), fraction=0.025, pad=0.02, label="op probability (softmax of alpha)")
+    fig.subplots_adjust(left=0.07, right=0.89, bottom=0.25, top=0.88, wspace=0.08)
+    fig.colorbar(im, cax=fig.add_axes((0.91, 0.25, 0.015, 0.63)), label="op probability (softmax of alpha)")
     note = "; red boxes: ops of the derived genotype" if chosen else ""
     fig.suptitle(f"{_title(data)}: {cell_type} cell op probabilities per edge{note}", fontsize=11)
-    fig.subplots_adjust(left=0.07, right=0.9, bottom=0.25, top=0.88, wspace=0.08)
     _save(fig, path)
 
 
@@ -398,6 +400,14 @@ def _node_name(i: int, mathtext: bool = True) -> str:
     return str(i - 2)
 
 
+def _arc_point(p1: tuple[float, float], p2: tuple[float, float], rad: float, t: float) -> tuple[float, float]:
+    """Point at ``t`` on matplotlib's ``arc3,rad=rad`` curve from p1 to p2 (equal aspect: data = display)."""
+    (x1, y1), (x2, y2) = p1, p2
+    cx, cy = (x1 + x2) / 2 + rad * (y2 - y1), (y1 + y2) / 2 - rad * (x2 - x1)
+    u = 1 - t
+    return u * u * x1 + 2 * u * t * cx + t * t * x2, u * u * y1 + 2 * u * t * cy + t * t * y2
+
+
 def _fig_cell(data: RunData, path: Path, cell_type: str) -> None:
     if data.genotype is None:
         raise FigureSkipped("no genotype (a fixed network: FedAvg baseline)")
@@ -405,19 +415,21 @@ def _fig_cell(data: RunData, path: Path, cell_type: str) -> None:
     if not isinstance(nodes, list) or not nodes:
         raise ValueError(f"genotype has no {cell_type} cell")
     n = len(nodes)
-    # Left to right: the two inputs, the intermediate nodes in a zigzag, the output.
-    pos = {0: (0.0, 1.5), 1: (0.0, -1.5)}
+    # Left to right: the inputs above and below on the left, the intermediate nodes on a line, the output
+    # on the right. Input edges fan out straight; longer edges between intermediate nodes arc high above
+    # the line and the concatenation into the output arcs below it, so no edge runs through a node.
+    gap = 2.0
+    pos = {0: (0.0, 2.0), 1: (0.0, -2.0)}
     for k in range(n):
-        pos[k + 2] = (1.6 * (k + 1), 0.7 if k % 2 == 0 else -0.7)
+        pos[k + 2] = (gap * (k + 1), 0.0)
     out_id = n + 2
-    pos[out_id] = (1.6 * (n + 1), 0.0)
+    pos[out_id] = (gap * (n + 1), 0.0)
     fig = _figure(path.name)
     ax = fig.add_axes((0.02, 0.02, 0.96, 0.88))
     ax.set_aspect("equal")
     ax.axis("off")
-    xs = [p[0] for p in pos.values()]
-    ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
-    ax.set_ylim(-2.3, 2.3)
+    ax.set_xlim(-0.9, pos[out_id][0] + 0.9)
+    ax.set_ylim(-2.6, 2.6)
     ops = sorted({str(c["op"]) for node in nodes for c in node})
     palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
     colors = {op: palette[i % len(palette)] for i, op in enumerate(ops)}
@@ -431,30 +443,35 @@ def _fig_cell(data: RunData, path: Path, cell_type: str) -> None:
             style = dict(box, fc="#f2f2f2", ec="0.3")
         label = r"$c_{k}$" if i == out_id else _node_name(i)
         ax.text(x, y, label, ha="center", va="center", fontsize=13, bbox=style, zorder=3)
+
+    def arrow(src: int, dst: int, rad: float, color, **style) -> None:
+        ax.annotate("", xy=pos[dst], xytext=pos[src], zorder=style.pop("zorder", 2),
+                    arrowprops=dict(arrowstyle="-|>", color=color, shrinkA=16, shrinkB=16,
+                                    connectionstyle=f"arc3,rad={rad}", **style))  # fmt: skip
+
     for k, node in enumerate(nodes):
         dst = k + 2
         for j, choice in enumerate(node):
             src, op = int(choice["input"]), str(choice["op"])
-            if src not in pos or src >= dst:
+            if src < 0 or src >= dst:
                 raise ValueError(f"{cell_type} node {k}: input {src} is not an earlier node")
-            (x1, y1), (x2, y2) = pos[src], pos[dst]
-            adjacent = src < 2 or src == dst - 1
-            rad = 0.0 if adjacent else (0.35 if k % 2 == 0 else -0.35)
-            if len(node) > 1 and all(int(c["input"]) == src for c in node):
-                rad = 0.25 if j == 0 else -0.25  # two ops on the same input
-            ax.annotate(
-                "", xy=(x2, y2), xytext=(x1, y1), zorder=2,
-                arrowprops=dict(arrowstyle="-|>", color=colors[op], lw=1.8, shrinkA=16, shrinkB=16, connectionstyle=f"arc3,rad={rad}"),
-            )  # fmt: skip
-            # Midpoint of matplotlib's arc3 quadratic Bezier (equal aspect: display and data agree).
-            mx, my = (x1 + x2) / 2 + 0.5 * rad * (y2 - y1), (y1 + y2) / 2 - 0.5 * rad * (x2 - x1)
+            span = abs(pos[dst][0] - pos[src][0])
+            if src < 2:
+                rad = 0.0
+            else:  # above the line, higher for longer jumps
+                rad = 0.0 if dst - src == 1 else -2 * (1.2 + 0.25 * (dst - src - 2)) / span
+            if len(node) > 1 and sum(int(c["input"]) == src for c in node) > 1:
+                rad += 0.15 if j == 0 else -0.15  # the same input twice: bend the two apart
+            arrow(src, dst, rad, colors[op], lw=1.8)
+            # Input edges: label nearer the target, so labels of one input's fan do not collide.
+            t = min(0.7, max(0.5, 1 - 1.5 / math.dist(pos[src], pos[dst]))) if src < 2 else 0.5
+            mx, my = _arc_point(pos[src], pos[dst], rad, t)
             ax.text(mx, my, op, ha="center", va="center", fontsize=8, color=colors[op],
                     bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85), zorder=4)  # fmt: skip
     for k in range(n):
-        (x1, y1), (x2, y2) = pos[k + 2], pos[out_id]
-        ax.annotate("", xy=(x2, y2), xytext=(x1, y1), zorder=1,
-                    arrowprops=dict(arrowstyle="-|>", color="0.6", lw=1, ls="--", shrinkA=14, shrinkB=16,
-                                    connectionstyle="arc3,rad=0.0"))  # fmt: skip
+        span = pos[out_id][0] - pos[k + 2][0]
+        rad = 0.0 if k == n - 1 else 2 * (0.3 + 0.12 * (n - 2 - k)) / span  # below the line
+        arrow(k + 2, out_id, rad, "0.6", lw=1, ls="--", zorder=1)
     fig.suptitle(f"{_title(data)}: derived {cell_type} cell ({n} nodes; dashed: concatenation into the output)", fontsize=11)
     _save(fig, path)
 
@@ -574,9 +591,14 @@ def write_run_figures(results_dir: str | Path) -> list[Path]:
 # Markdown
 
 
-def format_accuracy(value: Any) -> str:
+def format_number(value: Any, digits: int = 4) -> str:
     v = _num(value)
-    return "–" if math.isnan(v) else f"{v:.4f}"
+    return "–" if math.isnan(v) else f"{v:.{digits}f}"
+
+
+def format_accuracy(value: Any) -> str:
+    """How the pages print an accuracy (a fraction, 4 decimals), or "–" when there is none."""
+    return format_number(value, 4)
 
 
 def format_seconds(value: Any) -> str:
@@ -639,7 +661,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         pers += f" ± {_num(s['personalized_accuracy_std']):.4f}"
     return [
         ("Final test accuracy", format_accuracy(s.get("final_test_accuracy"))),
-        ("Final test loss", format_accuracy(s.get("final_test_loss"))),
+        ("Final test loss", format_number(s.get("final_test_loss"))),
         ("Supernet test accuracy", format_accuracy(s.get("supernet_test_accuracy"))),
         ("Personalized accuracy (after)", pers),
         ("Personalized accuracy (before)", format_accuracy(s.get("personalized_accuracy_before"))),
@@ -698,7 +720,7 @@ def write_run_report(results_dir: str | Path, refresh: bool = False) -> Path:
             tau = _num(p.get("tau"))
             out.append(
                 f"| {p['phase']} | {p['round']} | {'–' if math.isnan(tau) else f'{tau:.3f}'} | {format_accuracy(p.get('accuracy'))} "
-                f"| {format_accuracy(p.get('supernet-accuracy'))} | {format_accuracy(p.get('loss'))} | {format_seconds(p['time'])} |"
+                f"| {format_accuracy(p.get('supernet-accuracy'))} | {format_number(p.get('loss'))} | {format_seconds(p['time'])} |"
             )
         out.append("")
     if data.config:
@@ -802,12 +824,13 @@ def _comparison_figure(rows: list[ComparisonRow], path: Path, title: str) -> Non
         for phase in phases[1:]:  # mark where a later phase starts (FedNAS retraining)
             first = next(p for p in pts if p["phase"] == phase)
             ax.axvline(first["time"] / scale, color=color, ls=":", lw=1)
-            ax.annotate(f"{phase} starts", (first["time"] / scale, 0.02), xycoords=("data", "axes fraction"),
-                        fontsize=7, color=color, rotation=90, va="bottom", ha="right")  # fmt: skip
+            ax.annotate(f"{label}: {phase} starts", (first["time"] / scale, 0.98), xycoords=("data", "axes fraction"),
+                        fontsize=7, color=color, rotation=90, va="top", ha="right")  # fmt: skip
     ax.set_xlabel(xlabel)
+    ax.set_xlim(left=0)
     ax.set_ylabel("test accuracy (derived / final network)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     ax.set_title(title)
     fig.tight_layout()
     _save(fig, path)
