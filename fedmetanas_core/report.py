@@ -266,7 +266,7 @@ def _accuracy_figure(data: RunData, path: Path, x: str) -> None:
     ax_loss.set_ylabel("loss")
     ax_loss.set_xlabel(xlabel)
     ax_acc.set_title(f"{_title(data)}: test accuracy and loss per {'round' if x == 'step' else 'wall-clock time'}")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.09, top=0.94, hspace=0.08)
     _save(fig, path)
 
 
@@ -311,7 +311,7 @@ def _fig_temperature(data: RunData, path: Path) -> None:
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, fontsize=8, loc="best")
     ax.set_title(f"{_title(data)}: temperature per search round")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.9, bottom=0.09, top=0.94)
     _save(fig, path)
 
 
@@ -361,7 +361,7 @@ def _fig_alpha_heatmap(data: RunData, path: Path, cell_type: str) -> None:
         ax.set_yticks(range(n_edges), edges, fontsize=8)
         tau = _num(r.get("tau"))
         ax.set_title(f"round {r['round']}" + ("" if math.isnan(tau) else f" (tau {tau:.2f})"), fontsize=10)
-        if annotate:
+        if annotate and i == picks[-1]:  # values on the last round only (colours tell the rest)
             for e in range(n_edges):
                 for o in range(n_ops):
                     v = m[e, o]
@@ -507,7 +507,7 @@ def _fig_personalization(data: RunData, path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(f"{_title(data)}: per-client accuracy before and after personalization")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.14, top=0.94)
     _save(fig, path)
 
 
@@ -526,7 +526,7 @@ RENDERERS: dict[str, Callable[[RunData, Path], None]] = {
 @dataclass
 class FigureResult:
     written: list[Path] = field(default_factory=list)
-    errors: dict[str, str] = field(default_factory=dict)  # figure (or input file) -> message
+    errors: dict[str, str] = field(default_factory=dict)  # figure -> message
     skipped: dict[str, str] = field(default_factory=dict)  # figure -> why it does not apply
     problems: list[str] = field(default_factory=list)  # input files that were missing or partly unreadable
 
@@ -832,7 +832,7 @@ def _comparison_figure(rows: list[ComparisonRow], path: Path, title: str) -> Non
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.09, top=0.94)
     _save(fig, path)
 
 
@@ -930,10 +930,13 @@ class TensorBoardLogger:
         self._writer = None
         if not enabled:
             return
+        message = "TensorBoard logging needs the tensorboard package: pip install tensorboard"
+        if not tensorboard_available():
+            raise TensorBoardUnavailable(message)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
-            raise TensorBoardUnavailable("TensorBoard logging needs the tensorboard package: pip install tensorboard") from exc
+            raise TensorBoardUnavailable(f"{message} ({exc})") from exc
         self._writer = SummaryWriter(log_dir=str(self.log_dir))
 
     @property
@@ -1033,7 +1036,12 @@ def main(argv: list[str] | None = None) -> int:
     for p in args.runs:
         if _is_comparison_json(p):
             comparison = True
-            m, r = _comparison_from_json(p / "comparison.json" if p.is_dir() else p)
+            try:
+                m, r = _comparison_from_json(p / "comparison.json" if p.is_dir() else p)
+            except Exception as exc:
+                print(f"error: {p}: not a readable comparison.json ({type(exc).__name__}: {exc})", file=sys.stderr)
+                status = 1
+                continue
             meta.update(m)
             rows += r
             dirs += [x.results_dir for x in r if x.results_dir is not None]
@@ -1059,10 +1067,10 @@ def main(argv: list[str] | None = None) -> int:
                 status = 1
     plain = [d for d in dirs if all(d != r.results_dir for r in rows)]
     rows += _comparison_from_dirs(plain) if plain else []
-    if comparison or len(rows) > 1:
+    if rows and (comparison or len(rows) > 1):
         out = args.out or Path(DEFAULT_COMPARISON_OUT)
         print(write_comparison_report(rows, out, meta))
-    elif args.out is not None:
+    elif args.out is not None and not comparison:
         print(f"note: --out is for a comparison page; give two or more runs (only {len(rows)} given)", file=sys.stderr)
     return status
 

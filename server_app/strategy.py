@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import sys
 from collections import Counter
 from logging import INFO, WARNING
@@ -171,7 +172,7 @@ class SearchStrategy(Strategy):
 
     def _problem(self, msg: Message) -> str | None:
         if msg.has_error():
-            return f"client error: {msg.error.reason}"
+            return f"client error: {short_reason(msg.error.reason)}"
         content = msg.content
         if len(content.array_records) != 1 or "arrays" not in content.array_records:
             return "reply must carry exactly one ArrayRecord named 'arrays'"
@@ -207,6 +208,20 @@ class SearchStrategy(Strategy):
         except Exception as exc:  # inconsistent evaluate replies must not end a finished search
             log(WARNING, "round %s: evaluate aggregation failed: %s", server_round, exc)
             return None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def short_reason(reason: str | None, limit: int = 300) -> str:
+    """The gist of a client's error: Flower's simulation wraps it in a whole remote traceback."""
+    text = _ANSI.sub("", reason or "").strip()
+    text = text[:-2] if text.endswith("'>") else text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else "no reason given"
+    match = re.search(r"occurred\. Message: (.*)$", last)
+    last = match.group(1) if match and match.group(1) else last
+    return last if len(last) <= limit else last[: limit - 3] + "..."
 
 
 def _array_record(state: dict[str, np.ndarray]) -> ArrayRecord:

@@ -24,7 +24,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedmetanas_core import data as D
 from fedmetanas_core.config import ConfigError, RunConfig
 from server_app.simulation import FAULT_KINDS, corrupt_reply, parse_faults, run_in_process
-from server_app.strategy import SearchStrategy, check_strategy
+from server_app.strategy import SearchStrategy, check_strategy, short_reason
 
 RNG = np.random.default_rng(0)
 GLOBAL = {
@@ -189,6 +189,21 @@ def test_corrupt_reply_kinds_and_fault_parsing():
             parse_faults(bad)
 
 
+def test_client_error_reason_is_shortened_to_its_gist():
+    ray_style = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1)\n"
+        "  File \"x.py\", line 1, in f\n    raise\nflwr.clientapp.client_app.ClientAppException: \n"
+        "Exception ClientAppException occurred. Message: partition 3 has 2 example(s) but needs at least 3'>"
+    )
+    assert short_reason(ray_style) == "partition 3 has 2 example(s) but needs at least 3"
+    assert short_reason("disk full") == "disk full" and short_reason(None) == "no reason given"
+    assert len(short_reason("x" * 5000)) == 300
+    s = strategy()
+    good, _, _ = good_replies()
+    s.aggregate_train(1, [*good, Message(Error(code=2, reason=ray_style), reply_to=request(5))])
+    assert s.rejected == ["node 5: client error: partition 3 has 2 example(s) but needs at least 3"]
+
+
 def test_check_strategy(tmp_path):
     check_strategy(RunConfig.from_flat({}))
     check_strategy(RunConfig.from_flat({"strategy": "FedAdam"}))
@@ -228,7 +243,8 @@ def test_simulation_with_faulty_clients_completes_and_counts_rejections(tmp_path
     for r in rounds:
         assert r["replies"] == 5 and r["rejected"] == 3 and r["aggregated"], r
         reasons = " | ".join(r["rejected-reasons"])
-        assert "non-finite" in reasons and "wrong shape" in reasons and "client error" in reasons, reasons
+        assert "non-finite" in reasons and "wrong shape" in reasons, reasons
+        assert "client error: injected fault in partition 2" in reasons, reasons
         assert math.isfinite(r["accuracy"])
     assert summary["rejected_replies"] == 6
     assert math.isfinite(summary["final_test_accuracy"]) and math.isfinite(summary["final_test_loss"])

@@ -21,6 +21,21 @@ def run(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """The sample run with every figure drawn once (drawing is the slow part: tests reuse it)."""
+    d = tmp_path_factory.mktemp("rendered") / "run"
+    shutil.copytree(SAMPLE, d)
+    return d, R.write_run_figures(d)
+
+
+@pytest.fixture
+def drawn_run(tmp_path: Path, rendered) -> Path:
+    d = tmp_path / "run"
+    shutil.copytree(rendered[0], d)
+    return d
+
+
 def _check_png(path: Path, size: tuple[int, int]) -> None:
     assert path.stat().st_size > 0, path
     with Image.open(path) as img:
@@ -54,21 +69,21 @@ def test_sample_run_has_the_keys_the_heatmaps_read():
             assert all(len(p) == len(r[R.PRIMITIVES_KEY]) and abs(sum(p) - 1) < 1e-3 for p in probs[cell])
 
 
-def test_every_figure_renders_as_a_png_of_the_expected_size(run: Path):
-    written = R.write_run_figures(run)
+def test_every_figure_renders_as_a_png_of_the_expected_size(rendered):
+    run, written = rendered
     assert [p.name for p in written] == list(R.FIGURES)
     for name, size in R.FIGURE_SIZES.items():
         _check_png(run / name, size)
     assert not (run / R.ERRORS_FILE).exists()
 
 
-def test_report_lists_every_figure_and_the_summary_numbers(run: Path):
+def test_report_lists_every_figure_and_the_summary_numbers(drawn_run: Path):
+    run = drawn_run
     assert R.main([str(run)]) == 0
     page = (run / R.REPORT_FILE).read_text()
     summary = json.loads((run / "summary.json").read_text())
-    for name in R.FIGURES:  # drawn because they were missing, then embedded by relative path
+    for name in R.FIGURES:  # embedded by relative path
         assert f"]({name})" in page
-        assert (run / name).exists()
     assert f"| Final test accuracy | {R.format_accuracy(summary['final_test_accuracy'])} |" in page
     assert R.format_accuracy(summary["supernet_test_accuracy"]) in page
     assert R.format_accuracy(summary["personalized_accuracy"]) in page
@@ -78,8 +93,8 @@ def test_report_lists_every_figure_and_the_summary_numbers(run: Path):
             assert f"`{choice['op']}`" in page
 
 
-def test_report_redraws_only_missing_figures(run: Path):
-    R.write_run_figures(run)
+def test_report_redraws_only_missing_figures(drawn_run: Path):
+    run = drawn_run
     (run / "temperature.png").unlink()
     before = (run / "cell_normal.png").stat().st_mtime_ns
     R.write_run_report(run)
@@ -87,9 +102,10 @@ def test_report_redraws_only_missing_figures(run: Path):
     assert (run / "cell_normal.png").stat().st_mtime_ns == before
 
 
-def test_comparison_of_two_runs(tmp_path: Path, run: Path):
+def test_comparison_of_two_runs(tmp_path: Path, drawn_run: Path):
+    run = drawn_run
     other = tmp_path / "fednas run"  # a space in the path: links must survive it
-    shutil.copytree(SAMPLE, other)
+    shutil.copytree(run, other)
     _edit_summary(other, method="fednas", final_test_accuracy=0.4, retrain_time_s=7.5)
     out = tmp_path / "pages" / "cmp.md"
     assert R.main([str(run), str(other), "--out", str(out)]) == 0
@@ -105,7 +121,8 @@ def test_comparison_of_two_runs(tmp_path: Path, run: Path):
     assert (run / R.REPORT_FILE).exists() and (other / R.REPORT_FILE).exists()
 
 
-def test_comparison_from_a_benchmark_json(tmp_path: Path, run: Path):
+def test_comparison_from_a_benchmark_json(tmp_path: Path, drawn_run: Path):
+    run = drawn_run
     doc = {
         "preset": "digits-tiny",
         "machine": "test machine",
@@ -164,8 +181,8 @@ def test_one_failing_figure_does_not_stop_the_others(run: Path, monkeypatch):
     errors = (run / R.ERRORS_FILE).read_text()
     assert "temperature.png: RuntimeError: drawing exploded" in errors and "summary.json" in errors
     monkeypatch.undo()
-    _edit_summary(run, **json.loads(SAMPLE.joinpath("summary.json").read_text()))
-    R.write_run_figures(run)
+    shutil.copyfile(SAMPLE / "summary.json", run / "summary.json")
+    R.render_run_figures(run, ["temperature.png", "personalization.png"])
     assert not (run / R.ERRORS_FILE).exists()  # a clean redraw clears the errors
 
 

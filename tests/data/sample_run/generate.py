@@ -2,11 +2,12 @@
 
     cd /work/main && . .venv/bin/activate && python tests/data/sample_run/generate.py
 
-It runs the real ServerApp/ClientApp in-process (``server_app.simulation.run_in_process``) and wraps
-``SearchPhase.accept`` so that every search-round line of ``rounds.jsonl`` also carries the keys the
-report reads for the alpha heatmaps (``op-probs``, ``primitives``, ``edges``), computed exactly as the
-genotype derivation computes them: the noise-free per-edge softmax of the aggregated architecture
-logits, with the run's soft-pruning masks applied. Only the small text files are kept here.
+It runs the real ServerApp/ClientApp in-process (``server_app.simulation.run_in_process``). When the
+server does not log them itself, it wraps ``SearchPhase.accept`` so that every search-round line of
+``rounds.jsonl`` carries the keys the report reads for the alpha heatmaps (``op-probs``,
+``primitives``, ``edges``), computed as genotype derivation computes them: the noise-free per-edge
+softmax of the aggregated architecture logits, with the run's soft-pruning masks applied. Only the
+small text files are kept here.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def main() -> None:
 
     def accept(self, server_round, state):
         metrics = original(self, server_round, state)
-        metrics.update(op_prob_keys(self.space, self.arch_state(), self.masks))
+        if "op-probs" not in metrics:  # servers that already log them (SearchPhase.op_probabilities) are left alone
+            metrics.update(op_prob_keys(self.space, self.arch_state(), self.masks))
         return metrics
 
     SearchPhase.accept = accept  # the ServerApp runs in this process (a thread), clients in Ray actors

@@ -1,0 +1,516 @@
+"""Device export of a run's final network, and ``fedmetanas-predict`` to run it on image files.
+
+The searched networks use BatchNorm with *batch* statistics (``track_running_stats=False``): a
+prediction depends on the other images in the batch, and a single image whose feature maps are 1x1
+cannot be normalised at all. A device classifies one image at a time, so the export first
+*calibrates* the network: every batch-statistics BatchNorm becomes an ordinary eval-mode BatchNorm
+whose running mean/variance are the statistics its input had on one calibration batch. On that
+batch the calibrated network reproduces the batch-statistics network exactly; on any other input
+it is a fixed function, independent of batch composition.
+
+Calibration data: the server holds only the global test split, so the calibration batch is a fixed
+subset of it (``CALIBRATION_SIZE`` images, at most half of the split, chosen by a seeded
+permutation; labels are never used). Accuracy is reported on the *other* test images
+(``accuracy_heldout``), and on the whole split for comparison with ``summary.json``.
+
+Files written to the results directory:
+
+- ``model_torchscript.pt``: the calibrated network traced with TorchScript; input float32
+  [N, C, H, W] normalised with the dataset's mean/std, output logits [N, classes]. Its
+  ``export.json`` extra file holds what a device needs to preprocess images.
+- ``model.onnx``: the same network in ONNX (only when the ``onnx`` package is importable).
+- ``export.json``: files, sizes on disk, parameters, preprocessing, calibration, accuracy and
+  CPU latency per image.
+
+``fedmetanas-predict MODEL_FILE IMAGE_FOLDER`` needs only torch and Pillow (no Flower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+EXPORT_JSON = "export.json"
+TORCHSCRIPT_FILE = "model_torchscript.pt"
+ONNX_FILE = "model.onnx"
+DERIVED_MODEL_FILE = "derived_model.pt"  # written by outputs.RunRecorder.save_model
+CALIBRATION_SIZE = 512
+CALIBRATION_SEED = 0
+LATENCY_RUNS = 50
+FORMAT_VERSION = 1
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm calibration
+# --------------------------------------------------------------------------------------------
+
+
+def _batch_stat_norms(net: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """BatchNorm layers that normalise with the statistics of the current batch."""
+    return [
+        (name, m)
+        for name, m in net.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (not m.track_running_stats or m.running_mean is None)
+    ]
+
+
+def calibrate_batchnorm(net: nn.Module, x: torch.Tensor) -> nn.Module:
+    """A copy of ``net`` (CPU, eval mode) whose batch-statistics BatchNorms are replaced by
+    eval-mode BatchNorms with running statistics = mean and (biased) variance of their input on the
+    calibration batch ``x``, computed in one forward pass over the whole batch.
+
+    The copy therefore gives exactly the original network's outputs on ``x`` (up to float
+    rounding), and on any other input a result that does not depend on the batch. BatchNorms that
+    already track running statistics are left as they are.
+    """
+    model = copy.deepcopy(net).cpu().eval()
+    norms = _batch_stat_norms(model)
+    if not norms:
+        return model
+    if len(x) < 2:
+        raise ValueError("calibration needs a batch of at least 2 images")
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(name: str):
+        def record(_module, inputs):
+            (inp,) = inputs
+            dims = [d for d in range(inp.ndim) if d != 1]
+            var, mean = torch.var_mean(inp.detach().double(), dim=dims, correction=0)
+            stats[name] = (mean.float(), var.float())
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in norms]
+    try:
+        with torch.no_grad():
+            model(x.cpu())
+    finally:
+        for h in handles:
+            h.remove()
+    modules = dict(model.named_modules())
+    for name, old in norms:
+        if name not in stats:  # a layer the forward pass never used: keep it out of the graph's way
+            continue
+        mean, var = stats[name]
+        new = type(old)(old.num_features, eps=old.eps, momentum=old.momentum, affine=old.affine,
+                        track_running_stats=True)
+        if old.affine:
+            new.weight.data.copy_(old.weight.data)
+            new.bias.data.copy_(old.bias.data)
+        new.running_mean.copy_(mean)
+        new.running_var.copy_(var)  # biased: what batch-statistics BatchNorm divides by
+        new.num_batches_tracked.fill_(1)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, new)
+    return model.eval()
+
+
+def calibration_split(n: int, size: int = CALIBRATION_SIZE, seed: int = CALIBRATION_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration indices, held-out indices) of a split of n images: min(size, n // 2) images
+    chosen by a seeded permutation; both sorted."""
+    k = max(2, min(size, n // 2))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:k].sort().values, perm[k:].sort().values
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation statistics
+# --------------------------------------------------------------------------------------------
+
+
+def _as_floats(values: Any) -> list[float]:
+    if isinstance(values, torch.Tensor):
+        values = values.flatten().tolist()
+    return [float(v) for v in values]
+
+
+def find_normalization(test: Any, results_dir: Path | None = None) -> tuple[list[float], list[float], str] | None:
+    """(mean, std, source) of the per-channel normalisation applied to ``test.x``, or None.
+
+    1. ``test.mean`` / ``test.std`` when ImageData carries them;
+    2. otherwise recomputed exactly like ``data._normalise`` from the run's ``config.yaml`` (train
+       split statistics on [0, 1] pixels), and accepted only if re-normalising the raw test split
+       with them reproduces ``test.x``.
+    """
+    mean, std = getattr(test, "mean", None), getattr(test, "std", None)
+    if mean is not None and std is not None:
+        return _as_floats(mean), _as_floats(std), "ImageData.mean/std"
+    if results_dir is None or not (Path(results_dir) / "config.yaml").is_file():
+        return None
+    try:
+        return _recompute_normalization(test, Path(results_dir) / "config.yaml")
+    except Exception as exc:  # anything unexpected: the export goes on without it
+        warnings.warn(f"could not recompute the dataset normalisation: {type(exc).__name__}: {exc}", stacklevel=2)
+        return None
+
+
+def _recompute_normalization(test: Any, config_path: Path) -> tuple[list[float], list[float], str] | None:
+    import yaml
+
+    from . import data as D
+
+    cfg = yaml.safe_load(config_path.read_text())
+    name = cfg["dataset"]
+    image_size = int(cfg.get("image-size", 0) or 0)
+    data_dir = str(cfg.get("data-dir") or "")
+    data_dir = str(Path(data_dir).expanduser().resolve()) if data_dir else str(Path.cwd() / "data")
+    corrupt = cfg.get("on-corrupt-image", "fail")
+    if name == "digits":
+        raw = D._load_digits()
+    elif name in D._TORCHVISION_CLASSES:
+        raw = D._load_torchvision(name, data_dir)
+    elif name == "imagefolder":
+        raw = D._load_imagefolder(data_dir, image_size, corrupt)
+    else:
+        raw = D._load_hf(cfg.get("hf-dataset", ""), data_dir, image_size, corrupt)
+    train_x = D._to_unit_float(raw[0], image_size)
+    mean = train_x.mean(dim=(0, 2, 3), dtype=torch.float64).float()
+    std = train_x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    del train_x
+    if raw[2] is None:
+        return None
+    test_raw = D._to_unit_float(raw[2], image_size)
+    test_subset = int(cfg.get("test-subset", 0) or 0)
+    if 0 < test_subset < len(test_raw):
+        test_raw = test_raw[torch.from_numpy(D._stratified_subset(raw[3], test_subset, int(cfg.get("seed", 0))))]
+    if test_raw.shape != test.x.shape:
+        return None
+    renorm = (test_raw - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    if not torch.allclose(renorm, test.x, atol=1e-4, rtol=1e-4):
+        return None
+    return _as_floats(mean), _as_floats(std), "recomputed from config.yaml (train split statistics)"
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def _accuracy(forward, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> tuple[float, torch.Tensor]:
+    preds = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            preds.append(forward(x[start : start + batch_size]).argmax(1))
+    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    return (float((pred == y).float().mean()) if len(y) else float("nan")), pred
+
+
+def measure_latency_ms(forward, example: torch.Tensor, runs: int = LATENCY_RUNS, warmup: int = 3) -> dict[str, float]:
+    """Median, 10th and 90th percentile wall time of ``forward(example)`` in ms (after warm-up:
+    TorchScript's profiling executor optimises the graph during its first calls)."""
+    times = []
+    with torch.no_grad():
+        for _ in range(warmup):
+            forward(example)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            forward(example)
+            times.append((time.perf_counter() - t0) * 1000.0)
+    t = torch.tensor(times)
+    return {
+        "median": float(t.median()),
+        "p10": float(t.quantile(0.1)),
+        "p90": float(t.quantile(0.9)),
+        "runs": runs,
+    }
+
+
+def _trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        # torch >= 2.9 marks TorchScript deprecated; it is still the torch-only deployable format
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        with torch.no_grad():
+            return torch.jit.trace(model, example, check_trace=False)
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+    """'ok', or why no ONNX file was written."""
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it; not a dependency of this project)
+    except ImportError:
+        return "skipped: the 'onnx' package is not installed (pip install onnx to get model.onnx)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=False, input_names=["image"], output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+            )  # fmt: skip
+        import onnx
+
+        onnx.checker.check_model(onnx.load(str(path)))
+        return "ok"
+    except Exception as exc:
+        path.unlink(missing_ok=True)
+        return f"failed: {type(exc).__name__}: {exc}"
+
+
+def export_model(
+    net: nn.Module,
+    test: Any,
+    results_dir: str | Path,
+    *,
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+    calibration_size: int = CALIBRATION_SIZE,
+    latency_runs: int = LATENCY_RUNS,
+    onnx: bool = True,
+) -> dict[str, Any]:
+    """Calibrate ``net``'s BatchNorms, export it (TorchScript, ONNX if available) into
+    ``results_dir`` and write ``export.json``; returns its content.
+
+    ``test`` is an ImageData (x normalised [N, C, H, W], y, classes). ``normalization`` =
+    (mean, std) per channel of that normalisation; when None it is taken from ``test`` or recomputed
+    from ``results_dir/config.yaml`` (see ``find_normalization``). Without it the model is still
+    exported, but ``fedmetanas-predict`` cannot preprocess image files for it.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: extra threads only contend (10x slower on a busy 2-core box)
+    try:
+        return _export(net, test, Path(results_dir), normalization, calibration_size, latency_runs, onnx)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _export(net, test, results_dir: Path, normalization, calibration_size, latency_runs, onnx) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    x, y = test.x.detach().cpu().float(), test.y.detach().cpu().long()
+    n, channels, height, width = x.shape
+
+    if normalization is not None:
+        norm = (_as_floats(normalization[0]), _as_floats(normalization[1]), "export_model(normalization=...)")
+    else:
+        norm = find_normalization(test, results_dir)
+    if norm is not None and not (len(norm[0]) == len(norm[1]) == channels):
+        raise ValueError(f"normalization has {len(norm[0])}/{len(norm[1])} values for {channels} channel(s)")
+
+    calib_idx, held_idx = calibration_split(n, calibration_size)
+    reference = copy.deepcopy(net).cpu().eval()
+    model = calibrate_batchnorm(reference, x[calib_idx])
+    with torch.no_grad():
+        calib_gap = float((model(x[calib_idx]) - reference(x[calib_idx])).abs().max())
+
+    example = x[:1].clone()
+    traced = _trace(model, example)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "input": {
+            "layout": "NCHW float32, one image per row",
+            "in_channels": channels,
+            "image_size": [height, width],
+            "color_mode": "L" if channels == 1 else "RGB",
+            "pixel_scale": "pixels / 255 (values in [0, 1])",
+            "resize": "bilinear to image_size when the file has another size",
+            "mean": norm[0] if norm else None,
+            "std": norm[1] if norm else None,
+            "normalization_source": norm[2] if norm else None,
+        },
+        "output": "logits [N, num_classes]; predicted class = argmax",
+        "classes": list(test.classes),
+    }
+    ts_path = results_dir / TORCHSCRIPT_FILE
+    tmp = ts_path.with_name(f".{ts_path.name}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(traced, str(tmp), _extra_files={EXPORT_JSON: json.dumps(meta)})
+    os.replace(tmp, ts_path)
+
+    loaded, _ = load_exported(ts_path)
+    acc_full, pred_ts = _accuracy(loaded, x, y)
+    _, pred_eager = _accuracy(model, x, y)
+    acc_held = float((pred_ts[held_idx] == y[held_idx]).float().mean()) if len(held_idx) else float("nan")
+    acc_batch, _ = _accuracy(reference, x, y)  # how the run itself evaluates (batch statistics)
+    latency = measure_latency_ms(loaded, example, runs=latency_runs)
+
+    files = {TORCHSCRIPT_FILE: ts_path.stat().st_size}
+    onnx_status = "disabled" if not onnx else _export_onnx(model, example, results_dir / ONNX_FILE)
+    if onnx_status == "ok":
+        files[ONNX_FILE] = (results_dir / ONNX_FILE).stat().st_size
+    derived = results_dir / DERIVED_MODEL_FILE
+
+    info = {
+        **meta,
+        "files": files,
+        "derived_model": {"file": DERIVED_MODEL_FILE, "bytes": derived.stat().st_size} if derived.is_file() else None,
+        "onnx": onnx_status,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "buffers": sum(b.numel() for b in model.buffers()),
+        "calibration": {
+            "data": "fixed subset of the server's test split (labels unused)",
+            "images": len(calib_idx),
+            "seed": CALIBRATION_SEED,
+            "batchnorm_layers": len(_batch_stat_norms(reference)),
+            "max_abs_logit_diff_on_calibration_batch": calib_gap,
+        },
+        "accuracy": {
+            "heldout": acc_held,
+            "heldout_images": len(held_idx),
+            "test": acc_full,
+            "test_images": n,
+            "batch_statistics_reference": acc_batch,
+            "torchscript_matches_eager": float((pred_ts == pred_eager).float().mean()),
+        },
+        "latency_ms_per_image": {
+            "model": TORCHSCRIPT_FILE,
+            **latency,
+            "batch_size": 1,
+            "torch_threads": torch.get_num_threads(),  # 1, set by export_model
+            "device": "cpu",
+            "note": "model forward only; image decoding and preprocessing excluded",
+        },
+        "machine": _machine(),
+        "torch": torch.__version__,
+        "export_seconds": None,
+    }
+    info["export_seconds"] = round(time.perf_counter() - t_start, 3)
+    tmp = results_dir / f".{EXPORT_JSON}.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, results_dir / EXPORT_JSON)
+    return info
+
+
+def _machine() -> str:
+    import platform
+
+    return f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, {platform.processor() or 'cpu'}"
+
+
+# --------------------------------------------------------------------------------------------
+# fedmetanas-predict
+# --------------------------------------------------------------------------------------------
+
+
+class PredictError(Exception):
+    """A user error: bad path, missing metadata; printed without a traceback."""
+
+
+def load_exported(model_file: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """The TorchScript model and the metadata stored inside it. ``model_file`` may be a results
+    directory (its model_torchscript.pt is used)."""
+    path = Path(model_file)
+    if path.is_dir():
+        path = path / TORCHSCRIPT_FILE
+    if not path.is_file():
+        raise PredictError(f"model file {str(path)!r} does not exist (expected a {TORCHSCRIPT_FILE} written by the export)")
+    extra = {EXPORT_JSON: ""}
+    try:
+        with warnings.catch_warnings():  # torch >= 2.9: "torch.jit.load is deprecated"
+            warnings.simplefilter("ignore", FutureWarning)
+            model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
+    except Exception as exc:
+        raise PredictError(f"{str(path)!r} is not a TorchScript model file: {exc}") from None
+    meta = json.loads(extra[EXPORT_JSON]) if extra[EXPORT_JSON] else {}
+    return model, meta
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    root = Path(folder)
+    if not root.is_dir():
+        raise PredictError(f"image folder {str(root)!r} does not exist or is not a directory")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def preprocess(path: Path, meta_input: dict[str, Any]) -> torch.Tensor:
+    """[1, C, H, W] float32, as in training: decode, grey or RGB, bilinear resize, /255, normalise."""
+    from PIL import Image
+
+    if meta_input.get("mean") is None or meta_input.get("std") is None:
+        raise PredictError("the model file stores no normalisation (mean/std); re-export it with "
+                           "export_model(..., normalization=(mean, std))")
+    height, width = meta_input["image_size"]
+    channels = int(meta_input["in_channels"])
+    with Image.open(path) as img:
+        img = img.convert("L" if channels == 1 else "RGB")
+        if img.size != (width, height):
+            img = img.resize((width, height), Image.Resampling.BILINEAR)
+        data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    x = data.view(height, width, channels).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(meta_input["mean"], dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(meta_input["std"], dtype=torch.float32).view(-1, 1, 1)
+    return ((x - mean) / std).unsqueeze(0)
+
+
+def _classes_from(run_dir: str | Path) -> list[str]:
+    path = Path(run_dir)
+    path = path / EXPORT_JSON if path.is_dir() else path
+    if not path.is_file():
+        raise PredictError(f"--classes-from: {str(path)!r} does not exist (a run directory holding {EXPORT_JSON})")
+    classes = json.loads(path.read_text()).get("classes")
+    if not classes:
+        raise PredictError(f"--classes-from: {str(path)!r} names no classes")
+    return [str(c) for c in classes]
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedmetanas-predict",
+        description="Classify every .png/.jpg/.jpeg under IMAGE_FOLDER (recursively) with an exported "
+        "FedMetaNAS model. Prints one line per image: path, predicted label, latency of the model "
+        "forward pass in ms (tab separated).",
+    )
+    parser.add_argument("model_file", help=f"{TORCHSCRIPT_FILE} written by the run (or its results directory)")
+    parser.add_argument("image_folder", help="folder with the images to classify")
+    parser.add_argument("--classes-from", metavar="RUN_DIR", help=f"take the class names from RUN_DIR/{EXPORT_JSON} "
+                        "instead of those stored in the model file")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest for "
+                        "one small image at a time; 0 = torch's default)")
+    args = parser.parse_args(argv)
+    try:
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        model, meta = load_exported(args.model_file)
+        classes = _classes_from(args.classes_from) if args.classes_from else meta.get("classes")
+        images = list_images(args.image_folder)
+        if not images:
+            raise PredictError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {args.image_folder!r}")
+        meta_input = meta.get("input") or {}
+        if not meta_input:
+            raise PredictError(f"{args.model_file!r} holds no {EXPORT_JSON} metadata; was it written by export_model?")
+        height, width = meta_input["image_size"]
+        with torch.no_grad():
+            warm = torch.zeros(1, int(meta_input["in_channels"]), height, width)
+            for _ in range(3):  # TorchScript optimises the graph during its first calls
+                model(warm)
+            latencies = []
+            for path in images:
+                try:
+                    x = preprocess(path, meta_input)
+                except PredictError:
+                    raise
+                except Exception as exc:  # one unreadable file must not stop the others
+                    print(f"{path}\tERROR: cannot read image: {exc}\t-", flush=True)
+                    continue
+                t0 = time.perf_counter()
+                logits = model(x)
+                ms = (time.perf_counter() - t0) * 1000.0
+                latencies.append(ms)
+                k = int(logits.argmax(1))
+                label = classes[k] if classes and k < len(classes) else str(k)
+                print(f"{path}\t{label}\t{ms:.3f} ms", flush=True)
+    except PredictError as exc:
+        print(f"fedmetanas-predict: error: {exc}", file=sys.stderr)
+        return 2
+    if not latencies:
+        print("fedmetanas-predict: error: no image could be read", file=sys.stderr)
+        return 1
+    lat = sorted(latencies)
+    print(f"{len(lat)} image(s); model latency median {lat[len(lat) // 2]:.3f} ms per image "
+          f"(CPU, {torch.get_num_threads()} thread(s))", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(predict_main())
