@@ -72,7 +72,7 @@ class SearchPhase:
         self.model = seeded_init(lambda: SearchModel(space), cfg.seed, "search").to(device)
         self.masks: dict[str, torch.Tensor] = {}
         self.schedule = TemperatureSchedule(cfg.tau_max, cfg.tau_min, rounds, cfg.tau_schedule, cfg.warmup_rounds)
-        self.genotype: Genotype | None = None
+        self.genotype: Genotype = derive_genotype(space, self.arch_state())  # defined even if no round aggregates
         self.last: dict[str, Any] = {}
 
     @property

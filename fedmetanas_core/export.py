@@ -250,8 +250,17 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
                 dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
             )  # fmt: skip
         import onnx
+        from onnx.reference import ReferenceEvaluator
 
-        onnx.checker.check_model(onnx.load(str(path)))
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+        # numerical check with onnx's own (pure Python) reference runtime: no onnxruntime needed
+        check = example.repeat(2, 1, 1, 1) if len(example) == 1 else example
+        (got,) = ReferenceEvaluator(proto).run(None, {"image": check.numpy()})
+        with torch.no_grad():
+            gap = float((torch.from_numpy(got) - model(check)).abs().max())
+        if gap > 1e-3:
+            raise ValueError(f"ONNX output differs from the model by {gap:.2e}")
         return "ok"
     except Exception as exc:
         path.unlink(missing_ok=True)
