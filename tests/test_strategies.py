@@ -12,7 +12,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client_app.app import train
+from client_app.app import evaluate, train
 from fedmetanas_core.config import RunConfig
 from fedmetanas_core.coordinator import FixedPhase, SearchPhase, model_config, space_for_run
 from fedmetanas_core.data import load_dataset
@@ -111,3 +111,16 @@ def test_user_strategy_by_import_path():
     assert type(build_base_strategy(cfg)).__name__ == "FedTrimmedAvg"
     with pytest.raises(TypeError, match="not a flwr.serverapp.strategy.Strategy"):
         build_base_strategy(cfg.replace(strategy="tests.test_strategies:CountingFedAvg"))
+
+
+def test_client_evaluate_reports_personalization_before_and_after():
+    cfg = RunConfig.from_flat({**TINY, "personalize-steps": 3})
+    phase, space = _phase(cfg, "fedmetanas")
+    arrays = _array_record(phase.initial_state())
+    config = ConfigRecord({"method": "fedmetanas", **model_config(space), **phase.round_config(2), "personalize": True})
+    msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=11, message_type="evaluate")
+    ctx = Context(run_id=7, node_id=11, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(), run_config=dict(cfg))
+    metrics = evaluate(msg, ctx).content["metrics"]
+    assert metrics["partition-id"] == 1 and metrics["num-examples"] > 0
+    assert 0.0 <= metrics["accuracy-before"] <= 1.0 and 0.0 <= metrics["accuracy-after"] <= 1.0
+    assert metrics["accuracy-after"] != metrics["accuracy-before"]  # K adaptation steps changed the model
