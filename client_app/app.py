@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmetanas_core.config import RunConfig
+from fedmetanas_core.config import RunConfig, validate_node_config
 from fedmetanas_core.coordinator import plan_from_config
 from fedmetanas_core.data import ClientData, load_client_data, load_own_data
 from fedmetanas_core.genotype import Genotype, build_fixed_network
@@ -84,6 +84,7 @@ def build_model(cfg: RunConfig, config: dict[str, Any], device: torch.device) ->
 
 def _prepare(msg: Message, context: Context):
     cfg = run_config(context)
+    node_config = validate_node_config(dict(context.node_config), cfg)
     config = dict(msg.content["config"])
     device = resolve_device(cfg.device)
     model = build_model(cfg, config, device)
@@ -92,7 +93,7 @@ def _prepare(msg: Message, context: Context):
     shapes = {k: v.shape for k, v in state.items()}
     plan = plan_from_config(config, shapes)
     plan.masks = {k: v.to(device) for k, v in plan.masks.items()}
-    data = node_data(cfg, context.node_config)
+    data = node_data(cfg, node_config)
     return cfg, config, device, model, plan, data
 
 

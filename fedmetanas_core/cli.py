@@ -102,11 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(overrides.get(key), str) and overrides[key]:
                 overrides[key] = str(Path(overrides[key]).expanduser().resolve())
         cfg = RunConfig.from_flat({**app_defaults(app_dir), **overrides})
+        if ":" in cfg.strategy:
+            from server_app.strategy import check_strategy  # imports flwr, so only for user classes
+
+            check_strategy(cfg, app_dir=app_dir)
         results_dir = cfg.resolved_results_dir(datetime.now().strftime("%Y%m%d-%H%M%S"))
-        results_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(results_dir, os.W_OK):
-            raise ConfigError("results-dir", str(results_dir), "must be a writable directory")
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, ValueError, tomllib.TOMLDecodeError) as exc:
         print(f"fedmetanas: error: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
@@ -140,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = results_dir / "summary.json"
     if "completed" not in status or not summary.is_file():
         print(f"fedmetanas: run {run_id} did not complete (status: {status}; summary.json present: {summary.is_file()})", file=sys.stderr)
+        return 1
+    rounds = [json.loads(line) for line in (results_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
+    if not any(r.get("aggregated") for r in rounds):
+        print(f"fedmetanas: run {run_id} aggregated no round (every round was skipped); see rounds.jsonl", file=sys.stderr)
         return 1
     result = json.loads(summary.read_text())
     print(f"fedmetanas: run {run_id} {status}: final test accuracy {result['final_test_accuracy']:.4f}; results in {results_dir}")

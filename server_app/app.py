@@ -33,7 +33,7 @@ from fedmetanas_core.outputs import (
     truncate_rounds,
 )
 from fedmetanas_core.training import evaluate, resolve_device
-from server_app.strategy import SearchStrategy, _array_record, build_base_strategy
+from server_app.strategy import SearchStrategy, _array_record, build_base_strategy, check_strategy
 
 app = ServerApp()
 
@@ -42,6 +42,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     try:
         cfg = RunConfig.from_flat(context.run_config)
+        check_strategy(cfg)
     except ConfigError as exc:
         log(ERROR, "%s", exc)
         raise SystemExit(2) from None

@@ -181,16 +181,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = json.loads(summary_path.read_text())
     rounds = [json.loads(line) for line in (summary_path.parent / "rounds.jsonl").read_text().splitlines() if line]
+    skipped = sum(1 for r in rounds if not r.get("aggregated", True))
     print(json.dumps({
         "final_test_accuracy": summary["final_test_accuracy"],
         "rounds": len(rounds),
         "rejected_per_round": [r.get("rejected") for r in rounds],
-        "skipped_rounds": sum(1 for r in rounds if not r.get("aggregated", True)),
+        "skipped_rounds": skipped,
         "faults": {str(k): v for k, v in faults.items()},
         "clients": args.clients,
         "total_time_s": summary.get("total_time_s"),
         "results_dir": overrides["results-dir"],
     }))
+    if skipped:  # e.g. the simulation's workers were killed: the accuracy is not a fair measurement
+        print(f"simulation: warning: {skipped} of {len(rounds)} rounds were skipped (too few usable replies); "
+              f"see rejected-reasons in rounds.jsonl", file=sys.stderr)  # fmt: skip
+        return 3
     return 0
 
 
