@@ -121,6 +121,7 @@ KEYS: tuple[Key, ...] = (
     Key("round-timeout", 3600.0, "seconds to wait for a round's replies", _positive),
     Key("results-dir", "", "where outputs go; '' = ./results/<method>-<dataset>-<time> (made absolute)"),
     Key("resume", False, "continue the run whose checkpoint is in results-dir (same config required)"),
+    Key("tensorboard", False, "also log per-round scalars to <results-dir>/tensorboard (pip install tensorboard)"),
     Key("checkpoint", True, "write checkpoint.pt atomically after every round"),
     Key("strategy", "FedAvg", "server aggregation: a Flower strategy name or 'package.module:ClassName'", _strategy),
     # --- data

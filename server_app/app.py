@@ -85,6 +85,11 @@ class Experiment:
         self.elapsed_before = 0.0  # wall time of the run before a resume
         self.extra: dict[str, Any] = {}  # results carried across phases (and checkpoints)
         self.done: list[tuple[str, int]] = []
+        self.tensorboard = None
+        if cfg.tensorboard:
+            from fedmetanas_core.report import TensorBoardLogger
+
+            self.tensorboard = TensorBoardLogger(self.recorder.dir / "tensorboard")
         if self.checkpoint is not None:
             ck = self.checkpoint
             self.elapsed_before = ck["elapsed"]
@@ -163,6 +168,8 @@ class Experiment:
             "elapsed-s": elapsed,
         }
         self.recorder.log_round(row)
+        if self.tensorboard is not None:
+            self.tensorboard.log_round(row)
         self.done.append((phase.name, rnd))
         if cfg.checkpoint:
             self.save(index, phase, rnd, arrays, elapsed)
