@@ -7,6 +7,7 @@ is loaded, so a typo costs a one-line error instead of hours of search.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -267,6 +268,8 @@ class RunConfig(Mapping[str, Any]):
                 f"must be 0 (one partition per node) or >= min-available-nodes ({self.min_available_nodes})",
             )  # fmt: skip
         self._check_strategy_nodes()
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("tensorboard", True, "needs the tensorboard package: pip install -e '.[tensorboard]'")
         if check_paths:
             self._check_paths()
 

@@ -26,6 +26,7 @@ from .search_space import (
     arch_param_name,
     edge_key,
     make_op,
+    to_fast_layout,
 )
 
 NodeChoice = tuple[tuple[str, int], ...]  # ((op, input node), (op, input node))
@@ -164,7 +165,7 @@ class DiscreteNetwork(nn.Module):
         self.classifier = nn.Linear(c_p, space.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s0 = s1 = self.stem(x)
+        s0 = s1 = self.stem(to_fast_layout(x))  # the supernet's memory format (search_space.fast_path)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1)
         return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))

@@ -4,11 +4,20 @@ Edges are named by key, ``"3<-1"`` = node 3 takes node 1 as input (nodes 0 and 1
 inputs), and ops by name, so a state-dict key says what it is and extracting the discrete network
 is a key lookup. BatchNorm keeps no running statistics anywhere: the supernet has no buffers, so
 MAML and federated averaging only ever see float parameters.
+
+
+Speed (docs/speed.md, ``python -m benchmarks.speed``): by default forward passes take a fast path
+that computes the same function (equal within float rounding, tests/test_speed_paths.py) with fewer,
+cheaper kernels: channels_last activations on CPU, depthwise-conv gradients through oneDNN's fast
+kernels, the mixing weight folded into each op's final BatchNorm, one ReLU per cell state shared by
+all conv ops that read it. ``set_fast_path(False)`` / ``with fast_path(False):`` selects the plain
+eager reference path (the straightforward DARTS code), e.g. to compare the two.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from itertools import combinations
 
 import torch
@@ -16,6 +25,152 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .relaxation import relax
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast path switches
+
+
+_FAST = True
+CHANNELS_LAST_DEVICES: set[str] = {"cpu"}  # device types whose activations go channels_last on the fast path
+
+
+def set_fast_path(enabled: bool) -> None:
+    """Process-wide: True (default) = fast path, False = the plain eager reference path."""
+    global _FAST
+    _FAST = bool(enabled)
+
+
+def fast_path_enabled() -> bool:
+    return _FAST
+
+
+@contextlib.contextmanager
+def fast_path(enabled: bool = True):
+    previous = _FAST
+    set_fast_path(enabled)
+    try:
+        yield
+    finally:
+        set_fast_path(previous)
+
+
+def to_fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """Network input in the fast path's memory format (channels_last where that pays: oneDNN on CPU)."""
+    if _FAST and x.dim() == 4 and x.device.type in CHANNELS_LAST_DEVICES:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Batch-statistics BatchNorm (no affine, no running stats), optionally times a scalar ``scale``.
+
+    Passing the scalar as BatchNorm's per-channel weight costs nothing and saves a separate multiply
+    (and its backward) over the whole activation; the gradient w.r.t. ``scale`` is the same sum.
+    """
+    weight = None if scale is None else scale.to(x.dtype).expand(x.shape[1]).contiguous()  # kernels read it densely
+    return F.batch_norm(x, None, None, weight, None, True, 0.0, bn.eps)
+
+
+# Depthwise convolutions on CPU. oneDNN's forward kernels are fast for every kernel size, dilation and
+# stride, but its backward kernels are only fast for depthwise 3x3 (or narrower) undilated kernels; the
+# DARTS 5x5 and dilated convs fall back to generic kernels that are 5-30x slower than the forward. The
+# gradients are rewritten in terms of the fast kernels: the input gradient is a forward conv of the
+# output gradient with the flipped kernel (zero-stuffed for stride 2); the weight gradient splits the
+# kernel into column blocks <= 3 wide and removes dilation by a polyphase (space-to-batch) split.
+# Exact in real arithmetic; in float, equal up to summation order. Differentiable (second-order MAML).
+
+
+def _dw_weight_grad_direct(g, x, kh: int, kw: int, stride, padding, dilation) -> torch.Tensor:
+    c = x.shape[1]
+    shape_only = x.new_empty(()).expand(c, 1, kh, kw)
+    return torch.ops.aten.convolution_backward(
+        g, x, shape_only, None, list(stride), list(padding), list(dilation), False, [0, 0], c, [False, True, False]
+    )[1]
+
+
+def _dw_weight_grad(g: torch.Tensor, x: torch.Tensor, k: int, s: int, p: int, d: int) -> torch.Tensor:
+    ho, wo = g.shape[-2:]
+    if d == 1 and k <= 3:
+        return _dw_weight_grad_direct(g, x, k, k, (s, s), (p, p), (1, 1))
+    if d == 1 and s == 1 and k == 2 * p + 1:
+        # centre three columns straight from the padding argument; each outer column on a shifted copy
+        cols = {}
+        for b in range(k):
+            if abs(b - p) > 1:
+                shift = b - p  # column b reads x[..., w + shift]
+                cols[b] = _dw_weight_grad_direct(g, F.pad(x, (-shift, shift)), k, 1, (1, 1), (p, 0), (1, 1))
+        centre = _dw_weight_grad_direct(g, x, k, 3, (1, 1), (p, 1), (1, 1))
+        return torch.cat([cols[b] for b in range(p - 1)] + [centre] + [cols[b] for b in range(p + 2, k)], dim=3)
+    xp = F.pad(x, (p, p, p, p))
+    if d > 1:
+        if s == d:  # taps and strides on the same lattice: one subsampled copy
+            xp = xp[:, :, ::d, ::d]
+        elif s == 1 and ho % d == 0 and wo % d == 0:  # polyphase: d*d phases stacked along the batch
+            hh, ww = ho // d + k - 1, wo // d + k - 1
+            xp = torch.cat([xp[:, :, r::d, q::d][:, :, :hh, :ww] for r in range(d) for q in range(d)])
+            g = torch.cat([g[:, :, r::d, q::d] for r in range(d) for q in range(d)])
+        else:
+            return _dw_weight_grad_direct(g, x, k, k, (s, s), (p, p), (d, d))
+        s = 1
+    ho, wo = g.shape[-2:]
+    xp = xp[:, :, : s * (ho - 1) + k]
+    blocks = [(b0, min(b0 + 3, k)) for b0 in range(0, k, 3)]
+    parts = [_dw_weight_grad_direct(g, xp[..., b0 : b0 + s * (wo - 1) + b1 - b0], k, b1 - b0, (s, s), (0, 0), (1, 1)) for b0, b1 in blocks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
+
+
+def _dw_input_grad(g: torch.Tensor, w: torch.Tensor, in_hw, s: int, p: int, d: int) -> torch.Tensor:
+    c, k = w.shape[0], w.shape[-1]
+    q = d * (k - 1) - p
+    if s == 1:
+        return F.conv2d(g, w.flip([2, 3]), None, 1, q, d, c)
+    ho, wo = g.shape[-2:]
+    rh = in_hw[0] - ((ho - 1) * s + 1 + d * (k - 1) - 2 * p)
+    rw = in_hw[1] - ((wo - 1) * s + 1 + d * (k - 1) - 2 * p)
+    if d == 1:  # oneDNN's transposed depthwise conv is fast without dilation
+        return F.conv_transpose2d(g, w, None, s, p, (rh, rw), c, 1)
+    fmt = torch.channels_last if g.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    up = torch.empty((g.shape[0], c, (ho - 1) * s + 1 + rh, (wo - 1) * s + 1 + rw), dtype=g.dtype, device=g.device, memory_format=fmt)
+    up.zero_()
+    up[:, :, : (ho - 1) * s + 1 : s, : (wo - 1) * s + 1 : s] = g
+    return F.conv2d(up, w.flip([2, 3]), None, 1, q, d, c)
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, s: int, p: int, d: int):
+        ctx.save_for_backward(x, w)
+        ctx.conf = (s, p, d)
+        return F.conv2d(x, w, None, s, p, d, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        s, p, d = ctx.conf
+        g = g.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) else g.contiguous()
+        gx = _dw_input_grad(g, w, x.shape[-2:], s, p, d) if ctx.needs_input_grad[0] else None
+        gw = _dw_weight_grad(g, x, w.shape[-1], s, p, d) if ctx.needs_input_grad[1] else None
+        return gx, gw, None, None, None
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``; depthwise square convs on CPU take the fast-gradient route on the fast path."""
+    w = conv.weight
+    if (
+        _FAST
+        and x.device.type == "cpu"
+        and conv.bias is None
+        and conv.groups == conv.in_channels == conv.out_channels
+        and w.shape[-1] == w.shape[-2]
+        and len({conv.stride[0], conv.stride[1]}) == 1
+        and len({conv.padding[0], conv.padding[1]}) == 1
+        and len({conv.dilation[0], conv.dilation[1]}) == 1
+        and isinstance(conv.padding[0], int)
+        and conv.padding_mode == "zeros"
+    ):
+        return _DepthwiseConv.apply(x, w, conv.stride[0], conv.padding[0], conv.dilation[0])
+    return conv(x)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -36,6 +191,14 @@ class DilConv(nn.Sequential):
             _bn(c_out),
         )
 
+    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``relu_x``: ReLU(x) if the caller already has it; ``scale``: multiply the output by it."""
+        if not _FAST:
+            out = super().forward(x)
+            return out if scale is None else scale * out
+        h = relu_x if relu_x is not None else F.relu(x)
+        return _batch_norm(self[3], self[2](_conv(self[1], h)), scale)
+
 
 class SepConv(nn.Sequential):
     """Two stacked depthwise-separable convolutions, as in DARTS."""
@@ -45,6 +208,12 @@ class SepConv(nn.Sequential):
             DilConv(c_in, c_in, kernel, stride, padding, 1),
             DilConv(c_in, c_out, kernel, 1, padding, 1),
         )
+
+    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if not _FAST:
+            out = super().forward(x)
+            return out if scale is None else scale * out
+        return self[1](self[0](x, relu_x=relu_x), scale=scale)
 
 
 class FactorizedReduce(nn.Module):
@@ -57,10 +226,20 @@ class FactorizedReduce(nn.Module):
         self.conv_2 = nn.Conv2d(c_in, c_out - c_out // 2, 1, stride=2, bias=False)
         self.bn = _bn(c_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(x)
-        shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))  # odd sizes: keep both branches the same shape
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if not _FAST:
+            x = self.relu(x)
+            shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))  # odd sizes: keep both branches the same shape
+            out = self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+            return out if scale is None else scale * out
+        h = relu_x if relu_x is not None else F.relu(x)
+        if h.shape[-2] % 2 == 0 and h.shape[-1] % 2 == 0:
+            # a 1x1 stride-2 conv reads every other pixel: with even sizes the padded row/column of
+            # the shifted branch is never read, so read the odd pixels directly (a quarter-size copy)
+            odd = F.conv2d(h[:, :, 1::2, 1::2], self.conv_2.weight)
+        else:
+            odd = self.conv_2(F.pad(h[:, :, 1:, 1:], (0, 1, 0, 1)))
+        return _batch_norm(self.bn, torch.cat([self.conv_1(h), odd], dim=1), scale)
 
 
 class Zero(nn.Module):
@@ -78,6 +257,16 @@ class PoolBN(nn.Sequential):
     def __init__(self, kind: str, c: int, stride: int):
         pool = nn.MaxPool2d(3, stride, 1) if kind == "max" else nn.AvgPool2d(3, stride, 1, count_include_pad=False)
         super().__init__(pool, _bn(c))
+
+    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if not _FAST:
+            out = super().forward(x)
+            return out if scale is None else scale * out
+        return _batch_norm(self[1], self[0](x), scale)
+
+
+# ops whose first step is ReLU(x): on the fast path a cell computes ReLU(state) once for all of them
+_TAKES_RELU = (DilConv, SepConv, FactorizedReduce)
 
 
 def make_op(name: str, c: int, stride: int) -> nn.Module:
@@ -189,6 +378,13 @@ class CellWeights:
 
     weights: torch.Tensor  # [edges, ops]: pair coefficient x op weight
     active: list[list[int]]  # per edge, indices of ops that run
+    _scalars: tuple[torch.Tensor, ...] | None = field(default=None, repr=False, compare=False)
+
+    def scalar(self, e: int, o: int) -> torch.Tensor:
+        """``weights[e, o]``; one unbind per forward (shared by the cells of a type), not a select per op."""
+        if self._scalars is None:
+            self._scalars = self.weights.reshape(-1).unbind()
+        return self._scalars[e * self.weights.shape[1] + o]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +413,8 @@ class SearchCell(nn.Module):
         self.primitives = space.primitives
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, cw: CellWeights) -> torch.Tensor:
+        if _FAST:
+            return self._forward_fast(s0, s1, cw)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         e = 0
         for j in self.nodes:
@@ -225,6 +423,32 @@ class SearchCell(nn.Module):
                 edge = self.edges[edge_key(j, i)]
                 for o in cw.active[e]:
                     out = cw.weights[e, o] * edge.ops[self.primitives[o]](states[i])
+                    total = out if total is None else total + out
+                e += 1
+            states.append(total)
+        return torch.cat(states[2:], dim=1)
+
+    def _forward_fast(self, s0: torch.Tensor, s1: torch.Tensor, cw: CellWeights) -> torch.Tensor:
+        """The same sum, cheaper: each op scales its own output inside its last BatchNorm, and the
+        conv ops reading a state share one ReLU of it (computed only if one of them runs)."""
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        relus: dict[int, torch.Tensor] = {}
+        e = 0
+        for j in self.nodes:
+            total = None
+            for i in range(j):
+                ops = self.edges[edge_key(j, i)].ops
+                for o in cw.active[e]:
+                    op = ops[self.primitives[o]]
+                    w = cw.scalar(e, o)
+                    if isinstance(op, nn.Identity):
+                        out = w * op(states[i])
+                    elif isinstance(op, _TAKES_RELU):
+                        if i not in relus:
+                            relus[i] = F.relu(states[i])
+                        out = op(states[i], relu_x=relus[i], scale=w)
+                    else:
+                        out = op(states[i], scale=w)
                     total = out if total is None else total + out
                 e += 1
             states.append(total)
@@ -252,7 +476,7 @@ class Supernet(nn.Module):
         self.classifier = nn.Linear(c_p, space.num_classes)
 
     def forward(self, x: torch.Tensor, weights: dict[str, CellWeights]) -> torch.Tensor:
-        s0 = s1 = self.stem(x)
+        s0 = s1 = self.stem(to_fast_layout(x))
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, weights["reduce" if cell.reduction else "normal"])
         return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))
@@ -281,7 +505,16 @@ class SearchModel(nn.Module):
         self.arch = Architecture(space)
         topo = space.topology
         self._incidence = {j: topo.pair_incidence(j) for j in topo.nodes}
+        self._incidence_on: dict[tuple[int, torch.device], torch.Tensor] = {}  # per-device copies, made once
         self._none = space.primitives.index("none") if "none" in space.primitives else -1
+
+    def _pair_incidence(self, j: int, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            return self._incidence[j]
+        key = (j, device)
+        if key not in self._incidence_on:
+            self._incidence_on[key] = self._incidence[j].to(device)
+        return self._incidence_on[key]
 
     def cell_weights(
         self,
@@ -290,6 +523,10 @@ class SearchModel(nn.Module):
         masks: dict[str, torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> CellWeights:
+        weights = self._effective_weights(cell_type, settings, masks, generator)
+        return CellWeights(weights, self._active(weights.detach(), settings.threshold))
+
+    def _effective_weights(self, cell_type: str, settings: RelaxSettings, masks, generator) -> torch.Tensor:
         masks = masks or {}
         name = arch_param_name("alpha", cell_type)
         alpha = self.arch.alpha[cell_type]
@@ -299,14 +536,15 @@ class SearchModel(nn.Module):
             for j in self.space.topology.nodes:
                 beta = self.arch.beta[f"{cell_type}-{j}"]
                 pair_w = _relax_or_onehot(beta, settings, masks.get(arch_param_name("beta", cell_type, j)), generator)
-                coeffs.append(pair_w @ self._incidence[j].to(pair_w.device))  # input i's share: sum of its pairs
-            weights = torch.cat(coeffs)[:, None] * op_w
-        else:
-            weights = op_w
-        return CellWeights(weights, self._active(weights.detach(), settings.threshold))
+                coeffs.append(pair_w @ self._pair_incidence(j, pair_w.device))  # input i's share: sum of its pairs
+            return torch.cat(coeffs)[:, None] * op_w
+        return op_w
 
     def _active(self, weights: torch.Tensor, threshold: float) -> list[list[int]]:
         """Which (edge, op) entries run: one host transfer for the whole cell, never one per op."""
+        return [row.nonzero().flatten().tolist() for row in self._keep(weights, threshold).cpu()]
+
+    def _keep(self, weights: torch.Tensor, threshold: float) -> torch.Tensor:
         keep = weights > threshold
         if self._none >= 0:
             keep[:, self._none] = False
@@ -315,15 +553,19 @@ class SearchModel(nn.Module):
         if self._none >= 0:
             best[:, self._none] = -1.0
         e = 0
-        for j in self.space.topology.nodes:
+        for j in self.space.topology.nodes:  # on the device: no host sync per node
             block = best[e : e + j]
-            flat = int(block.argmax())
-            keep[e + flat // block.shape[1], flat % block.shape[1]] = True
+            keep[e : e + j] |= F.one_hot(block.flatten().argmax(), block.numel()).view(block.shape).bool()
             e += j
-        return [row.nonzero().flatten().tolist() for row in keep.cpu()]
+        return keep
 
     def all_weights(self, settings: RelaxSettings, masks=None, generator=None) -> dict[str, CellWeights]:
-        return {t: self.cell_weights(t, settings, masks, generator) for t in ("normal", "reduce")}
+        if not _FAST:
+            return {t: self.cell_weights(t, settings, masks, generator) for t in ("normal", "reduce")}
+        # same draws in the same order; both cell types' active sets in one host transfer
+        weights = {t: self._effective_weights(t, settings, masks, generator) for t in ("normal", "reduce")}
+        keep = torch.stack([self._keep(w.detach(), settings.threshold) for w in weights.values()]).cpu()
+        return {t: CellWeights(w, [row.nonzero().flatten().tolist() for row in k]) for (t, w), k in zip(weights.items(), keep)}
 
     def forward(self, x, settings: RelaxSettings, masks=None, generator=None) -> torch.Tensor:
         return self.net(x, self.all_weights(settings, masks, generator))
