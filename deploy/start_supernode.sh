@@ -21,7 +21,7 @@
 set -euo pipefail
 
 if [[ $# -lt 5 || $# -gt 7 || "$1" == "-h" || "$1" == "--help" ]]; then
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
     exit 2
 fi
 NAME=$1 SUPERLINK=$2 CA_CERT=$3 PRIVATE_KEY=$4

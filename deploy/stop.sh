@@ -8,7 +8,7 @@
 # still running after STOP_TIMEOUT seconds (default 15), SIGKILL. Its flower-superexec child
 # notices that its parent is gone and exits by itself.
 set -uo pipefail
-[[ $# -ge 1 && "$1" != "-h" && "$1" != "--help" ]] || { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[[ $# -ge 1 && "$1" != "-h" && "$1" != "--help" ]] || { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2; }
 
 alive() { [[ -e /proc/$1 ]] && ! grep -q '^[0-9]* (.*) Z' "/proc/$1/stat" 2>/dev/null; }
 

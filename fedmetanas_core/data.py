@@ -55,6 +55,8 @@ class ImageData:
     x: torch.Tensor  # float32 [N, C, H, W], normalised with the dataset's train mean/std
     y: torch.Tensor  # int64 [N]
     classes: tuple[str, ...]
+    mean: tuple[float, ...] | None = None  # the normalisation, for models deployed outside the app
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.x.ndim != 4 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
@@ -84,7 +86,7 @@ class ImageData:
             index = idx.long()
         else:  # copied, so read-only arrays (e.g. cached partitions) are fine
             index = torch.from_numpy(np.array(idx, dtype=np.int64).reshape(-1))
-        return ImageData(self.x[index], self.y[index], self.classes)
+        return ImageData(self.x[index], self.y[index], self.classes, self.mean, self.std)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,11 +200,12 @@ def _normalise(
     mean = train_x.mean(dim=(0, 2, 3), dtype=torch.float64).float()
     std = train_x.std(dim=(0, 2, 3)).clamp_min(1e-6)
     shift, scale = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
-    train = ImageData(train_x.sub_(shift).div_(scale), train_y.long(), classes)
+    stats = (tuple(mean.tolist()), tuple(std.tolist()))
+    train = ImageData(train_x.sub_(shift).div_(scale), train_y.long(), classes, *stats)
     if test_x is None or test_y is None:
         return train, None
     test_x = _to_unit_float(test_x, image_size)
-    return train, ImageData(test_x.sub_(shift).div_(scale), test_y.long(), classes)
+    return train, ImageData(test_x.sub_(shift).div_(scale), test_y.long(), classes, *stats)
 
 
 def _to_unit_float(x: torch.Tensor, image_size: int) -> torch.Tensor:
