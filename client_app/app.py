@@ -19,7 +19,7 @@ from fedmetanas_core.config import RunConfig, validate_node_config
 from fedmetanas_core.coordinator import plan_from_config
 from fedmetanas_core.data import ClientData, load_client_data, load_own_data
 from fedmetanas_core.genotype import Genotype, build_fixed_network
-from fedmetanas_core.search_space import SearchModel
+from fedmetanas_core.search_space import SearchModel, set_fast_path
 from fedmetanas_core.seeding import make_generator
 from fedmetanas_core.training import (
     fedmetanas_local_search,
@@ -48,6 +48,7 @@ def run_config(context: Context) -> RunConfig:
             torch.set_num_threads(threads)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
+        set_fast_path(cfg.fast_path)
     return cfg
 
 

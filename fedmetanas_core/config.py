@@ -114,6 +114,7 @@ KEYS: tuple[Key, ...] = (
     Key("seed", 0, "global seed: partitions, init, Gumbel noise, task sampling", _at_least(0)),
     Key("deterministic", False, "use deterministic torch algorithms (CPU runs repeat exactly)"),
     Key("device", "auto", "auto (CUDA when present) | cpu | cuda", _choice(("auto", "cpu", "cuda"))),
+    Key("fast-path", True, "fast supernet path (same results within float rounding); false = the plain eager reference path"),
     Key("torch-threads", 0, "torch threads per client process; 0 = one per simulated client when clients share cores", _at_least(0)),
     Key("fraction-train", 1.0, "fraction of nodes sampled for training each round", _unit_open),
     Key("fraction-evaluate", 1.0, "fraction of nodes sampled for local evaluation each round (0 = off)", _unit),

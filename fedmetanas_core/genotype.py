@@ -25,6 +25,7 @@ from .search_space import (
     _bn,
     arch_param_name,
     edge_key,
+    cat_channels,
     make_op,
     to_fast_layout,
 )
@@ -141,7 +142,7 @@ class DiscreteCell(nn.Module):
                 y = self.edges[key](states[src])
                 out = y if out is None else out + y
             states.append(out)
-        return torch.cat(states[2:], dim=1)
+        return cat_channels(states[2:])
 
 
 class DiscreteNetwork(nn.Module):

@@ -5,13 +5,14 @@ inputs), and ops by name, so a state-dict key says what it is and extracting the
 is a key lookup. BatchNorm keeps no running statistics anywhere: the supernet has no buffers, so
 MAML and federated averaging only ever see float parameters.
 
-
 Speed (docs/speed.md, ``python -m benchmarks.speed``): by default forward passes take a fast path
-that computes the same function (equal within float rounding, tests/test_speed_paths.py) with fewer,
-cheaper kernels: channels_last activations on CPU, depthwise-conv gradients through oneDNN's fast
-kernels, the mixing weight folded into each op's final BatchNorm, one ReLU per cell state shared by
-all conv ops that read it. ``set_fast_path(False)`` / ``with fast_path(False):`` selects the plain
-eager reference path (the straightforward DARTS code), e.g. to compare the two.
+that computes the same function with the same parameters, generator draws and active ops (equal
+within float rounding; tests/test_speed_paths.py) on fewer, cheaper kernels: channels_last
+activations on CPU, depthwise-conv gradients and the 3x3 average pool on oneDNN's fast depthwise
+kernels, dense gradients out of every channel concatenation, the mixing weight folded into each op's
+last BatchNorm, and one ReLU per cell state shared by all conv ops that read it.
+``set_fast_path(False)`` / ``with fast_path(False):`` selects the plain eager reference path (the
+straightforward DARTS code), e.g. to compare the two or to trace the modules.
 """
 
 from __future__ import annotations
@@ -154,20 +155,77 @@ class _DepthwiseConv(torch.autograd.Function):
         return gx, gw, None, None, None
 
 
+class _AvgPool3x3(torch.autograd.Function):
+    """3x3 stride-1 average pool without padded pixels: a depthwise all-ones conv times 1/count.
+
+    oneDNN's depthwise 3x3 kernels are 2-3x faster than the native pooling kernels, both ways."""
+
+    @staticmethod
+    def forward(ctx, x, inv_count):
+        ctx.save_for_backward(inv_count)
+        c = x.shape[1]
+        return F.conv2d(x, x.new_ones(c, 1, 3, 3), None, 1, 1, 1, c).mul_(inv_count)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv_count,) = ctx.saved_tensors
+        c = g.shape[1]
+        return F.conv2d(g * inv_count, g.new_ones(c, 1, 3, 3), None, 1, 1, 1, c), None
+
+
+_INV_COUNT: dict[tuple, torch.Tensor] = {}
+
+
+def _avg_pool_3x3(x: torch.Tensor) -> torch.Tensor:
+    key = (x.shape[-2], x.shape[-1], x.device, x.dtype)
+    if key not in _INV_COUNT:
+        ones = torch.ones(1, 1, x.shape[-2], x.shape[-1], dtype=x.dtype, device=x.device)
+        _INV_COUNT[key] = 1.0 / F.conv2d(ones, torch.ones(1, 1, 3, 3, dtype=x.dtype, device=x.device), None, 1, 1)
+    return _AvgPool3x3.apply(x, _INV_COUNT[key])
+
+
+def cat_channels(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along channels; on the fast path with dense gradients for the inputs."""
+    return _CatChannels.apply(*xs) if _FAST else torch.cat(xs, dim=1)
+
+
+class _CatChannels(torch.autograd.Function):
+    """``torch.cat(xs, dim=1)`` whose backward hands each input a dense gradient in its own memory
+    format. Autograd's default gives channel slices of the output gradient (neither NCHW- nor
+    NHWC-dense; the classifier's pooling even returns NCHW), and every kernel downstream, BatchNorm
+    and oneDNN convs alike, would then copy or take a slow path."""
+
+    @staticmethod
+    def forward(ctx, *xs):
+        ctx.formats = [torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format for x in xs]
+        ctx.sizes = [x.shape[1] for x in xs]
+        return torch.cat(xs, dim=1)
+
+    @staticmethod
+    def backward(ctx, g):
+        out, start = [], 0
+        for size, fmt in zip(ctx.sizes, ctx.formats):
+            out.append(g.narrow(1, start, size).contiguous(memory_format=fmt))
+            start += size
+        return tuple(out)
+
+
 def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``; depthwise square convs on CPU take the fast-gradient route on the fast path."""
+    """``conv(x)``; depthwise square convs on CPU take the fast-gradient route when a gradient is due."""
     w = conv.weight
     if (
         _FAST
         and x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and (x.requires_grad or w.requires_grad)
         and conv.bias is None
+        and conv.padding_mode == "zeros"
         and conv.groups == conv.in_channels == conv.out_channels
         and w.shape[-1] == w.shape[-2]
-        and len({conv.stride[0], conv.stride[1]}) == 1
-        and len({conv.padding[0], conv.padding[1]}) == 1
-        and len({conv.dilation[0], conv.dilation[1]}) == 1
-        and isinstance(conv.padding[0], int)
-        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)  # not "same"/"valid"
+        and conv.stride[0] == conv.stride[1]
+        and conv.padding[0] == conv.padding[1]
+        and conv.dilation[0] == conv.dilation[1]
     ):
         return _DepthwiseConv.apply(x, w, conv.stride[0], conv.padding[0], conv.dilation[0])
     return conv(x)
@@ -239,7 +297,7 @@ class FactorizedReduce(nn.Module):
             odd = F.conv2d(h[:, :, 1::2, 1::2], self.conv_2.weight)
         else:
             odd = self.conv_2(F.pad(h[:, :, 1:, 1:], (0, 1, 0, 1)))
-        return _batch_norm(self.bn, torch.cat([self.conv_1(h), odd], dim=1), scale)
+        return _batch_norm(self.bn, _CatChannels.apply(self.conv_1(h), odd), scale)
 
 
 class Zero(nn.Module):
@@ -262,7 +320,12 @@ class PoolBN(nn.Sequential):
         if not _FAST:
             out = super().forward(x)
             return out if scale is None else scale * out
-        return _batch_norm(self[1], self[0](x), scale)
+        pool = self[0]
+        if isinstance(pool, nn.AvgPool2d) and pool.stride == 1 and x.device.type == "cpu":
+            pooled = _avg_pool_3x3(x)  # same values (count_include_pad=False), faster kernels
+        else:
+            pooled = pool(x)
+        return _batch_norm(self[1], pooled, scale)
 
 
 # ops whose first step is ReLU(x): on the fast path a cell computes ReLU(state) once for all of them
@@ -452,7 +515,7 @@ class SearchCell(nn.Module):
                     total = out if total is None else total + out
                 e += 1
             states.append(total)
-        return torch.cat(states[2:], dim=1)
+        return _CatChannels.apply(*states[2:])
 
 
 class Supernet(nn.Module):

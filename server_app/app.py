@@ -23,6 +23,7 @@ from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.coordinator import FixedPhase, ProgressClock, SearchPhase, fmt_duration, model_config, space_for_run
 from fedmetanas_core.data import load_dataset
 from fedmetanas_core.genotype import Genotype, count_parameters
+from fedmetanas_core.search_space import set_fast_path
 from fedmetanas_core.outputs import (
     RunRecorder,
     config_differences,
@@ -46,6 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     except ConfigError as exc:
         log(ERROR, "%s", exc)
         raise SystemExit(2) from None
+    set_fast_path(cfg.fast_path)
     run_experiment(grid, cfg)
 
 

@@ -1,0 +1,240 @@
+"""The fast forward path (search_space.fast_path, the default) computes what the plain eager
+reference path computes: same outputs, same gradients (first and second order), same ops run.
+Tiny spaces and 8x8 inputs keep it fast; float64 checks the algebra tightly, float32 the real
+kernels (channels_last, oneDNN) within float tolerance."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedmetanas_core import search_space as S
+from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
+from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient, second_order_task_gradient
+from fedmetanas_core.search_space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, make_op
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _restore_switch():
+    before = S.fast_path_enabled()
+    torch.manual_seed(0)
+    yield
+    S.set_fast_path(before)
+
+
+def tiny_space(**kw) -> SpaceConfig:
+    base = dict(num_classes=5, in_channels=3, init_channels=4, num_cells=3, num_nodes=2)
+    base.update(kw)
+    return SpaceConfig(**base)
+
+
+def batch(n=6, size=8, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g).to(dtype), torch.randint(0, 5, (n,), generator=g)
+
+
+def randomize_arch(model: SearchModel, scale: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.arch.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
+def masks_for(space: SpaceConfig, model: SearchModel, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for t in ("normal", "reduce"):
+        shape = model.arch.alpha[t].shape
+        m = torch.rand(shape, generator=g) > 0.3
+        m[:, 4] = True  # a real op on every edge
+        masks[arch_param_name("alpha", t)] = m
+    return masks
+
+
+def task_gradient(model, fast: bool, order: int = 1, seed: int = 0, dtype=torch.float32, **fw):
+    """One local-search task exactly as training runs it: K=1 inner step, then the query gradient."""
+    with S.fast_path(fast):
+        params = dict(model.named_parameters())
+        inner = InnerLoop(1, 0.1, 0.05)
+        fn = second_order_task_gradient if order == 2 else fomaml_task_gradient
+        generator = torch.Generator().manual_seed(seed)
+        grads, loss = fn(model, params, batch(seed=1, dtype=dtype), batch(seed=2, dtype=dtype), inner, generator=generator, **fw)
+    return grads, loss
+
+
+def assert_dicts_close(a, b, rtol, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# =============================================================================================
+# Depthwise convolution with the rewritten gradients
+
+
+DW_CASES = [(k, d, s) for k in (3, 5) for d in (1, 2) for s in (1, 2)]
+
+
+@pytest.mark.parametrize("k,d,s", DW_CASES)
+@pytest.mark.parametrize("size", [8, 7])
+def test_depthwise_conv_gradients_equal_autograd(k, d, s, size):
+    c = 3
+    x = torch.randn(2, c, size, size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c, 1, k, k, dtype=torch.float64, requires_grad=True)
+    p = d * (k - 1) // 2
+    g = torch.randn_like(F.conv2d(x, w, None, s, p, d, c))
+    ref = torch.autograd.grad(F.conv2d(x, w, None, s, p, d, c), (x, w), g)
+    out = S._DepthwiseConv.apply(x, w, s, p, d)
+    torch.testing.assert_close(out, F.conv2d(x, w, None, s, p, d, c))
+    got = torch.autograd.grad(out, (x, w), g)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("k,d,s", [(5, 1, 1), (3, 2, 1), (5, 2, 2), (3, 1, 2)])
+def test_depthwise_conv_double_backward(k, d, s):
+    """Second-order MAML differentiates through the rewritten backward."""
+    c, p = 2, d * (k - 1) // 2
+    x = torch.randn(1, c, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c, 1, k, k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w: S._DepthwiseConv.apply(x, w, s, p, d), (x, w))
+
+
+@pytest.mark.parametrize("name", ["max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_each_op_fast_equals_eager_float32(name, stride):
+    op = make_op(name, 8, stride)
+    x0 = torch.randn(16, 8, 16, 16)
+    scale0 = torch.tensor(0.7)
+    results = []
+    for fast in (False, True):
+        with S.fast_path(fast):
+            x = S.to_fast_layout(x0.clone()).requires_grad_(True)
+            scale = scale0.clone().requires_grad_(True)
+            out = scale * op(x) if isinstance(op, torch.nn.Identity) or not fast else op(x, scale=scale)
+            loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out.contiguous())).sum()
+            params = [p for p in op.parameters()]
+            grads = torch.autograd.grad(loss, [x, scale] + params)
+            results.append((out.detach().contiguous(), [g.contiguous() for g in grads]))
+    (o0, g0), (o1, g1) = results
+    torch.testing.assert_close(o1, o0, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g1, g0):  # float32 sums in another order: relative to the tensor's scale
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
+
+
+# =============================================================================================
+# The whole supernet: same function, same gradients, same generator draws
+
+
+@pytest.mark.parametrize("mode,masked", [("gumbel-soft", False), ("gumbel-soft", True), ("gumbel-hard", False), ("softmax", True)])
+def test_fast_path_task_gradient_equals_eager_float64(mode, masked):
+    space = tiny_space()
+    model = SearchModel(space).double()
+    randomize_arch(model, 1.0, seed=3)
+    masks = masks_for(space, model, seed=4) if masked else None
+    fw = dict(settings=RelaxSettings(tau=0.5, mode=mode, threshold=0.05), masks=masks)
+    g_eager, l_eager = task_gradient(model, fast=False, dtype=torch.float64, **fw)
+    g_fast, l_fast = task_gradient(model, fast=True, dtype=torch.float64, **fw)
+    assert l_fast == pytest.approx(l_eager, rel=1e-10)
+    assert_dicts_close(g_fast, g_eager, rtol=1e-6, atol=1e-8)  # relax() works in float32
+
+
+def test_fast_path_task_gradient_equals_eager_float32_all_ops_running():
+    space = tiny_space(num_nodes=3, input_pruning=True)
+    model = SearchModel(space)
+    fw = dict(settings=RelaxSettings(tau=1.0, mode="gumbel-soft", threshold=0.0))
+    g_eager, l_eager = task_gradient(model, fast=False, **fw)
+    g_fast, l_fast = task_gradient(model, fast=True, **fw)
+    assert l_fast == pytest.approx(l_eager, rel=1e-5)
+    scale = max(float(v.abs().max()) for v in g_eager.values())
+    assert_dicts_close(g_fast, g_eager, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_fast_path_second_order_maml_equals_eager():
+    space = tiny_space(primitives=("none", "avg_pool_3x3", "skip_connect", "sep_conv_5x5", "dil_conv_3x3"))
+    model = SearchModel(space).double()
+    fw = dict(settings=RelaxSettings(tau=1.0, threshold=0.0))
+    g_eager, _ = task_gradient(model, fast=False, order=2, dtype=torch.float64, **fw)
+    g_fast, _ = task_gradient(model, fast=True, order=2, dtype=torch.float64, **fw)
+    assert_dicts_close(g_fast, g_eager, rtol=1e-6, atol=1e-8)  # relax() works in float32
+
+
+def test_fast_and_eager_run_the_same_ops_and_draw_the_same_noise():
+    space = tiny_space()
+    model = SearchModel(space)
+    randomize_arch(model, 1.5, seed=7)
+    settings = RelaxSettings(tau=0.5, threshold=0.05)
+    ran = {}
+    for fast in (False, True):
+        calls = []
+        handles = [
+            op.register_forward_hook(lambda m, i, o, key=(ci, key, name): calls.append(key))
+            for ci, cell in enumerate(model.net.cells)
+            for key, edge in cell.edges.items()
+            for name, op in edge.ops.items()
+        ]
+        gen = torch.Generator().manual_seed(5)
+        with S.fast_path(fast), torch.no_grad():
+            model(batch()[0], settings, None, gen)
+        for h in handles:
+            h.remove()
+        ran[fast] = (sorted(calls), gen.get_state())
+    assert ran[True][0] == ran[False][0] and ran[True][0]
+    assert torch.equal(ran[True][1], ran[False][1])
+
+
+def test_discrete_network_fast_equals_eager():
+    space = tiny_space()
+    model = SearchModel(space)
+    randomize_arch(model, 2.0, seed=1)
+    net = DiscreteNetwork.inherit(model, derive_genotype(space, {k: v for k, v in model.state_dict().items() if k.startswith("arch.")}))
+    x, y = batch()
+    out = {}
+    for fast in (False, True):
+        n = copy.deepcopy(net)
+        with S.fast_path(fast):
+            loss = F.cross_entropy(n(x), y)
+            loss.backward()
+        out[fast] = (loss.detach(), {k: p.grad for k, p in n.named_parameters()})
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+    scale = max(float(v.abs().max()) for v in out[False][1].values())
+    assert_dicts_close(out[True][1], out[False][1], rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_switch_and_context_manager():
+    assert S.fast_path_enabled()  # the default
+    with S.fast_path(False):
+        assert not S.fast_path_enabled()
+        x = torch.randn(2, 3, 4, 4)
+        assert S.to_fast_layout(x) is x
+    assert S.fast_path_enabled()
+    assert S.to_fast_layout(torch.randn(2, 3, 4, 4)).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fast_backward_hands_every_op_a_dense_channels_last_gradient():
+    """The perf property behind _CatChannels: no op's backward sees a sliced or NCHW gradient."""
+    space = tiny_space(num_nodes=3)
+    model = SearchModel(space)
+    seen = []
+
+    def hook(mod, inp, out):
+        if isinstance(out, torch.Tensor) and out.requires_grad and out.dim() == 4:
+            out.register_hook(lambda g, name=type(mod).__name__: seen.append((name, g.is_contiguous(memory_format=torch.channels_last))))
+
+    handles = [m.register_forward_hook(hook) for m in model.net.cells.modules() if not isinstance(m, S.SearchCell)]
+    x, y = batch()
+    F.cross_entropy(model(x, RelaxSettings(threshold=0.0)), y).backward()
+    for h in handles:
+        h.remove()
+    assert seen and all(dense for _, dense in seen), [name for name, dense in seen if not dense]
