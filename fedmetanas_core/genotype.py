@@ -24,6 +24,7 @@ from .search_space import (
     SpaceConfig,
     _bn,
     arch_param_name,
+    cell_plan,
     edge_key,
     cat_channels,
     make_op,
@@ -151,19 +152,11 @@ class DiscreteNetwork(nn.Module):
     def __init__(self, space: SpaceConfig, genotype: Genotype):
         super().__init__()
         self.space, self.genotype = space, genotype
-        c_cur = space.stem_multiplier * space.init_channels
-        self.stem = nn.Sequential(nn.Conv2d(space.in_channels, c_cur, 3, padding=1, bias=False), _bn(c_cur))
-        c_pp, c_p, c = c_cur, c_cur, space.init_channels
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        for cell_type in space.cell_types():
-            reduction = cell_type == "reduce"
-            if reduction:
-                c *= 2
-            self.cells.append(DiscreteCell(genotype.cell(cell_type), c_pp, c_p, c, reduction, reduction_prev))
-            reduction_prev = reduction
-            c_pp, c_p = c_p, space.num_nodes * c
-        self.classifier = nn.Linear(c_p, space.num_classes)
+        self.stem, slots, c_out = cell_plan(space)
+        self.cells = nn.ModuleList(
+            DiscreteCell(genotype.cell(s.cell_type), s.c_pp, s.c_p, s.c, s.reduction, s.reduction_prev) for s in slots
+        )
+        self.classifier = nn.Linear(c_out, space.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s0 = s1 = self.stem(to_fast_layout(x))  # the supernet's memory format (search_space.fast_path)

@@ -518,25 +518,44 @@ class SearchCell(nn.Module):
         return _CatChannels.apply(*states[2:])
 
 
+@dataclass(frozen=True)
+class CellSlot:
+    """One cell's place in the network: its type and channel counts (shared by supernet and derived net)."""
+
+    cell_type: str
+    c_pp: int
+    c_p: int
+    c: int
+    reduction: bool
+    reduction_prev: bool
+
+
+def cell_plan(space: SpaceConfig) -> tuple[nn.Sequential, list[CellSlot], int]:
+    """The stem, each cell's slot (channels double at reduction cells), and the head's input width."""
+    c_cur = space.stem_multiplier * space.init_channels
+    stem = nn.Sequential(nn.Conv2d(space.in_channels, c_cur, 3, padding=1, bias=False), _bn(c_cur))
+    c_pp, c_p, c = c_cur, c_cur, space.init_channels
+    slots, reduction_prev = [], False
+    for cell_type in space.cell_types():
+        reduction = cell_type == "reduce"
+        c = 2 * c if reduction else c
+        slots.append(CellSlot(cell_type, c_pp, c_p, c, reduction, reduction_prev))
+        reduction_prev = reduction
+        c_pp, c_p = c_p, space.num_nodes * c
+    return stem, slots, c_p
+
+
 class Supernet(nn.Module):
     """Stem, cells, head: network weights only. Architecture weights arrive as forward arguments."""
 
     def __init__(self, space: SpaceConfig):
         super().__init__()
         self.space = space
-        c_cur = space.stem_multiplier * space.init_channels
-        self.stem = nn.Sequential(nn.Conv2d(space.in_channels, c_cur, 3, padding=1, bias=False), _bn(c_cur))
-        c_pp, c_p, c = c_cur, c_cur, space.init_channels
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        for cell_type in space.cell_types():
-            reduction = cell_type == "reduce"
-            if reduction:
-                c *= 2
-            self.cells.append(SearchCell(space, c_pp, c_p, c, reduction, reduction_prev))
-            reduction_prev = reduction
-            c_pp, c_p = c_p, space.num_nodes * c
-        self.classifier = nn.Linear(c_p, space.num_classes)
+        self.stem, slots, c_out = cell_plan(space)
+        self.cells = nn.ModuleList(
+            SearchCell(space, s.c_pp, s.c_p, s.c, s.reduction, s.reduction_prev) for s in slots
+        )
+        self.classifier = nn.Linear(c_out, space.num_classes)
 
     def forward(self, x: torch.Tensor, weights: dict[str, CellWeights]) -> torch.Tensor:
         s0 = s1 = self.stem(to_fast_layout(x))
