@@ -70,10 +70,11 @@ def comparison_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
+    """Accuracies with 4 decimals, seconds (digits=0) as whole numbers, missing as '-'."""
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.{digits}f}" if v < 10 else f"{v:.0f}"
+        return f"{v:.{digits}f}"
     return str(v)
 
 
@@ -84,8 +85,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['method']} | {_fmt(r['final_test_accuracy'])} | {_fmt(r['supernet_test_accuracy'])} "
-            f"| {_fmt(r['personalized_accuracy_before'])} → {_fmt(r['personalized_accuracy'])} | {_fmt(r['search_time_s'])} "
-            f"| {_fmt(r['retrain_time_s'])} | {_fmt(r['total_time_s'])} | {_fmt(r['time_to_reach_fednas_accuracy_s'])} "
+            f"| {_fmt(r['personalized_accuracy_before'])} → {_fmt(r['personalized_accuracy'])} | {_fmt(r['search_time_s'], 0)} "
+            f"| {_fmt(r['retrain_time_s'], 0)} | {_fmt(r['total_time_s'], 0)} | {_fmt(r['time_to_reach_fednas_accuracy_s'], 0)} "
             f"| {r['params']} | {r['rounds']}{' + ' + str(r['retrain_rounds']) if r['retrain_rounds'] else ''} |"
         )
     return "\n".join(lines)
