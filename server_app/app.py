@@ -167,6 +167,7 @@ class Experiment:
             "rejected-reasons": strategy.rejected,
             "round-s": time.time() - t_round,
             "client-s-max": max(client_seconds, default=0.0),
+            "client-s-sum": sum(client_seconds),  # with round-s: the framework's share of the round
             "elapsed-s": elapsed,
         }
         self.recorder.log_round(row)
