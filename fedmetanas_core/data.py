@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import os
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -501,7 +502,15 @@ def _cache_dirs(data_dir: str) -> list[Path]:
     if os.environ.get(CACHE_DIR_ENV):
         return [Path(os.environ[CACHE_DIR_ENV])]
     user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedmetanas"
-    return ([Path(data_dir) / CACHE_DIRNAME] if data_dir else []) + [user_cache]
+    return ([Path(data_dir) / CACHE_DIRNAME] if data_dir and _marked_writable(data_dir) else []) + [user_cache]
+
+
+def _marked_writable(directory: str) -> bool:
+    """A data folder marked read-only (no owner write bit) is left untouched, even for root."""
+    try:
+        return bool(os.stat(directory).st_mode & stat.S_IWUSR)
+    except OSError:
+        return False
 
 
 def _read_cache(cache_dirs: list[Path], cache_name: str) -> dict[str, Any] | None:
