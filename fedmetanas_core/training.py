@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from .config import RunConfig
 from .data import BatchStream, ClientData, ImageData
@@ -255,8 +256,6 @@ def personalize_search_model(
         model, params, lambda _: _to(stream.next_batch(), device), inner,
         settings=train_settings(cfg, plan.tau), masks=plan.masks, generator=generator,
     )  # fmt: skip
-    from torch.func import functional_call
-
     after = evaluate(
         lambda x: functional_call(model, adapted, (x,), dict(settings=ev, masks=plan.masks)), data.test, cfg.eval_batch_size, device
     )
@@ -273,7 +272,5 @@ def personalize_fixed(
     stream = BatchStream(data.train, cfg.batch_size, generator)
     params = {k: v for k, v in net.named_parameters()}
     adapted = inner_adapt(net, params, lambda _: _to(stream.next_batch(), device), InnerLoop(cfg.personalize_steps, cfg.inner_lr_w, 0.0))
-    from torch.func import functional_call
-
     after = evaluate(lambda x: functional_call(net, adapted, (x,)), data.test, cfg.eval_batch_size, device)
     return {"accuracy-before": before["accuracy"], "accuracy-after": after["accuracy"]}

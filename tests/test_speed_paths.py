@@ -17,12 +17,7 @@ from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient, second_order_t
 from fedmetanas_core.search_space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, make_op
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(autouse=True)
