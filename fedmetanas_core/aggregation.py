@@ -76,30 +76,47 @@ def reply_problem(state: State, reference: State, max_norm_ratio: float = 1e3) -
     return None
 
 
+def keep_budget(num_entries: int, discreteness: float) -> int:
+    """How many entries of a row may stay: all at discreteness 0, exactly one at 1 (linear between)."""
+    return max(1, math.ceil(num_entries - (num_entries - 1) * min(max(discreteness, 0.0), 1.0) - 1e-9))
+
+
 def update_masks(
-    space: SpaceConfig, arch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], threshold: float, tau_min: float
+    space: SpaceConfig, arch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], threshold: float, tau_min: float,
+    discreteness: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Monotone permanent masks (True = keep) decided on the aggregated logits at ``tau_min``.
 
     An entry whose probability at tau_min falls below ``threshold`` is pruned for good. The best
     real op of each edge and the best input pair of each node are never pruned, so every client keeps
-    searching one well-formed space.
+    searching one well-formed space. ``discreteness`` in [0, 1] also caps the entries a row keeps
+    (``keep_budget``: the best real op plus the next-best logits), so at 1 every edge holds one real op
+    and every node one input pair: the supernet *is* the derived cell and costs what it costs.
     """
     new = {}
     none_idx = space.primitives.index("none") if "none" in space.primitives else -1
     for name, logits in arch.items():
         old = masks.get(name, torch.ones_like(logits, dtype=torch.bool))
-        if threshold <= 0:
+        if threshold <= 0 and discreteness <= 0:
             new[name] = old.clone()
             continue
-        probs = probabilities(logits, old, tau=tau_min)
-        keep = old & (probs >= threshold)
+        keep = old.clone()
+        if threshold > 0:
+            keep &= probabilities(logits, old, tau=tau_min) >= threshold
         # the guard ranks logits, not probabilities: at tau_min every real op may underflow to 0
         guard = logits.detach().float().masked_fill(~old, float("-inf"))
         if ".alpha." in name and none_idx >= 0:
             guard[..., none_idx] = float("-inf")
         best = guard.argmax(dim=-1, keepdim=True)
         keep.scatter_(-1, best, True)
+        budget = keep_budget(logits.shape[-1], discreteness)
+        if budget < logits.shape[-1]:
+            others = logits.detach().float().masked_fill(~keep, float("-inf")).scatter(-1, best, float("-inf"))
+            capped = torch.zeros_like(keep).scatter_(-1, best, True)
+            if budget > 1:
+                top = others.topk(budget - 1, dim=-1).indices
+                capped.scatter_(-1, top, True)
+            keep &= capped
         new[name] = keep
     return new
 

@@ -71,7 +71,8 @@ class SearchPhase:
         self.is_meta = cfg.method == "fedmetanas"
         self.model = seeded_init(lambda: SearchModel(space), cfg.seed, "search").to(device)
         self.masks: dict[str, torch.Tensor] = {}
-        self.schedule = TemperatureSchedule(cfg.tau_max, cfg.tau_min, rounds, cfg.tau_schedule, cfg.warmup_rounds)
+        self.anneal_rounds = min(cfg.discrete_round, rounds) if cfg.discrete_round else rounds
+        self.schedule = TemperatureSchedule(cfg.tau_max, cfg.tau_min, self.anneal_rounds, cfg.tau_schedule, cfg.warmup_rounds)
         self.genotype: Genotype = derive_genotype(space, self.arch_state())  # defined even if no round aggregates
         self.last: dict[str, Any] = {}
 
@@ -88,6 +89,13 @@ class SearchPhase:
         frozen = server_round <= self.cfg.warmup_rounds
         return RoundPlan(server_round, self.schedule(server_round), frozen, dict(self.masks))
 
+    def discreteness(self, server_round: int) -> float:
+        """0 until the warm-up ends, then linear to 1 at ``discrete-round`` (0 throughout when unset)."""
+        if not self.cfg.discrete_round:
+            return 0.0
+        warm = self.cfg.warmup_rounds
+        return min(max((server_round - warm) / max(self.anneal_rounds - warm, 1), 0.0), 1.0)
+
     def round_config(self, server_round: int) -> dict[str, Any]:
         return {"phase": "search", **plan_to_config(self.plan(server_round))}
 
@@ -100,7 +108,9 @@ class SearchPhase:
         plan = self.plan(server_round)
         arch = self.arch_state()
         if self.is_meta and server_round >= self.cfg.mask_start_round:
-            self.masks = update_masks(self.space, arch, self.masks, self.cfg.mask_threshold, self.cfg.tau_min)
+            self.masks = update_masks(
+                self.space, arch, self.masks, self.cfg.mask_threshold, self.cfg.tau_min, self.discreteness(server_round)
+            )
         self.genotype = derive_genotype(self.space, arch, self.masks)
         stats = arch_statistics(self.space, arch, self.masks, plan.tau)
         supernet = self.evaluate_supernet(plan.tau)

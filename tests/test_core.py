@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from fedmetanas_core import config as C
 from fedmetanas_core import outputs as O
-from fedmetanas_core.aggregation import arch_statistics, reply_problem, transform_logits, update_masks, weighted_average
+from fedmetanas_core.aggregation import arch_statistics, keep_budget, reply_problem, transform_logits, update_masks, weighted_average
 from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.coordinator import plan_from_config, plan_to_config
 from fedmetanas_core.data import ClientData, load_client_data
@@ -798,6 +798,61 @@ def test_update_masks_guard_survives_probability_underflow():
     m = update_masks(space, {"arch.alpha.normal": a}, {"arch.alpha.normal": old}, 0.01, 0.1)["arch.alpha.normal"]
     assert not m[0, 1], "monotone: a pruned op must not come back"
     assert m[0, 2], "the best real op (largest real logit) must never be masked"
+
+
+def test_keep_budget_goes_linearly_from_all_entries_to_one():
+    assert [keep_budget(8, d) for d in (0.0, 0.25, 0.5, 0.75, 1.0)] == [8, 7, 5, 3, 1]
+    assert keep_budget(1, 0.5) == 1 and keep_budget(3, 1.0) == 1 and keep_budget(3, -1.0) == 3
+
+
+def test_discreteness_caps_each_row_to_the_best_real_op_plus_next_logits():
+    space = tiny_space(input_pruning=True)
+    model = SearchModel(space)
+    randomize_arch(model, scale=2.0, seed=4)
+    arch = arch_state(model)
+    none = space.primitives.index("none")
+    half = update_masks(space, arch, {}, threshold=0.0, tau_min=0.1, discreteness=0.5)
+    for name, m in half.items():
+        n = m.shape[-1]
+        assert torch.all(m.sum(-1) == keep_budget(n, 0.5)), name
+        if ".alpha." in name:  # the kept entries are the best real op and the largest other logits
+            real = arch[name].clone()
+            real[..., none] = float("-inf")
+            assert torch.all(m.gather(-1, real.argmax(-1, keepdim=True)))
+    one = update_masks(space, arch, half, threshold=0.01, tau_min=0.1, discreteness=1.0)
+    for name, m in one.items():
+        assert torch.all(m.sum(-1) == 1), name
+        assert torch.all(m <= half[name]), "monotone"
+        if ".alpha." in name:
+            assert not m[..., none].any(), "the last op of an edge is a real op, never 'none'"
+
+
+def test_discrete_supernet_is_the_derived_network():
+    """Once soft pruning is complete the relaxed supernet (Gumbel noise and all) computes the derived cell."""
+    space = tiny_space(input_pruning=True)
+    model = SearchModel(space)
+    randomize_arch(model, scale=1.0, seed=8)
+    masks = update_masks(space, arch_state(model), {}, threshold=0.0, tau_min=0.1, discreteness=1.0)
+    net = DiscreteNetwork.inherit(model, derive_genotype(space, arch_state(model), masks))
+    x = x_batch()
+    with torch.no_grad():
+        noisy = model(x, RelaxSettings(tau=0.7, mode="gumbel-soft", noise=True, threshold=0.01), masks, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(noisy, net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_discrete_round_anneals_and_prunes_by_that_round():
+    from fedmetanas_core.coordinator import SearchPhase
+    from fedmetanas_core.data import ImageData
+
+    cfg = RunConfig.from_flat({"num-server-rounds": 10, "warmup-rounds": 2, "discrete-round": 6, "num-cells": 3,
+                               "num-nodes": 2, "init-channels": 4}, check_paths=False)  # fmt: skip
+    test = ImageData(torch.randn(4, 3, 8, 8), torch.arange(4) % 2, ("a", "b"))
+    phase = SearchPhase(cfg, space_from_config(cfg, 2, 3), test, torch.device("cpu"), cfg.num_server_rounds)
+    assert [phase.discreteness(r) for r in (1, 2, 4, 6, 9)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert phase.plan(6).tau == pytest.approx(cfg.tau_min) and phase.plan(9).tau == pytest.approx(cfg.tau_min)
+    assert phase.plan(3).tau == pytest.approx(cfg.tau_max)
+    with pytest.raises(ConfigError, match="discrete-round"):
+        RunConfig.from_flat({"num-server-rounds": 10, "warmup-rounds": 3, "discrete-round": 3}, check_paths=False)
 
 
 # =============================================================================================
