@@ -3,6 +3,7 @@
     python -m benchmarks.speed                      # both spaces, writes docs/speed.md
     python -m benchmarks.speed --device cuda        # on a GPU (device "auto" picks CUDA when present)
     python -m benchmarks.speed --spaces cifar10-cpu --reps 5 --out /tmp/speed.md
+    python -m benchmarks.speed --spaces "" --out ""  # only the flwr run measurements (benchmarks/framework.py)
 
 Spaces: ``paper`` (conf/cifar10.toml: 8 cells, C=16, 4 nodes, 8 ops, batch 64, 32x32x3, 10 classes)
 and ``cifar10-cpu`` (conf/cifar10-cpu.toml: 16x16 images, 3 cells, 2 nodes, C=8, batch 64).
@@ -404,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = as simulated clients run; 0 = torch default)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the big space's steps (the small space uses max(reps, 5))")
     ap.add_argument("--out", default=str(ROOT / "docs" / "speed.md"), help="Markdown report ('' = print only)")
+    ap.add_argument("--flower-clients", default="10,100", help="simulated clients for the flwr run measurements ('' = skip them)")
+    ap.add_argument("--flower-rounds", type=int, default=3, help="rounds of each flwr run measurement")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -430,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown space {name!r}; choose from {', '.join(SPACES)}")
         reps = args.reps if name == "paper" else max(args.reps, 5)
         lines += run_space(name, device, reps, log)
+    if args.flower_clients.strip():
+        from benchmarks import framework
+
+        lines += framework.run([int(c) for c in args.flower_clients.split(",")], args.flower_rounds, [], log)
+        lines += [framework.__doc__.split("\n\n", 2)[2].strip(), ""]
     lines.append(f"Total benchmark time: {time.perf_counter() - started:.0f} s.")
     lines += ["", EXPLANATION]
     if args.out:

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, resolve_method_tables
 
 APP_DIR = Path(__file__).resolve().parents[1]
 PATH_KEYS = ("data-dir", "results-dir", "fedavg-genotype")
@@ -97,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
 
     app_dir = Path(getattr(args, "app", APP_DIR)).resolve()
     try:
-        overrides = parse_run_config(args.run_config)
+        defaults = app_defaults(app_dir)
+        # a preset's [fednas] / [fedavg] / [fedmetanas] tables: Flower accepts only known keys
+        overrides = resolve_method_tables(parse_run_config(args.run_config), defaults.get("method"))
         for key in PATH_KEYS:  # the ServerApp runs in the SuperLink's directory: send absolute paths
             if isinstance(overrides.get(key), str) and overrides[key]:
                 overrides[key] = str(Path(overrides[key]).expanduser().resolve())
-        cfg = RunConfig.from_flat({**app_defaults(app_dir), **overrides})
+        cfg = RunConfig.from_flat({**defaults, **overrides})
         if ":" in cfg.strategy:
             from server_app.strategy import check_strategy  # imports flwr, so only for user classes
 

@@ -230,6 +230,24 @@ def _cast(key: Key, value: Any) -> Any:
     raise ConfigError(key.name, value, f"must be of type {want.__name__}")
 
 
+def resolve_method_tables(flat: Mapping[str, Any], default_method: str | None = None) -> dict[str, Any]:
+    """Apply ``<method>.<key>`` entries (a preset's ``[fednas]`` table) for the run's method only.
+
+    One preset then holds every method's budget for a side-by-side comparison, and
+    ``-c 'method="fednas"'`` picks FedNAS's; plain ``flwr run`` flattens tables the same way.
+    """
+    scoped = {k: v for k, v in flat.items() if "." in k and k.split(".", 1)[0] in METHODS}
+    out = {k: v for k, v in flat.items() if k not in scoped}
+    method = out.get("method", default_method or BY_NAME["method"].default)
+    for name, value in scoped.items():
+        table, key = name.split(".", 1)
+        if key not in BY_NAME or key == "method":
+            raise ConfigError(name, value, f"unknown key in the [{table}] table; see the README's run-config table")
+        if table == method:
+            out[key] = value
+    return out
+
+
 class RunConfig(Mapping[str, Any]):
     """A validated, read-only run config; ``cfg.num_server_rounds`` reads ``num-server-rounds``."""
 
@@ -238,6 +256,7 @@ class RunConfig(Mapping[str, Any]):
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any], *, check_paths: bool = True) -> "RunConfig":
+        flat = resolve_method_tables(flat)
         unknown = sorted(set(flat) - set(BY_NAME))
         if unknown:
             raise ConfigError(unknown[0], flat[unknown[0]], "unknown key; see the README's run-config table")

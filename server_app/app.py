@@ -149,12 +149,14 @@ class Experiment:
             if not m.has_error() and "metrics" in m.content.metric_records and "client-seconds" in m.content["metrics"]
         ]
         self.nodes_seen.update(m.metadata.src_node_id for m in replies)
+        t_server = time.time()
         aggregated, _ = strategy.aggregate_train(rnd, replies)
         if aggregated is not None:
             metrics = phase.accept(rnd, {k: v.numpy() for k, v in aggregated.items()})
             arrays = aggregated
         else:
             metrics = {**phase.last, "tau": phase.plan(rnd).tau}
+        server_seconds = time.time() - t_server
         self.rejected_total += len(strategy.rejected)
         elapsed, remaining = self.clock.tick()
         row = {
@@ -167,7 +169,8 @@ class Experiment:
             "rejected-reasons": strategy.rejected,
             "round-s": time.time() - t_round,
             "client-s-max": max(client_seconds, default=0.0),
-            "client-s-sum": sum(client_seconds),  # with round-s: the framework's share of the round
+            "client-s-sum": sum(client_seconds),  # with round-s and server-s: the framework's share of the round
+            "server-s": server_seconds,  # aggregation, masks, test-set evaluation
             "elapsed-s": elapsed,
         }
         self.recorder.log_round(row)

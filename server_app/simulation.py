@@ -153,7 +153,7 @@ def parse_faults(text: str) -> dict[int, str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the app in-process (optionally with faulty clients) and print the final accuracy."""
     from fedmetanas_core.cli import parse_run_config
-    from fedmetanas_core.config import ConfigError, RunConfig
+    from fedmetanas_core.config import ConfigError, RunConfig, resolve_method_tables
 
     parser = argparse.ArgumentParser(prog="python -m server_app.simulation", description=main.__doc__)
     parser.add_argument("--clients", type=int, default=10, help="simulated clients (SuperNodes)")
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         faults = parse_faults(args.faults)
-        overrides = parse_run_config(args.run_config)
+        overrides = resolve_method_tables(parse_run_config(args.run_config))
         overrides["results-dir"] = str(Path(args.results_dir).expanduser().resolve())
         # every client is sampled from round 1 on (the node-registration race), unless asked otherwise
         overrides.setdefault("min-available-nodes", args.clients)

@@ -840,6 +840,15 @@ def test_discrete_supernet_is_the_derived_network():
         torch.testing.assert_close(noisy, net(x), rtol=1e-5, atol=1e-5)
 
 
+def test_method_tables_apply_to_their_own_method_only():
+    preset = {"num-server-rounds": 10, "fednas.num-server-rounds": 4, "fednas.retrain-rounds": 7, "fedavg.local-epochs": 3}
+    fednas = RunConfig.from_flat({**preset, "method": "fednas"}, check_paths=False)
+    assert (fednas.num_server_rounds, fednas.retrain_rounds, fednas.local_epochs) == (4, 7, 1)
+    meta = RunConfig.from_flat(preset, check_paths=False)  # the default method
+    assert (meta.method, meta.num_server_rounds, meta.retrain_rounds) == ("fedmetanas", 10, C.BY_NAME["retrain-rounds"].default)
+    assert RunConfig.from_flat({**preset, "method": "fedavg"}, check_paths=False).local_epochs == 3
+
+
 def test_discrete_round_anneals_and_prunes_by_that_round():
     from fedmetanas_core.coordinator import SearchPhase
     from fedmetanas_core.data import ImageData

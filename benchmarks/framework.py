@@ -1,0 +1,200 @@
+"""Flower + Ray cost of a real ``flwr run`` simulation: round-time overhead and peak memory.
+
+    python -m benchmarks.framework                 # cifar10-cpu, 10 and 100 simulated clients
+    python -m benchmarks.framework --rounds 3 --clients 10,100
+
+Each measurement is one ``fedmetanas run`` (``flwr run`` against the local SuperLink, Ray
+simulation engine) of the ``cifar10-cpu`` preset in which 10 clients train per round: all of them
+with 10 SuperNodes, ``fraction-train = 0.1`` with 100.
+
+- **Overhead share** per round, from ``rounds.jsonl``: the round's wall time minus the server's own
+  work (aggregation, masks, test-set evaluation: ``server-s``) minus the client computation on the
+  Ray actors (``client-s-sum`` / number of actors, i.e. perfectly packed), over the round's wall
+  time. What is left is Flower (messages, serialisation, SuperLink round trips) and Ray
+  (scheduling, actor calls), plus any idle time from unequal client durations, which counts
+  against the framework here. Round 1 also starts the actors and loads every client's data.
+- **Peak memory**: the largest sum of proportional set sizes (PSS, so pages that Ray's workers share
+  are counted once) over the SuperLink and all its descendant processes (the simulation process,
+  Ray's GCS, raylet and workers), sampled every 0.25 s during the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PER_ROUND_TRAINERS = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# process-tree memory from /proc (Linux)
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def superlink_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and "flower-superlink" in _cmdline(int(p))]
+
+
+def tree_pss_bytes(roots: list[int]) -> int:
+    """Sum of PSS over ``roots`` and all their descendants (processes that vanish are skipped)."""
+    children = _children_map()
+    stack, seen, total = list(roots), set(), 0
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        stack.extend(children.get(pid, []))
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total
+
+
+class PeakMemory:
+    """Samples the process trees of the given roots (re-found each time) in a background thread."""
+
+    def __init__(self, roots, interval: float = 0.25):
+        self.roots, self.interval, self.peak = roots, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_pss_bytes(self.roots()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def overhead_shares(rounds: list[dict[str, Any]], actors: int) -> list[float]:
+    """Per round: (round-s - server-s - client-s-sum / actors) / round-s (see the module docstring)."""
+    shares = []
+    for r in rounds:
+        outside = r["round-s"] - r.get("server-s", 0.0) - r["client-s-sum"] / actors
+        shares.append(max(outside, 0.0) / r["round-s"])
+    return shares
+
+
+def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str, Any]:
+    fraction = PER_ROUND_TRAINERS / clients
+    overrides = (
+        f'num-server-rounds={rounds} fraction-train={fraction} fraction-evaluate={fraction} min-available-nodes={clients} '
+        f'min-train-nodes={PER_ROUND_TRAINERS} results-dir="{out}"'
+    )  # fmt: skip
+    cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", "--num-supernodes", str(clients), "-c", str(ROOT / "conf" / "cifar10-cpu.toml"), "-c", overrides]
+    cmd += [x for e in extra for x in ("-c", e)]
+    print("$", " ".join(cmd), flush=True)
+    started = time.perf_counter()
+    with PeakMemory(superlink_pids) as memory:
+        done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        print(done.stdout[-4000:])
+        raise SystemExit(f"the {clients}-client run failed (exit {done.returncode})")
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines() if line.strip()]
+    actors = min(os.cpu_count() or 1, PER_ROUND_TRAINERS)  # Ray runs one client per core (1 CPU each)
+    shares = overhead_shares(rows, actors)
+    return {
+        "clients": clients,
+        "fraction_train": fraction,
+        "run_s": time.perf_counter() - started,
+        "peak_pss_mib": memory.peak / 2**20,
+        "actors": actors,
+        "rounds": [
+            {"round": r["round"], "round_s": r["round-s"], "server_s": r.get("server-s", 0.0), "client_s_sum": r["client-s-sum"], "overhead_share": s}
+            for r, s in zip(rows, shares)
+        ],
+        "overhead_share_after_round_1": statistics.mean(shares[1:]) if len(shares) > 1 else None,
+    }
+
+
+def report(results: list[dict[str, Any]]) -> list[str]:
+    lines = ["| clients (train per round) | round | round s | server s | client s (sum / actors) | Flower + Ray share |", "|---|---:|---:|---:|---:|---:|"]
+    for res in results:
+        for r in res["rounds"]:
+            lines.append(
+                f"| {res['clients']} ({PER_ROUND_TRAINERS}) | {r['round']} | {r['round_s']:.1f} | {r['server_s']:.1f} "
+                f"| {r['client_s_sum'] / res['actors']:.1f} | {100 * r['overhead_share']:.1f} % |"
+            )
+    lines += ["", "| clients | peak memory (PSS, MiB) | mean Flower + Ray share, rounds 2+ |", "|---|---:|---:|"]
+    for res in results:
+        share = res["overhead_share_after_round_1"]
+        lines.append(f"| {res['clients']} | {res['peak_pss_mib']:.0f} | {'-' if share is None else f'{100 * share:.1f} %'} |")
+    if len(results) >= 2:
+        base = results[0]["peak_pss_mib"]
+        for res in results[1:]:
+            lines.append(f"\nPeak memory, {res['clients']} vs {results[0]['clients']} simulated clients: **{res['peak_pss_mib'] / base:.2f} x**")
+    return lines
+
+
+def run(clients: list[int], rounds: int, extra: list[str], log=print) -> list[str]:
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fedmetanas-framework-") as tmp:
+        for n in clients:
+            log(f"[framework] {n} simulated clients, {rounds} rounds ...")
+            results.append(measure(n, rounds, Path(tmp) / f"clients-{n}", extra))
+    lines = [
+        f"### Flower + Ray: `cifar10-cpu`, real `flwr run` simulations ({rounds} rounds, {PER_ROUND_TRAINERS} clients train per round)",
+        "",
+        *report(results),
+        "",
+    ]
+    log("\n".join(lines))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", default="10,100", help="comma-separated numbers of simulated clients")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("-c", "--run-config", action="append", default=[], help="extra overrides")
+    args = ap.parse_args(argv)
+    run([int(c) for c in args.clients.split(",")], args.rounds, args.run_config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
