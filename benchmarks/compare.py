@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fedmetanas_core.outputs import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +35,7 @@ def run_method(preset: Path, method: str, out: Path, overrides: list[str], num_s
     if done.returncode != 0:
         raise SystemExit(f"{method} run failed (exit {done.returncode}); see the log above")
     summary = json.loads((out / "summary.json").read_text())
+    summary["config"] = yaml.safe_load((out / "config.yaml").read_text())
     summary["rounds_log"] = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     return summary
 
@@ -45,6 +48,18 @@ def time_to_reach(rounds: list[dict[str, Any]], target: float) -> float | None:
     return None
 
 
+def budget(cfg: dict[str, Any]) -> str:
+    """The method's training budget in words, from the run's own config.yaml."""
+    rounds = cfg["num-server-rounds"]
+    if cfg["method"] == "fedmetanas":
+        text = f"{rounds} rounds x {cfg['local-meta-iters']} meta-steps ({cfg['inner-steps']} inner)"
+        return text + (f", discrete from round {cfg['discrete-round']}" if cfg.get("discrete-round") else "")
+    if cfg["method"] == "fednas":
+        return (f"search {rounds} rounds x {cfg['local-epochs']} epoch(s), "
+                f"retrain {cfg['retrain-rounds']} rounds x {cfg['retrain-local-epochs']} epoch(s)")  # fmt: skip
+    return f"{rounds} rounds x {cfg['local-epochs']} epoch(s)"
+
+
 def comparison_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     target = summaries["fednas"]["final_test_accuracy"] if "fednas" in summaries else None
     rows = []
@@ -52,6 +67,7 @@ def comparison_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]
         rows.append(
             {
                 "method": method,
+                "budget": budget(s["config"]),
                 "final_test_accuracy": s["final_test_accuracy"],
                 "supernet_test_accuracy": s["supernet_test_accuracy"],
                 "search_time_s": s["search_time_s"],
@@ -79,12 +95,12 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| method | final test acc | supernet acc | personalized acc (before → after) | search s | retrain s | total s "
+    head = ("| method | budget | final test acc | supernet acc | personalized acc (before → after) | search s | retrain s | total s "
             "| s to reach FedNAS acc | params | rounds (+retrain) |")  # fmt: skip
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {_fmt(r['final_test_accuracy'])} | {_fmt(r['supernet_test_accuracy'])} "
+            f"| {r['method']} | {r['budget']} | {_fmt(r['final_test_accuracy'])} | {_fmt(r['supernet_test_accuracy'])} "
             f"| {_fmt(r['personalized_accuracy_before'])} → {_fmt(r['personalized_accuracy'])} | {_fmt(r['search_time_s'], 0)} "
             f"| {_fmt(r['retrain_time_s'], 0)} | {_fmt(r['total_time_s'], 0)} | {_fmt(r['time_to_reach_fednas_accuracy_s'], 0)} "
             f"| {r['params']} | {r['rounds']}{' + ' + str(r['retrain_rounds']) if r['retrain_rounds'] else ''} |"

@@ -1,0 +1,48 @@
+"""The comparison's arithmetic on constructed run summaries: time-to-target, budgets, table."""
+
+from __future__ import annotations
+
+from benchmarks.compare import budget, comparison_rows, markdown_table, time_to_reach
+
+
+def summary(method: str, accs: list[float], step_s: float, config: dict, retrain_s: float = 0.0) -> dict:
+    rounds = [{"accuracy": a, "elapsed-s": step_s * (i + 1)} for i, a in enumerate(accs)]
+    total = step_s * len(accs)
+    return {
+        "final_test_accuracy": accs[-1], "supernet_test_accuracy": None, "search_time_s": total - retrain_s,
+        "retrain_time_s": retrain_s, "total_time_s": total, "personalized_accuracy": 0.5,
+        "personalized_accuracy_before": 0.4, "params": 10, "rounds": len(accs), "retrain_rounds": 0,
+        "results_dir": f"/tmp/{method}", "rounds_log": rounds, "config": {"method": method, **config},
+    }  # fmt: skip
+
+
+META = {"num-server-rounds": 4, "local-meta-iters": 10, "inner-steps": 1, "discrete-round": 2}
+FEDNAS = {"num-server-rounds": 3, "local-epochs": 1, "retrain-rounds": 2, "retrain-local-epochs": 2}
+
+
+def test_time_to_reach_is_the_first_round_at_or_above_the_target():
+    rounds = [{"accuracy": 0.2, "elapsed-s": 10.0}, {"accuracy": 0.31, "elapsed-s": 20.0}, {"accuracy": 0.29, "elapsed-s": 30.0}]
+    assert time_to_reach(rounds, 0.3) == 20.0
+    assert time_to_reach(rounds, 0.31) == 20.0
+    assert time_to_reach(rounds, 0.4) is None
+
+
+def test_rows_measure_every_method_against_fednas_final_accuracy():
+    summaries = {
+        "fedmetanas": summary("fedmetanas", [0.1, 0.2, 0.3, 0.35], 10.0, META),
+        "fednas": summary("fednas", [0.1, 0.15, 0.2, 0.25, 0.3], 30.0, FEDNAS, retrain_s=60.0),
+        "fedavg": summary("fedavg", [0.1, 0.2], 1.0, {"num-server-rounds": 2, "local-epochs": 1}),
+    }
+    rows = {r["method"]: r for r in comparison_rows(summaries)}
+    assert rows["fedmetanas"]["time_to_reach_fednas_accuracy_s"] == 30.0  # 0.3 reached in round 3
+    assert rows["fednas"]["time_to_reach_fednas_accuracy_s"] == 150.0
+    assert rows["fedavg"]["time_to_reach_fednas_accuracy_s"] is None
+    assert rows["fedmetanas"]["budget"] == "4 rounds x 10 meta-steps (1 inner), discrete from round 2"
+    assert rows["fednas"]["budget"] == "search 3 rounds x 1 epoch(s), retrain 2 rounds x 2 epoch(s)"
+    table = markdown_table(list(rows.values())).splitlines()
+    assert len(table) == 5 and all(line.count("|") == table[0].count("|") for line in table)
+    assert "| fedavg | 2 rounds x 1 epoch(s) | 0.2000 |" in table[4]
+
+
+def test_budget_without_discretization_says_nothing_about_it():
+    assert budget({"method": "fedmetanas", **META, "discrete-round": 0}) == "4 rounds x 10 meta-steps (1 inner)"
