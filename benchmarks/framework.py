@@ -119,6 +119,12 @@ def overhead_shares(rounds: list[dict[str, Any]], actors: int) -> list[float]:
     return shares
 
 
+def whole_run_share(result: dict[str, Any]) -> float:
+    """Time outside server and client work over all rounds, as a share of their summed wall time."""
+    rounds = result["rounds"]
+    return sum(r["overhead_share"] * r["round_s"] for r in rounds) / sum(r["round_s"] for r in rounds)
+
+
 def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str, Any]:
     fraction = PER_ROUND_TRAINERS / clients
     overrides = (
@@ -170,16 +176,32 @@ def report(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# late rounds: the cell is discrete after round 1 (one op per edge), so client work per round is smallest
+LATE = "warmup-rounds=0 discrete-round=1"
+
+
 def run(clients: list[int], rounds: int, extra: list[str], log=print) -> list[str]:
     results = []
     with tempfile.TemporaryDirectory(prefix="fedmetanas-framework-") as tmp:
         for n in clients:
             log(f"[framework] {n} simulated clients, {rounds} rounds ...")
             results.append(measure(n, rounds, Path(tmp) / f"clients-{n}", extra))
+        log(f"[framework] {clients[0]} simulated clients, {rounds} rounds, discrete cell from round 2 ...")
+        late = measure(clients[0], rounds, Path(tmp) / "late", extra + [LATE])
     lines = [
         f"### Flower + Ray: `cifar10-cpu`, real `flwr run` simulations ({rounds} rounds, {PER_ROUND_TRAINERS} clients train per round)",
         "",
+        "Early rounds (the preset's warm-up: every op of the supernet runs):",
+        "",
         *report(results),
+        "",
+        f"Late rounds (`{LATE}`: from round 2 on the supernet is the discrete cell, the cheapest client work per round):",
+        "",
+        *report([late])[:-4],
+        "",
+        f"Share of all {rounds} rounds' wall time (round 1 included: Ray actors start and every client loads its data): "
+        + ", ".join(f"{r['clients']} clients {100 * whole_run_share(r):.1f} %" for r in results)
+        + f"; late rounds, {late['clients']} clients {100 * whole_run_share(late):.1f} %.",
         "",
     ]
     log("\n".join(lines))

@@ -1,0 +1,34 @@
+"""The Flower + Ray overhead arithmetic and the process-tree memory probe of benchmarks.framework."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.framework import overhead_shares, tree_pss_bytes, whole_run_share
+
+
+def test_overhead_is_what_server_and_packed_client_work_leave_of_the_round():
+    rounds = [{"round-s": 10.0, "server-s": 1.0, "client-s-sum": 16.0}, {"round-s": 5.0, "server-s": 0.5, "client-s-sum": 10.0}]
+    assert overhead_shares(rounds, actors=2) == pytest.approx([0.1, 0.0])  # 10-1-8 = 1 s; 5-0.5-5 < 0 -> 0
+    result = {"rounds": [{"round_s": 10.0, "overhead_share": 0.1}, {"round_s": 5.0, "overhead_share": 0.0}]}
+    assert whole_run_share(result) == pytest.approx(1.0 / 15.0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux /proc smaps_rollup")
+def test_tree_memory_counts_children():
+    alone = tree_pss_bytes([os.getpid()])
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(200 * 2**20); time.sleep(30)"])
+    try:
+        for _ in range(100):  # wait until the child has touched its 200 MiB
+            with_child = tree_pss_bytes([os.getpid()])
+            if with_child - alone > 150 * 2**20:
+                break
+            subprocess.run(["sleep", "0.1"])
+        assert with_child - alone > 150 * 2**20
+    finally:
+        child.kill()
+        child.wait()
