@@ -136,6 +136,7 @@ KEYS: tuple[Key, ...] = (
     Key("classes-per-client", 2, "pathological partitioner: classes per client", _at_least(1), "data"),
     Key("shards-per-client", 2, "shard partitioner: shards per client", _at_least(1), "data"),
     Key("min-partition-size", 10, "smallest allowed partition (Dirichlet retries to meet it)", _at_least(3), "data"),
+    Key("query-source", "query-split", "FedMetaNAS meta-step query batches: query-split (held-out, DARTS-style validation) | train (further train-split minibatches, disjoint from the support batch, as MAML in FL: every training example then trains the weights)", _choice(("query-split", "train")), "meta"),
     Key("query-fraction", 0.2, "share of a client's partition used as MAML query / FedNAS alpha-validation split", _fraction_below_one, "data"),
     Key("local-test-fraction", 0.2, "share of a client's partition held out as its local test split", _fraction_below_one, "data"),
     Key("image-size", 0, "resize images to this square size once at load; 0 = native", _at_least(0), "data"),

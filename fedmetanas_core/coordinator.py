@@ -113,9 +113,10 @@ class SearchPhase:
             )
         self.genotype = derive_genotype(self.space, arch, self.masks)
         stats = arch_statistics(self.space, arch, self.masks, plan.tau)
-        supernet = self.evaluate_supernet(plan.tau)
         derived = self.derived_network()
         derived_eval = evaluate(derived, self.test, self.cfg.eval_batch_size, self.device)
+        # a fully pruned supernet computes the derived network (tested), so one evaluation serves both
+        supernet = derived_eval if self.is_discrete() else self.evaluate_supernet(plan.tau)
         self.last = {
             "tau": plan.tau,
             "supernet-accuracy": supernet["accuracy"],
@@ -128,6 +129,16 @@ class SearchPhase:
             **self.op_probabilities(arch),
         }
         return self.last
+
+    def is_discrete(self) -> bool:
+        """One op per edge and one input pair per node: the supernet computes the derived network.
+
+        Without input pruning every edge feeds its node, so the supernet never equals the derived cell.
+        """
+        names = self.arch_state().keys()
+        if not self.space.input_pruning or any(n not in self.masks for n in names):
+            return False
+        return all(bool((self.masks[n].sum(-1) == 1).all()) for n in names)
 
     def op_probabilities(self, arch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Per-edge softmax(alpha) with masks, for the heatmaps of how the architecture converged."""

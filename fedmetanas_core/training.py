@@ -127,7 +127,8 @@ def fedmetanas_local_search(
     """Meta-train (w, alpha, beta) on tasks from the client's train (support) and query splits."""
     model.train()
     support_stream = BatchStream(data.train, cfg.batch_size, generator)
-    query_stream = BatchStream(data.query, cfg.batch_size, generator)
+    # 'train': one stream, so a task's query batch is the next, disjoint, minibatch of the train split
+    query_stream = support_stream if cfg.query_source == "train" else BatchStream(data.query, cfg.batch_size, generator)
     inner = InnerLoop(cfg.inner_steps, cfg.inner_lr_w, cfg.inner_lr_alpha, adapt_arch=not plan.alpha_frozen)
     fw = dict(settings=train_settings(cfg, plan.tau), masks=plan.masks, generator=generator)
     opt_w, opt_a = meta_optimizers(model, cfg)

@@ -860,6 +860,11 @@ def test_discrete_round_anneals_and_prunes_by_that_round():
     assert [phase.discreteness(r) for r in (1, 2, 4, 6, 9)] == [0.0, 0.0, 0.5, 1.0, 1.0]
     assert phase.plan(6).tau == pytest.approx(cfg.tau_min) and phase.plan(9).tau == pytest.approx(cfg.tau_min)
     assert phase.plan(3).tau == pytest.approx(cfg.tau_max)
+    assert not phase.is_discrete()
+    phase.masks = update_masks(phase.space, phase.arch_state(), {}, 0.01, cfg.tau_min, discreteness=0.5)
+    assert not phase.is_discrete()
+    phase.masks = update_masks(phase.space, phase.arch_state(), phase.masks, 0.01, cfg.tau_min, discreteness=1.0)
+    assert phase.is_discrete()  # the server then evaluates the derived network once for both
     with pytest.raises(ConfigError, match="discrete-round"):
         RunConfig.from_flat({"num-server-rounds": 10, "warmup-rounds": 3, "discrete-round": 3}, check_paths=False)
 
