@@ -18,6 +18,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -693,6 +694,13 @@ class ClientData:
     query: ImageData  # MAML query / FedNAS alpha-validation batches
     test: ImageData  # local test split: reporting and personalization only
     partition_id: int
+
+    @cached_property
+    def pool(self) -> ImageData:
+        """Train and query splits together: all of the client's training data, for any training that
+        does not hold the query split out (fixed networks, FedMetaNAS with query-source = train)."""
+        t, q = self.train, self.query
+        return ImageData(torch.cat([t.x, q.x]), torch.cat([t.y, q.y]), t.classes, t.mean, t.std)
 
 
 def split_partition(

@@ -126,9 +126,11 @@ def fedmetanas_local_search(
 ) -> LocalResult:
     """Meta-train (w, alpha, beta) on tasks from the client's train (support) and query splits."""
     model.train()
-    support_stream = BatchStream(data.train, cfg.batch_size, generator)
-    # 'train': one stream, so a task's query batch is the next, disjoint, minibatch of the train split
-    query_stream = support_stream if cfg.query_source == "train" else BatchStream(data.query, cfg.batch_size, generator)
+    if cfg.query_source == "train":  # one stream over all training data: query = the next, disjoint, minibatch
+        support_stream = query_stream = BatchStream(data.pool, cfg.batch_size, generator)
+    else:
+        support_stream = BatchStream(data.train, cfg.batch_size, generator)
+        query_stream = BatchStream(data.query, cfg.batch_size, generator)
     inner = InnerLoop(cfg.inner_steps, cfg.inner_lr_w, cfg.inner_lr_alpha, adapt_arch=not plan.alpha_frozen)
     fw = dict(settings=train_settings(cfg, plan.tau), masks=plan.masks, generator=generator)
     opt_w, opt_a = meta_optimizers(model, cfg)
@@ -163,7 +165,7 @@ def fedmetanas_local_search(
             opt_a.step()
         opt_w.zero_grad(set_to_none=True)
         opt_a.zero_grad(set_to_none=True)
-    return LocalResult(len(data.train), float(np.mean(losses)), cfg.local_meta_iters)
+    return LocalResult(len(support_stream.data), float(np.mean(losses)), cfg.local_meta_iters)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,9 +210,9 @@ def train_fixed(
     proximal_mu: float = 0.0,
 ) -> LocalResult:
     net.train()
-    stream = BatchStream(data.train, cfg.batch_size, generator)
+    stream = BatchStream(data.pool, cfg.batch_size, generator)  # no split to hold out: all training data
     opt = torch.optim.SGD(net.parameters(), lr=cfg.outer_lr_w, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps = epochs * max(1, math.ceil(len(data.train) / cfg.batch_size))
+    steps = epochs * stream.batches_per_epoch
     anchors = _anchor(net, proximal_mu)
     losses = []
     for _ in range(steps):
@@ -222,7 +224,7 @@ def train_fixed(
         _clip(net.parameters(), cfg.grad_clip)
         opt.step()
         losses.append(float(loss.detach()))
-    return LocalResult(len(data.train), float(np.mean(losses)), steps)
+    return LocalResult(len(data.pool), float(np.mean(losses)), steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,12 +247,12 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: ImageData, b
 def personalize_search_model(
     model: SearchModel, data: ClientData, cfg: RunConfig, plan: RoundPlan, generator: torch.Generator, device: torch.device
 ) -> dict[str, float]:
-    """Local test accuracy before and after K task-learner steps on the local train split."""
+    """Local test accuracy before and after K task-learner steps on the client's training data."""
     ev = eval_settings(cfg, plan.tau)
     before = evaluate(lambda x: model(x, ev, plan.masks), data.test, cfg.eval_batch_size, device)
     if cfg.personalize_steps == 0:
         return {"accuracy-before": before["accuracy"], "accuracy-after": before["accuracy"]}
-    stream = BatchStream(data.train, cfg.batch_size, generator)
+    stream = BatchStream(data.pool, cfg.batch_size, generator)
     inner = InnerLoop(cfg.personalize_steps, cfg.inner_lr_w, cfg.inner_lr_alpha, adapt_arch=not plan.alpha_frozen)
     params = dict(model.named_parameters())
     adapted = inner_adapt(
@@ -270,7 +272,7 @@ def personalize_fixed(
     before = evaluate(net, data.test, cfg.eval_batch_size, device)
     if cfg.personalize_steps == 0:
         return {"accuracy-before": before["accuracy"], "accuracy-after": before["accuracy"]}
-    stream = BatchStream(data.train, cfg.batch_size, generator)
+    stream = BatchStream(data.pool, cfg.batch_size, generator)
     params = {k: v for k, v in net.named_parameters()}
     adapted = inner_adapt(net, params, lambda _: _to(stream.next_batch(), device), InnerLoop(cfg.personalize_steps, cfg.inner_lr_w, 0.0))
     after = evaluate(lambda x: functional_call(net, adapted, (x,)), data.test, cfg.eval_batch_size, device)

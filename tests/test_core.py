@@ -1053,6 +1053,22 @@ def test_fedmetanas_local_search_updates_everything_but_masked_logits(client_dat
         assert torch.all(w[~m] == 0)
 
 
+def test_query_source_decides_which_examples_the_meta_step_sees(client_data):
+    """query-split: the held-out query split is the meta step's data; train: all training data is."""
+    poisoned = ClientData(client_data.train, client_data.query.subset(list(range(16))), client_data.test, 0)
+    poisoned.query.x[:] = float("nan")  # a query split that must never reach a forward pass when 'train'
+    held_out = RunConfig.from_flat(TINY)
+    model, _, res = run_search(held_out, poisoned)
+    assert res.num_examples == len(client_data.train)
+    assert not all(torch.isfinite(v).all() for v in model.state_dict().values()), "query split unused"
+    pooled = RunConfig.from_flat({**TINY, "query-source": "train"})
+    model, _, res = run_search(pooled, client_data)
+    assert res.num_examples == len(client_data.train) + len(client_data.query) == len(client_data.pool)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert torch.equal(client_data.pool.x[: len(client_data.train)], client_data.train.x)
+    assert torch.equal(client_data.pool.y[len(client_data.train) :], client_data.query.y)
+
+
 def test_fedmetanas_local_search_frozen_alphas_stay(client_data):
     cfg = RunConfig.from_flat(TINY)
     model, before, _ = run_search(cfg, client_data, frozen=True)
