@@ -129,8 +129,8 @@ def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str,
     fraction = PER_ROUND_TRAINERS / clients
     overrides = (
         f'num-server-rounds={rounds} fraction-train={fraction} fraction-evaluate={fraction} min-available-nodes={clients} '
-        f'min-train-nodes={PER_ROUND_TRAINERS} results-dir="{out}"'
-    )  # fmt: skip
+        f'min-train-nodes={PER_ROUND_TRAINERS} results-dir="{out}" discrete-round=0'
+    )  # fmt: skip  (discrete-round: the preset's lies beyond these few rounds; LATE sets its own)
     cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", "--num-supernodes", str(clients), "-c", str(ROOT / "conf" / "cifar10-cpu.toml"), "-c", overrides]
     cmd += [x for e in extra for x in ("-c", e)]
     print("$", " ".join(cmd), flush=True)

@@ -32,7 +32,6 @@ import platform
 import statistics
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 
 from fedmetanas_core import search_space as S
 from fedmetanas_core.aggregation import update_masks
+from fedmetanas_core.cli import parse_run_config
 from fedmetanas_core.config import RunConfig
 from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
 from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient
@@ -101,8 +101,7 @@ def with_path(fast: bool, fn: Callable[[], object]) -> Callable[[], object]:
 
 def load_config(name: str) -> tuple[RunConfig, int]:
     file, native = SPACES[name]
-    flat = tomllib.loads((ROOT / "conf" / file).read_text())
-    cfg = RunConfig.from_flat(flat, check_paths=False)
+    cfg = RunConfig.from_flat(parse_run_config([str(ROOT / "conf" / file)]), check_paths=False)  # FedMetaNAS's table
     return cfg, cfg.image_size or native
 
 

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, resolve_method_tables
+from .config import METHODS, ConfigError, RunConfig, resolve_method_tables
 
 APP_DIR = Path(__file__).resolve().parents[1]
 PATH_KEYS = ("data-dir", "results-dir", "fedavg-genotype")
@@ -38,6 +38,14 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _set(overrides: dict[str, Any], key: str, value: Any) -> None:
+    """Later settings win: a plain key also replaces what earlier method tables said about it."""
+    if "." not in key:
+        for method in METHODS:
+            overrides.pop(f"{method}.{key}", None)
+    overrides[key] = value
+
+
 def parse_run_config(items: list[str]) -> dict[str, Any]:
     """Same forms as ``flwr run --run-config``: a TOML file, or 'k1=v1 k2=v2' with TOML values."""
     overrides: dict[str, Any] = {}
@@ -46,14 +54,15 @@ def parse_run_config(items: list[str]) -> dict[str, Any]:
         if path.suffix == ".toml" and "=" not in item:
             if not path.is_file():
                 raise ConfigError("--run-config", item, "file not found")
-            overrides.update(_flatten(tomllib.loads(path.read_text())))
+            for key, value in _flatten(tomllib.loads(path.read_text())).items():
+                _set(overrides, key, value)
             continue
         for pair in shlex.split(item, posix=False):
             key, sep, raw = pair.partition("=")
             if not sep:
                 raise ConfigError(key, pair, "expected key=value")
             try:
-                overrides[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+                _set(overrides, key.strip(), tomllib.loads(f"v = {raw.strip()}")["v"])
             except tomllib.TOMLDecodeError:
                 raise ConfigError(key.strip(), raw, "not a TOML value (strings need quotes)") from None
     return overrides

@@ -840,6 +840,16 @@ def test_discrete_supernet_is_the_derived_network():
         torch.testing.assert_close(noisy, net(x), rtol=1e-5, atol=1e-5)
 
 
+def test_later_plain_keys_override_earlier_method_tables(tmp_path):
+    from fedmetanas_core.cli import parse_run_config
+
+    preset = tmp_path / "p.toml"
+    preset.write_text("num-server-rounds = 10\n[fedmetanas]\ndiscrete-round = 8\nlocal-meta-iters = 4\n")
+    flat = parse_run_config([str(preset), "num-server-rounds=3 discrete-round=0"])
+    cfg = RunConfig.from_flat(flat, check_paths=False)
+    assert (cfg.num_server_rounds, cfg.discrete_round, cfg.local_meta_iters) == (3, 0, 4)
+
+
 def test_method_tables_apply_to_their_own_method_only():
     preset = {"num-server-rounds": 10, "fednas.num-server-rounds": 4, "fednas.retrain-rounds": 7, "fedavg.local-epochs": 3}
     fednas = RunConfig.from_flat({**preset, "method": "fednas"}, check_paths=False)
@@ -1142,3 +1152,13 @@ def test_round_plan_config_round_trip():
     assert set(back.masks) == set(masks)
     for k in masks:
         assert torch.equal(back.masks[k], masks[k])
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "conf").glob("*.toml")))
+def test_every_preset_is_valid_for_every_method(preset):
+    from fedmetanas_core.cli import parse_run_config
+
+    flat = parse_run_config([str(Path(__file__).resolve().parents[1] / "conf" / preset)])
+    for method in C.METHODS:
+        cfg = RunConfig.from_flat({**flat, "method": method}, check_paths=False)
+        assert cfg.method == method
