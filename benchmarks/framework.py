@@ -2,6 +2,7 @@
 
     python -m benchmarks.framework                 # cifar10-cpu, 10 and 100 simulated clients
     python -m benchmarks.framework --rounds 3 --clients 10,100
+    python -m benchmarks.framework --from-runs benchmarks/results/cifar10-cpu/*/   # finished runs
 
 Each measurement is one ``fedmetanas run`` (``flwr run`` against the local SuperLink, Ray
 simulation engine) of the ``cifar10-cpu`` preset in which 10 clients train per round: all of them
@@ -208,12 +209,31 @@ def run(clients: list[int], rounds: int, extra: list[str], log=print) -> list[st
     return lines
 
 
+def from_runs(dirs: list[Path], actors: int) -> list[str]:
+    """The same shares for finished runs (their rounds.jsonl), e.g. a whole comparison run."""
+    lines = ["| run | rounds | Flower + Ray share, all rounds | rounds 2+ | round 1 | server share |", "|---|---:|---:|---:|---:|---:|"]
+    for d in dirs:
+        rows = [json.loads(line) for line in (d / "rounds.jsonl").read_text().splitlines() if line.strip()]
+        shares = overhead_shares(rows, actors)
+        result = {"rounds": [{"round_s": r["round-s"], "overhead_share": sh} for r, sh in zip(rows, shares)]}
+        later = {"rounds": result["rounds"][1:]} if len(rows) > 1 else result
+        server = sum(r.get("server-s", 0.0) for r in rows) / sum(r["round-s"] for r in rows)
+        lines.append(f"| `{d}` | {len(rows)} | {100 * whole_run_share(result):.1f} % | {100 * whole_run_share(later):.1f} % "
+                     f"| {100 * shares[0]:.1f} % | {100 * server:.1f} % |")  # fmt: skip
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", default="10,100", help="comma-separated numbers of simulated clients")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-c", "--run-config", action="append", default=[], help="extra overrides")
+    ap.add_argument("--from-runs", nargs="*", type=Path, help="only report the shares of these finished runs' rounds.jsonl")
+    ap.add_argument("--actors", type=int, default=min(os.cpu_count() or 1, PER_ROUND_TRAINERS), help="Ray actors of those runs")
     args = ap.parse_args(argv)
+    if args.from_runs:
+        print("\n".join(from_runs(args.from_runs, args.actors)))
+        return 0
     run([int(c) for c in args.clients.split(",")], args.rounds, args.run_config)
     return 0
 
