@@ -35,6 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_ROUND_TRAINERS = 10
+RAY_ACTORS = min(os.cpu_count() or 1, PER_ROUND_TRAINERS)  # Ray runs one client per core (1 CPU each)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str,
         print(done.stdout[-4000:])
         raise SystemExit(f"the {clients}-client run failed (exit {done.returncode})")
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines() if line.strip()]
-    actors = min(os.cpu_count() or 1, PER_ROUND_TRAINERS)  # Ray runs one client per core (1 CPU each)
+    actors = RAY_ACTORS
     shares = overhead_shares(rows, actors)
     return {
         "clients": clients,
@@ -158,7 +159,7 @@ def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str,
     }
 
 
-def report(results: list[dict[str, Any]]) -> list[str]:
+def round_table(results: list[dict[str, Any]]) -> list[str]:
     lines = ["| clients (train per round) | round | round s | server s | client s (sum / actors) | Flower + Ray share |", "|---|---:|---:|---:|---:|---:|"]
     for res in results:
         for r in res["rounds"]:
@@ -166,14 +167,17 @@ def report(results: list[dict[str, Any]]) -> list[str]:
                 f"| {res['clients']} ({PER_ROUND_TRAINERS}) | {r['round']} | {r['round_s']:.1f} | {r['server_s']:.1f} "
                 f"| {r['client_s_sum'] / res['actors']:.1f} | {100 * r['overhead_share']:.1f} % |"
             )
-    lines += ["", "| clients | peak memory (PSS, MiB) | mean Flower + Ray share, rounds 2+ |", "|---|---:|---:|"]
+    return lines
+
+
+def memory_table(results: list[dict[str, Any]]) -> list[str]:
+    lines = ["| clients | peak memory (PSS, MiB) | mean Flower + Ray share, rounds 2+ |", "|---|---:|---:|"]
     for res in results:
         share = res["overhead_share_after_round_1"]
         lines.append(f"| {res['clients']} | {res['peak_pss_mib']:.0f} | {'-' if share is None else f'{100 * share:.1f} %'} |")
-    if len(results) >= 2:
-        base = results[0]["peak_pss_mib"]
-        for res in results[1:]:
-            lines.append(f"\nPeak memory, {res['clients']} vs {results[0]['clients']} simulated clients: **{res['peak_pss_mib'] / base:.2f} x**")
+    base = results[0]["peak_pss_mib"]
+    for res in results[1:]:
+        lines.append(f"\nPeak memory, {res['clients']} vs {results[0]['clients']} simulated clients: **{res['peak_pss_mib'] / base:.2f} x**")
     return lines
 
 
@@ -194,11 +198,13 @@ def run(clients: list[int], rounds: int, extra: list[str], log=print) -> list[st
         "",
         "Early rounds (the preset's warm-up: every op of the supernet runs):",
         "",
-        *report(results),
+        *round_table(results),
+        "",
+        *memory_table(results),
         "",
         f"Late rounds (`{LATE}`: from round 2 on the supernet is the discrete cell, the cheapest client work per round):",
         "",
-        *report([late])[:-4],
+        *round_table([late]),
         "",
         f"Share of all {rounds} rounds' wall time (round 1 included: Ray actors start and every client loads its data): "
         + ", ".join(f"{r['clients']} clients {100 * whole_run_share(r):.1f} %" for r in results)
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-c", "--run-config", action="append", default=[], help="extra overrides")
     ap.add_argument("--from-runs", nargs="*", type=Path, help="only report the shares of these finished runs' rounds.jsonl")
-    ap.add_argument("--actors", type=int, default=min(os.cpu_count() or 1, PER_ROUND_TRAINERS), help="Ray actors of those runs")
+    ap.add_argument("--actors", type=int, default=RAY_ACTORS, help="Ray actors of those runs")
     args = ap.parse_args(argv)
     if args.from_runs:
         print("\n".join(from_runs(args.from_runs, args.actors)))

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -182,7 +181,7 @@ def fednas_local_search(
     train_stream = BatchStream(data.train, cfg.batch_size, generator)
     val_stream = BatchStream(data.query, cfg.batch_size, generator)
     opt_w, opt_a = meta_optimizers(model, cfg)
-    steps = cfg.local_epochs * max(1, math.ceil(len(data.train) / cfg.batch_size))
+    steps = cfg.local_epochs * train_stream.batches_per_epoch
     anchors = _anchor(model.net, proximal_mu)
     losses = []
     for _ in range(steps):
