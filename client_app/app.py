@@ -105,9 +105,9 @@ def train(msg: Message, context: Context) -> Message:
     generator = make_generator(cfg.seed, "train", data.partition_id, config.get("phase"), plan.server_round)
     mu = float(config.get("proximal-mu", 0.0))  # set by FedProx
     if config["phase"] == "fixed":
-        result = train_fixed(model, data, cfg, int(config["local-epochs"]), generator, device, proximal_mu=mu)
+        result = train_fixed(model, data, cfg, int(config["local-epochs"]), generator, device, proximal_mu=mu, lr_w=plan.lr_w)
     elif cfg.method == "fednas":
-        result = fednas_local_search(model, data, cfg, generator, device, proximal_mu=mu)
+        result = fednas_local_search(model, data, cfg, generator, device, proximal_mu=mu, lr_w=plan.lr_w)
     else:
         result = fedmetanas_local_search(model, data, cfg, plan, generator, device, proximal_mu=mu)
     metrics = MetricRecord(

@@ -7,6 +7,7 @@ client 0's dict in place; FedML's rebound a loop variable and "averaged" client 
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -119,6 +120,17 @@ def update_masks(
             keep &= capped
         new[name] = keep
     return new
+
+
+def masks_are_discrete(space: SpaceConfig, arch_names: Iterable[str], masks: dict[str, torch.Tensor]) -> bool:
+    """One op per edge and one input pair per node: the supernet computes the derived network.
+
+    Without input pruning every edge feeds its node, so the supernet never equals the derived cell.
+    """
+    names = list(arch_names)
+    if not space.input_pruning or any(n not in masks for n in names):
+        return False
+    return all(bool((masks[n].sum(-1) == 1).all()) for n in names)
 
 
 def arch_statistics(space: SpaceConfig, arch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], tau: float) -> dict[str, float]:

@@ -176,6 +176,8 @@ KEYS: tuple[Key, ...] = (
     Key("reptile-lr-alpha", 0.6, "Reptile meta step size for alphas", _positive, "meta"),
     # --- optimisers (all methods)
     Key("outer-lr-w", 0.1, "meta / local optimiser learning rate for weights (SGD, momentum)", _positive, "optim"),
+    Key("lr-schedule", "constant", "constant | cosine: the weights' learning rate over each stage's rounds (FedMetaNAS's run, FedNAS's search and retraining, FedAvg's run), from outer-lr-w down to lr-min in the last round; sent by the server every round", _choice(("constant", "cosine")), "optim"),
+    Key("lr-min", 0.0, "the weights' learning rate in a stage's last round with lr-schedule = cosine", _at_least(0), "optim"),
     Key("momentum", 0.9, "SGD momentum for weights", _unit, "optim"),
     Key("weight-decay", 3e-4, "weight decay for weights", _at_least(0), "optim"),
     Key("outer-lr-alpha", 0.05, "Adam learning rate for alphas/betas", _positive, "optim"),
@@ -279,6 +281,8 @@ class RunConfig(Mapping[str, Any]):
                 "discrete-round", self.discrete_round,
                 f"must be 0 or after the warm-up ({self.warmup_rounds} rounds) and <= num-server-rounds ({self.num_server_rounds})",
             )  # fmt: skip
+        if self.lr_min > self.outer_lr_w:
+            raise ConfigError("lr-min", self.lr_min, f"must be <= outer-lr-w ({self.outer_lr_w})")
         if self.tau_max < self.tau_min:
             raise ConfigError("tau-max", self.tau_max, f"must be >= tau-min ({self.tau_min})")
         if self.query_fraction + self.local_test_fraction >= 1:

@@ -8,13 +8,15 @@ round by round and only translates between records and these objects.
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .aggregation import State, arch_statistics, update_masks
+from .aggregation import State, arch_statistics, masks_are_discrete, update_masks
 from .config import RunConfig
 from .data import ImageData
 from .genotype import DiscreteNetwork, Genotype, build_fixed_network, derive_genotype
@@ -32,6 +34,8 @@ MASK_PREFIX = "mask:"
 
 def plan_to_config(plan: RoundPlan) -> dict[str, Any]:
     out: dict[str, Any] = {"tau": float(plan.tau), "alpha-frozen": bool(plan.alpha_frozen), "round": int(plan.server_round)}
+    if plan.lr_w is not None:
+        out["lr-w"] = float(plan.lr_w)
     for name, mask in plan.masks.items():
         out[MASK_PREFIX + name] = [bool(b) for b in mask.flatten().tolist()]
     return out
@@ -48,7 +52,34 @@ def plan_from_config(config: dict[str, Any], shapes: dict[str, torch.Size]) -> R
         tau=float(config.get("tau", 1.0)),
         alpha_frozen=bool(config.get("alpha-frozen", False)),
         masks=masks,
+        lr_w=float(config["lr-w"]) if "lr-w" in config else None,
     )
+
+
+@dataclass(frozen=True)
+class LearningRateSchedule:
+    """The weights' learning rate as a pure function of a stage's round, sent with each round.
+
+    Clients re-create their optimiser every round, so a decay across rounds has to come from the
+    server; each stage (a search, a retraining) anneals over its own rounds.
+    """
+
+    base: float
+    minimum: float
+    num_rounds: int
+    kind: str = "constant"
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, num_rounds: int) -> "LearningRateSchedule":
+        return cls(cfg.outer_lr_w, cfg.lr_min, num_rounds, cfg.lr_schedule)
+
+    def __call__(self, server_round: int) -> float:
+        if self.kind == "constant":
+            return self.base
+        t = 1.0 if self.num_rounds <= 1 else min(max((server_round - 1) / (self.num_rounds - 1), 0.0), 1.0)
+        if self.kind == "cosine":
+            return self.minimum + 0.5 * (self.base - self.minimum) * (1 + math.cos(math.pi * t))
+        raise ValueError(f"unknown learning-rate schedule {self.kind!r}")
 
 
 def seeded_init(module_factory, seed: int, *stream):
@@ -73,6 +104,7 @@ class SearchPhase:
         self.masks: dict[str, torch.Tensor] = {}
         self.anneal_rounds = min(cfg.discrete_round, rounds) if cfg.discrete_round else rounds
         self.schedule = TemperatureSchedule(cfg.tau_max, cfg.tau_min, self.anneal_rounds, cfg.tau_schedule, cfg.warmup_rounds)
+        self.learning_rate = LearningRateSchedule.from_config(cfg, rounds)
         self.genotype: Genotype = derive_genotype(space, self.arch_state())  # defined even if no round aggregates
         self.last: dict[str, Any] = {}
 
@@ -84,10 +116,11 @@ class SearchPhase:
         return state_arrays(self.model)
 
     def plan(self, server_round: int) -> RoundPlan:
+        lr_w = self.learning_rate(server_round)
         if not self.is_meta:  # FedNAS: plain softmax at temperature 1, nothing masked
-            return RoundPlan(server_round, 1.0, False, {})
+            return RoundPlan(server_round, 1.0, False, {}, lr_w)
         frozen = server_round <= self.cfg.warmup_rounds
-        return RoundPlan(server_round, self.schedule(server_round), frozen, dict(self.masks))
+        return RoundPlan(server_round, self.schedule(server_round), frozen, dict(self.masks), lr_w)
 
     def discreteness(self, server_round: int) -> float:
         """0 until the warm-up ends, then linear to 1 at ``discrete-round`` (0 throughout when unset)."""
@@ -131,14 +164,7 @@ class SearchPhase:
         return self.last
 
     def is_discrete(self) -> bool:
-        """One op per edge and one input pair per node: the supernet computes the derived network.
-
-        Without input pruning every edge feeds its node, so the supernet never equals the derived cell.
-        """
-        names = self.arch_state().keys()
-        if not self.space.input_pruning or any(n not in self.masks for n in names):
-            return False
-        return all(bool((self.masks[n].sum(-1) == 1).all()) for n in names)
+        return masks_are_discrete(self.space, self.arch_state().keys(), self.masks)
 
     def op_probabilities(self, arch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Per-edge softmax(alpha) with masks, for the heatmaps of how the architecture converged."""
@@ -175,13 +201,14 @@ class FixedPhase:
         self.cfg, self.space, self.genotype, self.test, self.device, self.rounds = cfg, space, genotype, test, device, rounds
         self.net = seeded_init(lambda: build_fixed_network(space, genotype), cfg.seed, name).to(device)
         self.name = name
+        self.learning_rate = LearningRateSchedule.from_config(cfg, rounds)
         self.last: dict[str, Any] = {}
 
     def initial_state(self) -> State:
         return state_arrays(self.net)
 
     def plan(self, server_round: int) -> RoundPlan:
-        return RoundPlan(server_round, 1.0, False, {})
+        return RoundPlan(server_round, 1.0, False, {}, self.learning_rate(server_round))
 
     def round_config(self, server_round: int) -> dict[str, Any]:
         genotype = self.genotype.to_json() if self.genotype is not None else ""

@@ -19,7 +19,9 @@ from torch.func import functional_call
 
 from .config import RunConfig
 from .data import BatchStream, ClientData, ImageData
-from .maml import InnerLoop, fomaml_task_gradient, inner_adapt, mean_dicts, reptile_task_delta, second_order_task_gradient
+from .aggregation import masks_are_discrete
+from .genotype import DiscreteNetwork, derive_genotype
+from .maml import InnerLoop, fomaml_task_gradient, inner_adapt, is_arch, mean_dicts, reptile_task_delta, second_order_task_gradient
 from .search_space import RelaxSettings, SearchModel, SpaceConfig
 
 
@@ -50,6 +52,7 @@ class RoundPlan:
     tau: float
     alpha_frozen: bool = False
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    lr_w: float | None = None  # the round's weight learning rate (None: outer-lr-w)
 
 
 @dataclass
@@ -112,58 +115,86 @@ def eval_settings(cfg: RunConfig, tau: float) -> RelaxSettings:
     return RelaxSettings(tau=tau, mode="softmax", noise=False, threshold=cfg.prune_threshold, argmax=cfg.eval_mode == "argmax")
 
 
-def meta_optimizers(model: SearchModel, cfg: RunConfig):
+def weight_optimizer(net: nn.Module, cfg: RunConfig, lr_w: float | None = None) -> torch.optim.SGD:
+    return torch.optim.SGD(net.parameters(), lr=cfg.outer_lr_w if lr_w is None else lr_w, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def arch_optimizer(model: SearchModel, cfg: RunConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(model.arch.parameters(), lr=cfg.outer_lr_alpha, betas=(0.5, 0.999), weight_decay=cfg.alpha_weight_decay)
+
+
+def meta_optimizers(model: SearchModel, cfg: RunConfig, lr_w: float | None = None):
     """Re-created every round: clients are stateless, and no stale Adam moments survive a mask."""
-    opt_w = torch.optim.SGD(model.net.parameters(), lr=cfg.outer_lr_w, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    opt_a = torch.optim.Adam(model.arch.parameters(), lr=cfg.outer_lr_alpha, betas=(0.5, 0.999), weight_decay=cfg.alpha_weight_decay)
-    return opt_w, opt_a
+    return weight_optimizer(model.net, cfg, lr_w), arch_optimizer(model, cfg)
 
 
 def fedmetanas_local_search(
     model: SearchModel, data: ClientData, cfg: RunConfig, plan: RoundPlan, generator: torch.Generator, device: torch.device,
     proximal_mu: float = 0.0,
 ) -> LocalResult:
-    """Meta-train (w, alpha, beta) on tasks from the client's train (support) and query splits."""
+    """Meta-train (w, alpha, beta) on tasks from the client's train (support) and query splits.
+
+    Once the server's masks leave one op per edge and one input pair per node, the supernet computes
+    exactly the derived network and no alpha or beta gets a gradient: the same meta-training then
+    runs on that network (no op mixing, no architecture graph) and its weights go back into the
+    supernet, so the reply is the same state at the discrete network's cost.
+    """
     model.train()
+    arch_names = [name for name in model.state_dict() if is_arch(name)]
+    if masks_are_discrete(model.space, arch_names, plan.masks):
+        arch = {k: v.detach() for k, v in model.state_dict().items() if is_arch(k)}
+        net = DiscreteNetwork.inherit(model, derive_genotype(model.space, arch, plan.masks)).to(device).train()
+        result = _meta_train(net, net, None, data, cfg, plan, generator, device, proximal_mu, {})
+        model.net.load_state_dict(net.state_dict(), strict=False)
+        return result
+    fw = dict(settings=train_settings(cfg, plan.tau), masks=plan.masks, generator=generator)
+    opt_a = None if plan.alpha_frozen else arch_optimizer(model, cfg)
+    return _meta_train(model, model.net, opt_a, data, cfg, plan, generator, device, proximal_mu, fw)
+
+
+def _meta_train(
+    module: nn.Module, weights: nn.Module, opt_a: torch.optim.Optimizer | None, data: ClientData, cfg: RunConfig,
+    plan: RoundPlan, generator: torch.Generator, device: torch.device, proximal_mu: float, fw: dict,
+) -> LocalResult:
+    """The meta-learning loop over ``module``'s parameters: ``weights`` holds the network weights,
+    ``opt_a`` steps the architecture (None: frozen or absent)."""
     if cfg.query_source == "train":  # one stream over all training data: query = the next, disjoint, minibatch
         support_stream = query_stream = BatchStream(data.pool, cfg.batch_size, generator)
     else:
         support_stream = BatchStream(data.train, cfg.batch_size, generator)
         query_stream = BatchStream(data.query, cfg.batch_size, generator)
-    inner = InnerLoop(cfg.inner_steps, cfg.inner_lr_w, cfg.inner_lr_alpha, adapt_arch=not plan.alpha_frozen)
-    fw = dict(settings=train_settings(cfg, plan.tau), masks=plan.masks, generator=generator)
-    opt_w, opt_a = meta_optimizers(model, cfg)
-    anchors = _anchor(model.net, proximal_mu)
+    inner = InnerLoop(cfg.inner_steps, cfg.inner_lr_w, cfg.inner_lr_alpha, adapt_arch=opt_a is not None)
+    opt_w = weight_optimizer(weights, cfg, plan.lr_w)
+    anchors = _anchor(weights, proximal_mu)
     losses = []
     for _ in range(cfg.local_meta_iters):
-        params = dict(model.named_parameters())
+        params = dict(module.named_parameters())
         task_results = []
         for _ in range(cfg.tasks_per_meta_batch):
             support = _to(support_stream.next_batch(), device)
             if cfg.meta_learner == "reptile":
-                task_results.append(reptile_task_delta(model, params, support, inner, **fw))
+                task_results.append(reptile_task_delta(module, params, support, inner, **fw))
                 continue
             query = _to(query_stream.next_batch(), device)
             task_grad = second_order_task_gradient if cfg.maml_order == 2 else fomaml_task_gradient
-            task_results.append(task_grad(model, params, support, query, inner, **fw))
+            task_results.append(task_grad(module, params, support, query, inner, **fw))
         direction = mean_dicts([r[0] for r in task_results])
         losses.append(float(np.mean([r[1] for r in task_results])))
         if cfg.meta_learner == "reptile":
             with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if name.startswith("arch.") and plan.alpha_frozen:
+                for name, p in module.named_parameters():
+                    if is_arch(name) and opt_a is None:
                         continue
-                    p.add_(direction[name], alpha=cfg.reptile_lr_alpha if name.startswith("arch.") else cfg.reptile_lr_w)
+                    p.add_(direction[name], alpha=cfg.reptile_lr_alpha if is_arch(name) else cfg.reptile_lr_w)
             continue
-        for name, p in model.named_parameters():
+        for name, p in module.named_parameters():
             p.grad = direction[name]
         _add_proximal(anchors, proximal_mu)
-        _clip(model.net.parameters(), cfg.grad_clip)
+        _clip(weights.parameters(), cfg.grad_clip)
         opt_w.step()
-        if not plan.alpha_frozen:
+        if opt_a is not None:
             opt_a.step()
-        opt_w.zero_grad(set_to_none=True)
-        opt_a.zero_grad(set_to_none=True)
+        module.zero_grad(set_to_none=True)
     return LocalResult(len(support_stream.data), float(np.mean(losses)), cfg.local_meta_iters)
 
 
@@ -173,14 +204,14 @@ def fedmetanas_local_search(
 
 def fednas_local_search(
     model: SearchModel, data: ClientData, cfg: RunConfig, generator: torch.Generator, device: torch.device,
-    proximal_mu: float = 0.0,
+    proximal_mu: float = 0.0, lr_w: float | None = None,
 ) -> LocalResult:
     """Per minibatch: alpha step on grad(L_val) + grad(L_train), then the weight step on L_train."""
     model.train()
     settings = RelaxSettings(tau=1.0, mode="softmax", noise=False, threshold=0.0)
     train_stream = BatchStream(data.train, cfg.batch_size, generator)
     val_stream = BatchStream(data.query, cfg.batch_size, generator)
-    opt_w, opt_a = meta_optimizers(model, cfg)
+    opt_w, opt_a = meta_optimizers(model, cfg, lr_w)
     steps = cfg.local_epochs * train_stream.batches_per_epoch
     anchors = _anchor(model.net, proximal_mu)
     losses = []
@@ -206,11 +237,11 @@ def fednas_local_search(
 
 def train_fixed(
     net: nn.Module, data: ClientData, cfg: RunConfig, epochs: int, generator: torch.Generator, device: torch.device,
-    proximal_mu: float = 0.0,
+    proximal_mu: float = 0.0, lr_w: float | None = None,
 ) -> LocalResult:
     net.train()
     stream = BatchStream(data.pool, cfg.batch_size, generator)  # no split to hold out: all training data
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.outer_lr_w, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = weight_optimizer(net, cfg, lr_w)
     steps = epochs * stream.batches_per_epoch
     anchors = _anchor(net, proximal_mu)
     losses = []

@@ -163,6 +163,7 @@ class Experiment:
             "phase": phase.name,
             "round": rnd,
             **{k: v for k, v in metrics.items() if k != "genotype"},
+            "lr-w": phase.plan(rnd).lr_w,
             "replies": len(replies),
             "aggregated": aggregated is not None,
             "rejected": len(strategy.rejected),

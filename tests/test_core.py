@@ -3,6 +3,7 @@ config, seeding, outputs and the local training loops. Tiny spaces and 8x8 input
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tomllib
@@ -1043,6 +1044,32 @@ def run_search(cfg, data, masks=None, frozen=False, seed=0):
     return model, before, res
 
 
+@pytest.mark.parametrize("query_source", ["query-split", "train"])
+def test_discrete_local_search_trains_the_derived_network_like_the_supernet(client_data, query_source):
+    """Once masks leave one op per edge and one pair per node, local search runs on the derived
+    network; the reply's live weights equal what meta-training the masked supernet gives."""
+    from fedmetanas_core.training import _meta_train, arch_optimizer, train_settings
+
+    cfg = RunConfig.from_flat({**TINY, "local-meta-iters": 1, "tasks-per-meta-batch": 1, "query-source": query_source})
+    space = space_from_config(cfg, client_data.train.num_classes, client_data.train.in_channels)
+    model = SearchModel(space)
+    randomize_arch(model, scale=1.0, seed=8)
+    masks = update_masks(space, arch_state(model), {}, threshold=0.0, tau_min=0.1, discreteness=1.0)
+    reference = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = RoundPlan(5, 0.1, False, masks, lr_w=0.05)
+    fedmetanas_local_search(model, client_data, cfg, plan, torch.Generator().manual_seed(3), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(3)
+    fw = dict(settings=train_settings(cfg, plan.tau), masks=masks, generator=generator)
+    reference.train()
+    _meta_train(reference, reference.net, arch_optimizer(reference, cfg), client_data, cfg, plan, generator, torch.device("cpu"), 0.0, fw)
+    live = ["net." + k for k in DiscreteNetwork(space, derive_genotype(space, arch_state(model), masks)).state_dict()]
+    got, want = model.state_dict(), reference.state_dict()
+    assert any(not torch.equal(got[k], before[k]) for k in live if k.endswith("weight")), "the live weights trained"
+    for k in live:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant", [{}, {"relax-mode": "gumbel-hard"}, {"maml-order": 2}, {"meta-learner": "reptile"}])
 def test_fedmetanas_local_search_updates_everything_but_masked_logits(client_data, variant):
     cfg = RunConfig.from_flat({**TINY, **variant})
@@ -1162,3 +1189,36 @@ def test_every_preset_is_valid_for_every_method(preset):
     for method in C.METHODS:
         cfg = RunConfig.from_flat({**flat, "method": method}, check_paths=False)
         assert cfg.method == method
+
+
+def test_learning_rate_schedule_cosine_per_stage_and_sent_each_round():
+    from fedmetanas_core.coordinator import FixedPhase, LearningRateSchedule, SearchPhase, plan_from_config, plan_to_config
+    from fedmetanas_core.data import ImageData
+
+    cosine = LearningRateSchedule(0.1, 0.001, 5, "cosine")
+    assert cosine(1) == pytest.approx(0.1) and cosine(5) == pytest.approx(0.001) and cosine(3) == pytest.approx(0.0505)
+    assert all(cosine(r) > cosine(r + 1) for r in range(1, 5))
+    assert LearningRateSchedule(0.1, 0.0, 5)(4) == 0.1  # constant
+    cfg = RunConfig.from_flat({"method": "fednas", "num-server-rounds": 4, "retrain-rounds": 3, "lr-schedule": "cosine",
+                               "lr-min": 0.01, "num-cells": 3, "num-nodes": 2, "init-channels": 4}, check_paths=False)  # fmt: skip
+    test = ImageData(torch.randn(4, 3, 8, 8), torch.arange(4) % 2, ("a", "b"))
+    space = space_from_config(cfg, 2, 3)
+    search = SearchPhase(cfg, space, test, torch.device("cpu"), cfg.num_server_rounds)
+    retrain = FixedPhase(cfg, space, search.genotype, test, torch.device("cpu"), cfg.retrain_rounds, "retrain")
+    assert [round(search.plan(r).lr_w, 4) for r in (1, 4)] == [0.1, 0.01]
+    assert [round(retrain.plan(r).lr_w, 4) for r in (1, 3)] == [0.1, 0.01], "each stage anneals over its own rounds"
+    sent = plan_from_config(plan_to_config(retrain.plan(2)), {})
+    assert sent.lr_w == pytest.approx(retrain.plan(2).lr_w)
+    with pytest.raises(ConfigError, match="lr-min"):
+        RunConfig.from_flat({"lr-min": 0.5}, check_paths=False)
+
+
+def test_train_fixed_uses_the_rounds_learning_rate(client_data):
+    cfg = RunConfig.from_flat(TINY)
+    space = space_from_config(cfg, 10, 1)
+    net = SimpleCNN(space)
+    before = {k: v.detach().clone() for k, v in net.named_parameters()}
+    train_fixed(net, client_data, cfg, 1, torch.Generator().manual_seed(0), torch.device("cpu"), lr_w=0.0)
+    assert all(torch.equal(before[k], v) for k, v in net.named_parameters())
+    train_fixed(net, client_data, cfg, 1, torch.Generator().manual_seed(0), torch.device("cpu"), lr_w=0.05)
+    assert any(not torch.equal(before[k], v) for k, v in net.named_parameters())
