@@ -51,13 +51,14 @@ def time_to_reach(rounds: list[dict[str, Any]], target: float) -> float | None:
 def budget(cfg: dict[str, Any]) -> str:
     """The method's training budget in words, from the run's own config.yaml."""
     rounds = cfg["num-server-rounds"]
+    schedule = ", cosine lr" if cfg.get("lr-schedule", "constant") == "cosine" else ""
     if cfg["method"] == "fedmetanas":
         text = f"{rounds} rounds x {cfg['local-meta-iters']} meta-steps ({cfg['inner-steps']} inner)"
-        return text + (f", discrete from round {cfg['discrete-round']}" if cfg.get("discrete-round") else "")
+        return text + (f", discrete from round {cfg['discrete-round']}" if cfg.get("discrete-round") else "") + schedule
     if cfg["method"] == "fednas":
         return (f"search {rounds} rounds x {cfg['local-epochs']} epoch(s), "
-                f"retrain {cfg['retrain-rounds']} rounds x {cfg['retrain-local-epochs']} epoch(s)")  # fmt: skip
-    return f"{rounds} rounds x {cfg['local-epochs']} epoch(s)"
+                f"retrain {cfg['retrain-rounds']} rounds x {cfg['retrain-local-epochs']} epoch(s)") + schedule  # fmt: skip
+    return f"{rounds} rounds x {cfg['local-epochs']} epoch(s)" + schedule
 
 
 def comparison_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -46,3 +46,7 @@ def test_rows_measure_every_method_against_fednas_final_accuracy():
 
 def test_budget_without_discretization_says_nothing_about_it():
     assert budget({"method": "fedmetanas", **META, "discrete-round": 0}) == "4 rounds x 10 meta-steps (1 inner)"
+
+
+def test_budget_names_a_cosine_learning_rate_schedule():
+    assert budget({"method": "fedavg", "num-server-rounds": 4, "local-epochs": 1, "lr-schedule": "cosine"}) == "4 rounds x 1 epoch(s), cosine lr"
