@@ -63,6 +63,11 @@ class RunRecorder:
         self.dir = Path(results_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
 
+    def start_log(self) -> None:
+        """A fresh (not resumed) run into a used results-dir logs its own rounds only: appending to
+        the earlier run's rounds.jsonl would mix two runs' curves and timings."""
+        (self.dir / "rounds.jsonl").unlink(missing_ok=True)
+
     def write_config(self, cfg: dict[str, Any]) -> None:
         atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(dict(cfg), sort_keys=True))
 

@@ -72,6 +72,8 @@ class Experiment:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.recorder = RunRecorder(cfg.resolved_results_dir(stamp))
         self.checkpoint = self._load_checkpoint()
+        if self.checkpoint is None:
+            self.recorder.start_log()
         self.recorder.write_config(dict(cfg))
         self.device = resolve_device(cfg.device)
         _, self.test = load_dataset(

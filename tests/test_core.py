@@ -4,6 +4,7 @@ config, seeding, outputs and the local training loops. Tiny spaces and 8x8 input
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import tomllib
@@ -991,6 +992,10 @@ def test_recorder_and_derived_model_round_trip(tmp_path):
     assert Genotype.load_yaml(tmp_path / "run" / "genotype.yaml") == genotype
     assert len((tmp_path / "run" / "rounds.jsonl").read_text().splitlines()) == 2
     assert no_temp_files(tmp_path / "run")
+    fresh = O.RunRecorder(tmp_path / "run")  # a new run into the same directory logs only its own rounds
+    fresh.start_log()
+    fresh.log_round({"round": 1, "accuracy": 0.7})
+    assert [json.loads(ln)["accuracy"] for ln in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()] == [0.7]
 
     cnn = SimpleCNN(space).eval()
     rec2 = O.RunRecorder(tmp_path / "cnn")
