@@ -2,6 +2,7 @@
 
     python -m benchmarks.compare --preset cifar10-cpu
     python -m benchmarks.compare --preset digits --sweep      # non-IID robustness sweep
+    python -m benchmarks.compare --preset cifar10-cpu --tables-only  # rebuild outputs from finished runs
 
 Each method is a real ``fedmetanas run`` (Flower simulation through the local SuperLink), one
 after the other. The preset's file (``conf/<preset>.toml``) sets the data, the space and every
@@ -34,6 +35,11 @@ def run_method(preset: Path, method: str, out: Path, overrides: list[str], num_s
     done = subprocess.run(cmd, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{method} run failed (exit {done.returncode}); see the log above")
+    return load_run(out)
+
+
+def load_run(out: Path) -> dict[str, Any]:
+    """A finished run's summary with its config and per-round log, as the comparison reads them."""
     summary = json.loads((out / "summary.json").read_text())
     summary["config"] = yaml.safe_load((out / "config.yaml").read_text())
     summary["rounds_log"] = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
@@ -128,10 +134,13 @@ def plot_accuracy_vs_time(summaries: dict[str, dict[str, Any]], path: Path) -> N
     plt.close(fig)
 
 
-def compare(preset: str, out: Path, overrides: list[str], num_supernodes: int, methods=METHODS) -> dict[str, Any]:
+def compare(preset: str, out: Path, overrides: list[str], num_supernodes: int, methods=METHODS, rerun: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     preset_file = ROOT / "conf" / f"{preset}.toml"
-    summaries = {m: run_method(preset_file, m, out / m, overrides, num_supernodes) for m in methods}
+    if rerun:
+        summaries = {m: run_method(preset_file, m, out / m, overrides, num_supernodes) for m in methods}
+    else:
+        summaries = {m: load_run(out / m) for m in methods}
     rows = comparison_rows(summaries)
     result = {"preset": preset, "machine": machine_description(), "overrides": overrides, "rows": rows}
     (out / "comparison.json").write_text(json.dumps(result, indent=2))
@@ -164,12 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-c", "--run-config", action="append", default=[], help="extra overrides for every method")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--sweep", action="store_true", help="Dirichlet 0.1 / 0.5 / 1.0 and IID, all methods")
+    parser.add_argument("--tables-only", action="store_true", help="rebuild table, JSON and plot from the runs already in --out")
     args = parser.parse_args(argv)
     out = (args.out or ROOT / "benchmarks" / "results" / (f"{args.preset}-sweep" if args.sweep else args.preset)).resolve()
     if args.sweep:
         sweep(args.preset, out, args.run_config, args.num_supernodes)
     else:
-        compare(args.preset, out, args.run_config, args.num_supernodes, tuple(args.methods.split(",")))
+        compare(args.preset, out, args.run_config, args.num_supernodes, tuple(args.methods.split(",")), rerun=not args.tables_only)
 
 
 if __name__ == "__main__":

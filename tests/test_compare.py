@@ -50,3 +50,25 @@ def test_budget_without_discretization_says_nothing_about_it():
 
 def test_budget_names_a_cosine_learning_rate_schedule():
     assert budget({"method": "fedavg", "num-server-rounds": 4, "local-epochs": 1, "lr-schedule": "cosine"}) == "4 rounds x 1 epoch(s), cosine lr"
+
+
+def test_tables_only_rebuilds_the_comparison_from_finished_runs(tmp_path):
+    import json
+
+    import yaml
+
+    from benchmarks.compare import compare
+
+    runs = {"fedmetanas": summary("fedmetanas", [0.2, 0.4], 10.0, META), "fednas": summary("fednas", [0.1, 0.3], 30.0, FEDNAS)}
+    for method, s in runs.items():
+        run = tmp_path / method
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump(s.pop("config")))
+        (run / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in s.pop("rounds_log")))
+        (run / "summary.json").write_text(json.dumps(s))
+    result = compare("cifar10-cpu", tmp_path, [], 2, ("fedmetanas", "fednas"), rerun=False)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["fedmetanas"]["time_to_reach_fednas_accuracy_s"] == 20.0  # FedNAS's final 0.3 first reached in round 2
+    assert rows["fednas"]["budget"] == "search 3 rounds x 1 epoch(s), retrain 2 rounds x 2 epoch(s)"
+    assert json.loads((tmp_path / "comparison.json").read_text())["rows"] == result["rows"]
+    assert (tmp_path / "comparison_accuracy_vs_time.png").is_file()
