@@ -67,6 +67,16 @@ def budget(cfg: dict[str, Any]) -> str:
     return f"{rounds} rounds x {cfg['local-epochs']} epoch(s)" + schedule
 
 
+LAST_ROUNDS = 5
+
+
+def last_rounds_mean(rounds: list[dict[str, Any]], n: int = LAST_ROUNDS) -> float | None:
+    """Mean test accuracy over the deployed model's last ``n`` rounds: steadier than the last round
+    alone when accuracy moves a point or two from round to round."""
+    accs = [r["accuracy"] for r in rounds[-n:] if r.get("accuracy") is not None]
+    return float(sum(accs) / len(accs)) if accs else None
+
+
 def comparison_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     target = summaries["fednas"]["final_test_accuracy"] if "fednas" in summaries else None
     rows = []
@@ -76,6 +86,7 @@ def comparison_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]
                 "method": method,
                 "budget": budget(s["config"]),
                 "final_test_accuracy": s["final_test_accuracy"],
+                "last_rounds_mean_accuracy": last_rounds_mean(s["rounds_log"]),
                 "supernet_test_accuracy": s["supernet_test_accuracy"],
                 "search_time_s": s["search_time_s"],
                 "retrain_time_s": s["retrain_time_s"],
@@ -103,14 +114,15 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = ("| method | budget | final test acc | supernet acc | personalized acc (before → after) | search s | retrain s | total s "
-            "| s to reach FedNAS acc | params | rounds (+retrain) |")  # fmt: skip
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
+            f"| s to reach FedNAS acc | params | rounds (+retrain) | mean acc, last {LAST_ROUNDS} rounds |")  # fmt: skip
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['budget']} | {_fmt(r['final_test_accuracy'])} | {_fmt(r['supernet_test_accuracy'])} "
             f"| {_fmt(r['personalized_accuracy_before'])} → {_fmt(r['personalized_accuracy'])} | {_fmt(r['search_time_s'], 0)} "
             f"| {_fmt(r['retrain_time_s'], 0)} | {_fmt(r['total_time_s'], 0)} | {_fmt(r['time_to_reach_fednas_accuracy_s'], 0)} "
-            f"| {r['params']} | {r['rounds']}{' + ' + str(r['retrain_rounds']) if r['retrain_rounds'] else ''} |"
+            f"| {r['params']} | {r['rounds']}{' + ' + str(r['retrain_rounds']) if r['retrain_rounds'] else ''} "
+            f"| {_fmt(r.get('last_rounds_mean_accuracy'))} |"
         )
     return "\n".join(lines)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.compare import budget, comparison_rows, markdown_table, time_to_reach
 
 
@@ -72,3 +74,14 @@ def test_tables_only_rebuilds_the_comparison_from_finished_runs(tmp_path):
     assert rows["fednas"]["budget"] == "search 3 rounds x 1 epoch(s), retrain 2 rounds x 2 epoch(s)"
     assert json.loads((tmp_path / "comparison.json").read_text())["rows"] == result["rows"]
     assert (tmp_path / "comparison_accuracy_vs_time.png").is_file()
+
+
+def test_last_rounds_mean_is_over_the_deployed_models_last_rounds():
+    summaries = {
+        "fednas": summary("fednas", [0.1, 0.2, 0.3, 0.5, 0.4, 0.3, 0.2, 0.6], 1.0, FEDNAS),
+        "fedavg": summary("fedavg", [0.1, 0.3], 1.0, {"num-server-rounds": 2, "local-epochs": 1}),
+    }
+    rows = {r["method"]: r for r in comparison_rows(summaries)}
+    assert rows["fednas"]["last_rounds_mean_accuracy"] == pytest.approx(0.4)  # 0.5 0.4 0.3 0.2 0.6
+    assert rows["fedavg"]["last_rounds_mean_accuracy"] == pytest.approx(0.2)  # fewer rounds than 5: all
+    assert markdown_table(list(rows.values())).splitlines()[2].endswith("| 0.4000 |")
