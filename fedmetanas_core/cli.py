@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # flwr (and the SuperLink it starts) from this interpreter's environment, activated or not
+        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
     }
     cmd = ["flwr", "run", str(app_dir), args.connection, "--stream"]
     cmd += ["--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())]
