@@ -140,9 +140,8 @@ def fedmetanas_local_search(
     supernet, so the reply is the same state at the discrete network's cost.
     """
     model.train()
-    arch_names = [name for name in model.state_dict() if is_arch(name)]
-    if masks_are_discrete(model.space, arch_names, plan.masks):
-        arch = {k: v.detach() for k, v in model.state_dict().items() if is_arch(k)}
+    arch = {k: v.detach() for k, v in model.state_dict().items() if is_arch(k)}
+    if masks_are_discrete(model.space, arch, plan.masks):
         net = DiscreteNetwork.inherit(model, derive_genotype(model.space, arch, plan.masks)).to(device).train()
         result = _meta_train(net, net, None, data, cfg, plan, generator, device, proximal_mu, {})
         model.net.load_state_dict(net.state_dict(), strict=False)

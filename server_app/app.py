@@ -165,7 +165,7 @@ class Experiment:
             "phase": phase.name,
             "round": rnd,
             **{k: v for k, v in metrics.items() if k != "genotype"},
-            "lr-w": phase.plan(rnd).lr_w,
+            "lr-w": config.get("lr-w"),  # as sent this round
             "replies": len(replies),
             "aggregated": aggregated is not None,
             "rejected": len(strategy.rejected),
