@@ -17,7 +17,8 @@ from flwr.clientapp import ClientApp
 
 from fedmetanas_core.config import RunConfig, validate_node_config
 from fedmetanas_core.coordinator import plan_from_config
-from fedmetanas_core.data import ClientData, load_client_data, load_own_data
+from fedmetanas_core.data import ClientData
+from fedmetanas_core.run_data import data_settings, own_data, partition_data
 from fedmetanas_core.genotype import Genotype, build_fixed_network
 from fedmetanas_core.search_space import SearchModel, set_fast_path
 from fedmetanas_core.seeding import make_generator
@@ -25,7 +26,6 @@ from fedmetanas_core.training import (
     fedmetanas_local_search,
     fednas_local_search,
     personalize_fixed,
-    personalize_search_model,
     resolve_device,
     space_from_config,
     train_fixed,
@@ -54,24 +54,16 @@ def run_config(context: Context) -> RunConfig:
 
 def node_data(cfg: RunConfig, node_config: dict[str, Any]) -> ClientData:
     data_dir = str(node_config.get("data-dir") or cfg.resolved_data_dir())
-    common = dict(
-        query_fraction=cfg.query_fraction, test_fraction=cfg.local_test_fraction, seed=cfg.seed,
-        hf_dataset=cfg.hf_dataset, image_size=cfg.image_size, on_corrupt_image=cfg.on_corrupt_image,
-    )  # fmt: skip
     if "partition-id" in node_config:
         pid = int(node_config["partition-id"])
         n = cfg.num_partitions or int(node_config["num-partitions"])
-        key = ("id", cfg.dataset, data_dir, pid, n, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed, cfg.train_subset)
+        key = ("id", data_dir, pid, n, data_settings(cfg))
         if key not in _DATA:
-            _DATA[key] = load_client_data(
-                cfg.dataset, data_dir, pid, n, partitioner=cfg.partitioner, dirichlet_alpha=cfg.dirichlet_alpha,
-                classes_per_partition=cfg.classes_per_client, shards_per_partition=cfg.shards_per_client,
-                min_partition_size=cfg.min_partition_size, train_subset=cfg.train_subset, **common,
-            )  # fmt: skip
+            _DATA[key] = partition_data(cfg, data_dir, pid, n)
     else:
-        key = ("own", cfg.dataset, data_dir, cfg.seed)
+        key = ("own", data_dir, data_settings(cfg))
         if key not in _DATA:
-            _DATA[key] = load_own_data(cfg.dataset, data_dir, **common)
+            _DATA[key] = own_data(cfg, data_dir)
     return _DATA[key]
 
 
@@ -80,7 +72,7 @@ def build_model(cfg: RunConfig, config: dict[str, Any], device: torch.device) ->
     if config["phase"] == "search":
         return SearchModel(space).to(device)
     genotype = Genotype.from_json(config["genotype"]) if config.get("genotype") else None
-    return build_fixed_network(space, genotype).to(device)
+    return build_fixed_network(space, genotype, cfg.fedavg_channels).to(device)
 
 
 def _prepare(msg: Message, context: Context):
@@ -115,6 +107,8 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": result.num_examples,
             "partition-id": data.partition_id,
             "train-loss": result.train_loss,
+            "steps": result.steps,
+            "images": result.images,
             "client-seconds": time.time() - t0,
         }
     )
@@ -123,13 +117,12 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Local test accuracy before and after K adaptation steps on the local train split."""
+    """Local test accuracy of the deployed network before and after adapting it on local training data."""
     cfg, config, device, model, plan, data = _prepare(msg, context)
+    if config["phase"] != "fixed":
+        raise ValueError("personalization evaluates the deployed (fixed) network; the server sent a supernet")
     generator = make_generator(cfg.seed, "personalize", data.partition_id)
-    if config["phase"] == "search":
-        result = personalize_search_model(model, data, cfg, plan, generator, device)
-    else:
-        result = personalize_fixed(model, data, cfg, generator, device)
+    result = personalize_fixed(model, data, cfg, generator, device)
     metrics = MetricRecord({"num-examples": len(data.test), "partition-id": data.partition_id, **result})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

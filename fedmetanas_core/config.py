@@ -110,7 +110,7 @@ def _strategy(v: str) -> str | None:
 KEYS: tuple[Key, ...] = (
     # --- run
     Key("method", "fedmetanas", "fedmetanas | fednas (search + FedAvg retraining) | fedavg (fixed architecture)", _choice(METHODS)),
-    Key("num-server-rounds", 30, "federated rounds (FedNAS: search rounds)", _at_least(1)),
+    Key("num-server-rounds", 20, "federated rounds (FedNAS: search rounds)", _at_least(1)),
     Key("seed", 0, "global seed: partitions, init, Gumbel noise, task sampling", _at_least(0)),
     Key("deterministic", False, "use deterministic torch algorithms (CPU runs repeat exactly)"),
     Key("device", "auto", "auto (CUDA when present) | cpu | cuda", _choice(("auto", "cpu", "cuda"))),
@@ -136,12 +136,13 @@ KEYS: tuple[Key, ...] = (
     Key("classes-per-client", 2, "pathological partitioner: classes per client", _at_least(1), "data"),
     Key("shards-per-client", 2, "shard partitioner: shards per client", _at_least(1), "data"),
     Key("min-partition-size", 10, "smallest allowed partition (Dirichlet retries to meet it)", _at_least(3), "data"),
-    Key("query-source", "query-split", "FedMetaNAS meta-step query batches: query-split (held-out, DARTS-style validation) | train (further train-split minibatches, disjoint from the support batch, as MAML in FL: every training example then trains the weights)", _choice(("query-split", "train")), "meta"),
+    Key("query-source", "train", "FedMetaNAS meta-step query batches: query-split (held-out, DARTS-style validation) | train (further train-split minibatches, disjoint from the support batch, as MAML in FL: every training example then trains the weights)", _choice(("query-split", "train")), "meta"),
     Key("query-fraction", 0.2, "share of a client's partition used as MAML query / FedNAS alpha-validation split", _fraction_below_one, "data"),
     Key("local-test-fraction", 0.2, "share of a client's partition held out as its local test split", _fraction_below_one, "data"),
     Key("image-size", 0, "resize images to this square size once at load; 0 = native", _at_least(0), "data"),
     Key("train-subset", 0, "use this many training examples (0 = all)", _at_least(0), "data"),
     Key("test-subset", 0, "use this many global test examples (0 = all)", _at_least(0), "data"),
+    Key("eval-split", "test", "test | validation: what the server evaluates every round; validation = the union of the clients' local test splits, carved from the training data (for tuning: never the test set; needs num-partitions)", _choice(("test", "validation")), "data"),
     Key("on-corrupt-image", "fail", "fail | skip: what to do with an unreadable image file", _choice(("fail", "skip")), "data"),
     Key("batch-size", 64, "support / query / training batch size", _at_least(2), "data"),
     Key("eval-batch-size", 512, "evaluation batch size (>1: BatchNorm uses batch statistics)", _at_least(2), "data"),
@@ -161,17 +162,17 @@ KEYS: tuple[Key, ...] = (
     Key("prune-threshold", 0.01, "ops / input pairs with relaxed weight <= this are skipped in forward passes", _unit, "relaxation"),
     Key("mask-threshold", 0.01, "server masks ops whose aggregated probability at tau-min is below this (0 = never)", _unit, "relaxation"),
     Key("mask-start-round", 2, "first round after which permanent masks may grow", _at_least(1), "relaxation"),
-    Key("discrete-round", 0, "FedMetaNAS: the round by which tau reaches tau-min and soft pruning leaves one op per edge and one input pair per node; later rounds train the discrete cell (0 = never force: threshold masks only, tau anneals over all rounds)", _at_least(0), "relaxation"),
+    Key("discrete-round", 4, "FedMetaNAS: the round by which tau reaches tau-min and soft pruning leaves one op per edge and one input pair per node; later rounds train the discrete cell (0 = never force: threshold masks only, tau anneals over all rounds)", _at_least(0), "relaxation"),
     Key("alpha-aggregation", "logits", "logits | centered | log-softmax: how architecture logits are averaged", _choice(("logits", "centered", "log-softmax")), "relaxation"),
     # --- meta learning (FedMetaNAS)
     Key("meta-learner", "fomaml", "fomaml | reptile", _choice(("fomaml", "reptile")), "meta"),
     Key("maml-order", 1, "1 = first-order MAML (paper), 2 = exact second order", _choice((1, 2)), "meta"),
     Key("inner-steps", 1, "task-learner steps K on each support batch", _at_least(1), "meta"),
-    Key("inner-lr-w", 0.1, "task-learner step size for weights", _positive, "meta"),
+    Key("inner-lr-w", 0.01, "task-learner step size for weights (well below outer-lr-w: the meta objective is the loss after this step, and the global model is deployed as it is)", _positive, "meta"),
     Key("inner-lr-alpha", 0.05, "task-learner step size for alphas/betas", _positive, "meta"),
     Key("tasks-per-meta-batch", 1, "tasks (support, query pairs) per meta step", _at_least(1), "meta"),
     Key("local-meta-iters", 10, "meta steps per client per round", _at_least(1), "meta"),
-    Key("warmup-rounds", 3, "rounds with alphas frozen at tau-max", _at_least(0), "meta"),
+    Key("warmup-rounds", 1, "rounds with alphas frozen at tau-max", _at_least(0), "meta"),
     Key("reptile-lr-w", 1.0, "Reptile meta step size for weights", _positive, "meta"),
     Key("reptile-lr-alpha", 0.6, "Reptile meta step size for alphas", _positive, "meta"),
     # --- optimisers (all methods)
@@ -181,14 +182,16 @@ KEYS: tuple[Key, ...] = (
     Key("momentum", 0.9, "SGD momentum for weights", _unit, "optim"),
     Key("weight-decay", 3e-4, "weight decay for weights", _at_least(0), "optim"),
     Key("outer-lr-alpha", 0.05, "Adam learning rate for alphas/betas", _positive, "optim"),
-    Key("alpha-weight-decay", 1e-3, "Adam weight decay for alphas/betas", _at_least(0), "optim"),
+    Key("alpha-weight-decay", 0.0, "Adam weight decay for alphas/betas (coupled L2: once alpha gradients vanish near tau-min it pulls every logit to 0 and erases the architecture)", _at_least(0), "optim"),
     Key("grad-clip", 5.0, "gradient-norm clip for weights (0 = off)", _at_least(0), "optim"),
-    Key("personalize-steps", 5, "local adaptation steps in the personalization evaluation", _at_least(0), "optim"),
+    Key("personalize-steps", 5, "local SGD steps on the deployed network in the personalization evaluation (every method)", _at_least(0), "optim"),
+    Key("personalize-lr", 0.05, "step size of those personalization steps (the same protocol for every method)", _positive, "optim"),
     # --- baselines
     Key("local-epochs", 1, "FedNAS / FedAvg: local epochs per round", _at_least(1), "baselines"),
-    Key("retrain-rounds", 12, "FedNAS: FedAvg rounds retraining the derived network from scratch", _at_least(0), "baselines"),
+    Key("retrain-rounds", 10, "FedNAS: FedAvg rounds retraining the derived network from scratch", _at_least(0), "baselines"),
     Key("retrain-local-epochs", 1, "FedNAS: local epochs per retraining round", _at_least(1), "baselines"),
     Key("fedavg-genotype", "", "FedAvg: genotype.yaml of a fixed architecture; '' = a standard small CNN", None, "baselines"),
+    Key("fedavg-channels", 0, "FedAvg small CNN: channels of its first conv (then x2, x4); 0 = stem-multiplier x init-channels", _at_least(0), "baselines"),
     # --- strategy parameters (used by the strategies that take them)
     Key("proximal-mu", 0.01, "FedProx proximal term", _at_least(0), "strategy"),
     Key("server-learning-rate", 1.0, "FedAvgM server learning rate", _positive, "strategy"),
@@ -293,6 +296,8 @@ class RunConfig(Mapping[str, Any]):
             raise ConfigError("hf-dataset", self.hf_dataset, "required when dataset = hf")
         if self.maml_order == 2 and self.meta_learner == "reptile":
             raise ConfigError("maml-order", 2, "second order applies to fomaml only, not reptile")
+        if self.eval_split == "validation" and not self.num_partitions:
+            raise ConfigError("eval-split", "validation", "needs num-partitions (the server rebuilds the clients' local test splits)")
         if 0 < self.num_partitions < self.min_available_nodes:
             raise ConfigError(
                 "num-partitions", self.num_partitions,

@@ -172,8 +172,12 @@ class SearchPhase:
             t: [[round(float(p), 5) for p in row] for row in probabilities(arch[f"arch.alpha.{t}"], self.masks.get(f"arch.alpha.{t}"))]
             for t in ("normal", "reduce")
         }
+        logits = {t: [[round(float(v), 4) for v in row] for row in arch[f"arch.alpha.{t}"]] for t in ("normal", "reduce")}
         edges = [edge_key(j, i) for j, i in self.space.topology.edges]
-        return {"op-probs": probs, "primitives": list(self.space.primitives), "edges": edges}
+        return {
+            "op-probs": probs, "alpha-logits": logits, "primitives": list(self.space.primitives), "edges": edges,
+            "cell-decided": self.is_discrete(),
+        }  # fmt: skip
 
     def restore(self, state: State, masks: dict[str, torch.Tensor], last: dict[str, Any]) -> None:
         """Continue from a checkpoint: the global model, the permanent masks, the last metrics."""
@@ -199,7 +203,7 @@ class FixedPhase:
 
     def __init__(self, cfg: RunConfig, space: SpaceConfig, genotype: Genotype | None, test: ImageData, device: torch.device, rounds: int, name: str):
         self.cfg, self.space, self.genotype, self.test, self.device, self.rounds = cfg, space, genotype, test, device, rounds
-        self.net = seeded_init(lambda: build_fixed_network(space, genotype), cfg.seed, name).to(device)
+        self.net = seeded_init(lambda: build_fixed_network(space, genotype, cfg.fedavg_channels), cfg.seed, name).to(device)
         self.name = name
         self.learning_rate = LearningRateSchedule.from_config(cfg, rounds)
         self.last: dict[str, Any] = {}

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -180,9 +181,9 @@ def count_parameters(module: nn.Module) -> int:
 class SimpleCNN(nn.Module):
     """The FedAvg baseline's standard small CNN when no genotype is given (conv-BN-ReLU x 3, pool)."""
 
-    def __init__(self, space: SpaceConfig):
+    def __init__(self, space: SpaceConfig, channels: int = 0):
         super().__init__()
-        c = space.stem_multiplier * space.init_channels
+        c = channels or space.stem_multiplier * space.init_channels
         layers, c_in = [], space.in_channels
         for c_out, stride in ((c, 1), (2 * c, 2), (4 * c, 2)):
             layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), _bn(c_out), nn.ReLU()]
@@ -194,5 +195,25 @@ class SimpleCNN(nn.Module):
         return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
-def build_fixed_network(space: SpaceConfig, genotype: Genotype | None) -> nn.Module:
-    return DiscreteNetwork(space, genotype) if genotype is not None else SimpleCNN(space)
+def build_fixed_network(space: SpaceConfig, genotype: Genotype | None, cnn_channels: int = 0) -> nn.Module:
+    return DiscreteNetwork(space, genotype) if genotype is not None else SimpleCNN(space, cnn_channels)
+
+
+def simple_cnn_channels_for(space: SpaceConfig, target_params: int) -> int:
+    """The small CNN's width whose parameter count is closest to ``target_params`` (the matched baseline)."""
+    return min(range(1, 257), key=lambda c: abs(count_parameters(SimpleCNN(space, c)) - target_params))
+
+
+def random_genotype(space: SpaceConfig, seed: int) -> Genotype:
+    """A cell drawn uniformly from the search space: one op (never 'none') per kept edge and one input
+    pair per node, as the derived cells are; the standard NAS sanity baseline."""
+    rng = np.random.default_rng(seed)
+    ops = [p for p in space.primitives if p != "none"]
+    cells = {}
+    for cell_type in ("normal", "reduce"):
+        nodes = []
+        for j in range(2, space.num_nodes + 2):
+            inputs = sorted(rng.choice(j, size=min(2, j), replace=False).tolist())
+            nodes.append(tuple((str(ops[rng.integers(len(ops))]), int(i)) for i in inputs))
+        cells[cell_type] = tuple(nodes)
+    return Genotype(cells["normal"], cells["reduce"])

@@ -76,16 +76,23 @@ class RunRecorder:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
 
+    def read_rounds(self) -> list[dict[str, Any]]:
+        path = self.dir / "rounds.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
 
     def write_genotype(self, genotype: Genotype) -> None:
         atomic_write_text(self.dir / "genotype.yaml", yaml.safe_dump(genotype.to_dict(), sort_keys=False))
 
-    def save_model(self, net: torch.nn.Module, space: SpaceConfig, genotype: Genotype | None) -> Path:
+    def save_model(self, net: torch.nn.Module, space: SpaceConfig, genotype: Genotype | None, cnn_channels: int = 0) -> Path:
         payload = {
             "space": asdict(space),
             "genotype": genotype.to_dict() if genotype is not None else None,
+            "cnn_channels": cnn_channels,
             "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         }
         buf = io.BytesIO()
@@ -106,7 +113,7 @@ def load_derived_model(path: str | Path) -> DiscreteNetwork | SimpleCNN:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     space = SpaceConfig(**{**payload["space"], "primitives": tuple(payload["space"]["primitives"])})
     genotype = Genotype.from_dict(payload["genotype"]) if payload["genotype"] is not None else None
-    net = build_fixed_network(space, genotype)
+    net = build_fixed_network(space, genotype, int(payload.get("cnn_channels", 0)))
     net.load_state_dict(payload["state_dict"])
     net.eval()
     return net

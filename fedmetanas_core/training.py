@@ -59,7 +59,8 @@ class RoundPlan:
 class LocalResult:
     num_examples: int
     train_loss: float
-    steps: int
+    steps: int  # optimizer (meta) steps on the weights
+    images: int = 0  # examples passed forward and backward in training: the round's compute
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +145,9 @@ def fedmetanas_local_search(
     if masks_are_discrete(model.space, arch, plan.masks):
         net = DiscreteNetwork.inherit(model, derive_genotype(model.space, arch, plan.masks)).to(device).train()
         result = _meta_train(net, net, None, data, cfg, plan, generator, device, proximal_mu, {})
-        model.net.load_state_dict(net.state_dict(), strict=False)
+        loaded = model.net.load_state_dict(net.state_dict(), strict=False)  # missing: the pruned ops, expected
+        if loaded.unexpected_keys:  # a renamed key would otherwise drop this round's training silently
+            raise KeyError(f"derived-network weights not in the supernet: {loaded.unexpected_keys[:3]}")
         return result
     fw = dict(settings=train_settings(cfg, plan.tau), masks=plan.masks, generator=generator)
     opt_a = None if plan.alpha_frozen else arch_optimizer(model, cfg)
@@ -165,16 +168,18 @@ def _meta_train(
     inner = InnerLoop(cfg.inner_steps, cfg.inner_lr_w, cfg.inner_lr_alpha, adapt_arch=opt_a is not None)
     opt_w = weight_optimizer(weights, cfg, plan.lr_w)
     anchors = _anchor(weights, proximal_mu)
-    losses = []
+    losses, images = [], 0
     for _ in range(cfg.local_meta_iters):
         params = dict(module.named_parameters())
         task_results = []
         for _ in range(cfg.tasks_per_meta_batch):
             support = _to(support_stream.next_batch(), device)
+            images += len(support[1]) * cfg.inner_steps
             if cfg.meta_learner == "reptile":
                 task_results.append(reptile_task_delta(module, params, support, inner, **fw))
                 continue
             query = _to(query_stream.next_batch(), device)
+            images += len(query[1])
             task_grad = second_order_task_gradient if cfg.maml_order == 2 else fomaml_task_gradient
             task_results.append(task_grad(module, params, support, query, inner, **fw))
         direction = mean_dicts([r[0] for r in task_results])
@@ -194,7 +199,7 @@ def _meta_train(
         if opt_a is not None:
             opt_a.step()
         module.zero_grad(set_to_none=True)
-    return LocalResult(len(support_stream.data), float(np.mean(losses)), cfg.local_meta_iters)
+    return LocalResult(len(support_stream.data), float(np.mean(losses)), cfg.local_meta_iters, images)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,10 +218,11 @@ def fednas_local_search(
     opt_w, opt_a = meta_optimizers(model, cfg, lr_w)
     steps = cfg.local_epochs * train_stream.batches_per_epoch
     anchors = _anchor(model.net, proximal_mu)
-    losses = []
+    losses, images = [], 0
     for _ in range(steps):
         xv, yv = _to(val_stream.next_batch(), device)
         xt, yt = _to(train_stream.next_batch(), device)
+        images += len(yv) + len(yt)
         opt_w.zero_grad(set_to_none=True)
         opt_a.zero_grad(set_to_none=True)
         F.cross_entropy(model(xv, settings), yv).backward(inputs=list(model.arch.parameters()))
@@ -227,7 +233,7 @@ def fednas_local_search(
         opt_a.step()
         opt_w.step()
         losses.append(float(train_loss.detach()))
-    return LocalResult(len(data.train), float(np.mean(losses)), steps)
+    return LocalResult(len(data.train), float(np.mean(losses)), steps, images)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +249,10 @@ def train_fixed(
     opt = weight_optimizer(net, cfg, lr_w)
     steps = epochs * stream.batches_per_epoch
     anchors = _anchor(net, proximal_mu)
-    losses = []
+    losses, images = [], 0
     for _ in range(steps):
         x, y = _to(stream.next_batch(), device)
+        images += len(y)
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net(x), y)
         loss.backward()
@@ -253,7 +260,7 @@ def train_fixed(
         _clip(net.parameters(), cfg.grad_clip)
         opt.step()
         losses.append(float(loss.detach()))
-    return LocalResult(len(data.pool), float(np.mean(losses)), steps)
+    return LocalResult(len(data.pool), float(np.mean(losses)), steps, images)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,36 +280,17 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: ImageData, b
     return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
 
 
-def personalize_search_model(
-    model: SearchModel, data: ClientData, cfg: RunConfig, plan: RoundPlan, generator: torch.Generator, device: torch.device
-) -> dict[str, float]:
-    """Local test accuracy before and after K task-learner steps on the client's training data."""
-    ev = eval_settings(cfg, plan.tau)
-    before = evaluate(lambda x: model(x, ev, plan.masks), data.test, cfg.eval_batch_size, device)
-    if cfg.personalize_steps == 0:
-        return {"accuracy-before": before["accuracy"], "accuracy-after": before["accuracy"]}
-    stream = BatchStream(data.pool, cfg.batch_size, generator)
-    inner = InnerLoop(cfg.personalize_steps, cfg.inner_lr_w, cfg.inner_lr_alpha, adapt_arch=not plan.alpha_frozen)
-    params = dict(model.named_parameters())
-    adapted = inner_adapt(
-        model, params, lambda _: _to(stream.next_batch(), device), inner,
-        settings=train_settings(cfg, plan.tau), masks=plan.masks, generator=generator,
-    )  # fmt: skip
-    after = evaluate(
-        lambda x: functional_call(model, adapted, (x,), dict(settings=ev, masks=plan.masks)), data.test, cfg.eval_batch_size, device
-    )
-    return {"accuracy-before": before["accuracy"], "accuracy-after": after["accuracy"]}
-
-
 def personalize_fixed(
     net: nn.Module, data: ClientData, cfg: RunConfig, generator: torch.Generator, device: torch.device
 ) -> dict[str, float]:
-    """Local fine-tuning of a fixed network for the same number of steps (the baselines)."""
+    """Local test accuracy of the deployed network before and after ``personalize-steps`` SGD steps at
+    ``personalize-lr`` on the client's training data: one protocol for every method (FedMetaNAS's
+    derived network, FedNAS's retrained one, FedAvg's), independent of any method's own step sizes."""
     before = evaluate(net, data.test, cfg.eval_batch_size, device)
     if cfg.personalize_steps == 0:
         return {"accuracy-before": before["accuracy"], "accuracy-after": before["accuracy"]}
     stream = BatchStream(data.pool, cfg.batch_size, generator)
     params = {k: v for k, v in net.named_parameters()}
-    adapted = inner_adapt(net, params, lambda _: _to(stream.next_batch(), device), InnerLoop(cfg.personalize_steps, cfg.inner_lr_w, 0.0))
+    adapted = inner_adapt(net, params, lambda _: _to(stream.next_batch(), device), InnerLoop(cfg.personalize_steps, cfg.personalize_lr, 0.0))
     after = evaluate(lambda x: functional_call(net, adapted, (x,)), data.test, cfg.eval_batch_size, device)
     return {"accuracy-before": before["accuracy"], "accuracy-after": after["accuracy"]}

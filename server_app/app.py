@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.coordinator import FixedPhase, ProgressClock, SearchPhase, fmt_duration, model_config, space_for_run
 from fedmetanas_core.data import load_dataset
+from fedmetanas_core.run_data import validation_set
 from fedmetanas_core.genotype import Genotype, count_parameters
 from fedmetanas_core.search_space import set_fast_path
 from fedmetanas_core.outputs import (
@@ -57,6 +58,18 @@ def _strategy_state(strategy) -> dict[str, Any]:
     return {k: v for k, v in vars(strategy).items() if isinstance(v, plain) and not callable(v)}
 
 
+def _reply_metric(replies: list[Message], name: str) -> list[float]:
+    return [
+        float(m.content["metrics"][name])
+        for m in replies
+        if not m.has_error() and "metrics" in m.content.metric_records and name in m.content["metrics"]
+    ]
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
 def _client_order(msg: Message) -> tuple[int, int]:
     """Aggregate in a fixed order (by partition id) so float sums repeat exactly across runs."""
     if not msg.has_error() and "metrics" in msg.content.metric_records:
@@ -80,6 +93,8 @@ class Experiment:
             cfg.dataset, cfg.resolved_data_dir(), hf_dataset=cfg.hf_dataset, image_size=cfg.image_size,
             test_subset=cfg.test_subset, subset_seed=cfg.seed, on_corrupt_image=cfg.on_corrupt_image,
         )  # fmt: skip
+        if cfg.eval_split == "validation":  # tuning: score on data carved from the clients' training data
+            self.test = validation_set(cfg)
         self.space = space_for_run(cfg, self.test)
         self.base_config = {"method": cfg.method, **model_config(self.space)}
         retrain = cfg.retrain_rounds if cfg.method == "fednas" else 0
@@ -145,11 +160,7 @@ class Experiment:
         config = ConfigRecord({**self.base_config, **phase.round_config(rnd)})
         messages = strategy.configure_train(rnd, arrays, config, self.grid)
         replies = sorted(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), key=_client_order)
-        client_seconds = [
-            float(m.content["metrics"]["client-seconds"])
-            for m in replies
-            if not m.has_error() and "metrics" in m.content.metric_records and "client-seconds" in m.content["metrics"]
-        ]
+        client_seconds = _reply_metric(replies, "client-seconds")
         self.nodes_seen.update(m.metadata.src_node_id for m in replies)
         t_server = time.time()
         aggregated, _ = strategy.aggregate_train(rnd, replies)
@@ -173,6 +184,8 @@ class Experiment:
             "round-s": time.time() - t_round,
             "client-s-max": max(client_seconds, default=0.0),
             "client-s-sum": sum(client_seconds),  # with round-s and server-s: the framework's share of the round
+            "client-steps-mean": _mean(_reply_metric(replies, "steps")),  # optimizer steps per client
+            "client-images-mean": _mean(_reply_metric(replies, "images")),  # images through forward+backward per client
             "server-s": server_seconds,  # aggregation, masks, test-set evaluation
             "elapsed-s": elapsed,
         }
@@ -192,6 +205,13 @@ class Experiment:
             f" | {len(strategy.rejected)} replies rejected" if strategy.rejected else "",
         )  # fmt: skip
         return arrays
+
+    def compute_per_client_round(self) -> dict[str, float | None]:
+        """Mean optimizer steps and images per client per round over the whole run (all phases)."""
+        rows = self.recorder.read_rounds()
+        steps = [r["client-steps-mean"] for r in rows if r.get("client-steps-mean") is not None]
+        images = [r["client-images-mean"] for r in rows if r.get("client-images-mean") is not None]
+        return {"steps_per_client_round": _mean(steps), "images_per_client_round": _mean(images)}
 
     def save(self, index: int, phase, rnd: int, arrays: ArrayRecord, elapsed: float) -> None:
         save_checkpoint(
@@ -213,13 +233,17 @@ class Experiment:
             },
         )
 
-    def personalize(self, phase, arrays: ArrayRecord) -> list[dict[str, Any]]:
+    def personalize(self, final_net: torch.nn.Module, genotype: Genotype | None, rounds: int) -> list[dict[str, Any]]:
+        """Every method's deployed network, adapted and scored the same way on every client."""
         if self.cfg.fraction_evaluate == 0:
             return []
-        config = ConfigRecord({**self.base_config, **phase.round_config(phase.rounds), "personalize": True})
-        messages = self.strategy.configure_evaluate(phase.rounds, arrays, config, self.grid)
+        config = ConfigRecord(
+            {**self.base_config, "phase": "fixed", "genotype": genotype.to_json() if genotype is not None else "", "personalize": True}
+        )
+        arrays = ArrayRecord({k: v.detach().cpu() for k, v in final_net.state_dict().items()})
+        messages = self.strategy.configure_evaluate(rounds, arrays, config, self.grid)
         replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
-        self.strategy.aggregate_evaluate(phase.rounds, replies)
+        self.strategy.aggregate_evaluate(rounds, replies)
         return sorted(self.strategy.evaluate_replies, key=lambda m: m.get("partition-id", -1))
 
 
@@ -253,7 +277,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         final_net = final_phase.net
     final_eval = evaluate(final_net, exp.test, cfg.eval_batch_size, exp.device)
     train_end = time.time()
-    clients = exp.personalize(final_phase, arrays)
+    clients = exp.personalize(final_net, genotype, final_phase.rounds)
     before = [c["accuracy-before"] for c in clients]
     after = [c["accuracy-after"] for c in clients]
     summary = {
@@ -274,6 +298,9 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         "personalized_accuracy_before": float(np.mean(before)) if before else None,
         "personalized_accuracy_std": float(np.std(after)) if after else None,
         "personalized_per_client": clients,
+        "personalize_protocol": {"network": "deployed", "steps": cfg.personalize_steps, "lr": cfg.personalize_lr},
+        "eval_split": cfg.eval_split,
+        **exp.compute_per_client_round(),
         "search_time_s": exp.extra.get("search_time_s", 0.0),
         "retrain_time_s": exp.extra.get("retrain_time_s", 0.0),
         "total_time_s": train_end - t0,
@@ -290,7 +317,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     }
     if genotype is not None:
         exp.recorder.write_genotype(genotype)
-    exp.recorder.save_model(final_net, exp.space, genotype)
+    exp.recorder.save_model(final_net, exp.space, genotype, cfg.fedavg_channels if final_net.__class__.__name__ == "SimpleCNN" else 0)
     exp.recorder.write_summary(summary)
     _after_run(exp.recorder.dir, final_net, exp.test)
     log(INFO, "final test accuracy %.4f (supernet %s) | personalized %s", final_eval["accuracy"],

@@ -1,0 +1,242 @@
+"""Equal-budget hyper-parameter search for every method, scored on validation data, never the test set.
+
+    python -m benchmarks.tune --preset digits --trials 6
+    python -m benchmarks.tune --preset cifar10-cpu --trials 3 -c "num-server-rounds=20"
+    python -m benchmarks.tune --preset digits --report-only     # tables from the stored studies
+
+Each method gets its own Optuna study (TPE sampler, median pruner) in one SQLite file per preset
+(``benchmarks/results/tune/<preset>.db``), so a study resumes where it stopped and every trial can
+be queried. A trial is a real run of the app through Flower's simulation engine with the preset,
+the method's table and the trial's values; the server evaluates on ``eval-split = "validation"``:
+the union of the clients' local test splits, carved from the training data and never trained on.
+The objective is the deployed model's mean validation accuracy over the run's last 3 rounds; a
+trial whose accuracy so far, read from its ``rounds.jsonl`` while it runs, falls below the median
+of earlier trials at the same round is stopped (pruned). Every method gets the same number of
+trials over the ranges in ``SEARCH_SPACES``; ``docs/tuning-<preset>.md`` gets the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("fedmetanas", "fednas", "fedavg")
+LAST_ROUNDS = 3
+
+# (kind, low, high[, log]) or ("choice", [values]); the ranges every method is tuned over.
+SEARCH_SPACES: dict[str, dict[str, tuple]] = {
+    "fedmetanas": {
+        "outer-lr-w": ("float", 0.02, 0.3, True),
+        "inner-lr-w": ("float", 0.001, 0.1, True),
+        "outer-lr-alpha": ("float", 0.005, 0.3, True),
+        "local-meta-iters": ("choice", [4, 8, 12, 16]),
+        "discrete-round": ("choice", [3, 4, 6, 8]),
+    },
+    "fednas": {
+        "outer-lr-w": ("float", 0.02, 0.3, True),
+        "outer-lr-alpha": ("float", 0.005, 0.3, True),
+        "local-epochs": ("choice", [1, 2, 3, 4]),
+        "retrain-local-epochs": ("choice", [1, 2, 4, 6]),
+    },
+    "fedavg": {
+        "outer-lr-w": ("float", 0.02, 0.3, True),
+        "weight-decay": ("float", 1e-5, 3e-3, True),
+        "local-epochs": ("choice", [1, 2, 4, 6, 8]),
+    },
+}
+
+
+def suggest(trial, method: str) -> dict[str, Any]:
+    values = {}
+    for key, spec in SEARCH_SPACES[method].items():
+        if spec[0] == "float":
+            values[key] = trial.suggest_float(key, spec[1], spec[2], log=spec[3])
+        else:
+            values[key] = trial.suggest_categorical(key, spec[1])
+    return values
+
+
+def _toml(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def trial_command(preset: str, method: str, values: dict[str, Any], out: Path, overrides: list[str], clients: int) -> list[str]:
+    cmd = [sys.executable, "-m", "server_app.simulation", "--clients", str(clients), "--results-dir", str(out)]
+    cmd += ["-c", str(ROOT / "conf" / f"{preset}.toml"), "-c", f'method="{method}"']
+    cmd += [x for o in overrides for x in ("-c", o)]
+    scoring = f'eval-split="validation" num-partitions={clients} checkpoint=false fraction-evaluate=0.0'
+    cmd += ["-c", scoring, "-c", " ".join(f"{k}={_toml(v)}" for k, v in values.items())]
+    return cmd
+
+
+def read_rounds(out: Path) -> list[dict[str, Any]]:
+    path = out / "rounds.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            break
+    return rows
+
+
+def objective_value(rows: list[dict[str, Any]]) -> float:
+    accs = [r["accuracy"] for r in rows[-LAST_ROUNDS:]]
+    return float(sum(accs) / len(accs))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a trial's run and everything it started (its own process group: Ray's workers too)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_trial(trial, preset: str, method: str, out_root: Path, overrides: list[str], clients: int) -> float:
+    import optuna
+
+    values = suggest(trial, method)
+    out = out_root / "trials" / f"{method}-{trial.number:03d}"
+    cmd = trial_command(preset, method, values, out, overrides, clients)
+    log_path = out_root / "trials" / f"{method}-{trial.number:03d}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[{method} trial {trial.number}] {values}", flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        reported = 0
+        try:
+            while True:
+                done = proc.poll() is not None
+                rows = read_rounds(out)
+                for step in range(reported, len(rows)):
+                    trial.report(float(rows[step]["accuracy"]), step)
+                    reported = step + 1
+                    if trial.should_prune():
+                        print(f"[{method} trial {trial.number}] pruned at round {step + 1}: {rows[step]['accuracy']:.4f}", flush=True)
+                        raise optuna.TrialPruned()
+                if done:
+                    break
+                time.sleep(2.0)
+        finally:
+            if proc.poll() is None:
+                _stop(proc)
+    if proc.returncode != 0 or not (out / "summary.json").is_file():
+        raise RuntimeError(f"trial run failed (exit {proc.returncode}); see {log_path}")
+    value = objective_value(read_rounds(out))
+    summary = json.loads((out / "summary.json").read_text())
+    trial.set_user_attr("total_time_s", summary["total_time_s"])
+    trial.set_user_attr("images_per_client_round", summary.get("images_per_client_round"))
+    print(f"[{method} trial {trial.number}] validation accuracy (last {LAST_ROUNDS} rounds) {value:.4f}", flush=True)
+    return value
+
+
+def storage_url(out_root: Path, preset: str) -> str:
+    return f"sqlite:///{out_root / f'{preset}.db'}"
+
+
+def load_study(preset: str, method: str, out_root: Path, create: bool = True):
+    import optuna
+
+    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=3)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=4)
+    name = f"{preset}-{method}"
+    if create:
+        return optuna.create_study(study_name=name, storage=storage_url(out_root, preset), direction="maximize",
+                                   sampler=sampler, pruner=pruner, load_if_exists=True)  # fmt: skip
+    return optuna.load_study(study_name=name, storage=storage_url(out_root, preset), sampler=sampler, pruner=pruner)
+
+
+def tune(preset: str, methods: list[str], trials: int, out_root: Path, overrides: list[str], clients: int) -> None:
+    import optuna
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    for method in methods:
+        study = load_study(preset, method, out_root)
+        finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        todo = trials - len(finished)
+        if todo > 0:
+            study.optimize(lambda t: run_trial(t, preset, method, out_root, overrides, clients), n_trials=todo,
+                           catch=(RuntimeError,))  # fmt: skip
+
+
+def _describe(spec: tuple) -> str:
+    if spec[0] == "float":
+        return f"[{spec[1]:g}, {spec[2]:g}]{' log' if spec[3] else ''}"
+    return "{" + ", ".join(map(str, spec[1])) + "}"
+
+
+def report(preset: str, methods: list[str], out_root: Path, overrides: list[str]) -> dict[str, Any]:
+    import optuna
+
+    lines = [f"# Tuning on `{preset}`", "",
+             f"`python -m benchmarks.tune --preset {preset}" + "".join(f" -c '{o}'" for o in overrides) + "` "
+             f"(Optuna {optuna.__version__}, TPE sampler, median pruner; studies in "
+             f"`benchmarks/results/tune/{preset}.db`). Objective: the deployed model's mean accuracy over the "
+             f"last {LAST_ROUNDS} rounds on the validation split (the clients' local test splits, carved "
+             f"from the training data; the test set is never used).", ""]  # fmt: skip
+    best_all = {}
+    for method in methods:
+        study = load_study(preset, method, out_root, create=False)
+        keys = list(SEARCH_SPACES[method])
+        lines += [f"## {method}", "", "Ranges: " + ", ".join(f"`{k}` {_describe(SEARCH_SPACES[method][k])}" for k in keys), ""]
+        lines += ["| trial | state | " + " | ".join(keys) + " | validation acc | s |", "|---|---|" + "---|" * (len(keys) + 2)]
+        for t in study.trials:
+            value = t.value if t.value is not None else (max(t.intermediate_values.values()) if t.intermediate_values else None)
+            shown = f"{value:.4f}" if value is not None else "-"
+            if t.state == optuna.trial.TrialState.PRUNED:
+                shown = f"pruned at round {max(t.intermediate_values) + 1}" if t.intermediate_values else "pruned"
+            params = " | ".join(f"{t.params[k]:.4g}" if isinstance(t.params.get(k), float) else str(t.params.get(k, "-")) for k in keys)
+            secs = t.user_attrs.get("total_time_s")
+            lines.append(f"| {t.number} | {t.state.name.lower()} | {params} | {shown} | {secs:.0f} |" if secs else
+                         f"| {t.number} | {t.state.name.lower()} | {params} | {shown} | - |")  # fmt: skip
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if complete:
+            best = max(complete, key=lambda t: t.value)
+            best_all[method] = {"trial": best.number, "value": best.value, "params": best.params}
+            lines += ["", f"Best: trial {best.number}, validation accuracy {best.value:.4f}: "
+                      + ", ".join(f"`{k} = {_toml(v)}`" for k, v in best.params.items()), ""]  # fmt: skip
+    (out_root / f"{preset}-best.json").write_text(json.dumps(best_all, indent=2))
+    docs = ROOT / "docs" / f"tuning-{preset}.md"
+    docs.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return best_all
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="digits")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--trials", type=int, default=6, help="trials per method (the same for every method)")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tune")
+    parser.add_argument("-c", "--run-config", action="append", default=[], help="extra overrides for every trial")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in SEARCH_SPACES]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    out = args.out.resolve()
+    if not args.report_only:
+        tune(args.preset, methods, args.trials, out, args.run_config, args.clients)
+    report(args.preset, methods, out, args.run_config)
+
+
+if __name__ == "__main__":
+    main()
