@@ -1,13 +1,22 @@
-"""Side-by-side comparison: FedMetaNAS, FedNAS and FedAvg on identical partitions, seed and machine.
+"""Side-by-side comparison over seeds: FedMetaNAS, FedNAS, FedAvg, and the NAS sanity baselines.
 
-    python -m benchmarks.compare --preset cifar10-cpu
-    python -m benchmarks.compare --preset digits --sweep      # non-IID robustness sweep
-    python -m benchmarks.compare --preset cifar10-cpu --tables-only  # rebuild outputs from finished runs
+    python -m benchmarks.compare --preset cifar10-cpu --seeds 0,1,2
+    python -m benchmarks.compare --preset digits --sweep --seeds 0,1,2   # non-IID robustness sweep
+    python -m benchmarks.compare --preset cifar10-cpu --seeds 0,1,2 --tables-only  # rebuild outputs
 
 Each method is a real ``fedmetanas run`` (Flower simulation through the local SuperLink), one
-after the other. The preset's file (``conf/<preset>.toml``) sets the data, the space and every
-method's budget; ``-c`` adds overrides for all methods. Writes ``comparison.json``,
-``comparison.md`` and ``comparison_accuracy_vs_time.png`` into ``--out``.
+after the other, on identical partitions per seed. The preset's file (``conf/<preset>.toml``) sets
+the data, the space and every method's budget; ``-c`` adds overrides for all methods. Methods:
+
+- ``fedmetanas``, ``fednas``, ``fedavg`` (the small CNN);
+- ``fedavg-random-cell``: FedAvg on a cell drawn at random from the same search space (one
+  genotype per seed), same cells and channels as the searched network: the NAS sanity check;
+- ``fedavg-matched``: FedAvg on the small CNN made as wide as gives the searched network's number
+  of parameters (per seed): does the search beat a plain network of the same size?
+
+Writes ``comparison.json`` (per method: mean and std over seeds, and every seed's row),
+``comparison.md`` and ``comparison_accuracy_vs_time.png`` (mean with a +-std band) into ``--out``;
+the sweep adds ``sweep.json`` and ``sweep.md``.
 """
 
 from __future__ import annotations
@@ -19,18 +28,55 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from fedmetanas_core.outputs import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("fedmetanas", "fednas", "fedavg")
+METHODS = ("fedmetanas", "fednas", "fedavg", "fedavg-random-cell", "fedavg-matched")
 SWEEP = (("dirichlet", 0.1), ("dirichlet", 0.5), ("dirichlet", 1.0), ("iid", 0.5))
+LAST_ROUNDS = 5
 
 
-def run_method(preset: Path, method: str, out: Path, overrides: list[str], num_supernodes: int) -> dict[str, Any]:
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def _baseline_overrides(method: str, seed_dir: Path, seed: int, preset: Path, overrides: list[str]) -> list[str]:
+    """The fedavg-* baselines are FedAvg runs with a fixed network chosen here."""
+    if method == "fedavg-random-cell":
+        from fedmetanas_core.cli import parse_run_config
+        from fedmetanas_core.config import RunConfig
+        from fedmetanas_core.genotype import random_genotype
+
+        cfg = RunConfig.from_flat(parse_run_config([str(preset), *overrides, f"seed={seed}"]), check_paths=False)
+        path = seed_dir / "random-cell-genotype.yaml"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        random_genotype(cfg.primitive_list, cfg.num_nodes, seed).save_yaml(path)
+        return [f'fedavg-genotype="{path}"']
+    if method == "fedavg-matched":
+        import torch
+
+        from fedmetanas_core.genotype import simple_cnn_channels_for
+        from fedmetanas_core.search_space import SpaceConfig
+
+        searched = seed_dir / "fedmetanas"
+        if not (searched / "summary.json").is_file():
+            raise SystemExit("fedavg-matched needs this seed's fedmetanas run first (its parameter count)")
+        payload = torch.load(searched / "derived_model.pt", map_location="cpu", weights_only=True)
+        space = SpaceConfig(**{**payload["space"], "primitives": tuple(payload["space"]["primitives"])})
+        params = json.loads((searched / "summary.json").read_text())["params"]
+        return [f"fedavg-channels={simple_cnn_channels_for(space, params)}"]
+    return []
+
+
+def run_method(preset: Path, method: str, seed_dir: Path, seed: int, overrides: list[str], num_supernodes: int) -> dict[str, Any]:
+    out = seed_dir / method
+    base = method.split("-")[0] if method.startswith("fedavg") else method
+    extra = _baseline_overrides(method, seed_dir, seed, preset, overrides)
     cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", "--num-supernodes", str(num_supernodes), "-c", str(preset)]
-    cmd += ["-c", f'method="{method}" results-dir="{out}"'] + [x for o in overrides for x in ("-c", o)]
+    cmd += ["-c", f'method="{base}" results-dir="{out}"'] + [x for o in [*overrides, f"seed={seed}", *extra] for x in ("-c", o)]
     print("$", " ".join(cmd), flush=True)
     done = subprocess.run(cmd, cwd=ROOT)
     if done.returncode != 0:
@@ -44,6 +90,10 @@ def load_run(out: Path) -> dict[str, Any]:
     summary["config"] = yaml.safe_load((out / "config.yaml").read_text())
     summary["rounds_log"] = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# one seed
 
 
 def time_to_reach(rounds: list[dict[str, Any]], target: float) -> float | None:
@@ -67,9 +117,6 @@ def budget(cfg: dict[str, Any]) -> str:
     return f"{rounds} rounds x {cfg['local-epochs']} epoch(s)" + schedule
 
 
-LAST_ROUNDS = 5
-
-
 def last_rounds_mean(rounds: list[dict[str, Any]], n: int = LAST_ROUNDS) -> float | None:
     """Mean test accuracy over the deployed model's last ``n`` rounds: steadier than the last round
     alone when accuracy moves a point or two from round to round."""
@@ -78,6 +125,7 @@ def last_rounds_mean(rounds: list[dict[str, Any]], n: int = LAST_ROUNDS) -> floa
 
 
 def comparison_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method of one seed; times to reach are against that seed's FedNAS final accuracy."""
     target = summaries["fednas"]["final_test_accuracy"] if "fednas" in summaries else None
     rows = []
     for method, s in summaries.items():
@@ -97,10 +145,49 @@ def comparison_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]
                 "params": s["params"],
                 "rounds": s["rounds"],
                 "retrain_rounds": s["retrain_rounds"],
+                "steps_per_client_round": s.get("steps_per_client_round"),
+                "images_per_client_round": s.get("images_per_client_round"),
+                "genotype": s.get("genotype"),
+                "seed": s.get("seed"),
                 "results_dir": s["results_dir"],
             }
         )
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# over seeds
+
+AVERAGED = (
+    "final_test_accuracy", "last_rounds_mean_accuracy", "personalized_accuracy", "personalized_accuracy_before",
+    "total_time_s", "search_time_s", "retrain_time_s", "time_to_reach_fednas_accuracy_s", "params",
+    "steps_per_client_round", "images_per_client_round",
+)  # fmt: skip
+
+
+def aggregate_rows(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per method: mean and std over seeds of every figure (a time to reach counts only the seeds
+    that reached FedNAS's accuracy; ``reached`` says how many did), and the time ratio to FedNAS."""
+    methods = list(dict.fromkeys(r["method"] for rows in per_seed.values() for r in rows))
+    out = []
+    for method in methods:
+        rows = [r for rows in per_seed.values() for r in rows if r["method"] == method]
+        agg: dict[str, Any] = {"method": method, "budget": rows[0]["budget"], "seeds": [r["seed"] for r in rows]}
+        for key in AVERAGED:
+            values = [r[key] for r in rows if r.get(key) is not None]
+            agg[f"{key}_mean"] = float(np.mean(values)) if values else None
+            agg[f"{key}_std"] = float(np.std(values)) if values else None
+        agg["reached_fednas_accuracy"] = sum(r["time_to_reach_fednas_accuracy_s"] is not None for r in rows)
+        ratios = []
+        for seed, seed_rows in per_seed.items():
+            by = {r["method"]: r for r in seed_rows}
+            mine, fednas = by.get(method), by.get("fednas")
+            if mine and fednas and mine["time_to_reach_fednas_accuracy_s"] is not None:
+                ratios.append(mine["time_to_reach_fednas_accuracy_s"] / fednas["total_time_s"])
+        agg["time_to_reach_over_fednas_total_mean"] = float(np.mean(ratios)) if ratios else None
+        agg["rounds"], agg["retrain_rounds"] = rows[0]["rounds"], rows[0]["retrain_rounds"]
+        out.append(agg)
+    return out
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -112,33 +199,51 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _pm(row: dict[str, Any], key: str, digits: int = 4) -> str:
+    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| method | budget | final test acc | supernet acc | personalized acc (before → after) | search s | retrain s | total s "
-            f"| s to reach FedNAS acc | params | rounds (+retrain) | mean acc, last {LAST_ROUNDS} rounds |")  # fmt: skip
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """The aggregated rows: mean ± std over the seeds."""
+    head = ("| method | budget | final test acc | mean acc, last 5 rounds | personalized acc (before → after) | total s "
+            "| s to reach FedNAS acc (x FedNAS time; seeds) | params | steps / client / round | images / client / round |")  # fmt: skip
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        n = len(r["seeds"])
+        ratio = r.get("time_to_reach_over_fednas_total_mean")
+        reach = "-" if r["time_to_reach_fednas_accuracy_s_mean"] is None else (
+            f"{r['time_to_reach_fednas_accuracy_s_mean']:.0f} ({ratio:.2f} x; {r['reached_fednas_accuracy']}/{n})"
+        )  # fmt: skip
         lines.append(
-            f"| {r['method']} | {r['budget']} | {_fmt(r['final_test_accuracy'])} | {_fmt(r['supernet_test_accuracy'])} "
-            f"| {_fmt(r['personalized_accuracy_before'])} → {_fmt(r['personalized_accuracy'])} | {_fmt(r['search_time_s'], 0)} "
-            f"| {_fmt(r['retrain_time_s'], 0)} | {_fmt(r['total_time_s'], 0)} | {_fmt(r['time_to_reach_fednas_accuracy_s'], 0)} "
-            f"| {r['params']} | {r['rounds']}{' + ' + str(r['retrain_rounds']) if r['retrain_rounds'] else ''} "
-            f"| {_fmt(r.get('last_rounds_mean_accuracy'))} |"
+            f"| {r['method']} | {r['budget']} | {_pm(r, 'final_test_accuracy')} | {_pm(r, 'last_rounds_mean_accuracy')} "
+            f"| {_fmt(r['personalized_accuracy_before_mean'])} → {_fmt(r['personalized_accuracy_mean'])} "
+            f"| {_fmt(r['total_time_s_mean'], 0)} | {reach} | {_fmt(r['params_mean'], 0)} "
+            f"| {_fmt(r['steps_per_client_round_mean'], 1)} | {_fmt(r['images_per_client_round_mean'], 0)} |"
         )
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_time(summaries: dict[str, dict[str, Any]], path: Path) -> None:
+def plot_accuracy_vs_time(runs: dict[int, dict[str, dict[str, Any]]], path: Path) -> None:
+    """Each method's deployed-model accuracy per round: mean over seeds against the mean elapsed time
+    at that round, with a +-std band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6), dpi=100)
-    for method, s in summaries.items():
-        rows = s["rounds_log"]
-        ax.plot([r["elapsed-s"] for r in rows], [r["accuracy"] for r in rows], marker=".", label=method)
-    ax.set_xlabel("wall-clock time (s)")
-    ax.set_ylabel("test accuracy of the deployed model")
+    methods = list(dict.fromkeys(m for seed_runs in runs.values() for m in seed_runs))
+    for method in methods:
+        logs = [seed_runs[method]["rounds_log"] for seed_runs in runs.values() if method in seed_runs]
+        n = min(len(log) for log in logs)
+        acc = np.array([[row["accuracy"] for row in log[:n]] for log in logs])
+        t = np.array([[row["elapsed-s"] for row in log[:n]] for log in logs]).mean(0)
+        mean, std = acc.mean(0), acc.std(0)
+        (line,) = ax.plot(t, mean, marker=".", label=f"{method} ({len(logs)} seeds)")
+        ax.fill_between(t, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("wall-clock time (s), mean over seeds")
+    ax.set_ylabel("test accuracy of the deployed model (mean ± std)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -146,35 +251,55 @@ def plot_accuracy_vs_time(summaries: dict[str, dict[str, Any]], path: Path) -> N
     plt.close(fig)
 
 
-def compare(preset: str, out: Path, overrides: list[str], num_supernodes: int, methods=METHODS, rerun: bool = True) -> dict[str, Any]:
+def compare(
+    preset: str, out: Path, overrides: list[str], num_supernodes: int, methods=METHODS, rerun: bool = True, seeds=(0,),
+) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     preset_file = ROOT / "conf" / f"{preset}.toml"
-    if rerun:
-        summaries = {m: run_method(preset_file, m, out / m, overrides, num_supernodes) for m in methods}
-    else:
-        summaries = {m: load_run(out / m) for m in methods}
-    rows = comparison_rows(summaries)
-    result = {"preset": preset, "machine": machine_description(), "overrides": overrides, "rows": rows}
+    runs: dict[int, dict[str, dict[str, Any]]] = {}
+    for seed in seeds:
+        seed_dir = out / f"seed-{seed}"
+        runs[seed] = {}
+        for m in methods:
+            runs[seed][m] = run_method(preset_file, m, seed_dir, seed, overrides, num_supernodes) if rerun else load_run(seed_dir / m)
+    per_seed = {seed: comparison_rows(seed_runs) for seed, seed_runs in runs.items()}
+    rows = aggregate_rows(per_seed)
+    result = {
+        "preset": preset, "machine": machine_description(), "overrides": overrides, "seeds": list(seeds),
+        "rows": rows, "per_seed": {str(k): v for k, v in per_seed.items()},
+    }  # fmt: skip
     (out / "comparison.json").write_text(json.dumps(result, indent=2))
-    (out / "comparison.md").write_text(f"Preset `{preset}` on {result['machine']}\n\n{markdown_table(rows)}\n")
-    plot_accuracy_vs_time(summaries, out / "comparison_accuracy_vs_time.png")
+    seeds_text = ", ".join(map(str, seeds))
+    (out / "comparison.md").write_text(f"Preset `{preset}`, seeds {seeds_text}, on {result['machine']}\n\n{markdown_table(rows)}\n")
+    plot_accuracy_vs_time(runs, out / "comparison_accuracy_vs_time.png")
     print(markdown_table(rows))
     return result
 
 
-def sweep(preset: str, out: Path, overrides: list[str], num_supernodes: int) -> None:
-    lines = ["| partition | " + " | ".join(f"{m} acc" for m in METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+def sweep(preset: str, out: Path, overrides: list[str], num_supernodes: int, methods=METHODS, rerun: bool = True, seeds=(0,)) -> dict:
+    lines = ["| partition | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     table = []
     for partitioner, alpha in SWEEP:
         name = "iid" if partitioner == "iid" else f"dirichlet-{alpha}"
         extra = overrides + [f'partitioner="{partitioner}" dirichlet-alpha={alpha}']
-        result = compare(preset, out / name, extra, num_supernodes)
-        accs = {r["method"]: r["final_test_accuracy"] for r in result["rows"]}
-        lines.append(f"| {name} | " + " | ".join(_fmt(accs[m]) for m in METHODS) + " |")
-        table.append({"partition": name, **accs})
-    (out / "sweep.json").write_text(json.dumps({"preset": preset, "machine": machine_description(), "rows": table}, indent=2))
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+        result = compare(preset, out / name, extra, num_supernodes, methods, rerun, seeds)
+        by = {r["method"]: r for r in result["rows"]}
+        lines.append(f"| {name} | " + " | ".join(_pm(by[m], "final_test_accuracy") for m in methods) + " |")
+        for r in result["rows"]:
+            table.append({
+                "partition": name, "method": r["method"], "seeds": r["seeds"],
+                "final_test_accuracy_mean": r["final_test_accuracy_mean"], "final_test_accuracy_std": r["final_test_accuracy_std"],
+                "personalized_accuracy_mean": r["personalized_accuracy_mean"],
+                "personalized_accuracy_before_mean": r["personalized_accuracy_before_mean"],
+                "total_time_s_mean": r["total_time_s_mean"], "params_mean": r["params_mean"],
+                "steps_per_client_round_mean": r["steps_per_client_round_mean"],
+                "images_per_client_round_mean": r["images_per_client_round_mean"],
+            })  # fmt: skip
+    summary = {"preset": preset, "machine": machine_description(), "seeds": list(seeds), "rows": table}
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+    (out / "sweep.md").write_text(f"Final test accuracy, mean ± std over seeds {', '.join(map(str, seeds))}\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,14 +309,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-supernodes", type=int, default=10)
     parser.add_argument("-c", "--run-config", action="append", default=[], help="extra overrides for every method")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; every method runs on each")
     parser.add_argument("--sweep", action="store_true", help="Dirichlet 0.1 / 0.5 / 1.0 and IID, all methods")
-    parser.add_argument("--tables-only", action="store_true", help="rebuild table, JSON and plot from the runs already in --out")
+    parser.add_argument("--tables-only", action="store_true", help="rebuild tables, JSON and plots from the runs already in --out")
     args = parser.parse_args(argv)
+    methods = tuple(args.methods.split(","))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if "fedavg-matched" in methods and "fedmetanas" not in methods:
+        parser.error("fedavg-matched matches the fedmetanas run's parameter count: include fedmetanas")
+    seeds = tuple(int(s) for s in args.seeds.split(","))
     out = (args.out or ROOT / "benchmarks" / "results" / (f"{args.preset}-sweep" if args.sweep else args.preset)).resolve()
     if args.sweep:
-        sweep(args.preset, out, args.run_config, args.num_supernodes)
+        sweep(args.preset, out, args.run_config, args.num_supernodes, methods, not args.tables_only, seeds)
     else:
-        compare(args.preset, out, args.run_config, args.num_supernodes, tuple(args.methods.split(",")), rerun=not args.tables_only)
+        compare(args.preset, out, args.run_config, args.num_supernodes, methods, not args.tables_only, seeds)
 
 
 if __name__ == "__main__":

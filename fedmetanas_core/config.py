@@ -162,7 +162,7 @@ KEYS: tuple[Key, ...] = (
     Key("prune-threshold", 0.01, "ops / input pairs with relaxed weight <= this are skipped in forward passes", _unit, "relaxation"),
     Key("mask-threshold", 0.01, "server masks ops whose aggregated probability at tau-min is below this (0 = never)", _unit, "relaxation"),
     Key("mask-start-round", 2, "first round after which permanent masks may grow", _at_least(1), "relaxation"),
-    Key("discrete-round", 4, "FedMetaNAS: the round by which tau reaches tau-min and soft pruning leaves one op per edge and one input pair per node; later rounds train the discrete cell (0 = never force: threshold masks only, tau anneals over all rounds)", _at_least(0), "relaxation"),
+    Key("discrete-round", 4, "FedMetaNAS: the round by which tau reaches tau-min and soft pruning leaves one op per edge and one input pair per node; later rounds train the discrete cell (past num-server-rounds: the last round; 0 = never force: threshold masks only, tau anneals over all rounds)", _at_least(0), "relaxation"),
     Key("alpha-aggregation", "logits", "logits | centered | log-softmax: how architecture logits are averaged", _choice(("logits", "centered", "log-softmax")), "relaxation"),
     # --- meta learning (FedMetaNAS)
     Key("meta-learner", "fomaml", "fomaml | reptile", _choice(("fomaml", "reptile")), "meta"),
@@ -279,10 +279,9 @@ class RunConfig(Mapping[str, Any]):
         return cfg
 
     def _check_relations(self, check_paths: bool) -> None:
-        if self.method == "fedmetanas" and self.discrete_round and not (self.warmup_rounds < self.discrete_round <= self.num_server_rounds):
+        if self.method == "fedmetanas" and self.discrete_round and not self.warmup_rounds < self.discrete_round:
             raise ConfigError(
-                "discrete-round", self.discrete_round,
-                f"must be 0 or after the warm-up ({self.warmup_rounds} rounds) and <= num-server-rounds ({self.num_server_rounds})",
+                "discrete-round", self.discrete_round, f"must be 0 or after the warm-up ({self.warmup_rounds} rounds)"
             )  # fmt: skip
         if self.lr_min > self.outer_lr_w:
             raise ConfigError("lr-min", self.lr_min, f"must be <= outer-lr-w ({self.outer_lr_w})")

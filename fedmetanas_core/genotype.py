@@ -204,15 +204,15 @@ def simple_cnn_channels_for(space: SpaceConfig, target_params: int) -> int:
     return min(range(1, 257), key=lambda c: abs(count_parameters(SimpleCNN(space, c)) - target_params))
 
 
-def random_genotype(space: SpaceConfig, seed: int) -> Genotype:
+def random_genotype(primitives: tuple[str, ...], num_nodes: int, seed: int) -> Genotype:
     """A cell drawn uniformly from the search space: one op (never 'none') per kept edge and one input
     pair per node, as the derived cells are; the standard NAS sanity baseline."""
     rng = np.random.default_rng(seed)
-    ops = [p for p in space.primitives if p != "none"]
+    ops = [p for p in primitives if p != "none"]
     cells = {}
     for cell_type in ("normal", "reduce"):
         nodes = []
-        for j in range(2, space.num_nodes + 2):
+        for j in range(2, num_nodes + 2):
             inputs = sorted(rng.choice(j, size=min(2, j), replace=False).tolist())
             nodes.append(tuple((str(ops[rng.integers(len(ops))]), int(i)) for i in inputs))
         cells[cell_type] = tuple(nodes)

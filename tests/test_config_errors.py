@@ -39,7 +39,6 @@ CASES = [
     ("tau-max-below-min", "tau-max", "tau-max=0.05 tau-min=0.1"),
     ("zero-tau-min", "tau-min", "tau-min=0.0"),
     ("discrete-round-in-warmup", "discrete-round", "warmup-rounds=3 discrete-round=3"),
-    ("discrete-round-after-last", "discrete-round", "num-server-rounds=5 discrete-round=6"),
     ("unknown-key-in-method-table", "fednas.no-such-key", "fednas.no-such-key=1"),
     ("bad-value-in-own-method-table", "retrain-rounds", 'method="fednas" fednas.retrain-rounds=-1'),
     ("zero-inner-steps", "inner-steps", "inner-steps=0"),

@@ -1084,7 +1084,8 @@ def test_fedmetanas_local_search_updates_everything_but_masked_logits(client_dat
     model, before, res = run_search(cfg, client_data, masks)
     after = model.state_dict()
     assert math.isfinite(res.train_loss) and res.steps == cfg.local_meta_iters
-    assert res.num_examples == len(client_data.train)
+    # query-source = train (the default) draws support and query batches from all training data
+    assert res.num_examples == len(client_data.pool if cfg.query_source == "train" else client_data.train)
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("net."))
     for name, m in masks.items():
@@ -1099,7 +1100,7 @@ def test_query_source_decides_which_examples_the_meta_step_sees(client_data):
     """query-split: the held-out query split is the meta step's data; train: all training data is."""
     poisoned = ClientData(client_data.train, client_data.query.subset(list(range(16))), client_data.test, 0)
     poisoned.query.x[:] = float("nan")  # a query split that must never reach a forward pass when 'train'
-    held_out = RunConfig.from_flat(TINY)
+    held_out = RunConfig.from_flat({**TINY, "query-source": "query-split"})
     model, _, res = run_search(held_out, poisoned)
     assert res.num_examples == len(client_data.train)
     assert not all(torch.isfinite(v).all() for v in model.state_dict().values()), "query split unused"

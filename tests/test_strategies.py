@@ -9,7 +9,7 @@ its `proximal-mu`; a user's own class plugs in by import path.
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import evaluate, train
@@ -113,14 +113,27 @@ def test_user_strategy_by_import_path():
         build_base_strategy(cfg.replace(strategy="tests.test_strategies:CountingFedAvg"))
 
 
-def test_client_evaluate_reports_personalization_before_and_after():
+def test_client_evaluate_personalizes_the_deployed_network_at_its_own_step_size():
     cfg = RunConfig.from_flat({**TINY, "personalize-steps": 3})
     phase, space = _phase(cfg, "fedmetanas")
-    arrays = _array_record(phase.initial_state())
-    config = ConfigRecord({"method": "fedmetanas", **model_config(space), **phase.round_config(2), "personalize": True})
-    msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=11, message_type="evaluate")
+    derived = phase.derived_network()
+    arrays = ArrayRecord({k: v.detach().cpu() for k, v in derived.state_dict().items()})
+    config = ConfigRecord({"method": "fedmetanas", **model_config(space), "phase": "fixed", "genotype": phase.genotype.to_json(), "personalize": True})
     ctx = Context(run_id=7, node_id=11, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(), run_config=dict(cfg))
-    metrics = evaluate(msg, ctx).content["metrics"]
+
+    def personalize(run_config, run_id=7):  # the client caches a run's config by run id
+        msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=11, message_type="evaluate")
+        c = Context(run_id=run_id, node_id=11, node_config=ctx.node_config, state=RecordDict(), run_config=dict(run_config))
+        return evaluate(msg, c).content["metrics"]
+
+    metrics = personalize(cfg)
     assert metrics["partition-id"] == 1 and metrics["num-examples"] > 0
     assert 0.0 <= metrics["accuracy-before"] <= 1.0 and 0.0 <= metrics["accuracy-after"] <= 1.0
     assert metrics["accuracy-after"] != metrics["accuracy-before"]  # K adaptation steps changed the model
+    # the method's own task-learner step no longer leaks into the protocol; personalize-lr does
+    assert personalize(cfg.replace(inner_lr_w=0.5), run_id=8) == metrics
+    assert personalize(cfg.replace(personalize_lr=0.0001), run_id=9)["accuracy-after"] != metrics["accuracy-after"]
+    search_config = ConfigRecord({"method": "fedmetanas", **model_config(space), **phase.round_config(2), "personalize": True})
+    search_msg = Message(RecordDict({"arrays": _array_record(phase.initial_state()), "config": search_config}), dst_node_id=11, message_type="evaluate")
+    with pytest.raises(ValueError, match="deployed"):
+        evaluate(search_msg, ctx)
