@@ -276,11 +276,22 @@ def compare(
     return result
 
 
-def sweep(preset: str, out: Path, overrides: list[str], num_supernodes: int, methods=METHODS, rerun: bool = True, seeds=(0,)) -> dict:
+def partition_name(partitioner: str, alpha: float) -> str:
+    return "iid" if partitioner == "iid" else f"dirichlet-{alpha}"
+
+
+def sweep(
+    preset: str, out: Path, overrides: list[str], num_supernodes: int, methods=METHODS, rerun: bool = True, seeds=(0,),
+    partitions: tuple[str, ...] | None = None,
+) -> dict:
+    """Every partition of SWEEP (or the named ones: two shells can share a sweep, then one
+    ``--tables-only`` call writes sweep.json over all of them)."""
     lines = ["| partition | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     table = []
     for partitioner, alpha in SWEEP:
-        name = "iid" if partitioner == "iid" else f"dirichlet-{alpha}"
+        name = partition_name(partitioner, alpha)
+        if partitions is not None and name not in partitions:
+            continue
         extra = overrides + [f'partitioner="{partitioner}" dirichlet-alpha={alpha}']
         result = compare(preset, out / name, extra, num_supernodes, methods, rerun, seeds)
         by = {r["method"]: r for r in result["rows"]}
@@ -296,6 +307,8 @@ def sweep(preset: str, out: Path, overrides: list[str], num_supernodes: int, met
                 "images_per_client_round_mean": r["images_per_client_round_mean"],
             })  # fmt: skip
     summary = {"preset": preset, "machine": machine_description(), "seeds": list(seeds), "rows": table}
+    if partitions is not None:  # a share of the sweep: its runs are on disk, the tables come later
+        return summary
     (out / "sweep.json").write_text(json.dumps(summary, indent=2))
     (out / "sweep.md").write_text(f"Final test accuracy, mean ± std over seeds {', '.join(map(str, seeds))}\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -311,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; every method runs on each")
     parser.add_argument("--sweep", action="store_true", help="Dirichlet 0.1 / 0.5 / 1.0 and IID, all methods")
+    parser.add_argument("--partitions", default=None, help="sweep only these (e.g. dirichlet-0.1,iid); no sweep.json")
     parser.add_argument("--tables-only", action="store_true", help="rebuild tables, JSON and plots from the runs already in --out")
     args = parser.parse_args(argv)
     methods = tuple(args.methods.split(","))
@@ -322,7 +336,11 @@ def main(argv: list[str] | None = None) -> None:
     seeds = tuple(int(s) for s in args.seeds.split(","))
     out = (args.out or ROOT / "benchmarks" / "results" / (f"{args.preset}-sweep" if args.sweep else args.preset)).resolve()
     if args.sweep:
-        sweep(args.preset, out, args.run_config, args.num_supernodes, methods, not args.tables_only, seeds)
+        parts = tuple(args.partitions.split(",")) if args.partitions else None
+        known = {partition_name(p, a) for p, a in SWEEP}
+        if parts and not set(parts) <= known:
+            parser.error(f"unknown partition(s) {', '.join(sorted(set(parts) - known))}; choose from {', '.join(sorted(known))}")
+        sweep(args.preset, out, args.run_config, args.num_supernodes, methods, not args.tables_only, seeds, parts)
     else:
         compare(args.preset, out, args.run_config, args.num_supernodes, methods, not args.tables_only, seeds)
 

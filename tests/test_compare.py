@@ -130,3 +130,22 @@ def test_last_rounds_mean_is_over_the_deployed_models_last_rounds():
     rows = {r["method"]: r for r in comparison_rows(summaries)}
     assert rows["fednas"]["last_rounds_mean_accuracy"] == pytest.approx(0.4)  # 0.5 0.4 0.3 0.2 0.6
     assert rows["fedavg"]["last_rounds_mean_accuracy"] == pytest.approx(0.2)  # fewer rounds than 5: all
+
+
+def test_sweep_json_rows_carry_method_partition_seeds_and_means(tmp_path):
+    import json
+
+    from benchmarks.compare import SWEEP, partition_name, sweep
+
+    for i, (partitioner, alpha) in enumerate(SWEEP):
+        for seed in (0, 1):
+            for method, accs in (("fedmetanas", [0.5, 0.6 + i / 10]), ("fedavg", [0.4, 0.5])):
+                s = summary(method, accs, 1.0, META if method == "fedmetanas" else {"num-server-rounds": 2, "local-epochs": 1})
+                _write_run(tmp_path / partition_name(partitioner, alpha) / f"seed-{seed}" / method, {**s, "seed": seed})
+    sweep("digits", tmp_path, [], 2, ("fedmetanas", "fedavg"), rerun=False, seeds=(0, 1))
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert len(rows) == 8
+    row = next(r for r in rows if r["partition"] == "iid" and r["method"] == "fedmetanas")
+    assert row["seeds"] == [0, 1] and row["final_test_accuracy_mean"] == pytest.approx(0.9) and row["final_test_accuracy_std"] == 0.0
+    assert row["personalized_accuracy_mean"] == 0.5
+    assert "| dirichlet-0.1 | 0.6000 ± 0.0000 | 0.5000 ± 0.0000 |" in (tmp_path / "sweep.md").read_text()
