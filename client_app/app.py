@@ -2,14 +2,17 @@
 
 The node's data: when the SuperNode's node config names ``partition-id`` the global training set
 is partitioned by id (simulation, or a deployment that asks for it); otherwise the node's own
-dataset at its ``data-dir`` is the whole partition. No client ever sees the global test set.
+dataset at its ``data-dir`` is the whole partition and the node's Flower node id is its partition
+id (its random streams and its results on the server are its own). No client ever sees the global
+test set.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -20,13 +23,14 @@ from fedmetanas_core.coordinator import plan_from_config
 from fedmetanas_core.data import ClientData
 from fedmetanas_core.run_data import data_settings, own_data, partition_data
 from fedmetanas_core.genotype import Genotype, build_fixed_network
-from fedmetanas_core.search_space import SearchModel, set_fast_path
+from fedmetanas_core.search_space import SearchModel
 from fedmetanas_core.seeding import make_generator
 from fedmetanas_core.training import (
     fedmetanas_local_search,
     fednas_local_search,
     personalize_fixed,
     resolve_device,
+    run_settings,
     space_from_config,
     train_fixed,
 )
@@ -43,16 +47,25 @@ def run_config(context: Context) -> RunConfig:
     if cfg is None:
         cfg = RunConfig.from_flat(dict(context.run_config), check_paths=False)
         _CONFIGS[context.run_id] = cfg
-        threads = cfg.torch_threads or (1 if any(k.startswith("RAY_") for k in os.environ) else 0)
-        if threads:
-            torch.set_num_threads(threads)
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
-        set_fast_path(cfg.fast_path)
     return cfg
 
 
-def node_data(cfg: RunConfig, node_config: dict[str, Any]) -> ClientData:
+def in_run_settings(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Run ``handler`` under its run's torch settings (threads, determinism, fast path), restored
+    afterwards: a process serving several runs must give each its own settings."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        cfg = run_config(context)
+        threads = cfg.torch_threads or (1 if any(k.startswith("RAY_") for k in os.environ) else 0)
+        with run_settings(cfg, threads):
+            return handler(msg, context)
+
+    return wrapped
+
+
+def node_data(cfg: RunConfig, node_config: dict[str, Any], node_id: int = 0) -> ClientData:
+    """The node's data; a node with its own data (no ``partition-id``) is identified by ``node_id``."""
     data_dir = str(node_config.get("data-dir") or cfg.resolved_data_dir())
     if "partition-id" in node_config:
         pid = int(node_config["partition-id"])
@@ -61,9 +74,9 @@ def node_data(cfg: RunConfig, node_config: dict[str, Any]) -> ClientData:
         if key not in _DATA:
             _DATA[key] = partition_data(cfg, data_dir, pid, n)
     else:
-        key = ("own", data_dir, data_settings(cfg))
+        key = ("own", data_dir, node_id, data_settings(cfg))
         if key not in _DATA:
-            _DATA[key] = own_data(cfg, data_dir)
+            _DATA[key] = own_data(cfg, data_dir, node_id)
     return _DATA[key]
 
 
@@ -86,11 +99,12 @@ def _prepare(msg: Message, context: Context):
     shapes = {k: v.shape for k, v in state.items()}
     plan = plan_from_config(config, shapes)
     plan.masks = {k: v.to(device) for k, v in plan.masks.items()}
-    data = node_data(cfg, node_config)
+    data = node_data(cfg, node_config, context.node_id)
     return cfg, config, device, model, plan, data
 
 
 @app.train()
+@in_run_settings
 def train(msg: Message, context: Context) -> Message:
     t0 = time.time()
     cfg, config, device, model, plan, data = _prepare(msg, context)
@@ -116,6 +130,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@in_run_settings
 def evaluate(msg: Message, context: Context) -> Message:
     """Local test accuracy of the deployed network before and after adapting it on local training data."""
     cfg, config, device, model, plan, data = _prepare(msg, context)

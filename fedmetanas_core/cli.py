@@ -3,7 +3,11 @@
 ``flwr run --stream`` exits 0 even when the run failed, and an invalid value would otherwise only
 surface inside the ServerApp. This wrapper validates the merged run config first (one line naming
 the key, no traceback), turns off Flower's per-run dependency installation (it would download
-gigabytes), runs the app, and then checks the run's final status and its ``summary.json``.
+gigabytes), runs the app, and then checks the run's final status and its ``summary.json``: a run
+that lost more than ``MAX_ERROR_SKIPPED_SHARE`` of its rounds to aggregation errors fails. The
+CLI always sends an absolute ``results-dir`` (its own choice when none was given), so it knows
+where to read the results. Defaults come from ``fedmetanas_core.config`` (the same values as
+pyproject.toml; a test keeps them in step), so no checkout is needed to validate.
 It never imports flwr: it drives the ``flwr`` command.
 """
 
@@ -21,10 +25,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, ConfigError, RunConfig, resolve_method_tables
+from .config import METHODS, ConfigError, RunConfig, defaults, resolve_method_tables
 
 APP_DIR = Path(__file__).resolve().parents[1]
 PATH_KEYS = ("data-dir", "results-dir", "fedavg-genotype")
+MAX_ERROR_SKIPPED_SHARE = 0.2  # a run with more of its rounds skipped for errors exits non-zero
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -68,9 +73,16 @@ def parse_run_config(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def app_defaults(app_dir: Path) -> dict[str, Any]:
-    project = tomllib.loads((app_dir / "pyproject.toml").read_text())
-    return _flatten(project["tool"]["flwr"]["app"]["config"])
+def error_skip_problem(summary: dict[str, Any], num_rounds: int) -> str | None:
+    """One line when more than MAX_ERROR_SKIPPED_SHARE of the rounds were skipped for errors
+    (not for too few replies): the run finished, but its results do not mean what they seem to."""
+    errors = int(summary.get("skipped_rounds_error") or 0)
+    if num_rounds and errors / num_rounds > MAX_ERROR_SKIPPED_SHARE:
+        return (
+            f"{errors} of {num_rounds} rounds were skipped for aggregation errors "
+            f"(more than {MAX_ERROR_SKIPPED_SHARE:.0%}); see skipped-reason in rounds.jsonl"
+        )
+    return None
 
 
 def _toml_value(value: Any) -> str:
@@ -106,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 
     app_dir = Path(getattr(args, "app", APP_DIR)).resolve()
     try:
-        defaults = app_defaults(app_dir)
+        base = defaults()
         # a preset's [fednas] / [fedavg] / [fedmetanas] tables: Flower accepts only known keys
-        overrides = resolve_method_tables(parse_run_config(args.run_config), defaults.get("method"))
+        overrides = resolve_method_tables(parse_run_config(args.run_config), base["method"])
         for key in PATH_KEYS:  # the ServerApp runs in the SuperLink's directory: send absolute paths
             if isinstance(overrides.get(key), str) and overrides[key]:
                 overrides[key] = str(Path(overrides[key]).expanduser().resolve())
-        cfg = RunConfig.from_flat({**defaults, **overrides})
+        cfg = RunConfig.from_flat({**base, **overrides})
         if ":" in cfg.strategy:
             from server_app.strategy import check_strategy  # imports flwr, so only for user classes
 
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print("run config OK")
         return 0
 
-    overrides["results-dir"] = str(results_dir)
+    overrides["results-dir"] = str(results_dir)  # explicit and absolute: the checks below read it
     env = {
         **os.environ,
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -160,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedmetanas: run {run_id} aggregated no round (every round was skipped); see rounds.jsonl", file=sys.stderr)
         return 1
     result = json.loads(summary.read_text())
+    problem = error_skip_problem(result, len(rounds))
+    if problem:
+        print(f"fedmetanas: run {run_id}: {problem}", file=sys.stderr)
+        return 1
     print(f"fedmetanas: run {run_id} {status}: final test accuracy {result['final_test_accuracy']:.4f}; results in {results_dir}")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -54,6 +55,7 @@ class Key:
     help: str
     check: Callable[[Any], str | None] | None = None  # returns an error text, or None when fine
     group: str = "run"
+    normalize: Callable[[Any], Any] | None = None  # the canonical form of a value, before the check
 
     @property
     def type(self) -> type:
@@ -101,6 +103,14 @@ def _primitives(v: str) -> str | None:
     return None
 
 
+def _canonical_strategy(v: str) -> str:
+    """Flower's spelling of a built-in strategy name in any case ('krum' -> 'Krum'); import paths
+    are Python names and stay as given."""
+    if ":" in v:
+        return v
+    return {name.lower(): name for name in STRATEGIES}.get(v.strip().lower(), v)
+
+
 def _strategy(v: str) -> str | None:
     if v in STRATEGIES or (":" in v and all(v.split(":", 1))):
         return None
@@ -125,7 +135,7 @@ KEYS: tuple[Key, ...] = (
     Key("resume", False, "continue the run whose checkpoint is in results-dir (same config required)"),
     Key("tensorboard", False, "also log per-round scalars to <results-dir>/tensorboard (pip install tensorboard)"),
     Key("checkpoint", True, "write checkpoint.pt atomically after every round"),
-    Key("strategy", "FedAvg", "server aggregation: a Flower strategy name or 'package.module:ClassName'", _strategy),
+    Key("strategy", "FedAvg", "server aggregation: a Flower strategy name (any case) or 'package.module:ClassName'", _strategy, normalize=_canonical_strategy),
     # --- data
     Key("dataset", "digits", "digits | mnist | fashion-mnist | cifar10 | cifar100 | imagefolder | hf", _choice(DATASETS), "data"),
     Key("data-dir", "", "dataset folder (downloads go here; imagefolder: has train/ and test/); '' = ./data", None, "data"),
@@ -270,6 +280,7 @@ class RunConfig(Mapping[str, Any]):
         for name, raw in flat.items():
             key = BY_NAME[name]
             value = _cast(key, raw)
+            value = key.normalize(value) if key.normalize else value
             problem = key.check(value) if key.check else None
             if problem:
                 raise ConfigError(name, raw, problem)
@@ -371,8 +382,9 @@ class RunConfig(Mapping[str, Any]):
             if out.exists():
                 if not out.is_dir():
                     raise ConfigError("results-dir", self.results_dir, "exists but is not a directory")
-                if not os.access(out, os.W_OK | os.X_OK):
-                    raise ConfigError("results-dir", self.results_dir, "directory is not writable")
+                problem = _not_writable(out)
+                if problem:
+                    raise ConfigError("results-dir", self.results_dir, f"directory is not writable: {problem}")
             else:
                 problem = _creatable(out)
                 if problem:
@@ -424,8 +436,17 @@ def _creatable(path: Path) -> str | None:
         parent = parent.parent
     if not parent.is_dir():
         return f"{parent} is not a directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{parent} is not writable"
+    problem = _not_writable(parent)
+    return f"{parent} is not writable: {problem}" if problem else None
+
+
+def _not_writable(folder: Path) -> str | None:
+    """None when a folder can really be made in ``folder`` (made and removed again). ``os.access``
+    is no answer: it says yes to root everywhere, and to pseudo file systems such as /proc."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fedmetanas-write-check-", dir=folder))
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
     return None
 
 

@@ -803,11 +803,15 @@ def load_own_data(
     image_size: int = 0,
     on_corrupt_image: str = "fail",
     hf_dataset: str = "",
+    partition_id: int = 0,
 ) -> ClientData:
     """Deployment path: a device's own dataset (e.g. an imagefolder at data_dir) is the whole partition:
     its train split is split into train/query, and its test/ split is the local test set (if present).
 
     Without a test split, test_fraction of the train split becomes the local test set instead.
+    ``partition_id`` identifies the device (its node id): it seeds the client's random streams and
+    keys its results on the server, so two devices must not share it. The splits of the device's
+    own data depend on ``seed`` only, so they stay the same if the device rejoins under a new id.
     """
     train, test = _load_full(dataset, data_dir, hf_dataset=hf_dataset, image_size=image_size,
                              on_corrupt_image=on_corrupt_image)
@@ -822,7 +826,7 @@ def load_own_data(
     else:
         train_idx, query_idx = _random_split(everything, (query_fraction,), ("query-fraction",),
                                              seed, 0)
-    return ClientData(train.subset(train_idx), train.subset(query_idx), test, 0)
+    return ClientData(train.subset(train_idx), train.subset(query_idx), test, partition_id)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ import io
 import json
 import os
 import platform
+import random
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -125,18 +127,54 @@ CHECKPOINT_FILE = "checkpoint.pt"
 RESUME_NEUTRAL_KEYS = frozenset({"resume", "checkpoint", "results-dir", "round-timeout", "torch-threads", "device"})
 
 
+def checkpoint_data(value: Any) -> Any:
+    """``value`` as tensors and plain Python data only, which ``torch.load(weights_only=True)``
+    accepts: numpy arrays become tensors (they come back as tensors), numpy scalars Python numbers."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value))  # a copy: the checkpoint never aliases live arrays
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: checkpoint_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(checkpoint_data(v) for v in value)
+    return value
+
+
+def rng_states() -> dict[str, Any]:
+    """Python's, numpy's and torch's global RNG states as plain lists and a tensor."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of ``rng_states``: the run continues drawing exactly where it stopped."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+
+
 def save_checkpoint(results_dir: Path, payload: dict[str, Any]) -> None:
-    """Everything needed to continue after the last finished round; written atomically."""
+    """Everything needed to continue after the last finished round; written atomically, as tensors
+    and plain data only (see ``checkpoint_data``) so that loading it never runs pickled code."""
     buf = io.BytesIO()
-    torch.save(payload, buf)
+    torch.save(checkpoint_data(payload), buf)
     atomic_write_bytes(Path(results_dir) / CHECKPOINT_FILE, buf.getvalue())
 
 
 def load_checkpoint(results_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint, read with ``weights_only=True``: a tampered file cannot execute code."""
     path = Path(results_dir) / CHECKPOINT_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -41,9 +41,10 @@ def partition_data(cfg: RunConfig, data_dir: str, partition_id: int, num_partiti
     )  # fmt: skip
 
 
-def own_data(cfg: RunConfig, data_dir: str) -> ClientData:
-    """A device's own dataset at ``data_dir``, the whole of it its partition."""
-    return load_own_data(cfg.dataset, data_dir, **_split_settings(cfg))
+def own_data(cfg: RunConfig, data_dir: str, client_id: int = 0) -> ClientData:
+    """A device's own dataset at ``data_dir``, the whole of it its partition, identified by
+    ``client_id`` (the node id in a deployment: distinct random streams and results per device)."""
+    return load_own_data(cfg.dataset, data_dir, partition_id=client_id, **_split_settings(cfg))
 
 
 def validation_set(cfg: RunConfig) -> ImageData:

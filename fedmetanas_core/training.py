@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -22,13 +23,33 @@ from .data import BatchStream, ClientData, ImageData
 from .aggregation import masks_are_discrete
 from .genotype import DiscreteNetwork, derive_genotype
 from .maml import InnerLoop, fomaml_task_gradient, inner_adapt, is_arch, mean_dicts, reptile_task_delta, second_order_task_gradient
-from .search_space import RelaxSettings, SearchModel, SpaceConfig
+from .search_space import RelaxSettings, SearchModel, SpaceConfig, fast_path
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def run_settings(cfg: RunConfig, threads: int = 0) -> Iterator[None]:
+    """A run's process-wide torch settings (determinism, fast path, ``threads`` when > 0) for one
+    call, then the process's own again: one process (a Ray actor, a test session, a ServerApp
+    process) may serve several runs, and a run must not inherit the previous run's settings."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    num_threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with fast_path(cfg.fast_path):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        if threads:
+            torch.set_num_threads(num_threads)
 
 
 def space_from_config(cfg: RunConfig, num_classes: int, in_channels: int) -> SpaceConfig:

@@ -6,7 +6,6 @@ keeps the clock, and checkpoints after every round so a crash loses no finished 
 
 from __future__ import annotations
 
-import random
 import time
 from datetime import datetime
 from logging import ERROR, INFO, WARNING
@@ -24,18 +23,26 @@ from fedmetanas_core.coordinator import FixedPhase, ProgressClock, SearchPhase, 
 from fedmetanas_core.data import load_dataset
 from fedmetanas_core.run_data import validation_set
 from fedmetanas_core.genotype import Genotype, count_parameters
-from fedmetanas_core.search_space import set_fast_path
 from fedmetanas_core.outputs import (
     RunRecorder,
     config_differences,
     load_checkpoint,
     machine_description,
     package_versions,
+    rng_states,
     save_checkpoint,
+    set_rng_states,
     truncate_rounds,
 )
-from fedmetanas_core.training import evaluate, resolve_device
-from server_app.strategy import SearchStrategy, _array_record, build_base_strategy, check_strategy
+from fedmetanas_core.training import evaluate, resolve_device, run_settings
+from server_app.strategy import (
+    SearchStrategy,
+    _array_record,
+    build_base_strategy,
+    check_strategy,
+    load_strategy_state,
+    strategy_state,
+)
 
 app = ServerApp()
 
@@ -48,14 +55,8 @@ def main(grid: Grid, context: Context) -> None:
     except ConfigError as exc:
         log(ERROR, "%s", exc)
         raise SystemExit(2) from None
-    set_fast_path(cfg.fast_path)
-    run_experiment(grid, cfg)
-
-
-def _strategy_state(strategy) -> dict[str, Any]:
-    """Plain-data attributes of a Flower strategy (e.g. FedAdam's moments), for the checkpoint."""
-    plain = (int, float, str, bool, np.ndarray, type(None), dict, list, tuple)
-    return {k: v for k, v in vars(strategy).items() if isinstance(v, plain) and not callable(v)}
+    with run_settings(cfg):  # this run's determinism and fast path, not the previous run's in this process
+        run_experiment(grid, cfg)
 
 
 def _reply_metric(replies: list[Message], name: str) -> list[float]:
@@ -70,11 +71,20 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def skipped_rounds(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Rounds skipped, and of them those skipped for an error (not merely too few replies), from
+    rounds.jsonl rows: ``fedmetanas run`` fails a run that lost too many rounds to errors."""
+    skipped = [r for r in rows if not r.get("aggregated")]
+    errors = [r for r in skipped if str(r.get("skipped-reason") or "").startswith("error")]
+    return {"skipped_rounds": len(skipped), "skipped_rounds_error": len(errors)}
+
+
 def _client_order(msg: Message) -> tuple[int, int]:
-    """Aggregate in a fixed order (by partition id) so float sums repeat exactly across runs."""
+    """Aggregate in a fixed order (by partition id: the node id for nodes with their own data) so
+    float sums repeat exactly across runs."""
     if not msg.has_error() and "metrics" in msg.content.metric_records:
         return int(msg.content["metrics"].get("partition-id", 0)), msg.metadata.src_node_id
-    return 1 << 30, msg.metadata.src_node_id
+    return 1 << 64, msg.metadata.src_node_id  # after every partition id, node ids (uint64) included
 
 
 class Experiment:
@@ -118,16 +128,17 @@ class Experiment:
             self.rejected_total = ck["rejected_total"]
             self.extra = ck["extra"]
             self.done = [tuple(d) for d in ck["done"]]
-            random.setstate(ck["rng"]["python"])
-            np.random.set_state(ck["rng"]["numpy"])
-            torch.set_rng_state(ck["rng"]["torch"])
+            set_rng_states(ck["rng"])
             truncate_rounds(self.recorder.dir, set(self.done))
             log(INFO, "Resuming from %s: %d rounds already done", self.recorder.dir, len(self.done))
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
         if not self.cfg.resume:
             return None
-        ck = load_checkpoint(self.recorder.dir)
+        try:
+            ck = load_checkpoint(self.recorder.dir)
+        except Exception as exc:  # e.g. written by a version that pickled numpy arrays
+            raise ConfigError("resume", True, f"checkpoint.pt in {self.recorder.dir} cannot be loaded: {type(exc).__name__}") from None
         if ck is None:
             raise ConfigError("resume", True, f"no checkpoint.pt in results-dir {self.recorder.dir}")
         changed = config_differences(ck["config"], dict(self.cfg))
@@ -145,10 +156,10 @@ class Experiment:
         start = 1
         ck = self.checkpoint
         if ck is not None and ck["phase_index"] == index:
-            phase.restore(ck["arrays"], ck["masks"], ck["last"])
-            arrays = _array_record(ck["arrays"])
-            for k, v in ck["strategy"].items():
-                setattr(strategy.base, k, v)
+            state = {k: v.numpy() for k, v in ck["arrays"].items()}  # saved as tensors
+            phase.restore(state, ck["masks"], ck["last"])
+            arrays = _array_record(state)
+            load_strategy_state(strategy.base, ck["strategy"])
             start = ck["round"] + 1
         for rnd in range(start, phase.rounds + 1):
             arrays = self.run_round(index, phase, rnd, arrays)
@@ -179,6 +190,7 @@ class Experiment:
             "lr-w": config.get("lr-w"),  # as sent this round
             "replies": len(replies),
             "aggregated": aggregated is not None,
+            "skipped-reason": strategy.skipped_reason,  # None, "too few replies" or "error: ..."
             "rejected": len(strategy.rejected),
             "rejected-reasons": strategy.rejected,
             "round-s": time.time() - t_round,
@@ -223,13 +235,13 @@ class Experiment:
                 "arrays": {k: v.numpy() for k, v in arrays.items()},
                 "masks": {k: v.cpu() for k, v in getattr(phase, "masks", {}).items()},
                 "last": phase.last,
-                "strategy": _strategy_state(self.strategy.base),
+                "strategy": strategy_state(self.strategy.base),
                 "done": self.done,
                 "elapsed": elapsed,
                 "nodes_seen": sorted(self.nodes_seen),
                 "rejected_total": self.rejected_total,
                 "extra": self.extra,
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                "rng": rng_states(),
             },
         )
 
@@ -309,6 +321,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         "params": count_parameters(final_net),
         "supernet_params": count_parameters(supernet_model) if supernet_model is not None else None,
         "rejected_replies": exp.rejected_total,
+        **skipped_rounds(exp.recorder.read_rounds()),
         "resumed": exp.checkpoint is not None,
         "seed": cfg.seed,
         "machine": machine_description(),

@@ -16,9 +16,10 @@ import sys
 from collections import Counter
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -28,6 +29,8 @@ from flwr.serverapp.strategy import Strategy
 from fedmetanas_core.aggregation import reply_problem, transform_logits
 from fedmetanas_core.coordinator import finite_state
 from fedmetanas_core.config import ConfigError, RunConfig
+
+TOO_FEW_REPLIES = "too few replies"  # a round's skipped-reason; every other reason starts with "error: "
 
 # run-config keys -> constructor arguments of Flower's strategies (passed where the class takes them)
 STRATEGY_ARGUMENTS = {
@@ -103,6 +106,64 @@ def build_base_strategy(cfg: RunConfig) -> Strategy:
     return cls(**{k: v for k, v in candidates.items() if k in accepted})
 
 
+# What a Flower strategy learns during a phase (flwr 1.42, flwr.serverapp.strategy); all else it
+# holds is built from the run config. FedAdam, FedYogi and FedAdagrad subclass FedOpt (FedOpt's
+# current_arrays is set again by every configure_train); FedAvgM sets current_arrays only once, then
+# from its own aggregates. FedProx, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan learn nothing.
+STRATEGY_STATE: dict[type, tuple[str, ...]] = {
+    flwr_strategies.fedopt.FedOpt: ("m_t", "v_t"),
+    flwr_strategies.FedAvgM: ("momentum_vector", "current_arrays"),
+}
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """The strategy's learned state for the checkpoint, as tensors and plain data (it loads with
+    ``weights_only=True``). A user's class with state provides ``state_dict()`` and
+    ``load_state_dict(state)`` returning / taking such data; without them it is saved as stateless."""
+    if hasattr(strategy, "state_dict"):
+        return strategy.state_dict()
+    names = next((n for cls, n in STRATEGY_STATE.items() if isinstance(strategy, cls)), ())
+    state = {}
+    for name in names:
+        value = getattr(strategy, name, None)
+        if isinstance(value, ArrayRecord):
+            value = {k: v.numpy() for k, v in value.items()}
+        state[name] = _to_tensors(value)
+    return state
+
+
+def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    """Inverse of ``strategy_state``: numpy arrays again, where Flower's strategies keep them."""
+    if hasattr(strategy, "load_state_dict"):
+        strategy.load_state_dict(state)
+        return
+    for name, value in state.items():
+        value = _to_numpy(value)
+        if name == "current_arrays" and isinstance(strategy, flwr_strategies.FedAvgM) and value is not None:
+            value = _array_record(value)
+        setattr(strategy, name, value)
+
+
+def _to_tensors(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value))
+    if isinstance(value, dict):
+        return {k: _to_tensors(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_tensors(v) for v in value]
+    return value
+
+
+def _to_numpy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, dict):
+        return {k: _to_numpy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_numpy(v) for v in value]
+    return value
+
+
 class SearchStrategy(Strategy):
     """Delegates sampling and aggregation to ``base``; never lets a faulty reply reach the model."""
 
@@ -112,6 +173,8 @@ class SearchStrategy(Strategy):
         self.min_replies = min_replies
         self._reference: dict[str, np.ndarray] | None = None
         self.rejected: list[str] = []  # reasons, for the last train round
+        # why the last train round was skipped: None (aggregated), TOO_FEW_REPLIES or "error: ..."
+        self.skipped_reason: str | None = None
         self.evaluate_replies: list[dict] = []  # per-client metrics of the last evaluate round
 
     def summary(self) -> None:
@@ -129,6 +192,7 @@ class SearchStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good: list[Message] = []
         self.rejected = []
+        self.skipped_reason = None
 
         def reject(msg: Message, reason: str) -> None:
             node = msg.metadata.src_node_id
@@ -159,14 +223,20 @@ class SearchStrategy(Strategy):
                 msg.content["arrays"] = _array_record(transform_logits(state, self.alpha_aggregation))
         if len(good) < self.min_replies:
             log(WARNING, "round %s: only %s usable replies (< %s): round skipped, global model unchanged", server_round, len(good), self.min_replies)
+            self.skipped_reason = TOO_FEW_REPLIES
             return None, None
         try:
             arrays, metrics = self.base.aggregate_train(server_round, good)
         except Exception as exc:  # e.g. a robust strategy that cannot aggregate this many replies
             log(WARNING, "round %s: aggregation failed (%s: %s): round skipped, global model unchanged", server_round, type(exc).__name__, exc)
+            self.skipped_reason = f"error: {type(exc).__name__}: {short_reason(str(exc))}"
             return None, None
-        if arrays is not None and not finite_state({k: v.numpy() for k, v in arrays.items()}):
+        if arrays is None:
+            log(WARNING, "round %s: %s returned no aggregate: round skipped, global model unchanged", server_round, type(self.base).__name__)
+            self.skipped_reason = f"error: {type(self.base).__name__} returned no aggregate"
+        elif not finite_state({k: v.numpy() for k, v in arrays.items()}):
             log(WARNING, "round %s: aggregate is not finite: round skipped, global model unchanged", server_round)
+            self.skipped_reason = "error: aggregate is not finite"
             return None, metrics
         return arrays, metrics
 

@@ -64,6 +64,8 @@ CASES = [
     ("hf-local-dir-missing", "hf-dataset", 'dataset="hf" hf-dataset="imagefolder:{tmp}/missing"'),
     ("results-dir-not-creatable", "results-dir", 'results-dir="{tmp}/a-file/out"'),
     ("results-dir-is-a-file", "results-dir", 'results-dir="{tmp}/a-file"'),
+    ("results-dir-not-writable", "results-dir", 'results-dir="/proc/fedmetanas-out"'),  # os.access says yes to root
+    ("krum-lower-case-too-few-nodes", "min-available-nodes", 'strategy="krum"'),  # checked as Krum
     ("missing-genotype-file", "fedavg-genotype", 'method="fedavg" fedavg-genotype="{tmp}/missing.yaml"'),
     ("min-train-above-available", "min-train-nodes", "min-available-nodes=3 min-train-nodes=5"),
     ("partitions-below-nodes", "num-partitions", "num-partitions=2 min-available-nodes=4 min-train-nodes=2"),
@@ -160,6 +162,28 @@ def test_good_paths_pass(tmp_path):
     RunConfig.from_flat({"strategy": "Bulyan", "num-malicious-nodes": 1, "min-available-nodes": 7})
     RunConfig.from_flat({"strategy": "FedTrimmedAvg", "min-available-nodes": 5})
     RunConfig.from_flat({"strategy": "MultiKrum", "num-malicious-nodes": 1, "min-available-nodes": 5, "num-nodes-to-select": 4})
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("results_dir", ["/proc/fedmetanas-out", "/proc"])
+def test_unwritable_results_dir_is_rejected_even_for_root(results_dir):
+    """/proc exists and os.access calls it writable (always, for root): only a real attempt tells."""
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flat({"results-dir": results_dir})
+    assert info.value.key == "results-dir" and "\n" not in str(info.value)
+
+
+def test_strategy_names_in_any_case_become_flowers_names():
+    from server_app.strategy import build_base_strategy
+
+    for given, canonical in (("krum", "Krum"), ("fedavg", "FedAvg"), ("FEDADAM", "FedAdam"), ("MultiKrum", "MultiKrum")):
+        cfg = RunConfig.from_flat({"strategy": given, "min-available-nodes": 5})
+        assert cfg.strategy == canonical
+        assert type(build_base_strategy(cfg)).__name__ == canonical
+    path = "flwr.serverapp.strategy:FedMedian"  # import paths are Python names: kept as given
+    assert RunConfig.from_flat({"strategy": path}).strategy == path
+    with pytest.raises(ConfigError, match="strategy"):
+        RunConfig.from_flat({"strategy": "krumm"})
 
 
 def test_config_error_survives_pickling():

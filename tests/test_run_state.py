@@ -1,0 +1,268 @@
+"""What a run owns and must not share: its clients' identities, its torch settings, its skipped
+rounds' reasons and its checkpoint (issue 13). Unit tests: no Flower run, no simulation."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
+from flwr.supercore.task_identity import TaskIdentity
+from PIL import Image
+
+from client_app.app import in_run_settings, node_data
+from fedmetanas_core import cli
+from fedmetanas_core import data as D
+from fedmetanas_core.config import RunConfig, defaults
+from fedmetanas_core.outputs import CHECKPOINT_FILE, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from fedmetanas_core.search_space import fast_path_enabled
+from fedmetanas_core.seeding import make_generator
+from fedmetanas_core.training import run_settings
+from server_app.app import Experiment, _client_order, skipped_rounds
+from server_app.strategy import (
+    TOO_FEW_REPLIES,
+    SearchStrategy,
+    _array_record,
+    load_strategy_state,
+    strategy_state,
+)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    """Messages outside a Flower run need a task identity."""
+    for attr in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+class FakeGrid:
+    def get_node_ids(self):
+        return [11, 12, 13]
+
+
+def _context(run_id: int, node_id: int, node_config: dict, run_config: dict) -> Context:
+    return Context(run_id=run_id, node_id=node_id, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+# --- 1. a device with its own data is identified by its node id -----------------------------------
+
+
+def _image_tree(root, shade: int):
+    for split, count in (("train", 5), ("test", 2)):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.full((6, 6, 3), (shade + 40 * (label == "b") + i) % 256, dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root
+
+
+def test_devices_with_their_own_data_get_their_node_id_and_own_streams(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    D.clear_caches()
+    cfg = RunConfig.from_flat({"dataset": "imagefolder"}, check_paths=False)
+    contexts = [
+        _context(13101, node_id, {"data-dir": str(_image_tree(tmp_path / f"device-{node_id}", shade))}, dict(cfg))
+        for node_id, shade in ((9_000_000_000_000_000_001, 10), (42, 100))  # Flower node ids are uint64
+    ]
+    datas = [node_data(cfg, dict(c.node_config), c.node_id) for c in contexts]
+    assert [d.partition_id for d in datas] == [c.node_id for c in contexts]
+    draws = [torch.rand(8, generator=make_generator(cfg.seed, "train", d.partition_id, "search", 1)) for d in datas]
+    assert not torch.equal(*draws)
+    # a node config's partition-id still wins over the node id
+    by_id = node_data(cfg.replace(dataset="digits"), {"partition-id": 3, "num-partitions": 4}, node_id=42)
+    assert by_id.partition_id == 3
+    D.clear_caches()
+
+
+def test_server_orders_replies_by_node_id_sized_partition_ids():
+    """Error replies last, after partition ids as large as Flower's uint64 node ids."""
+    msgs = list(FedAvg(min_available_nodes=3).configure_train(1, _array_record({"w": np.zeros(2, np.float32)}), ConfigRecord({}), FakeGrid()))
+    pids = [2**64 - 5, 7, 2**40]
+    replies = [
+        Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "partition-id": pid})}), reply_to=m)
+        for pid, m in zip(pids, msgs)
+    ]
+    error = Message(Error(code=0, reason="client failed"), reply_to=msgs[0])
+    ordered = sorted([error, *replies], key=_client_order)
+    assert [int(r.content["metrics"]["partition-id"]) for r in ordered[:-1]] == sorted(pids) and ordered[-1] is error
+
+
+# --- 2. a run's torch settings are its own --------------------------------------------------------
+
+
+def _settings() -> tuple[bool, bool, int]:
+    return torch.are_deterministic_algorithms_enabled(), fast_path_enabled(), torch.get_num_threads()
+
+
+def test_client_runs_in_one_process_each_get_their_own_settings():
+    seen = []
+
+    @in_run_settings
+    def handler(msg, context):
+        seen.append(_settings())
+        return msg
+
+    before = _settings()
+    runs = [
+        (13201, {"deterministic": True, "fast-path": False, "torch-threads": 3}),
+        (13202, {"deterministic": False, "fast-path": True, "torch-threads": 1}),
+        (13201, {}),  # the first run again: its settings, not the second run's
+    ]
+    for run_id, run_config in runs:
+        handler(None, _context(run_id, 1, {}, run_config))
+        assert _settings() == before  # nothing leaks out of a call
+    assert seen == [(True, False, 3), (False, True, 1), (True, False, 3)]
+
+
+def test_server_run_settings_apply_for_the_run_only():
+    before = _settings()
+    with run_settings(RunConfig.from_flat({"deterministic": True, "fast-path": False})):
+        assert _settings()[:2] == (True, False)
+    with run_settings(RunConfig.from_flat({"deterministic": False, "fast-path": True})):
+        assert _settings()[:2] == (False, True)
+    assert _settings() == before
+
+
+# --- 3. rounds skipped for errors are counted apart, and fail `fedmetanas run` --------------------
+
+
+class FailingFedAvg(FedAvg):
+    def aggregate_train(self, server_round, replies):
+        raise RuntimeError("cannot aggregate")
+
+
+def _replies(strategy: SearchStrategy, n: int) -> list[Message]:
+    arrays = _array_record({"w": np.zeros(3, np.float32)})
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord({}), FakeGrid()))[:n]
+    return [
+        Message(RecordDict({"arrays": _array_record({"w": np.full(3, i + 1.0, np.float32)}), "metrics": MetricRecord({"num-examples": 10})}), reply_to=m)
+        for i, m in enumerate(msgs)
+    ]  # fmt: skip
+
+
+def test_aggregate_train_tells_errors_from_too_few_replies():
+    failing = SearchStrategy(FailingFedAvg(min_available_nodes=3), "logits", 2)
+    assert failing.aggregate_train(1, _replies(failing, 3)) == (None, None)
+    assert failing.skipped_reason == "error: RuntimeError: cannot aggregate"
+    strict = SearchStrategy(FedAvg(min_available_nodes=3), "logits", 3)
+    assert strict.aggregate_train(1, _replies(strict, 2)) == (None, None)
+    assert strict.skipped_reason == TOO_FEW_REPLIES
+    arrays, _ = strict.aggregate_train(1, _replies(strict, 3))
+    assert arrays is not None and strict.skipped_reason is None
+
+
+def test_summary_counts_skipped_rounds_by_reason():
+    rows = [
+        {"aggregated": True, "skipped-reason": None},
+        {"aggregated": False, "skipped-reason": TOO_FEW_REPLIES},
+        {"aggregated": False, "skipped-reason": "error: RuntimeError: x"},
+        {"aggregated": False, "skipped-reason": "error: aggregate is not finite"},
+        {"aggregated": False},  # a row from before skipped-reason existed
+    ]
+    assert skipped_rounds(rows) == {"skipped_rounds": 4, "skipped_rounds_error": 2}
+
+
+def test_error_skip_share_limit():
+    limit = cli.MAX_ERROR_SKIPPED_SHARE
+    assert cli.error_skip_problem({"skipped_rounds": 9, "skipped_rounds_error": 0}, 10) is None
+    assert cli.error_skip_problem({"skipped_rounds_error": int(10 * limit)}, 10) is None
+    problem = cli.error_skip_problem({"skipped_rounds_error": int(10 * limit) + 1}, 10)
+    assert problem and "\n" not in problem and "aggregation errors" in problem
+    assert cli.error_skip_problem({}, 10) is None  # a summary from before the count existed
+
+
+class FakeFlwrRun:
+    """`flwr run --stream` that starts run 7 and exits 0, whatever became of the run."""
+
+    def __init__(self, cmd, **kwargs):
+        self.cmd, self.stdout, self.returncode = cmd, iter(["🎊 Successfully started run 7\n"]), 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_cli_fails_a_completed_run_that_lost_rounds_to_errors(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = [{"aggregated": True}] * 7 + [{"aggregated": False, "skipped-reason": "error: RuntimeError: x"}] * 3
+    (out / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"final_test_accuracy": 0.5, "skipped_rounds": 3, "skipped_rounds_error": 3}
+    (out / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(subprocess, "Popen", FakeFlwrRun)
+    monkeypatch.setattr(cli, "_run_status", lambda *a: "finished:completed")
+    assert cli.main(["run", "-c", f'results-dir="{out}"']) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "3 of 10 rounds were skipped for aggregation errors" in err[0]
+    (out / "summary.json").write_text(json.dumps({**summary, "skipped_rounds_error": 2}))
+    assert cli.main(["run", "-c", f'results-dir="{out}"']) == 0
+
+
+# --- 5. the CLI's defaults are the config module's -------------------------------------------------
+
+
+def test_cli_defaults_come_from_the_config_module_not_pyproject(tmp_path, monkeypatch, capsys):
+    seen = []
+    real = RunConfig.from_flat.__func__
+    monkeypatch.setattr(RunConfig, "from_flat", classmethod(lambda cls, flat, **kw: seen.append(dict(flat)) or real(cls, flat, **kw)))
+    monkeypatch.setattr(cli, "APP_DIR", tmp_path)  # an app directory without pyproject.toml
+    assert cli.main(["check"]) == 0
+    assert seen == [defaults()]
+    assert cli.main(["check", "-c", "seed=5"]) == 0 and seen[-1] == {**defaults(), "seed": 5}
+
+
+# --- 6. the checkpoint holds tensors and plain data only -------------------------------------------
+
+
+def test_checkpoint_loads_weights_only_and_round_trips_rng_and_strategy_state(tmp_path):
+    adam = FedAdam()
+    adam.m_t = {"w": np.arange(3, dtype=np.float32), "b": np.ones(2)}
+    adam.v_t = {"w": np.full(3, 0.5, np.float32), "b": np.zeros(2)}
+    avgm = FedAvgM(server_momentum=0.9)
+    avgm.momentum_vector = [np.ones((2, 2), np.float32), np.arange(3.0)]
+    avgm.current_arrays = _array_record({"w": np.full(3, 2.0, np.float32)})
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.normal()  # numpy caches the second Gaussian: part of its state
+    cfg = RunConfig.from_flat({"strategy": "FedAdam"})
+    experiment = SimpleNamespace(
+        recorder=SimpleNamespace(dir=tmp_path), cfg=cfg, strategy=SimpleNamespace(base=adam),
+        done=[("search", 1), ("search", 2)], nodes_seen={2**64 - 1, 5}, rejected_total=1, extra={"genotype": {"normal": []}},
+    )  # fmt: skip
+    phase = SimpleNamespace(masks={"arch.alpha.normal": torch.zeros(2, 3, dtype=torch.bool)},
+                            last={"accuracy": np.float64(0.25), "op-probs": [[0.5, 0.5]], "genotype": {"normal": []}})  # fmt: skip
+    Experiment.save(experiment, 0, phase, 2, _array_record({"w": np.ones(3, np.float32)}), 12.5)  # the server's own save
+    expected = (random.random(), float(np.random.normal()), torch.rand(3))
+
+    torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)  # what load_checkpoint does
+    ck = load_checkpoint(tmp_path)
+    assert ck["round"] == 2 and ck["last"]["accuracy"] == 0.25 and ck["done"] == [("search", 1), ("search", 2)]
+    assert ck["config"] == dict(cfg) and sorted(ck["nodes_seen"]) == [5, 2**64 - 1]
+    assert torch.equal(ck["arrays"]["w"], torch.ones(3))
+    set_rng_states(ck["rng"])
+    assert (random.random(), float(np.random.normal())) == expected[:2] and torch.equal(torch.rand(3), expected[2])
+
+    fresh = FedAdam()
+    load_strategy_state(fresh, ck["strategy"])
+    for moment in ("m_t", "v_t"):
+        got, want = getattr(fresh, moment), getattr(adam, moment)
+        assert set(got) == set(want) and all(isinstance(v, np.ndarray) and v.dtype == want[k].dtype and np.array_equal(v, want[k]) for k, v in got.items())
+    save_checkpoint(tmp_path, {"strategy": strategy_state(avgm)})
+    fresh_m = FedAvgM(server_momentum=0.9)
+    load_strategy_state(fresh_m, load_checkpoint(tmp_path)["strategy"])
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(fresh_m.momentum_vector, avgm.momentum_vector, strict=True))
+    assert isinstance(fresh_m.current_arrays, ArrayRecord) and np.array_equal(fresh_m.current_arrays["w"].numpy(), np.full(3, 2.0))
+    assert strategy_state(FedAvg()) == {}
+
+
+def test_rng_states_are_plain_data():
+    states = rng_states()
+    assert isinstance(states["python"], list) and isinstance(states["numpy"][1], list) and isinstance(states["torch"], torch.Tensor)
