@@ -25,15 +25,7 @@ from fedmetanas_core.run_data import data_settings, own_data, partition_data
 from fedmetanas_core.genotype import Genotype, build_fixed_network
 from fedmetanas_core.search_space import SearchModel
 from fedmetanas_core.seeding import make_generator
-from fedmetanas_core.training import (
-    fedmetanas_local_search,
-    fednas_local_search,
-    personalize_fixed,
-    resolve_device,
-    run_settings,
-    space_from_config,
-    train_fixed,
-)
+from fedmetanas_core.training import local_trainer, personalize_fixed, resolve_device, run_settings, space_from_config
 
 app = ClientApp()
 
@@ -110,12 +102,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg, config, device, model, plan, data = _prepare(msg, context)
     generator = make_generator(cfg.seed, "train", data.partition_id, config.get("phase"), plan.server_round)
     mu = float(config.get("proximal-mu", 0.0))  # set by FedProx
-    if config["phase"] == "fixed":
-        result = train_fixed(model, data, cfg, int(config["local-epochs"]), generator, device, proximal_mu=mu, lr_w=plan.lr_w)
-    elif cfg.method == "fednas":
-        result = fednas_local_search(model, data, cfg, generator, device, proximal_mu=mu, lr_w=plan.lr_w)
-    else:
-        result = fedmetanas_local_search(model, data, cfg, plan, generator, device, proximal_mu=mu)
+    trainer = local_trainer(config["phase"], cfg.method)  # training.LOCAL_TRAINING, by phase kind and method
+    result = trainer(model, data, cfg, plan, generator, device, mu)
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,

@@ -4,6 +4,9 @@
   round's temperature and masks from the server.
 - FedNAS: MiLeNAS-style first-order search (alpha gradient = validation + training loss), plain softmax.
 - FedAvg / FedNAS retraining: SGD on a fixed discrete network.
+
+All three are ``LocalTrainer``s, one signature, and ``LOCAL_TRAINING`` says which one a phase
+kind of a method runs: the ClientApp only looks it up.
 """
 
 from __future__ import annotations
@@ -67,13 +70,15 @@ def space_from_config(cfg: RunConfig, num_classes: int, in_channels: int) -> Spa
 
 @dataclass
 class RoundPlan:
-    """What the server decides for a round and sends along: schedule position and masks."""
+    """What the server decides for a round and sends along: schedule position, masks, and what
+    differs between phases (step size, local epochs), so every local trainer takes the same inputs."""
 
     server_round: int
     tau: float
     alpha_frozen: bool = False
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     lr_w: float | None = None  # the round's weight learning rate (None: outer-lr-w)
+    local_epochs: int | None = None  # epoch-based trainers' local epochs (None: local-epochs)
 
 
 @dataclass
@@ -228,16 +233,16 @@ def _meta_train(
 
 
 def fednas_local_search(
-    model: SearchModel, data: ClientData, cfg: RunConfig, generator: torch.Generator, device: torch.device,
-    proximal_mu: float = 0.0, lr_w: float | None = None,
+    model: SearchModel, data: ClientData, cfg: RunConfig, plan: RoundPlan, generator: torch.Generator, device: torch.device,
+    proximal_mu: float = 0.0,
 ) -> LocalResult:
     """Per minibatch: alpha step on grad(L_val) + grad(L_train), then the weight step on L_train."""
     model.train()
     settings = RelaxSettings(tau=1.0, mode="softmax", noise=False, threshold=0.0)
     train_stream = BatchStream(data.train, cfg.batch_size, generator)
     val_stream = BatchStream(data.query, cfg.batch_size, generator)
-    opt_w, opt_a = meta_optimizers(model, cfg, lr_w)
-    steps = cfg.local_epochs * train_stream.batches_per_epoch
+    opt_w, opt_a = meta_optimizers(model, cfg, plan.lr_w)
+    steps = local_epochs(cfg, plan) * train_stream.batches_per_epoch
     anchors = _anchor(model.net, proximal_mu)
     losses, images = [], 0
     for _ in range(steps):
@@ -262,13 +267,14 @@ def fednas_local_search(
 
 
 def train_fixed(
-    net: nn.Module, data: ClientData, cfg: RunConfig, epochs: int, generator: torch.Generator, device: torch.device,
-    proximal_mu: float = 0.0, lr_w: float | None = None,
+    net: nn.Module, data: ClientData, cfg: RunConfig, plan: RoundPlan, generator: torch.Generator, device: torch.device,
+    proximal_mu: float = 0.0,
 ) -> LocalResult:
+    """SGD over the round's local epochs (the phase's own: FedAvg's or FedNAS retraining's)."""
     net.train()
     stream = BatchStream(data.pool, cfg.batch_size, generator)  # no split to hold out: all training data
-    opt = weight_optimizer(net, cfg, lr_w)
-    steps = epochs * stream.batches_per_epoch
+    opt = weight_optimizer(net, cfg, plan.lr_w)
+    steps = local_epochs(cfg, plan) * stream.batches_per_epoch
     anchors = _anchor(net, proximal_mu)
     losses, images = [], 0
     for _ in range(steps):
@@ -282,6 +288,31 @@ def train_fixed(
         opt.step()
         losses.append(float(loss.detach()))
     return LocalResult(len(data.pool), float(np.mean(losses)), steps, images)
+
+
+def local_epochs(cfg: RunConfig, plan: RoundPlan) -> int:
+    return cfg.local_epochs if plan.local_epochs is None else plan.local_epochs
+
+
+# ---------------------------------------------------------------------------------------------
+# Which local training a round runs: one signature, one table keyed by (phase kind, method)
+
+LocalTrainer = Callable[[nn.Module, ClientData, RunConfig, RoundPlan, torch.Generator, torch.device, float], LocalResult]
+
+LOCAL_TRAINING: dict[tuple[str, str], LocalTrainer] = {
+    ("search", "fedmetanas"): fedmetanas_local_search,
+    ("search", "fednas"): fednas_local_search,
+    ("fixed", "fednas"): train_fixed,  # retraining the searched genotype
+    ("fixed", "fedavg"): train_fixed,
+}
+
+
+def local_trainer(kind: str, method: str) -> LocalTrainer:
+    """The local training of a ``kind`` phase ("search", "fixed") of ``method``, looked up per round."""
+    try:
+        return LOCAL_TRAINING[(kind, method)]
+    except KeyError:
+        raise ValueError(f"no local training for a {kind!r} phase of {method!r}: add it to training.LOCAL_TRAINING") from None
 
 
 # ---------------------------------------------------------------------------------------------

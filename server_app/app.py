@@ -1,7 +1,8 @@
 """ServerApp: validates the run config, drives the phases round by round, writes the results.
 
-Thin: the method lives in ``fedmetanas_core``; this module moves records between Flower and it,
-keeps the clock, and checkpoints after every round so a crash loses no finished round.
+Thin: the method lives in ``fedmetanas_core`` (``phases.plan_phases`` says what a run is); this
+module runs "for each phase, for each round", moves records between Flower and the phases, keeps
+the clock, and checkpoints after every round so a crash loses no finished round.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmetanas_core.config import ConfigError, RunConfig
-from fedmetanas_core.coordinator import FixedPhase, ProgressClock, SearchPhase, fmt_duration, model_config, space_for_run
+from fedmetanas_core.coordinator import ProgressClock, fmt_duration, model_config, space_for_run
 from fedmetanas_core.data import load_dataset
-from fedmetanas_core.run_data import validation_set
 from fedmetanas_core.genotype import Genotype, count_parameters
+from fedmetanas_core.phases import Handoff, Phase, plan_phases
+from fedmetanas_core.run_data import validation_set
 from fedmetanas_core.outputs import (
     RunRecorder,
     config_differences,
@@ -88,7 +90,7 @@ def _client_order(msg: Message) -> tuple[int, int]:
 
 
 class Experiment:
-    """One run: its phases, timers, recorder, checkpoint and the final summary."""
+    """One run: its phases, timers, recorder and checkpoint."""
 
     def __init__(self, grid: Grid, cfg: RunConfig):
         self.grid, self.cfg = grid, cfg
@@ -107,12 +109,13 @@ class Experiment:
             self.test = validation_set(cfg)
         self.space = space_for_run(cfg, self.test)
         self.base_config = {"method": cfg.method, **model_config(self.space)}
-        retrain = cfg.retrain_rounds if cfg.method == "fednas" else 0
-        self.clock = ProgressClock(cfg.num_server_rounds + retrain)
+        self.phases: list[Phase] = plan_phases(cfg, self.space, self.test, self.device)
+        self.clock = ProgressClock(sum(p.rounds for p in self.phases))
         self.nodes_seen: set[int] = set()
         self.rejected_total = 0
         self.elapsed_before = 0.0  # wall time of the run before a resume
-        self.extra: dict[str, Any] = {}  # results carried across phases (and checkpoints)
+        self.first_phase = 0  # the phase a resumed run continues in: the ones before it are finished
+        self.carried = Handoff()  # what the finished phases left (checkpointed)
         self.done: list[tuple[str, int]] = []
         self.tensorboard = None
         if cfg.tensorboard:
@@ -126,7 +129,8 @@ class Experiment:
             self.clock.start -= ck["elapsed"]
             self.nodes_seen = set(ck["nodes_seen"])
             self.rejected_total = ck["rejected_total"]
-            self.extra = ck["extra"]
+            self.first_phase = ck["phase_index"]
+            self.carried = Handoff.from_dict(ck["extra"])
             self.done = [tuple(d) for d in ck["done"]]
             set_rng_states(ck["rng"])
             truncate_rounds(self.recorder.dir, set(self.done))
@@ -146,12 +150,14 @@ class Experiment:
             raise ConfigError("resume", True, f"the run config differs from the checkpoint's in {', '.join(changed)}")
         return ck
 
-    def run_phase(self, index: int, phase) -> ArrayRecord:
+    def run_phase(self, index: int, phase: Phase) -> None:
+        """Start ``phase`` from what the phases before it left (or from the checkpoint) and run its rounds."""
         cfg = self.cfg
         strategy = SearchStrategy(
             build_base_strategy(cfg), cfg.alpha_aggregation if phase.kind == "search" else "logits", cfg.min_train_nodes
         )
         self.strategy = strategy
+        phase.start(self.carried)
         arrays = _array_record(phase.initial_state())
         start = 1
         ck = self.checkpoint
@@ -163,9 +169,8 @@ class Experiment:
             start = ck["round"] + 1
         for rnd in range(start, phase.rounds + 1):
             arrays = self.run_round(index, phase, rnd, arrays)
-        return arrays
 
-    def run_round(self, index: int, phase, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
+    def run_round(self, index: int, phase: Phase, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
         cfg, strategy = self.cfg, self.strategy
         t_round = time.time()
         config = ConfigRecord({**self.base_config, **phase.round_config(rnd)})
@@ -225,7 +230,7 @@ class Experiment:
         images = [r["client-images-mean"] for r in rows if r.get("client-images-mean") is not None]
         return {"steps_per_client_round": _mean(steps), "images_per_client_round": _mean(images)}
 
-    def save(self, index: int, phase, rnd: int, arrays: ArrayRecord, elapsed: float) -> None:
+    def save(self, index: int, phase: Phase, rnd: int, arrays: ArrayRecord, elapsed: float) -> None:
         save_checkpoint(
             self.recorder.dir,
             {
@@ -233,14 +238,14 @@ class Experiment:
                 "phase_index": index,
                 "round": rnd,
                 "arrays": {k: v.numpy() for k, v in arrays.items()},
-                "masks": {k: v.cpu() for k, v in getattr(phase, "masks", {}).items()},
+                "masks": {k: v.cpu() for k, v in phase.masks.items()},
                 "last": phase.last,
                 "strategy": strategy_state(self.strategy.base),
                 "done": self.done,
                 "elapsed": elapsed,
                 "nodes_seen": sorted(self.nodes_seen),
                 "rejected_total": self.rejected_total,
-                "extra": self.extra,
+                "extra": self.carried.to_dict(),
                 "rng": rng_states(),
             },
         )
@@ -260,66 +265,29 @@ class Experiment:
 
 
 def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
+    """For each phase, for each round; then the deployed network's scores and the summary."""
     exp = Experiment(grid, cfg)
     t0 = time.time() - exp.elapsed_before
-    supernet_model = None
-    genotype: Genotype | None = None
-    if cfg.method in ("fedmetanas", "fednas"):
-        search = SearchPhase(cfg, exp.space, exp.test, exp.device, cfg.num_server_rounds)
-        supernet_model = search.model.net
-        if exp.checkpoint is None or exp.checkpoint["phase_index"] == 0:
-            arrays = exp.run_phase(0, search)
-            exp.extra["search_time_s"] = time.time() - t0
-            exp.extra["supernet_test_accuracy"] = search.evaluate_supernet(search.plan(cfg.num_server_rounds).tau)["accuracy"]
-            exp.extra["genotype"] = search.genotype.to_dict()
-        genotype = Genotype.from_dict(exp.extra["genotype"])
-        final_phase, final_net = search, None
-        if cfg.method == "fednas" and cfg.retrain_rounds > 0:
-            final_phase = FixedPhase(cfg, exp.space, genotype, exp.test, exp.device, cfg.retrain_rounds, "retrain")
-            arrays = exp.run_phase(1, final_phase)
-            exp.extra["retrain_time_s"] = (time.time() - t0) - exp.extra["search_time_s"]
-            final_net = final_phase.net
-        else:
-            final_net = search.derived_network()
-    else:
-        genotype = Genotype.load_yaml(cfg.fedavg_genotype) if cfg.fedavg_genotype else None
-        final_phase = FixedPhase(cfg, exp.space, genotype, exp.test, exp.device, cfg.num_server_rounds, "fedavg")
-        arrays = exp.run_phase(0, final_phase)
-        exp.extra["search_time_s"] = time.time() - t0
-        final_net = final_phase.net
+    for index, phase in enumerate(exp.phases):
+        if index < exp.first_phase:
+            continue  # finished before the resume: what it left is in the checkpoint
+        exp.run_phase(index, phase)
+        elapsed = time.time() - t0  # the phase's rounds: what it hands off is computed after
+        exp.carried = exp.carried.then(phase.handoff(), elapsed)
+    final_phase = exp.phases[-1]
+    final_net = final_phase.final_network()
     final_eval = evaluate(final_net, exp.test, cfg.eval_batch_size, exp.device)
     train_end = time.time()
+    genotype = exp.carried.genotype
     clients = exp.personalize(final_net, genotype, final_phase.rounds)
-    before = [c["accuracy-before"] for c in clients]
-    after = [c["accuracy-after"] for c in clients]
     summary = {
-        "method": cfg.method,
-        "strategy": cfg.strategy,
-        "dataset": cfg.dataset,
-        "num_clients": len(exp.nodes_seen),
-        "partitioner": {
-            "name": cfg.partitioner, "dirichlet_alpha": cfg.dirichlet_alpha,
-            "classes_per_client": cfg.classes_per_client, "shards_per_client": cfg.shards_per_client,
-        },  # fmt: skip
-        "rounds": cfg.num_server_rounds,
-        "retrain_rounds": cfg.retrain_rounds if cfg.method == "fednas" else 0,
-        "final_test_accuracy": final_eval["accuracy"],
-        "final_test_loss": final_eval["loss"],
-        "supernet_test_accuracy": exp.extra.get("supernet_test_accuracy"),
-        "personalized_accuracy": float(np.mean(after)) if after else None,
-        "personalized_accuracy_before": float(np.mean(before)) if before else None,
-        "personalized_accuracy_std": float(np.std(after)) if after else None,
-        "personalized_per_client": clients,
-        "personalize_protocol": {"network": "deployed", "steps": cfg.personalize_steps, "lr": cfg.personalize_lr},
-        "eval_split": cfg.eval_split,
+        **run_fields(cfg, exp),
+        **accuracy_fields(final_eval, exp.carried, clients, cfg),
         **exp.compute_per_client_round(),
-        "search_time_s": exp.extra.get("search_time_s", 0.0),
-        "retrain_time_s": exp.extra.get("retrain_time_s", 0.0),
-        "total_time_s": train_end - t0,
-        "wall_time_s": time.time() - t0,
+        **time_fields(exp.carried, t0, train_end),
         "genotype": genotype.to_dict() if genotype else None,
         "params": count_parameters(final_net),
-        "supernet_params": count_parameters(supernet_model) if supernet_model is not None else None,
+        "supernet_params": exp.carried.results.get("supernet_params"),
         "rejected_replies": exp.rejected_total,
         **skipped_rounds(exp.recorder.read_rounds()),
         "resumed": exp.checkpoint is not None,
@@ -337,6 +305,56 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         summary["supernet_test_accuracy"], summary["personalized_accuracy"])  # fmt: skip
     log(INFO, "Results written to %s", exp.recorder.dir)
     return exp.recorder.dir
+
+
+# ---------------------------------------------------------------------------------------------
+# summary.json, in parts (keys in the order the file has always had)
+
+
+def run_fields(cfg: RunConfig, exp: Experiment) -> dict[str, Any]:
+    """What ran: method, data, and rounds (the first phase's, then those of the phases after it:
+    FedNAS's retraining)."""
+    return {
+        "method": cfg.method,
+        "strategy": cfg.strategy,
+        "dataset": cfg.dataset,
+        "num_clients": len(exp.nodes_seen),
+        "partitioner": {
+            "name": cfg.partitioner, "dirichlet_alpha": cfg.dirichlet_alpha,
+            "classes_per_client": cfg.classes_per_client, "shards_per_client": cfg.shards_per_client,
+        },  # fmt: skip
+        "rounds": exp.phases[0].rounds,
+        "retrain_rounds": sum(p.rounds for p in exp.phases[1:]),
+    }
+
+
+def accuracy_fields(final_eval: dict[str, float], carried: Handoff, clients: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
+    """The deployed network on the global test set and, personalized, on every client's own."""
+    before = [c["accuracy-before"] for c in clients]
+    after = [c["accuracy-after"] for c in clients]
+    return {
+        "final_test_accuracy": final_eval["accuracy"],
+        "final_test_loss": final_eval["loss"],
+        "supernet_test_accuracy": carried.results.get("supernet_test_accuracy"),
+        "personalized_accuracy": float(np.mean(after)) if after else None,
+        "personalized_accuracy_before": float(np.mean(before)) if before else None,
+        "personalized_accuracy_std": float(np.std(after)) if after else None,
+        "personalized_per_client": clients,
+        "personalize_protocol": {"network": "deployed", "steps": cfg.personalize_steps, "lr": cfg.personalize_lr},
+        "eval_split": cfg.eval_split,
+    }
+
+
+def time_fields(carried: Handoff, t0: float, train_end: float) -> dict[str, float]:
+    """The first phase's time (the search, or FedAvg's training), the later phases' (retraining),
+    training in all, and wall time with personalization."""
+    times = carried.phase_times
+    return {
+        "search_time_s": times[0] if times else 0.0,
+        "retrain_time_s": float(sum(times[1:])),
+        "total_time_s": train_end - t0,
+        "wall_time_s": time.time() - t0,
+    }
 
 
 def _after_run(results_dir: Path, final_net, test) -> None:

@@ -862,13 +862,14 @@ def test_method_tables_apply_to_their_own_method_only():
 
 
 def test_discrete_round_anneals_and_prunes_by_that_round():
-    from fedmetanas_core.coordinator import SearchPhase
     from fedmetanas_core.data import ImageData
+    from fedmetanas_core.phases import Handoff, SearchPhase
 
     cfg = RunConfig.from_flat({"num-server-rounds": 10, "warmup-rounds": 2, "discrete-round": 6, "num-cells": 3,
                                "num-nodes": 2, "init-channels": 4}, check_paths=False)  # fmt: skip
     test = ImageData(torch.randn(4, 3, 8, 8), torch.arange(4) % 2, ("a", "b"))
     phase = SearchPhase(cfg, space_from_config(cfg, 2, 3), test, torch.device("cpu"), cfg.num_server_rounds)
+    phase.start(Handoff())
     assert [phase.discreteness(r) for r in (1, 2, 4, 6, 9)] == [0.0, 0.0, 0.5, 1.0, 1.0]
     assert phase.plan(6).tau == pytest.approx(cfg.tau_min) and phase.plan(9).tau == pytest.approx(cfg.tau_min)
     assert phase.plan(3).tau == pytest.approx(cfg.tau_max)
@@ -1142,7 +1143,7 @@ def test_fednas_local_search_updates_weights_and_alphas(client_data):
         torch.manual_seed(0)
         model = SearchModel(space)
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        res = fednas_local_search(model, client_data, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+        res = fednas_local_search(model, client_data, cfg, RoundPlan(1, 1.0), torch.Generator().manual_seed(0), torch.device("cpu"))
         after = model.state_dict()
         assert res.steps == math.ceil(len(client_data.train) / cfg.batch_size)
         assert math.isfinite(res.train_loss)
@@ -1165,7 +1166,7 @@ def test_train_fixed_changes_weights_and_is_reproducible(client_data, kind):
         else:
             net = DiscreteNetwork(space, derive_genotype(space, arch_state(SearchModel(space))))
         before = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        res = train_fixed(net, client_data, cfg, 1, torch.Generator().manual_seed(0), torch.device("cpu"))
+        res = train_fixed(net, client_data, cfg, RoundPlan(1, 1.0, local_epochs=1), torch.Generator().manual_seed(0), torch.device("cpu"))
         after = net.state_dict()
         assert math.isfinite(res.train_loss)
         assert any(not torch.equal(before[k], after[k]) for k in after)
@@ -1177,11 +1178,13 @@ def test_round_plan_config_round_trip():
     space = mask_space()
     model = SearchModel(space)
     masks = random_masks(space, model, seed=0)
-    plan = RoundPlan(3, 0.42, True, masks)
+    plan = RoundPlan(3, 0.42, True, masks, lr_w=0.05, local_epochs=4)
     cfg = plan_to_config(plan)
     assert all(isinstance(v, (int, float, bool, str, list)) for v in cfg.values())
     back = plan_from_config(cfg, {k: v.shape for k, v in masks.items()})
     assert back.server_round == 3 and back.tau == pytest.approx(0.42) and back.alpha_frozen is True
+    assert back.lr_w == pytest.approx(0.05) and back.local_epochs == 4
+    assert plan_from_config(plan_to_config(RoundPlan(1, 1.0)), {}).local_epochs is None  # unset: local-epochs
     assert set(back.masks) == set(masks)
     for k in masks:
         assert torch.equal(back.masks[k], masks[k])
@@ -1198,23 +1201,25 @@ def test_every_preset_is_valid_for_every_method(preset):
 
 
 def test_learning_rate_schedule_cosine_per_stage_and_sent_each_round():
-    from fedmetanas_core.coordinator import FixedPhase, LearningRateSchedule, SearchPhase, plan_from_config, plan_to_config
+    from fedmetanas_core.coordinator import LearningRateSchedule, plan_from_config, plan_to_config
     from fedmetanas_core.data import ImageData
+    from fedmetanas_core.phases import RetrainPhase, SearchPhase
 
     cosine = LearningRateSchedule(0.1, 0.001, 5, "cosine")
     assert cosine(1) == pytest.approx(0.1) and cosine(5) == pytest.approx(0.001) and cosine(3) == pytest.approx(0.0505)
     assert all(cosine(r) > cosine(r + 1) for r in range(1, 5))
     assert LearningRateSchedule(0.1, 0.0, 5)(4) == 0.1  # constant
     cfg = RunConfig.from_flat({"method": "fednas", "num-server-rounds": 4, "retrain-rounds": 3, "lr-schedule": "cosine",
-                               "lr-min": 0.01, "num-cells": 3, "num-nodes": 2, "init-channels": 4}, check_paths=False)  # fmt: skip
+                               "outer-lr-w": 0.1, "lr-min": 0.01, "num-cells": 3, "num-nodes": 2, "init-channels": 4}, check_paths=False)  # fmt: skip
     test = ImageData(torch.randn(4, 3, 8, 8), torch.arange(4) % 2, ("a", "b"))
     space = space_from_config(cfg, 2, 3)
     search = SearchPhase(cfg, space, test, torch.device("cpu"), cfg.num_server_rounds)
-    retrain = FixedPhase(cfg, space, search.genotype, test, torch.device("cpu"), cfg.retrain_rounds, "retrain")
+    retrain = RetrainPhase(cfg, space, test, torch.device("cpu"), cfg.retrain_rounds)
     assert [round(search.plan(r).lr_w, 4) for r in (1, 4)] == [0.1, 0.01]
     assert [round(retrain.plan(r).lr_w, 4) for r in (1, 3)] == [0.1, 0.01], "each stage anneals over its own rounds"
     sent = plan_from_config(plan_to_config(retrain.plan(2)), {})
     assert sent.lr_w == pytest.approx(retrain.plan(2).lr_w)
+    assert sent.local_epochs == cfg.retrain_local_epochs and search.plan(1).local_epochs is None  # each phase's own epochs
     with pytest.raises(ConfigError, match="lr-min"):
         RunConfig.from_flat({"lr-min": 0.5}, check_paths=False)
 
@@ -1224,7 +1229,7 @@ def test_train_fixed_uses_the_rounds_learning_rate(client_data):
     space = space_from_config(cfg, 10, 1)
     net = SimpleCNN(space)
     before = {k: v.detach().clone() for k, v in net.named_parameters()}
-    train_fixed(net, client_data, cfg, 1, torch.Generator().manual_seed(0), torch.device("cpu"), lr_w=0.0)
+    train_fixed(net, client_data, cfg, RoundPlan(1, 1.0, lr_w=0.0), torch.Generator().manual_seed(0), torch.device("cpu"))
     assert all(torch.equal(before[k], v) for k, v in net.named_parameters())
-    train_fixed(net, client_data, cfg, 1, torch.Generator().manual_seed(0), torch.device("cpu"), lr_w=0.05)
+    train_fixed(net, client_data, cfg, RoundPlan(1, 1.0, lr_w=0.05), torch.Generator().manual_seed(0), torch.device("cpu"))
     assert any(not torch.equal(before[k], v) for k, v in net.named_parameters())

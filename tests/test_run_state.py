@@ -21,6 +21,7 @@ from fedmetanas_core import cli
 from fedmetanas_core import data as D
 from fedmetanas_core.config import RunConfig, defaults
 from fedmetanas_core.outputs import CHECKPOINT_FILE, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from fedmetanas_core.phases import Handoff
 from fedmetanas_core.search_space import fast_path_enabled
 from fedmetanas_core.seeding import make_generator
 from fedmetanas_core.training import run_settings
@@ -235,7 +236,8 @@ def test_checkpoint_loads_weights_only_and_round_trips_rng_and_strategy_state(tm
     cfg = RunConfig.from_flat({"strategy": "FedAdam"})
     experiment = SimpleNamespace(
         recorder=SimpleNamespace(dir=tmp_path), cfg=cfg, strategy=SimpleNamespace(base=adam),
-        done=[("search", 1), ("search", 2)], nodes_seen={2**64 - 1, 5}, rejected_total=1, extra={"genotype": {"normal": []}},
+        done=[("search", 1), ("search", 2)], nodes_seen={2**64 - 1, 5}, rejected_total=1,
+        carried=Handoff(None, {"supernet_test_accuracy": np.float64(0.5), "supernet_params": 7}, [3.5]),
     )  # fmt: skip
     phase = SimpleNamespace(masks={"arch.alpha.normal": torch.zeros(2, 3, dtype=torch.bool)},
                             last={"accuracy": np.float64(0.25), "op-probs": [[0.5, 0.5]], "genotype": {"normal": []}})  # fmt: skip
@@ -246,6 +248,7 @@ def test_checkpoint_loads_weights_only_and_round_trips_rng_and_strategy_state(tm
     ck = load_checkpoint(tmp_path)
     assert ck["round"] == 2 and ck["last"]["accuracy"] == 0.25 and ck["done"] == [("search", 1), ("search", 2)]
     assert ck["config"] == dict(cfg) and sorted(ck["nodes_seen"]) == [5, 2**64 - 1]
+    assert Handoff.from_dict(ck["extra"]) == experiment.carried  # what finished phases left
     assert torch.equal(ck["arrays"]["w"], torch.ones(3))
     set_rng_states(ck["rng"])
     assert (random.random(), float(np.random.normal())) == expected[:2] and torch.equal(torch.rand(3), expected[2])

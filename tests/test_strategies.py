@@ -14,8 +14,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import evaluate, train
 from fedmetanas_core.config import RunConfig
-from fedmetanas_core.coordinator import FixedPhase, SearchPhase, model_config, space_for_run
+from fedmetanas_core.coordinator import model_config, space_for_run
 from fedmetanas_core.data import load_dataset
+from fedmetanas_core.phases import Handoff, plan_phases
 from server_app.strategy import SearchStrategy, _array_record, build_base_strategy
 
 STRATEGIES = ("FedAvg", "FedAdam", "FedProx", "FedMedian", "Krum")
@@ -40,14 +41,15 @@ class FakeGrid:
 
 
 def _phase(cfg: RunConfig, method: str):
+    """The method's first phase (FedNAS retraining: its second, started from the fresh search's genotype)."""
     _, test = load_dataset("digits")
     space = space_for_run(cfg, test)
-    if method == "fedavg":
-        return FixedPhase(cfg, space, None, test, torch.device("cpu"), 2, "fedavg"), space
-    phase = SearchPhase(cfg, space, test, torch.device("cpu"), 2)
+    phases = plan_phases(cfg.replace(num_server_rounds=2, retrain_rounds=2), space, test, torch.device("cpu"))
+    phases[0].start(Handoff())
     if method == "fednas-retrain":
-        return FixedPhase(cfg, space, phase.genotype, test, torch.device("cpu"), 2, "retrain"), space
-    return phase, space
+        phases[1].start(Handoff(phases[0].genotype))
+        return phases[1], space
+    return phases[0], space
 
 
 @pytest.mark.parametrize("method", ["fedmetanas", "fednas", "fednas-retrain", "fedavg"])

@@ -49,7 +49,7 @@ def op_prob_keys(space, arch_state: dict, masks: dict) -> dict:
 
 
 def main() -> None:
-    from fedmetanas_core.coordinator import SearchPhase
+    from fedmetanas_core.phases import SearchPhase
     from server_app.simulation import run_in_process
 
     original = SearchPhase.accept
