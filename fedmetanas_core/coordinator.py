@@ -21,7 +21,8 @@ from .config import RunConfig
 from .data import ImageData
 from .genotype import DiscreteNetwork, Genotype, build_fixed_network, derive_genotype
 from .relaxation import TemperatureSchedule, probabilities
-from .search_space import SearchModel, SpaceConfig, edge_key
+from .names import ARCH_PREFIX, CELL_TYPES, arch_param_name, edge_key
+from .space import SearchModel, SpaceConfig
 from .seeding import derive_seed
 from .training import RoundPlan, eval_settings, evaluate, load_arrays, space_from_config, state_arrays
 
@@ -133,7 +134,7 @@ class SearchPhase:
         return {"phase": "search", **plan_to_config(self.plan(server_round))}
 
     def arch_state(self) -> dict[str, torch.Tensor]:
-        return {f"arch.{k}": v.detach().cpu() for k, v in self.model.arch.state_dict().items()}
+        return {ARCH_PREFIX + k: v.detach().cpu() for k, v in self.model.arch.state_dict().items()}
 
     def accept(self, server_round: int, state: State) -> dict[str, Any]:
         """Install the aggregate, grow the masks, evaluate supernet and derived network on the test set."""
@@ -168,11 +169,12 @@ class SearchPhase:
 
     def op_probabilities(self, arch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Per-edge softmax(alpha) with masks, for the heatmaps of how the architecture converged."""
+        alphas = {t: arch_param_name("alpha", t) for t in CELL_TYPES}
         probs = {
-            t: [[round(float(p), 5) for p in row] for row in probabilities(arch[f"arch.alpha.{t}"], self.masks.get(f"arch.alpha.{t}"))]
-            for t in ("normal", "reduce")
+            t: [[round(float(p), 5) for p in row] for row in probabilities(arch[name], self.masks.get(name))]
+            for t, name in alphas.items()
         }
-        logits = {t: [[round(float(v), 4) for v in row] for row in arch[f"arch.alpha.{t}"]] for t in ("normal", "reduce")}
+        logits = {t: [[round(float(v), 4) for v in row] for row in arch[name]] for t, name in alphas.items()}
         edges = [edge_key(j, i) for j, i in self.space.topology.edges]
         return {
             "op-probs": probs, "alpha-logits": logits, "primitives": list(self.space.primitives), "edges": edges,
