@@ -59,7 +59,7 @@ def _baseline_overrides(method: str, seed_dir: Path, seed: int, preset: Path, ov
         import torch
 
         from fedmetanas_core.genotype import simple_cnn_channels_for
-        from fedmetanas_core.search_space import SpaceConfig
+        from fedmetanas_core.space import SpaceConfig
 
         searched = seed_dir / "fedmetanas"
         if not (searched / "summary.json").is_file():

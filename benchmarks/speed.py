@@ -38,13 +38,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fedmetanas_core import search_space as S
+from fedmetanas_core import space as S
 from fedmetanas_core.aggregation import update_masks
 from fedmetanas_core.cli import parse_run_config
 from fedmetanas_core.config import RunConfig
 from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
 from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient
-from fedmetanas_core.search_space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, make_op
+from fedmetanas_core.space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, is_arch, make_op
 from fedmetanas_core.training import meta_optimizers, resolve_device, space_from_config, train_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,12 +173,12 @@ class Bench:
             for p in self.model.arch.beta.values():
                 p.zero_()
                 p[int(torch.randint(p.numel(), (1,), generator=g))] = 8.0
-        arch = {k: v.detach() for k, v in self.model.state_dict().items() if k.startswith("arch.")}
+        arch = {k: v.detach() for k, v in self.model.state_dict().items() if is_arch(k)}
         self.masks = update_masks(self.space, arch, {}, self.cfg.mask_threshold, self.cfg.tau_min)
         self.snapshot()
 
     def discrete(self) -> DiscreteNetwork:
-        arch = {k: v.detach() for k, v in self.model.state_dict().items() if k.startswith("arch.")}
+        arch = {k: v.detach() for k, v in self.model.state_dict().items() if is_arch(k)}
         return DiscreteNetwork.inherit(self.model, derive_genotype(self.space, arch, self.masks)).to(self.device)
 
 
@@ -348,9 +348,9 @@ def machine(device: torch.device) -> list[str]:
 
 
 EXPLANATION = """\
-## What the fast path does (fedmetanas_core/search_space.py)
+## What the fast path does (fedmetanas_core/space/)
 
-The fast path is the default; `search_space.set_fast_path(False)` (or `with fast_path(False):`) gives the
+The fast path is the default; `space.set_fast_path(False)` (or `with fast_path(False):`) gives the
 plain eager reference path (the straightforward DARTS code, NCHW, one module call per op). Both compute
 the same function with the same parameters, generator draws and active ops; `tests/test_speed_paths.py`
 checks outputs and first- and second-order MAML gradients against each other (float64: to 1e-6
@@ -358,7 +358,7 @@ relative, the relaxation itself runs in float32; float32: within float rounding)
 
 - **channels_last on CPU.** oneDNN's depthwise, 1x1 and pooling kernels are several times faster on
   NHWC activations. The input is converted once and every op keeps the format; parameters and the
-  state-dict layout are unchanged. (CUDA keeps NCHW unless `search_space.CHANNELS_LAST_DEVICES` gets "cuda".)
+  state-dict layout are unchanged. (CUDA keeps NCHW unless `space.CHANNELS_LAST_DEVICES` gets "cuda".)
 - **Dense gradients out of every channel concatenation.** Autograd hands each input of `torch.cat` a
   channel slice of the output gradient (neither NCHW- nor NHWC-dense; the classifier's pooling even
   returns NCHW), so BatchNorm and convs all over the backward pass copied or took slow paths. The

@@ -18,12 +18,13 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmetanas_core.config import RunConfig, validate_node_config
+from fedmetanas_core.config import RunConfig
+from fedmetanas_core.node_config import validate_node_config
 from fedmetanas_core.coordinator import plan_from_config
 from fedmetanas_core.data import ClientData
 from fedmetanas_core.run_data import data_settings, own_data, partition_data
 from fedmetanas_core.genotype import Genotype, build_fixed_network
-from fedmetanas_core.search_space import SearchModel
+from fedmetanas_core.space import SearchModel
 from fedmetanas_core.seeding import make_generator
 from fedmetanas_core.training import local_trainer, personalize_fixed, resolve_device, run_settings, space_from_config
 

@@ -28,14 +28,8 @@ from pathlib import Path
 
 import torch
 
-from fedmetanas_core.export import (
-    EXPORT_JSON,
-    ONNX_FILE,
-    TORCHSCRIPT_FILE,
-    export_model,
-    load_exported,
-    measure_latency_ms,
-)
+from fedmetanas_core.export import ONNX_FILE, export_model, measure_latency_ms
+from fedmetanas_core.predict import EXPORT_JSON, TORCHSCRIPT_FILE, load_exported
 from fedmetanas_core.outputs import MODEL_FILE, load_derived_model, machine_description
 
 
@@ -97,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     if getattr(derived, "genotype", None) is not None:
-        from fedmetanas_core.search_space import RelaxSettings, SearchModel
+        from fedmetanas_core.space import RelaxSettings, SearchModel
 
         supernet = SearchModel(derived.space).eval()
         settings = RelaxSettings(tau=0.1, mode="softmax", noise=False)

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from .relaxation import probabilities
-from .search_space import SpaceConfig, arch_param_name
+from .names import CELL_TYPES, arch_param_name, is_arch
+from .space import SpaceConfig
 
 State = dict[str, np.ndarray]
 
@@ -45,7 +46,7 @@ def transform_logits(state: State, rule: str) -> State:
         return state
     out = dict(state)
     for key, value in state.items():
-        if not key.startswith("arch."):
+        if not is_arch(key):
             continue
         v = value.astype(np.float64)
         if rule == "centered":
@@ -138,10 +139,10 @@ def arch_statistics(space: SpaceConfig, arch: dict[str, torch.Tensor], masks: di
     from .relaxation import entropy
 
     stats: dict[str, float] = {}
-    for cell_type in ("normal", "reduce"):
+    for cell_type in CELL_TYPES:
         name = arch_param_name("alpha", cell_type)
         stats[f"alpha-entropy-{cell_type}"] = entropy(probabilities(arch[name], masks.get(name), tau))
-        betas = [k for k in arch if k.startswith(f"arch.beta.{cell_type}-")]
+        betas = [k for k in (arch_param_name("beta", cell_type, j) for j in space.topology.nodes) if k in arch]
         if betas:
             stats[f"beta-entropy-{cell_type}"] = float(
                 np.mean([entropy(probabilities(arch[k], masks.get(k), tau)[None]) for k in betas])

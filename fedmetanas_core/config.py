@@ -15,19 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-PRIMITIVES = (
-    "none",
-    "max_pool_3x3",
-    "avg_pool_3x3",
-    "skip_connect",
-    "sep_conv_3x3",
-    "sep_conv_5x5",
-    "dil_conv_3x3",
-    "dil_conv_5x5",
-)
+from .names import PRIMITIVES
+
 METHODS = ("fedmetanas", "fednas", "fedavg")
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "hf")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
+CORRUPT_IMAGE_POLICIES = ("fail", "skip")
 STRATEGIES = (
     "FedAvg", "FedAvgM", "FedProx", "FedAdagrad", "FedAdam", "FedYogi",
     "FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan",
@@ -153,7 +146,7 @@ KEYS: tuple[Key, ...] = (
     Key("train-subset", 0, "use this many training examples (0 = all)", _at_least(0), "data"),
     Key("test-subset", 0, "use this many global test examples (0 = all)", _at_least(0), "data"),
     Key("eval-split", "test", "test | validation: what the server evaluates every round; validation = the union of the clients' local test splits, carved from the training data (for tuning: never the test set; needs num-partitions)", _choice(("test", "validation")), "data"),
-    Key("on-corrupt-image", "fail", "fail | skip: what to do with an unreadable image file", _choice(("fail", "skip")), "data"),
+    Key("on-corrupt-image", "fail", "fail | skip: what to do with an unreadable image file", _choice(CORRUPT_IMAGE_POLICIES), "data"),
     Key("batch-size", 64, "support / query / training batch size", _at_least(2), "data"),
     Key("eval-batch-size", 512, "evaluation batch size (>1: BatchNorm uses batch statistics)", _at_least(2), "data"),
     # --- search space
@@ -448,66 +441,6 @@ def _not_writable(folder: Path) -> str | None:
     except OSError as exc:
         return exc.strerror or type(exc).__name__
     return None
-
-
-NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "data-dir")
-
-
-def validate_node_config(node_config: Mapping[str, Any], cfg: "RunConfig | None" = None) -> dict[str, Any]:
-    """Check a SuperNode's node config once, before any data is loaded; returns it normalised.
-
-    ``partition-id``: int >= 0; ``num-partitions``: int >= 1 and > partition-id; ``data-dir``: an
-    existing, readable folder. Other keys pass through (Flower or a deployment may add some), except
-    misspellings of these three (``partition_id``), which would silently change which data is used.
-    With the run config, ``partition-id`` must also fit its ``num-partitions`` and, when the run
-    config does not fix the number of partitions, ``partition-id`` needs ``num-partitions``.
-    Raises ``ConfigError`` naming the key (source ``node-config``).
-    """
-    out = dict(node_config)
-    for name in out:
-        canonical = str(name).strip().lower().replace("_", "-")
-        if canonical in NODE_CONFIG_KEYS and name != canonical:
-            raise ConfigError(name, out[name], f"unknown key; did you mean '{canonical}'?", "node-config")
-
-    def as_int(key: str, low: int) -> int | None:
-        if key not in out:
-            return None
-        raw = out[key]
-        value = raw
-        if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():  # Flower's legacy proxy sends strings
-            value = int(raw.strip())
-        elif isinstance(raw, float) and raw.is_integer():
-            value = int(raw)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, raw, "must be an integer", "node-config")
-        if value < low:
-            raise ConfigError(key, raw, f"must be >= {low}", "node-config")
-        out[key] = value
-        return value
-
-    pid = as_int("partition-id", 0)
-    num = as_int("num-partitions", 1)
-    if num is not None and pid is not None and pid >= num:
-        raise ConfigError("partition-id", pid, f"must be < num-partitions ({num})", "node-config")
-    if cfg is not None and pid is not None:
-        if cfg.num_partitions and pid >= cfg.num_partitions:
-            raise ConfigError("partition-id", pid, f"must be < the run config's num-partitions ({cfg.num_partitions})", "node-config")
-        if not cfg.num_partitions and num is None:
-            raise ConfigError(
-                "num-partitions", None, "required with partition-id (or set the run config's num-partitions)", "node-config"
-            )
-    if "data-dir" in out:
-        raw = out["data-dir"]
-        if not isinstance(raw, str) or not raw.strip():
-            raise ConfigError("data-dir", raw, "must be the path of an existing folder", "node-config")
-        root = Path(raw).expanduser()
-        if not root.is_dir():
-            raise ConfigError("data-dir", raw, "must be an existing folder", "node-config")
-        if not os.access(root, os.R_OK | os.X_OK):
-            raise ConfigError("data-dir", raw, "folder is not readable", "node-config")
-        if cfg is not None and cfg.dataset == "imagefolder" and not (root / "train").is_dir():
-            raise ConfigError("data-dir", raw, "imagefolder needs a 'train/' subfolder (test/ is optional on a node)", "node-config")
-    return out
 
 
 def toml_table() -> str:

@@ -17,7 +17,7 @@ import torch
 from .aggregation import State
 from .config import RunConfig
 from .data import ImageData
-from .search_space import SpaceConfig
+from .space import SpaceConfig
 from .seeding import derive_seed
 from .training import RoundPlan, space_from_config
 

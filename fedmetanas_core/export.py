@@ -22,17 +22,15 @@ Files written to the results directory:
 - ``export.json``: files, sizes on disk, parameters, preprocessing, calibration, accuracy and
   CPU latency per image.
 
-``fedmetanas-predict MODEL_FILE IMAGE_FOLDER`` needs only torch and Pillow (no Flower).
+``fedmetanas-predict MODEL_FILE IMAGE_FOLDER`` (module ``predict``) needs only torch and Pillow (no Flower).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
+import io
 import json
-import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -41,16 +39,17 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-EXPORT_JSON = "export.json"
-TORCHSCRIPT_FILE = "model_torchscript.pt"
+from .atomic import atomic_write_bytes, atomic_write_text
+# the device side (fedmetanas-predict) reads what this module writes; predict_main stays importable
+# from here for console scripts installed before it moved to ``predict``
+from .predict import EXPORT_JSON, TORCHSCRIPT_FILE, load_exported, predict_main  # noqa: F401
+
 ONNX_FILE = "model.onnx"
-DERIVED_MODEL_FILE = "derived_model.pt"  # written by outputs.RunRecorder.save_model
 CALIBRATION_SIZE = 512
 CALIBRATION_SEED = 0
 LATENCY_RUNS = 50
 CHECK_IMAGES = 1024  # held-out images on which the saved file is compared with the eager network
 FORMAT_VERSION = 1
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,11 +69,11 @@ def _batch_stat_norms(net: nn.Module) -> list[tuple[str, nn.modules.batchnorm._B
 def reference_path():
     """Context in which the search-space ops call their nn modules (BatchNorm included).
 
-    ``search_space`` has a fast path for training that calls ``F.batch_norm`` with batch statistics
+    ``space`` has a fast path for training that calls ``F.batch_norm`` with batch statistics
     directly, bypassing the BatchNorm modules; calibration and tracing must see the modules.
     """
     try:
-        from .search_space import fast_path
+        from .space import fast_path
     except ImportError:  # a search space without a fast path
         return contextlib.nullcontext()
     return fast_path(False)
@@ -323,11 +322,11 @@ def _export(net, test, results_dir: Path, normalization, calibration_size, laten
         "classes": list(test.classes),
     }
     ts_path = results_dir / TORCHSCRIPT_FILE
-    tmp = ts_path.with_name(f".{ts_path.name}.tmp")
+    buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(traced, str(tmp), _extra_files={EXPORT_JSON: json.dumps(meta)})
-    os.replace(tmp, ts_path)
+        torch.jit.save(traced, buf, _extra_files={EXPORT_JSON: json.dumps(meta)})
+    atomic_write_bytes(ts_path, buf.getvalue())
 
     loaded, _ = load_exported(ts_path)
     acc_full, pred_ts = _accuracy(loaded, x, y)
@@ -340,12 +339,14 @@ def _export(net, test, results_dir: Path, normalization, calibration_size, laten
     onnx_status = "disabled" if not onnx else _export_onnx(model, example, results_dir / ONNX_FILE)
     if onnx_status == "ok":
         files[ONNX_FILE] = (results_dir / ONNX_FILE).stat().st_size
-    derived = results_dir / DERIVED_MODEL_FILE
+    from .outputs import MODEL_FILE, machine_description
+
+    derived = results_dir / MODEL_FILE
 
     info = {
         **meta,
         "files": files,
-        "derived_model": {"file": DERIVED_MODEL_FILE, "bytes": derived.stat().st_size} if derived.is_file() else None,
+        "derived_model": {"file": MODEL_FILE, "bytes": derived.stat().st_size} if derived.is_file() else None,
         "onnx": onnx_status,
         "parameters": sum(p.numel() for p in model.parameters()),
         "buffers": sum(b.numel() for b in model.buffers()),
@@ -373,146 +374,10 @@ def _export(net, test, results_dir: Path, normalization, calibration_size, laten
             "device": "cpu",
             "note": "model forward only; image decoding and preprocessing excluded",
         },
-        "machine": _machine(),
+        "machine": machine_description(),
         "torch": torch.__version__,
         "export_seconds": None,
     }
     info["export_seconds"] = round(time.perf_counter() - t_start, 3)
-    tmp = results_dir / f".{EXPORT_JSON}.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, results_dir / EXPORT_JSON)
+    atomic_write_text(results_dir / EXPORT_JSON, json.dumps(info, indent=2))
     return info
-
-
-def _machine() -> str:
-    import platform
-
-    return f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, {platform.processor() or 'cpu'}"
-
-
-# --------------------------------------------------------------------------------------------
-# fedmetanas-predict
-# --------------------------------------------------------------------------------------------
-
-
-class PredictError(Exception):
-    """A user error: bad path, missing metadata; printed without a traceback."""
-
-
-def load_exported(model_file: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """The TorchScript model and the metadata stored inside it. ``model_file`` may be a results
-    directory (its model_torchscript.pt is used)."""
-    path = Path(model_file)
-    if path.is_dir():
-        path = path / TORCHSCRIPT_FILE
-    if not path.is_file():
-        raise PredictError(f"model file {str(path)!r} does not exist (expected a {TORCHSCRIPT_FILE} written by the export)")
-    extra = {EXPORT_JSON: ""}
-    try:
-        with warnings.catch_warnings():  # torch >= 2.9: "torch.jit.load is deprecated"
-            warnings.simplefilter("ignore", FutureWarning)
-            model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
-    except Exception as exc:
-        raise PredictError(f"{str(path)!r} is not a TorchScript model file: {exc}") from None
-    meta = json.loads(extra[EXPORT_JSON]) if extra[EXPORT_JSON] else {}
-    return model, meta
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    root = Path(folder)
-    if not root.is_dir():
-        raise PredictError(f"image folder {str(root)!r} does not exist or is not a directory")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def preprocess(path: Path, meta_input: dict[str, Any]) -> torch.Tensor:
-    """[1, C, H, W] float32, as in training: decode, grey or RGB, bilinear resize, /255, normalise."""
-    from PIL import Image
-
-    if meta_input.get("mean") is None or meta_input.get("std") is None:
-        raise PredictError("the model file stores no normalisation (mean/std); re-export it with "
-                           "export_model(..., normalization=(mean, std))")
-    height, width = meta_input["image_size"]
-    channels = int(meta_input["in_channels"])
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        if img.size != (width, height):
-            img = img.resize((width, height), Image.Resampling.BILINEAR)
-        data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    x = data.view(height, width, channels).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(meta_input["mean"], dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(meta_input["std"], dtype=torch.float32).view(-1, 1, 1)
-    return ((x - mean) / std).unsqueeze(0)
-
-
-def _classes_from(run_dir: str | Path) -> list[str]:
-    path = Path(run_dir)
-    path = path / EXPORT_JSON if path.is_dir() else path
-    if not path.is_file():
-        raise PredictError(f"--classes-from: {str(path)!r} does not exist (a run directory holding {EXPORT_JSON})")
-    classes = json.loads(path.read_text()).get("classes")
-    if not classes:
-        raise PredictError(f"--classes-from: {str(path)!r} names no classes")
-    return [str(c) for c in classes]
-
-
-def predict_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fedmetanas-predict",
-        description="Classify every .png/.jpg/.jpeg under IMAGE_FOLDER (recursively) with an exported "
-        "FedMetaNAS model. Prints one line per image: path, predicted label, latency of the model "
-        "forward pass in ms (tab separated).",
-    )
-    parser.add_argument("model_file", help=f"{TORCHSCRIPT_FILE} written by the run (or its results directory)")
-    parser.add_argument("image_folder", help="folder with the images to classify")
-    parser.add_argument("--classes-from", metavar="RUN_DIR", help=f"take the class names from RUN_DIR/{EXPORT_JSON} "
-                        "instead of those stored in the model file")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest for "
-                        "one small image at a time; 0 = torch's default)")
-    args = parser.parse_args(argv)
-    try:
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
-        model, meta = load_exported(args.model_file)
-        classes = _classes_from(args.classes_from) if args.classes_from else meta.get("classes")
-        images = list_images(args.image_folder)
-        if not images:
-            raise PredictError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {args.image_folder!r}")
-        meta_input = meta.get("input") or {}
-        if not meta_input:
-            raise PredictError(f"{args.model_file!r} holds no {EXPORT_JSON} metadata; was it written by export_model?")
-        height, width = meta_input["image_size"]
-        with torch.no_grad():
-            warm = torch.zeros(1, int(meta_input["in_channels"]), height, width)
-            for _ in range(3):  # TorchScript optimises the graph during its first calls
-                model(warm)
-            latencies = []
-            for path in images:
-                try:
-                    x = preprocess(path, meta_input)
-                except PredictError:
-                    raise
-                except Exception as exc:  # one unreadable file must not stop the others
-                    print(f"{path}\tERROR: cannot read image: {exc}\t-", flush=True)
-                    continue
-                t0 = time.perf_counter()
-                logits = model(x)
-                ms = (time.perf_counter() - t0) * 1000.0
-                latencies.append(ms)
-                k = int(logits.argmax(1))
-                label = classes[k] if classes and k < len(classes) else str(k)
-                print(f"{path}\t{label}\t{ms:.3f} ms", flush=True)
-    except PredictError as exc:
-        print(f"fedmetanas-predict: error: {exc}", file=sys.stderr)
-        return 2
-    if not latencies:
-        print("fedmetanas-predict: error: no image could be read", file=sys.stderr)
-        return 1
-    lat = sorted(latencies)
-    print(f"{len(lat)} image(s); model latency median {lat[len(lat) // 2]:.3f} ms per image "
-          f"(CPU, {torch.get_num_threads()} thread(s))", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(predict_main())

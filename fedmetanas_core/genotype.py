@@ -17,20 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+from .atomic import atomic_write_text
+from .names import CELL_TYPES, arch_param_name, edge_key
 from .relaxation import probabilities
-from .search_space import (
-    FactorizedReduce,
-    ReLUConvBN,
-    SearchModel,
-    SpaceConfig,
-    _bn,
-    arch_param_name,
-    cell_plan,
-    edge_key,
-    cat_channels,
-    make_op,
-    to_fast_layout,
-)
+from .space import CellBase, SearchModel, SpaceConfig, cat_channels, cell_plan, make_op, to_fast_layout
+from .space.ops import _bn
 
 NodeChoice = tuple[tuple[str, int], ...]  # ((op, input node), (op, input node))
 
@@ -47,14 +38,14 @@ class Genotype:
         def rows(cell):
             return [[{"op": op, "input": src} for op, src in node] for node in cell]
 
-        return {"normal": rows(self.normal), "reduce": rows(self.reduce)}
+        return {t: rows(self.cell(t)) for t in CELL_TYPES}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Genotype":
         def cell(rows):
             return tuple(tuple((str(e["op"]), int(e["input"])) for e in node) for node in rows)
 
-        return cls(cell(d["normal"]), cell(d["reduce"]))
+        return cls(**{t: cell(d[t]) for t in CELL_TYPES})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -64,7 +55,7 @@ class Genotype:
         return cls.from_dict(json.loads(text))
 
     def save_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load_yaml(cls, path: str | Path) -> "Genotype":
@@ -89,7 +80,7 @@ def derive_genotype(
     topo = space.topology
     real = [o for o, p in enumerate(space.primitives) if p != "none"]
     cells = {}
-    for cell_type in ("normal", "reduce"):
+    for cell_type in CELL_TYPES:
         name = arch_param_name("alpha", cell_type)
         op_probs = probabilities(arch_state[name], masks.get(name))
         nodes = []
@@ -106,7 +97,7 @@ def derive_genotype(
             nodes.append(tuple((space.primitives[real[int(best_o[i])]], int(i)) for i in inputs))
             e += j
         cells[cell_type] = tuple(nodes)
-    return Genotype(cells["normal"], cells["reduce"])
+    return Genotype(**cells)
 
 
 class _Edge(nn.Module):
@@ -121,12 +112,9 @@ class _Edge(nn.Module):
         return self.ops[self.op_name](x)
 
 
-class DiscreteCell(nn.Module):
+class DiscreteCell(CellBase):
     def __init__(self, nodes, c_pp: int, c_p: int, c: int, reduction: bool, reduction_prev: bool):
-        super().__init__()
-        self.reduction = reduction
-        self.preprocess0 = FactorizedReduce(c_pp, c) if reduction_prev else ReLUConvBN(c_pp, c, 1, 1, 0)
-        self.preprocess1 = ReLUConvBN(c_p, c, 1, 1, 0)
+        super().__init__(c_pp, c_p, c, reduction, reduction_prev)
         self.plan = [[(src, edge_key(j, src)) for _, src in node] for j, node in enumerate(nodes, start=2)]
         self.edges = nn.ModuleDict(
             {
@@ -137,7 +125,7 @@ class DiscreteCell(nn.Module):
         )
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        states = self.input_states(s0, s1)
         for inputs in self.plan:
             out = None
             for src, key in inputs:
@@ -160,7 +148,7 @@ class DiscreteNetwork(nn.Module):
         self.classifier = nn.Linear(c_out, space.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s0 = s1 = self.stem(to_fast_layout(x))  # the supernet's memory format (search_space.fast_path)
+        s0 = s1 = self.stem(to_fast_layout(x))  # the supernet's memory format (space.fastpath)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1)
         return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))
@@ -210,10 +198,10 @@ def random_genotype(primitives: tuple[str, ...], num_nodes: int, seed: int) -> G
     rng = np.random.default_rng(seed)
     ops = [p for p in primitives if p != "none"]
     cells = {}
-    for cell_type in ("normal", "reduce"):
+    for cell_type in CELL_TYPES:
         nodes = []
         for j in range(2, num_nodes + 2):
             inputs = sorted(rng.choice(j, size=min(2, j), replace=False).tolist())
             nodes.append(tuple((str(ops[rng.integers(len(ops))]), int(i)) for i in inputs))
         cells[cell_type] = tuple(nodes)
-    return Genotype(cells["normal"], cells["reduce"])
+    return Genotype(**cells)

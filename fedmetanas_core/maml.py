@@ -14,12 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .names import is_arch
+
 Params = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def is_arch(name: str) -> bool:
-    return name.startswith("arch.")
 
 
 @dataclass(frozen=True)
@@ -70,9 +68,7 @@ def fomaml_task_gradient(model, params: Params, support: Batch, query: Batch, in
     """Query-loss gradient at the adapted parameters: the first-order meta-gradient for ``params``."""
     adapted = inner_adapt(model, params, support, inner, create_graph=False, **fw)
     loss = loss_on(model, adapted, query, **fw)
-    names = list(adapted)
-    grads = torch.autograd.grad(loss, [adapted[k] for k in names], allow_unused=True)
-    return {k: (g if g is not None else torch.zeros_like(adapted[k])) for k, g in zip(names, grads)}, float(loss.detach())
+    return _gradients(loss, adapted), float(loss.detach())
 
 
 def second_order_task_gradient(model, params: Params, support: Batch, query: Batch, inner: InnerLoop, **fw) -> tuple[Params, float]:
@@ -80,9 +76,14 @@ def second_order_task_gradient(model, params: Params, support: Batch, query: Bat
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     adapted = inner_adapt(model, leaves, support, inner, create_graph=True, **fw)
     loss = loss_on(model, adapted, query, **fw)
-    names = list(leaves)
-    grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
-    return {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, grads)}, float(loss.detach())
+    return _gradients(loss, leaves), float(loss.detach())
+
+
+def _gradients(loss: torch.Tensor, params: Params) -> Params:
+    """d loss / d params, zeros for the parameters the loss does not reach."""
+    names = list(params)
+    grads = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True)
+    return {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads)}
 
 
 def reptile_task_delta(model, params: Params, support: Batch, inner: InnerLoop, **fw) -> tuple[Params, float]:

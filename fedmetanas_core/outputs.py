@@ -1,6 +1,6 @@
 """What a run leaves behind: config.yaml, rounds.jsonl, summary.json, genotype.yaml, the derived model.
 
-Files are written atomically (temporary file, then rename), so a crash never leaves half a file.
+Files are written atomically (``atomic``: temporary file, then rename), so a crash never leaves half a file.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import random
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,28 +18,11 @@ import numpy as np
 import torch
 import yaml
 
+from .atomic import atomic_write_bytes, atomic_write_text
 from .genotype import DiscreteNetwork, Genotype, SimpleCNN, build_fixed_network
-from .search_space import SpaceConfig
+from .space import SpaceConfig
 
 MODEL_FILE = "derived_model.pt"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def package_versions() -> dict[str, str]:

@@ -22,7 +22,8 @@ from .coordinator import LearningRateSchedule, plan_to_config, seeded_init
 from .data import ImageData
 from .genotype import DiscreteNetwork, Genotype, build_fixed_network, count_parameters, derive_genotype
 from .relaxation import TemperatureSchedule, probabilities
-from .search_space import SearchModel, SpaceConfig, edge_key
+from .names import ARCH_PREFIX, CELL_TYPES, arch_param_name, edge_key
+from .space import SearchModel, SpaceConfig
 from .training import RoundPlan, eval_settings, evaluate, load_arrays, state_arrays
 
 
@@ -138,7 +139,7 @@ class SearchPhase(Phase):
         return min(max((server_round - warm) / max(self.anneal_rounds - warm, 1), 0.0), 1.0)
 
     def arch_state(self) -> dict[str, torch.Tensor]:
-        return {f"arch.{k}": v.detach().cpu() for k, v in self.model.arch.state_dict().items()}
+        return {ARCH_PREFIX + k: v.detach().cpu() for k, v in self.model.arch.state_dict().items()}
 
     def accept(self, server_round: int, state: State) -> dict[str, Any]:
         """Install the aggregate, grow the masks, evaluate supernet and derived network on the test set."""
@@ -174,10 +175,10 @@ class SearchPhase(Phase):
     def op_probabilities(self, arch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Per-edge softmax(alpha) with masks, for the heatmaps of how the architecture converged."""
         probs = {
-            t: [[round(float(p), 5) for p in row] for row in probabilities(arch[f"arch.alpha.{t}"], self.masks.get(f"arch.alpha.{t}"))]
-            for t in ("normal", "reduce")
+            t: [[round(float(p), 5) for p in row] for row in probabilities(arch[arch_param_name("alpha", t)], self.masks.get(arch_param_name("alpha", t)))]
+            for t in CELL_TYPES
         }
-        logits = {t: [[round(float(v), 4) for v in row] for row in arch[f"arch.alpha.{t}"]] for t in ("normal", "reduce")}
+        logits = {t: [[round(float(v), 4) for v in row] for row in arch[arch_param_name("alpha", t)]] for t in CELL_TYPES}
         edges = [edge_key(j, i) for j, i in self.space.topology.edges]
         return {
             "op-probs": probs, "alpha-logits": logits, "primitives": list(self.space.primitives), "edges": edges,

@@ -25,8 +25,9 @@ from .config import RunConfig
 from .data import BatchStream, ClientData, ImageData
 from .aggregation import masks_are_discrete
 from .genotype import DiscreteNetwork, derive_genotype
-from .maml import InnerLoop, fomaml_task_gradient, inner_adapt, is_arch, mean_dicts, reptile_task_delta, second_order_task_gradient
-from .search_space import RelaxSettings, SearchModel, SpaceConfig, fast_path
+from .maml import InnerLoop, fomaml_task_gradient, inner_adapt, mean_dicts, reptile_task_delta, second_order_task_gradient
+from .names import is_arch
+from .space import RelaxSettings, SearchModel, SpaceConfig, fast_path
 
 
 def resolve_device(name: str) -> torch.device:

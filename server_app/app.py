@@ -119,7 +119,7 @@ class Experiment:
         self.done: list[tuple[str, int]] = []
         self.tensorboard = None
         if cfg.tensorboard:
-            from fedmetanas_core.report import TensorBoardLogger
+            from fedmetanas_core.report.tensorboard_log import TensorBoardLogger
 
             self.tensorboard = TensorBoardLogger(self.recorder.dir / "tensorboard")
         if self.checkpoint is not None:
@@ -374,6 +374,6 @@ def _export(results_dir: Path, final_net, test) -> None:
 
 
 def _figures(results_dir: Path, final_net, test) -> None:
-    from fedmetanas_core.report import write_run_figures
+    from fedmetanas_core.report.figures import write_run_figures
 
     write_run_figures(results_dir)

@@ -111,7 +111,7 @@ def test_random_cells_are_valid_cells_of_the_space_and_differ_by_seed():
 
 def test_matched_cnn_has_about_the_searched_networks_parameters():
     from fedmetanas_core.genotype import SimpleCNN, count_parameters, simple_cnn_channels_for
-    from fedmetanas_core.search_space import SpaceConfig
+    from fedmetanas_core.space import SpaceConfig
 
     space = SpaceConfig(num_classes=10, in_channels=1, init_channels=8, num_cells=2, num_nodes=2)
     for target in (2_626, 10_000, 40_000):

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from fedmetanas_core import atomic as A
 from fedmetanas_core import config as C
 from fedmetanas_core import outputs as O
 from fedmetanas_core.aggregation import arch_statistics, keep_budget, reply_problem, transform_logits, update_masks, weighted_average
@@ -32,7 +33,9 @@ from fedmetanas_core.maml import (
     second_order_task_gradient,
 )
 from fedmetanas_core.relaxation import TemperatureSchedule, probabilities, relax
-from fedmetanas_core.search_space import (
+from fedmetanas_core.space import (
+    CELL_TYPES,
+    NET_PREFIX,
     CellWeights,
     RelaxSettings,
     SearchModel,
@@ -40,6 +43,7 @@ from fedmetanas_core.search_space import (
     Zero,
     arch_param_name,
     edge_key,
+    is_arch,
 )
 from fedmetanas_core.seeding import derive_seed, make_generator
 from fedmetanas_core.training import (
@@ -77,7 +81,7 @@ def randomize_arch(model: SearchModel, scale: float = 2.0, seed: int = 0) -> Non
 
 
 def arch_state(model: SearchModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("arch.")}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if is_arch(k)}
 
 
 def random_masks(space: SpaceConfig, model: SearchModel, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -85,7 +89,7 @@ def random_masks(space: SpaceConfig, model: SearchModel, seed: int = 0) -> dict[
     g = torch.Generator().manual_seed(seed)
     none = space.primitives.index("none")
     masks = {}
-    for t in ("normal", "reduce"):
+    for t in CELL_TYPES:
         name = arch_param_name("alpha", t)
         shape = model.arch.alpha[t].shape
         m = torch.rand(shape, generator=g) > 0.4
@@ -167,7 +171,7 @@ def test_argmax_search_model_equals_inherited_discrete_network(use_masks):
     randomize_arch(model, scale=2.0, seed=5)
     masks = random_masks(space, model, seed=2) if use_masks else None
     genotype = derive_genotype(space, arch_state(model), masks)
-    for t in ("normal", "reduce"):
+    for t in CELL_TYPES:
         for node in genotype.cell(t):
             assert all(op != "none" for op, _ in node)
     net = DiscreteNetwork.inherit(model, genotype)
@@ -266,7 +270,7 @@ def test_masked_ops_have_zero_weight_and_never_run():
     masks = random_masks(space, model, seed=4)
     settings = RelaxSettings(tau=1.0, mode="gumbel-soft", noise=True, threshold=0.0)
     gen = torch.Generator().manual_seed(0)
-    for t in ("normal", "reduce"):
+    for t in CELL_TYPES:
         w = model.cell_weights(t, settings, masks, gen).weights
         assert torch.all(w[~masks[arch_param_name("alpha", t)]] == 0)
     calls, remove = op_hooks(model)
@@ -452,7 +456,7 @@ def test_derive_genotype_with_betas_takes_the_argmax_pair():
     state["arch.beta.normal-4"] = b
     g = derive_genotype(space, state)
     assert tuple(src for _, src in g.normal[2]) == (1, 3)
-    for t in ("normal", "reduce"):
+    for t in CELL_TYPES:
         for j, node in zip(space.topology.nodes, g.cell(t)):
             assert len(node) == 2
             srcs = [s for _, s in node]
@@ -467,7 +471,7 @@ def test_derived_nodes_have_two_distinct_earlier_inputs(input_pruning):
     model = SearchModel(space)
     randomize_arch(model, seed=11)
     g = derive_genotype(space, arch_state(model))
-    for t in ("normal", "reduce"):
+    for t in CELL_TYPES:
         assert len(g.cell(t)) == space.num_nodes
         for j, node in zip(space.topology.nodes, g.cell(t)):
             srcs = [s for _, s in node]
@@ -522,7 +526,7 @@ def manual_adapt(model, params, support, steps, lr_w, lr_a, adapt_arch=True):
         grads = torch.autograd.grad(loss, list(leaves.values()))
         new = {}
         for (k, v), gr in zip(leaves.items(), grads):
-            if k.startswith("arch."):
+            if is_arch(k):
                 new[k] = v.detach() - lr_a * gr if adapt_arch else v.detach()
             else:
                 new[k] = v.detach() - lr_w * gr
@@ -630,7 +634,7 @@ def test_fomaml_on_search_model_matches_manual_one_step():
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     ls = F.cross_entropy(functional_call(model, leaves, (support[0],), fw), support[1])
     gs = torch.autograd.grad(ls, list(leaves.values()))
-    adapted = {k: (v.detach() - (0.3 if k.startswith("arch.") else 0.1) * gr).requires_grad_(True)
+    adapted = {k: (v.detach() - (0.3 if is_arch(k) else 0.1) * gr).requires_grad_(True)
                for (k, v), gr in zip(leaves.items(), gs)}
     lq = F.cross_entropy(functional_call(model, adapted, (query[0],), fw), query[1])
     ref = dict(zip(adapted, torch.autograd.grad(lq, list(adapted.values()))))
@@ -691,7 +695,7 @@ def test_transform_logits():
     ls = transform_logits(s, "log-softmax")
     for k in s:
         np.testing.assert_array_equal(s[k], copy[k])  # input not mutated
-        if k.startswith("arch."):
+        if is_arch(k):
             np.testing.assert_allclose(c[k].mean(-1), 0, atol=1e-6)
             np.testing.assert_allclose(np.log(np.exp(ls[k].astype(np.float64)).sum(-1)), 0, atol=1e-6)
             # same distribution as the raw logits
@@ -1010,14 +1014,14 @@ def test_recorder_and_derived_model_round_trip(tmp_path):
 
 def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     target = tmp_path / "summary.json"
-    O.atomic_write_text(target, "old")
+    A.atomic_write_text(target, "old")
 
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(O.os, "replace", boom)
+    monkeypatch.setattr(A.os, "replace", boom)
     with pytest.raises(OSError):
-        O.atomic_write_text(target, "new")
+        A.atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
@@ -1088,7 +1092,7 @@ def test_fedmetanas_local_search_updates_everything_but_masked_logits(client_dat
     # query-source = train (the default) draws support and query batches from all training data
     assert res.num_examples == len(client_data.pool if cfg.query_source == "train" else client_data.train)
     assert all(torch.isfinite(v).all() for v in after.values())
-    assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("net."))
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(NET_PREFIX))
     for name, m in masks.items():
         assert not torch.equal(before[name][m], after[name][m]), f"{name} not searched"
         # zero gradient on masked entries: with no alpha weight decay Adam / Reptile leave them exactly as they were
@@ -1118,9 +1122,9 @@ def test_fedmetanas_local_search_frozen_alphas_stay(client_data):
     model, before, _ = run_search(cfg, client_data, frozen=True)
     after = model.state_dict()
     for k in after:
-        if k.startswith("arch."):
+        if is_arch(k):
             assert torch.equal(before[k], after[k])
-    assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("net."))
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(NET_PREFIX))
 
 
 def test_fedmetanas_local_search_is_reproducible(client_data):
@@ -1148,8 +1152,8 @@ def test_fednas_local_search_updates_weights_and_alphas(client_data):
         assert res.steps == math.ceil(len(client_data.train) / cfg.batch_size)
         assert math.isfinite(res.train_loss)
         assert all(torch.isfinite(v).all() for v in after.values())
-        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("net."))
-        assert all(not torch.equal(before[k], after[k]) for k in after if k.startswith("arch."))
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(NET_PREFIX))
+        assert all(not torch.equal(before[k], after[k]) for k in after if is_arch(k))
         results.append(after)
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 

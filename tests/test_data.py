@@ -179,7 +179,7 @@ def test_imagefolder_decodes_once_then_uses_the_disk_cache(tmp_path, monkeypatch
     first, _ = D.load_dataset("imagefolder", str(root))
     cache_files = list((root / D.CACHE_DIRNAME).glob("imagefolder-*.pt"))
     assert len(cache_files) == 1
-    assert not list((root / D.CACHE_DIRNAME).glob("*.tmp"))  # atomic write left no temp file
+    assert list((root / D.CACHE_DIRNAME).iterdir()) == cache_files  # atomic write left no temp file
 
     opened = []
     real_open = Image.open

@@ -18,9 +18,10 @@ import yaml
 from PIL import Image
 
 from fedmetanas_core import export as E
+from fedmetanas_core import predict as P
 from fedmetanas_core.data import load_dataset
 from fedmetanas_core.genotype import DiscreteNetwork, SimpleCNN, derive_genotype
-from fedmetanas_core.search_space import SearchModel, SpaceConfig
+from fedmetanas_core.space import SearchModel, SpaceConfig, is_arch
 
 OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3")
 
@@ -47,7 +48,7 @@ def derived_net(digits_test):
     with torch.no_grad():
         for p in model.arch.parameters():
             p.normal_()
-    genotype = derive_genotype(space, {k: v for k, v in model.state_dict().items() if k.startswith("arch.")})
+    genotype = derive_genotype(space, {k: v for k, v in model.state_dict().items() if is_arch(k)})
     return DiscreteNetwork.inherit(model, genotype).eval()
 
 
@@ -78,11 +79,11 @@ def test_export_writes_torchscript_matching_the_calibrated_network(derived_net, 
     digits_config(tmp_path)
     info = E.export_model(derived_net, digits_test, tmp_path, latency_runs=10)
 
-    ts = tmp_path / E.TORCHSCRIPT_FILE
+    ts = tmp_path / P.TORCHSCRIPT_FILE
     assert ts.is_file()
-    on_disk = json.loads((tmp_path / E.EXPORT_JSON).read_text())
+    on_disk = json.loads((tmp_path / P.EXPORT_JSON).read_text())
     assert on_disk == json.loads(json.dumps(info))
-    assert info["files"][E.TORCHSCRIPT_FILE] == ts.stat().st_size
+    assert info["files"][P.TORCHSCRIPT_FILE] == ts.stat().st_size
     assert info["parameters"] == sum(p.numel() for p in derived_net.parameters())
     assert info["latency_ms_per_image"]["median"] > 0 and info["latency_ms_per_image"]["runs"] == 10
     assert info["input"]["image_size"] == [8, 8] and info["input"]["in_channels"] == 1
@@ -101,7 +102,7 @@ def test_export_writes_torchscript_matching_the_calibrated_network(derived_net, 
     # same predictions as the in-memory calibrated network, on the whole test set
     calib, _ = E.calibration_split(len(digits_test))
     eager = E.calibrate_batchnorm(derived_net, digits_test.x[calib])
-    loaded, meta = E.load_exported(ts)
+    loaded, meta = P.load_exported(ts)
     assert meta["input"]["mean"] == info["input"]["mean"] and meta["classes"] == info["classes"]
     with torch.no_grad():
         want, got = eager(digits_test.x), loaded(digits_test.x)
@@ -143,7 +144,7 @@ def test_preprocess_matches_the_training_pipeline(derived_net, digits_test, tmp_
     info = E.export_model(derived_net, digits_test, tmp_path, latency_runs=3)
     images = write_pngs(tmp_path / "imgs", 4)
     for k, (path, label) in enumerate(images):
-        x = E.preprocess(path, info["input"])
+        x = P.preprocess(path, info["input"])
         assert x.shape == (1, 1, 8, 8)
         assert int(digits_test.y[k]) == label
         # only PNG's 8-bit rounding separates a file from the training tensor
@@ -158,14 +159,14 @@ def test_predict_command_in_a_fresh_process(derived_net, digits_test, tmp_path):
     (tmp_path / "images" / "notes.txt").write_text("not an image")
 
     proc = subprocess.run(
-        [sys.executable, "-m", "fedmetanas_core.export", str(run_dir / E.TORCHSCRIPT_FILE), str(tmp_path / "images"),
+        [sys.executable, "-m", "fedmetanas_core.predict", str(run_dir / P.TORCHSCRIPT_FILE), str(tmp_path / "images"),
          "--classes-from", str(run_dir)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == len(images)
-    model, meta = E.load_exported(run_dir)
+    model, meta = P.load_exported(run_dir)
     by_path = {}
     for line in lines:
         path, label, latency = line.split("\t")
@@ -174,20 +175,20 @@ def test_predict_command_in_a_fresh_process(derived_net, digits_test, tmp_path):
         by_path[path] = label
     for path, _ in images:  # the subprocess predicts what the model predicts on the same file
         with torch.no_grad():
-            k = int(model(E.preprocess(path, meta["input"])).argmax(1))
+            k = int(model(P.preprocess(path, meta["input"])).argmax(1))
         assert by_path[str(path)] == digits_test.classes[k]
     assert "median" in proc.stderr
 
 
 def test_predict_errors_are_clear(derived_net, digits_test, tmp_path, capsys):
-    assert E.predict_main([str(tmp_path / "missing.pt"), str(tmp_path)]) == 2
+    assert P.predict_main([str(tmp_path / "missing.pt"), str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
     digits_config(tmp_path)
     E.export_model(derived_net, digits_test, tmp_path, latency_runs=3)
-    assert E.predict_main([str(tmp_path), str(tmp_path / "no-such-folder")]) == 2
+    assert P.predict_main([str(tmp_path), str(tmp_path / "no-such-folder")]) == 2
     assert "image folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert E.predict_main([str(tmp_path), str(tmp_path / "empty")]) == 2
+    assert P.predict_main([str(tmp_path), str(tmp_path / "empty")]) == 2
     assert "no .png" in capsys.readouterr().err
-    assert E.predict_main([str(tmp_path), str(tmp_path), "--classes-from", str(tmp_path / "nowhere")]) == 2
+    assert P.predict_main([str(tmp_path), str(tmp_path), "--classes-from", str(tmp_path / "nowhere")]) == 2
     assert "--classes-from" in capsys.readouterr().err

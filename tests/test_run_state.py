@@ -22,7 +22,7 @@ from fedmetanas_core import data as D
 from fedmetanas_core.config import RunConfig, defaults
 from fedmetanas_core.outputs import CHECKPOINT_FILE, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from fedmetanas_core.phases import Handoff
-from fedmetanas_core.search_space import fast_path_enabled
+from fedmetanas_core.space import fast_path_enabled
 from fedmetanas_core.seeding import make_generator
 from fedmetanas_core.training import run_settings
 from server_app.app import Experiment, _client_order, skipped_rounds

@@ -1,4 +1,4 @@
-"""The fast forward path (search_space.fast_path, the default) computes what the plain eager
+"""The fast forward path (space.fast_path, the default) computes what the plain eager
 reference path computes: same outputs, same gradients (first and second order), same ops run.
 Tiny spaces and 8x8 inputs keep it fast; float64 checks the algebra tightly, float32 the real
 kernels (channels_last, oneDNN) within float tolerance."""
@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedmetanas_core import search_space as S
+from fedmetanas_core import space as S
+from fedmetanas_core.space import kernels
 from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
 from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient, second_order_task_gradient
-from fedmetanas_core.search_space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, make_op
+from fedmetanas_core.space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, is_arch, make_op
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -90,7 +91,7 @@ def test_depthwise_conv_gradients_equal_autograd(k, d, s, size):
     p = d * (k - 1) // 2
     g = torch.randn_like(F.conv2d(x, w, None, s, p, d, c))
     ref = torch.autograd.grad(F.conv2d(x, w, None, s, p, d, c), (x, w), g)
-    out = S._DepthwiseConv.apply(x, w, s, p, d)
+    out = kernels._DepthwiseConv.apply(x, w, s, p, d)
     torch.testing.assert_close(out, F.conv2d(x, w, None, s, p, d, c))
     got = torch.autograd.grad(out, (x, w), g)
     for a, b in zip(got, ref):
@@ -103,7 +104,7 @@ def test_depthwise_conv_double_backward(k, d, s):
     c, p = 2, d * (k - 1) // 2
     x = torch.randn(1, c, 6, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(c, 1, k, k, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda x, w: S._DepthwiseConv.apply(x, w, s, p, d), (x, w))
+    assert torch.autograd.gradgradcheck(lambda x, w: kernels._DepthwiseConv.apply(x, w, s, p, d), (x, w))
 
 
 @pytest.mark.parametrize("name", ["max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"])
@@ -193,7 +194,7 @@ def test_discrete_network_fast_equals_eager():
     space = tiny_space()
     model = SearchModel(space)
     randomize_arch(model, 2.0, seed=1)
-    net = DiscreteNetwork.inherit(model, derive_genotype(space, {k: v for k, v in model.state_dict().items() if k.startswith("arch.")}))
+    net = DiscreteNetwork.inherit(model, derive_genotype(space, {k: v for k, v in model.state_dict().items() if is_arch(k)}))
     x, y = batch()
     out = {}
     for fast in (False, True):

@@ -34,10 +34,10 @@ OVERRIDES = {
 def op_prob_keys(space, arch_state: dict, masks: dict) -> dict:
     """The three keys rounds.jsonl carries per search round (what the server is meant to log)."""
     from fedmetanas_core.relaxation import probabilities
-    from fedmetanas_core.search_space import arch_param_name, edge_key
+    from fedmetanas_core.space import CELL_TYPES, arch_param_name, edge_key
 
     probs = {}
-    for cell_type in ("normal", "reduce"):
+    for cell_type in CELL_TYPES:
         name = arch_param_name("alpha", cell_type)
         p = probabilities(arch_state[name], masks.get(name))
         probs[cell_type] = [[round(float(v), 5) for v in row] for row in p.tolist()]

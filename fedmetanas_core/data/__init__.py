@@ -1,0 +1,34 @@
+"""Datasets, federated partitions and minibatch streams.
+
+Everything a client or the server needs to turn a dataset name into tensors lives here, without
+importing Flower, so the same code serves simulation, deployment and plain unit tests.
+
+- ``images``: ``ImageData`` (a labelled image set as two tensors) and ``DataError``;
+- ``sources``: ``load_dataset``, dataset names to normalised train/test tensors, cached per process;
+- ``decode_cache``: image files decoded once per machine, into an on-disk tensor cache;
+- ``partition``: ``partition_indices``, flwr-datasets partitioners, seeded and cached;
+- ``clients``: ``ClientData``, a partition (or a device's own data) split into train/query/test;
+- ``minibatches``: ``BatchStream``, endless shuffled minibatches.
+"""
+
+from ..config import CORRUPT_IMAGE_POLICIES, DATASETS, PARTITIONERS
+from . import partition as _partition, sources as _sources
+from .minibatches import BatchStream, batches
+from .clients import ClientData, load_client_data, load_own_data, split_partition
+from .decode_cache import CACHE_DIR_ENV, CACHE_DIRNAME
+from .images import DataError, ImageData
+from .partition import partition_indices
+from .sources import load_dataset, load_splits
+
+__all__ = [
+    "CACHE_DIRNAME", "CACHE_DIR_ENV", "CORRUPT_IMAGE_POLICIES", "DATASETS", "PARTITIONERS", "BatchStream",
+    "ClientData", "DataError", "ImageData", "batches", "clear_caches", "load_client_data", "load_dataset",
+    "load_own_data", "load_splits", "partition_indices", "split_partition",
+]  # fmt: skip
+
+
+def clear_caches() -> None:
+    """Forget in-process datasets and partitions (disk caches stay); for tests and long runs."""
+    _sources._FULL_CACHE.clear()
+    _sources._DATASET_CACHE.clear()
+    _partition._PARTITION_CACHE.clear()

@@ -1,0 +1,7 @@
+"""``python -m fedmetanas_core.report``: see ``report.cli``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,137 @@
+"""The DARTS candidate ops, built by name (``make_op``).
+
+BatchNorm keeps no running statistics anywhere (no buffers: MAML and federated averaging only ever
+see float parameters). On the fast path (``space.fastpath``) each op takes two extra arguments: the
+ReLU of its input when the cell has it already (``relu_x``), and the scalar mixing weight that its
+last BatchNorm folds in (``scale``); on the reference path it computes the plain DARTS function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fastpath import fast_path_enabled
+from .kernels import CatChannels, apply_conv, avg_pool_3x3, scaled_batch_norm
+
+
+def _scaled(out: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The reference path's mixing: the op's output times its weight (when one is given)."""
+    return out if scale is None else scale * out
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, affine=False, track_running_stats=False)
+
+
+class ReLUConvBN(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int):
+        super().__init__(nn.ReLU(inplace=False), nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False), _bn(c_out))
+
+
+class DilConv(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, dilation: int):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_in, kernel, stride, padding, dilation=dilation, groups=c_in, bias=False),
+            nn.Conv2d(c_in, c_out, 1, bias=False),
+            _bn(c_out),
+        )
+
+    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``relu_x``: ReLU(x) if the caller already has it; ``scale``: multiply the output by it."""
+        if not fast_path_enabled():
+            return _scaled(super().forward(x), scale)
+        h = relu_x if relu_x is not None else F.relu(x)
+        return scaled_batch_norm(self[3], self[2](apply_conv(self[1], h)), scale)
+
+
+class SepConv(nn.Sequential):
+    """Two stacked depthwise-separable convolutions, as in DARTS."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int):
+        super().__init__(
+            DilConv(c_in, c_in, kernel, stride, padding, 1),
+            DilConv(c_in, c_out, kernel, 1, padding, 1),
+        )
+
+    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if not fast_path_enabled():
+            return _scaled(super().forward(x), scale)
+        return self[1](self[0](x, relu_x=relu_x), scale=scale)
+
+
+class FactorizedReduce(nn.Module):
+    """Halves the resolution without losing every other pixel: two offset stride-2 1x1 convs."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(c_in, c_out - c_out // 2, 1, stride=2, bias=False)
+        self.bn = _bn(c_out)
+
+    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if not fast_path_enabled():
+            x = self.relu(x)
+            shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))  # odd sizes: keep both branches the same shape
+            return _scaled(self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1)), scale)
+        h = relu_x if relu_x is not None else F.relu(x)
+        if h.shape[-2] % 2 == 0 and h.shape[-1] % 2 == 0:
+            # a 1x1 stride-2 conv reads every other pixel: with even sizes the padded row/column of
+            # the shifted branch is never read, so read the odd pixels directly (a quarter-size copy)
+            odd = F.conv2d(h[:, :, 1::2, 1::2], self.conv_2.weight)
+        else:
+            odd = self.conv_2(F.pad(h[:, :, 1:, 1:], (0, 1, 0, 1)))
+        return scaled_batch_norm(self.bn, CatChannels.apply(self.conv_1(h), odd), scale)
+
+
+class Zero(nn.Module):
+    """The ``none`` op. The supernet never executes it (its output is 0); it only takes weight mass."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class PoolBN(nn.Sequential):
+    def __init__(self, kind: str, c: int, stride: int):
+        pool = nn.MaxPool2d(3, stride, 1) if kind == "max" else nn.AvgPool2d(3, stride, 1, count_include_pad=False)
+        super().__init__(pool, _bn(c))
+
+    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if not fast_path_enabled():
+            return _scaled(super().forward(x), scale)
+        pool = self[0]
+        if isinstance(pool, nn.AvgPool2d) and pool.stride == 1 and x.device.type == "cpu":
+            pooled = avg_pool_3x3(x)  # same values (count_include_pad=False), faster kernels
+        else:
+            pooled = pool(x)
+        return scaled_batch_norm(self[1], pooled, scale)
+
+
+# ops whose first step is ReLU(x): on the fast path a cell computes ReLU(state) once for all of them
+_TAKES_RELU = (DilConv, SepConv, FactorizedReduce)
+
+
+def make_op(name: str, c: int, stride: int) -> nn.Module:
+    if name == "none":
+        return Zero(stride)
+    if name == "max_pool_3x3":
+        return PoolBN("max", c, stride)
+    if name == "avg_pool_3x3":
+        return PoolBN("avg", c, stride)
+    if name == "skip_connect":
+        return nn.Identity() if stride == 1 else FactorizedReduce(c, c)
+    if name.startswith("sep_conv_"):
+        k = int(name[-1])
+        return SepConv(c, c, k, stride, k // 2)
+    if name.startswith("dil_conv_"):
+        k = int(name[-1])
+        return DilConv(c, c, k, stride, k - 1, 2)
+    raise ValueError(f"unknown op {name!r}")
+
