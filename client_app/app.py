@@ -21,8 +21,7 @@ from flwr.clientapp import ClientApp
 from fedmetanas_core.config import RunConfig
 from fedmetanas_core.node_config import validate_node_config
 from fedmetanas_core.coordinator import plan_from_config
-from fedmetanas_core.data import ClientData
-from fedmetanas_core.run_data import data_settings, own_data, partition_data
+from fedmetanas_core.data import ClientData, DataSpec, load_client_data
 from fedmetanas_core.genotype import Genotype, build_fixed_network
 from fedmetanas_core.space import SearchModel
 from fedmetanas_core.seeding import make_generator
@@ -31,7 +30,7 @@ from fedmetanas_core.training import local_trainer, personalize_fixed, resolve_d
 app = ClientApp()
 
 _CONFIGS: dict[int, RunConfig] = {}
-_DATA: dict[tuple, ClientData] = {}
+_DATA: dict[DataSpec, ClientData] = {}  # by everything that decides the data: never stale
 
 
 def run_config(context: Context) -> RunConfig:
@@ -59,18 +58,10 @@ def in_run_settings(handler: Callable[[Message, Context], Message]) -> Callable[
 
 def node_data(cfg: RunConfig, node_config: dict[str, Any], node_id: int = 0) -> ClientData:
     """The node's data; a node with its own data (no ``partition-id``) is identified by ``node_id``."""
-    data_dir = str(node_config.get("data-dir") or cfg.resolved_data_dir())
-    if "partition-id" in node_config:
-        pid = int(node_config["partition-id"])
-        n = cfg.num_partitions or int(node_config["num-partitions"])
-        key = ("id", data_dir, pid, n, data_settings(cfg))
-        if key not in _DATA:
-            _DATA[key] = partition_data(cfg, data_dir, pid, n)
-    else:
-        key = ("own", data_dir, node_id, data_settings(cfg))
-        if key not in _DATA:
-            _DATA[key] = own_data(cfg, data_dir, node_id)
-    return _DATA[key]
+    spec = DataSpec.from_config(cfg, node_config, node_id)
+    if spec not in _DATA:
+        _DATA[spec] = load_client_data(spec)
+    return _DATA[spec]
 
 
 def build_model(cfg: RunConfig, config: dict[str, Any], device: torch.device) -> torch.nn.Module:

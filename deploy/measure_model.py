@@ -37,14 +37,10 @@ def _test_set(run_dir: Path):
     import yaml
 
     from fedmetanas_core.config import RunConfig
-    from fedmetanas_core.data import load_dataset
+    from fedmetanas_core.data import DataSpec, load_test_set
 
     cfg = RunConfig.from_flat(yaml.safe_load((run_dir / "config.yaml").read_text()), check_paths=False)
-    _, test = load_dataset(
-        cfg.dataset, cfg.resolved_data_dir(), hf_dataset=cfg.hf_dataset, image_size=cfg.image_size,
-        test_subset=cfg.test_subset, subset_seed=cfg.seed, on_corrupt_image=cfg.on_corrupt_image,
-    )  # fmt: skip
-    return cfg, test
+    return cfg, load_test_set(DataSpec.from_config(cfg))
 
 
 def _saved_bytes(module: torch.nn.Module) -> int:

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.coordinator import ProgressClock, fmt_duration, model_config, space_for_run
-from fedmetanas_core.data import load_dataset
+from fedmetanas_core.data import DataSpec, load_test_set
 from fedmetanas_core.genotype import Genotype, count_parameters
 from fedmetanas_core.phases import Handoff, Phase, plan_phases
 from fedmetanas_core.run_data import validation_set
@@ -101,10 +101,7 @@ class Experiment:
             self.recorder.start_log()
         self.recorder.write_config(dict(cfg))
         self.device = resolve_device(cfg.device)
-        _, self.test = load_dataset(
-            cfg.dataset, cfg.resolved_data_dir(), hf_dataset=cfg.hf_dataset, image_size=cfg.image_size,
-            test_subset=cfg.test_subset, subset_seed=cfg.seed, on_corrupt_image=cfg.on_corrupt_image,
-        )  # fmt: skip
+        self.test = load_test_set(DataSpec.from_config(cfg))
         if cfg.eval_split == "validation":  # tuning: score on data carved from the clients' training data
             self.test = validation_set(cfg)
         self.space = space_for_run(cfg, self.test)

@@ -23,7 +23,7 @@ from fedmetanas_core import outputs as O
 from fedmetanas_core.aggregation import arch_statistics, keep_budget, reply_problem, transform_logits, update_masks, weighted_average
 from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.coordinator import plan_from_config, plan_to_config
-from fedmetanas_core.data import ClientData, load_client_data
+from fedmetanas_core.data import ClientData, DataSpec, load_client_data
 from fedmetanas_core.genotype import DiscreteNetwork, Genotype, SimpleCNN, derive_genotype
 from fedmetanas_core.maml import (
     InnerLoop,
@@ -1032,7 +1032,7 @@ def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch)
 
 @pytest.fixture(scope="module")
 def client_data() -> ClientData:
-    cd = load_client_data("digits", "", 0, 5, seed=0)
+    cd = load_client_data(DataSpec(dataset="digits", seed=0, partition_id=0, num_partitions=5))
     return ClientData(cd.train.subset(list(range(24))), cd.query.subset(list(range(16))), cd.test.subset(list(range(16))), 0)
 
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from fedmetanas_core import data as D
+from fedmetanas_core.data.spec import RUN_CONFIG_FIELDS
 
 SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared/data/cifar10"
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "fox": (30, 30, 200)}
@@ -151,7 +152,7 @@ def test_imagefolder_without_test_folder(tmp_path):
     shutil.rmtree(root / "test")
     with pytest.raises(D.DataError, match="test"):
         D.load_dataset("imagefolder", str(root))
-    own = D.load_own_data("imagefolder", str(root), seed=3)
+    own = D.load_client_data(D.DataSpec(dataset="imagefolder", data_dir=str(root), seed=3))
     sizes = (len(own.train), len(own.query), len(own.test))
     assert sum(sizes) == 15 and min(sizes) >= 1
 
@@ -327,19 +328,82 @@ def test_split_partition_tiny_partitions():
 
 def test_client_data_partitions_only_the_global_train_split():
     train, _ = D.load_dataset("digits")
-    clients = [D.load_client_data("digits", "", pid, 5, partitioner="iid", seed=1) for pid in range(5)]
+    clients = [D.load_client_data(D.DataSpec(partitioner="iid", seed=1, partition_id=pid, num_partitions=5)) for pid in range(5)]
     assert sum(len(c.train) + len(c.query) + len(c.test) for c in clients) == len(train)
     c = clients[2]
     assert c.partition_id == 2 and c.train.classes == train.classes
     assert len(c.query) >= 1 and len(c.test) >= 1
     with pytest.raises(D.DataError, match="partition-id"):
-        D.load_client_data("digits", "", 5, 5)
+        D.load_client_data(D.DataSpec(partition_id=5, num_partitions=5))
 
 
 def test_own_data_uses_the_local_test_folder(tmp_path):
     root = make_tree(tmp_path / "tree", train_per_class=5, test_per_class=2)
-    own = D.load_own_data("imagefolder", str(root), query_fraction=0.2)
+    own = D.load_client_data(D.DataSpec(dataset="imagefolder", data_dir=str(root), query_fraction=0.2))
     assert (len(own.train), len(own.query), len(own.test)) == (12, 3, 6)
+
+
+# --- the data spec ---------------------------------------------------------------------------------
+
+# run-config keys that do not change which examples a client holds (batching, the server's evaluation)
+NOT_CLIENT_DATA = ("batch-size", "eval-batch-size", "eval-split")
+# a valid other value for every run-config key that decides a client's data
+OTHER_VALUE = {
+    "dataset": "mnist", "data-dir": "/elsewhere", "hf-dataset": "user/images", "num-partitions": 7,
+    "partitioner": "iid", "dirichlet-alpha": 0.1, "classes-per-client": 3, "shards-per-client": 3,
+    "min-partition-size": 20, "query-fraction": 0.3, "local-test-fraction": 0.1, "image-size": 16,
+    "train-subset": 100, "test-subset": 50, "on-corrupt-image": "skip", "seed": 5,
+}  # fmt: skip
+
+
+def _client_data_keys() -> set[str]:
+    from fedmetanas_core.config import KEYS
+
+    return {k.name for k in KEYS if k.group == "data" and k.name not in NOT_CLIENT_DATA} | {"seed"}
+
+
+def test_every_data_setting_of_the_run_config_changes_the_spec():
+    """The spec is the client's cache key: a data setting it dropped would let a reused process
+    serve stale splits (a run with another query-fraction getting the previous run's)."""
+    from fedmetanas_core.config import RunConfig
+
+    assert set(OTHER_VALUE) == _client_data_keys(), "a new data key: add it to DataSpec and OTHER_VALUE"
+    assert set(RUN_CONFIG_FIELDS.values()) | {"data-dir", "num-partitions"} == _client_data_keys()
+    cfg = RunConfig.from_flat({"num-partitions": 4}, check_paths=False)
+    node = {"partition-id": 1}
+    base = D.DataSpec.from_config(cfg, node)
+    assert base == D.DataSpec.from_config(cfg, dict(node)) and hash(base) == hash(D.DataSpec.from_config(cfg, node))
+    cache = {base: "cached"}
+    for key, value in OTHER_VALUE.items():
+        assert cfg[key] != value
+        spec = D.DataSpec.from_config(cfg.replace(**{key: value}), node)
+        assert spec != base and spec not in cache, f"{key} does not change the client's data spec"
+    # the node's own data-dir, its partition id and, for its own data, its node id are part of it too
+    assert D.DataSpec.from_config(cfg, {**node, "data-dir": "/node/data"}).data_dir == "/node/data"
+    assert D.DataSpec.from_config(cfg, {"partition-id": 2}) != base
+    own = D.DataSpec.from_config(cfg, {}, node_id=42)
+    assert own.own_data and own.client_id == 42 and own != D.DataSpec.from_config(cfg, {}, node_id=43)
+
+
+def test_spec_fields_are_named_and_defaulted_like_the_run_config():
+    from fedmetanas_core.config import RunConfig
+
+    spec = D.DataSpec()
+    for name, key in RUN_CONFIG_FIELDS.items():
+        assert name == key.replace("-", "_") and getattr(spec, name) == RunConfig.from_flat({})[key]
+    by_id = D.DataSpec.from_config(RunConfig.from_flat({}, check_paths=False), {"partition-id": 1, "num-partitions": 3})
+    assert (by_id.partition_id, by_id.num_partitions, by_id.client_id, by_id.own_data) == (1, 3, 1, False)
+    with pytest.raises(ValueError, match="together"):
+        D.DataSpec(partition_id=1)
+
+
+def test_query_and_local_test_fractions_of_the_spec_decide_the_splits():
+    sizes = {}
+    for q, t in ((0.2, 0.2), (0.3, 0.2), (0.2, 0.1)):
+        c = D.load_client_data(D.DataSpec(partitioner="iid", query_fraction=q, local_test_fraction=t, partition_id=0, num_partitions=2))
+        sizes[q, t] = (len(c.train), len(c.query), len(c.test))
+    assert len(set(sizes.values())) == 3
+    assert sizes[0.3, 0.2][1] > sizes[0.2, 0.2][1] and sizes[0.2, 0.1][2] < sizes[0.2, 0.2][2]
 
 
 # --- batches ----------------------------------------------------------------------------------------

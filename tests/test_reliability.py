@@ -288,7 +288,7 @@ def test_truncated_image_is_reported_with_its_path_or_skipped(tmp_path, fresh_da
     D.clear_caches()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        client = D.load_client_data("imagefolder", str(root), 0, 2, partitioner="iid", on_corrupt_image="skip")
+        client = D.load_client_data(D.DataSpec(dataset="imagefolder", data_dir=str(root), partitioner="iid", on_corrupt_image="skip", partition_id=0, num_partitions=2))
     assert len(client.train) + len(client.query) + len(client.test) == 4
 
 
@@ -317,7 +317,7 @@ def test_smallest_splittable_partition_gets_one_example_per_split():
 def test_client_with_a_tiny_partition_gets_a_clear_error(fresh_data_caches):
     # 20 examples over 10 iid partitions: 2 each, too few for train, query and test
     with pytest.raises(D.DataError, match="partition 3 has 2 example"):
-        D.load_client_data("digits", "", 3, 10, partitioner="iid", train_subset=20)
+        D.load_client_data(D.DataSpec(partitioner="iid", train_subset=20, partition_id=3, num_partitions=10))
 
 
 def test_dirichlet_min_partition_size_below_split_minimum_is_a_config_error():

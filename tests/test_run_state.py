@@ -82,6 +82,27 @@ def test_devices_with_their_own_data_get_their_node_id_and_own_streams(tmp_path,
     D.clear_caches()
 
 
+def test_a_process_serving_runs_with_other_data_settings_loads_their_own_data(monkeypatch):
+    """The client's data cache is keyed by the whole DataSpec: two runs that differ only in a data
+    setting (query-fraction, local-test-fraction, image-size, min-partition-size, ...) must not share
+    cached splits; the same settings reuse them."""
+    import client_app.app as client_app
+
+    monkeypatch.setattr(client_app, "_DATA", {})
+    cfg = RunConfig.from_flat({"dataset": "digits", "num-partitions": 4, "partitioner": "iid"}, check_paths=False)
+    node = {"partition-id": 1}
+    first = node_data(cfg, node)
+    assert node_data(cfg, dict(node)) is first  # cached
+    other = node_data(cfg.replace(query_fraction=0.3), node)
+    assert len(other.query) > len(first.query), "stale splits from the previous run's query-fraction"
+    loads = []
+    monkeypatch.setattr(client_app, "load_client_data", lambda spec: loads.append(spec) or SimpleNamespace(spec=spec))
+    for key, value in (("local-test-fraction", 0.1), ("image-size", 16), ("min-partition-size", 20), ("seed", 5)):
+        assert node_data(cfg.replace(**{key: value}), node).spec == loads[-1], f"{key} reused another run's data"
+    assert len(loads) == 4 and len(set(loads)) == 4
+    assert node_data(cfg, node) is first and len(loads) == 4
+
+
 def test_server_orders_replies_by_node_id_sized_partition_ids():
     """Error replies last, after partition ids as large as Flower's uint64 node ids."""
     msgs = list(FedAvg(min_available_nodes=3).configure_train(1, _array_record({"w": np.zeros(2, np.float32)}), ConfigRecord({}), FakeGrid()))

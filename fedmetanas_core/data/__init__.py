@@ -7,23 +7,26 @@ importing Flower, so the same code serves simulation, deployment and plain unit 
 - ``sources``: ``load_dataset``, dataset names to normalised train/test tensors, cached per process;
 - ``decode_cache``: image files decoded once per machine, into an on-disk tensor cache;
 - ``partition``: ``partition_indices``, flwr-datasets partitioners, seeded and cached;
-- ``clients``: ``ClientData``, a partition (or a device's own data) split into train/query/test;
+- ``spec``: ``DataSpec``, everything that decides a client's data (from the run and node config);
+- ``clients``: ``ClientData``, a partition (or a device's own data) split into train/query/test,
+  loaded from a ``DataSpec`` by ``load_client_data``; ``load_test_set``, the server's global test split;
 - ``minibatches``: ``BatchStream``, endless shuffled minibatches.
 """
 
 from ..config import CORRUPT_IMAGE_POLICIES, DATASETS, PARTITIONERS
 from . import partition as _partition, sources as _sources
 from .minibatches import BatchStream, batches
-from .clients import ClientData, load_client_data, load_own_data, split_partition
+from .clients import ClientData, load_client_data, load_test_set, split_partition
 from .decode_cache import CACHE_DIR_ENV, CACHE_DIRNAME
 from .images import DataError, ImageData
 from .partition import partition_indices
 from .sources import load_dataset, load_splits
+from .spec import DataSpec
 
 __all__ = [
     "CACHE_DIRNAME", "CACHE_DIR_ENV", "CORRUPT_IMAGE_POLICIES", "DATASETS", "PARTITIONERS", "BatchStream",
-    "ClientData", "DataError", "ImageData", "batches", "clear_caches", "load_client_data", "load_dataset",
-    "load_own_data", "load_splits", "partition_indices", "split_partition",
+    "ClientData", "DataError", "DataSpec", "ImageData", "batches", "clear_caches", "load_client_data",
+    "load_dataset", "load_splits", "load_test_set", "partition_indices", "split_partition",
 ]  # fmt: skip
 
 

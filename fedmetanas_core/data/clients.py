@@ -12,6 +12,7 @@ import torch
 from .images import DataError, ImageData
 from .partition import partition_indices
 from .sources import load_dataset, load_splits
+from .spec import DataSpec
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def split_partition(
             f"partitioner='iid'."
         )
     train, query, test = _random_split(indices, (query_fraction, test_fraction),
-                                       ("query-fraction", "test-fraction"), seed, partition_id)
+                                       ("query-fraction", "local-test-fraction"), seed, partition_id)
     return train, query, test
 
 
@@ -83,76 +84,59 @@ def _random_split(
     return [np.sort(p) for p in [rest, *parts]]
 
 
-def load_client_data(
-    dataset: str,
-    data_dir: str,
-    partition_id: int,
-    num_partitions: int,
-    *,
-    partitioner: str = "dirichlet",
-    dirichlet_alpha: float = 0.5,
-    classes_per_partition: int = 2,
-    shards_per_partition: int = 2,
-    min_partition_size: int = 10,
-    query_fraction: float = 0.2,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    hf_dataset: str = "",
-    image_size: int = 0,
-    train_subset: int = 0,
-    test_subset: int = 0,
-    on_corrupt_image: str = "fail",
-) -> ClientData:
-    """Simulation / 'partition by id' path: partition the global TRAIN split; the global test split is never
-    given to clients."""
-    if not 0 <= partition_id < num_partitions:
-        raise DataError(f"partition-id={partition_id} must be in [0, num-partitions={num_partitions})")
-    train, _ = load_dataset(dataset, data_dir, hf_dataset=hf_dataset, image_size=image_size,
-                            train_subset=train_subset, test_subset=test_subset, subset_seed=seed,
-                            on_corrupt_image=on_corrupt_image)
-    parts = partition_indices(train.y.numpy(), num_partitions, partitioner,
-                              dirichlet_alpha=dirichlet_alpha,
-                              classes_per_partition=classes_per_partition,
-                              shards_per_partition=shards_per_partition,
-                              min_partition_size=min_partition_size, seed=seed)
-    train_idx, query_idx, test_idx = split_partition(parts[partition_id], query_fraction=query_fraction,
-                                                     test_fraction=test_fraction, seed=seed,
-                                                     partition_id=partition_id)
-    return ClientData(train.subset(train_idx), train.subset(query_idx), train.subset(test_idx),
-                      partition_id)
+def load_client_data(spec: DataSpec) -> ClientData:
+    """The client's data that ``spec`` names: its partition of the global training split (the global
+    test split is never given to clients), or a device's own dataset (``spec.own_data``)."""
+    return _own_data(spec) if spec.own_data else _partition_data(spec)
 
 
-def load_own_data(
-    dataset: str,
-    data_dir: str,
-    *,
-    query_fraction: float = 0.2,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    image_size: int = 0,
-    on_corrupt_image: str = "fail",
-    hf_dataset: str = "",
-    partition_id: int = 0,
-) -> ClientData:
+def load_test_set(spec: DataSpec) -> ImageData:
+    """The global test split of the spec's dataset (``test-subset`` of it): the server's, never a client's."""
+    return _load_dataset(spec)[1]
+
+
+def _load_dataset(spec: DataSpec) -> tuple[ImageData, ImageData]:
+    return load_dataset(spec.dataset, spec.data_dir, hf_dataset=spec.hf_dataset, image_size=spec.image_size,
+                        train_subset=spec.train_subset, test_subset=spec.test_subset, subset_seed=spec.seed,
+                        on_corrupt_image=spec.on_corrupt_image)  # fmt: skip
+
+
+def _partition_data(spec: DataSpec) -> ClientData:
+    """Simulation / 'partition by id' path: partition ``partition_id`` of the global TRAIN split."""
+    pid, num = spec.partition_id, spec.num_partitions
+    if not 0 <= pid < num:
+        raise DataError(f"partition-id={pid} must be in [0, num-partitions={num})")
+    train, _ = _load_dataset(spec)
+    parts = partition_indices(train.y.numpy(), num, spec.partitioner, dirichlet_alpha=spec.dirichlet_alpha,
+                              classes_per_partition=spec.classes_per_client,
+                              shards_per_partition=spec.shards_per_client,
+                              min_partition_size=spec.min_partition_size, seed=spec.seed)  # fmt: skip
+    train_idx, query_idx, test_idx = split_partition(parts[pid], query_fraction=spec.query_fraction,
+                                                     test_fraction=spec.local_test_fraction, seed=spec.seed,
+                                                     partition_id=pid)  # fmt: skip
+    return ClientData(train.subset(train_idx), train.subset(query_idx), train.subset(test_idx), pid)
+
+
+def _own_data(spec: DataSpec) -> ClientData:
     """Deployment path: a device's own dataset (e.g. an imagefolder at data_dir) is the whole partition:
     its train split is split into train/query, and its test/ split is the local test set (if present).
 
-    Without a test split, test_fraction of the train split becomes the local test set instead.
-    ``partition_id`` identifies the device (its node id): it seeds the client's random streams and
-    keys its results on the server, so two devices must not share it. The splits of the device's
-    own data depend on ``seed`` only, so they stay the same if the device rejoins under a new id.
+    Without a test split, local-test-fraction of the train split becomes the local test set instead.
+    ``spec.node_id`` identifies the device: it seeds the client's random streams and keys its results
+    on the server, so two devices must not share it. The splits of the device's own data depend on
+    ``seed`` only, so they stay the same if the device rejoins under a new id. The partitioner and
+    the subsets do not apply: the device's data is all of its partition.
     """
-    train, test = load_splits(dataset, data_dir, hf_dataset=hf_dataset, image_size=image_size,
-                              on_corrupt_image=on_corrupt_image)
+    train, test = load_splits(spec.dataset, spec.data_dir, hf_dataset=spec.hf_dataset, image_size=spec.image_size,
+                              on_corrupt_image=spec.on_corrupt_image)  # fmt: skip
     everything = np.arange(len(train))
     if len(train) < 3:
-        raise DataError(f"dataset={dataset!r} at data-dir={data_dir!r} has {len(train)} training "
-                        f"example(s); a device needs at least 3 (train, query and test)")
+        raise DataError(f"dataset={spec.dataset!r} at data-dir={spec.data_dir!r} has {len(train)} training "
+                        f"example(s); a device needs at least 3 (train, query and test)")  # fmt: skip
     if test is None:
-        train_idx, query_idx, test_idx = split_partition(everything, query_fraction=query_fraction,
-                                                         test_fraction=test_fraction, seed=seed)
+        train_idx, query_idx, test_idx = split_partition(everything, query_fraction=spec.query_fraction,
+                                                         test_fraction=spec.local_test_fraction, seed=spec.seed)  # fmt: skip
         test = train.subset(test_idx)
     else:
-        train_idx, query_idx = _random_split(everything, (query_fraction,), ("query-fraction",),
-                                             seed, 0)
-    return ClientData(train.subset(train_idx), train.subset(query_idx), test, partition_id)
+        train_idx, query_idx = _random_split(everything, (spec.query_fraction,), ("query-fraction",), spec.seed, 0)
+    return ClientData(train.subset(train_idx), train.subset(query_idx), test, spec.node_id)

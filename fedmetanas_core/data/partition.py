@@ -111,8 +111,8 @@ def _partition(
             ) from exc
         raise DataError(
             f"partitioner={partitioner!r} cannot split {len(labels)} examples into "
-            f"num-partitions={num_partitions} (classes-per-partition={classes_per_partition}, "
-            f"shards-per-partition={shards_per_partition}): {exc}"
+            f"num-partitions={num_partitions} (classes-per-client={classes_per_partition}, "
+            f"shards-per-client={shards_per_partition}): {exc}"
         ) from exc
     result = []
     for indices in parts:
