@@ -1080,6 +1080,49 @@ def test_discrete_local_search_trains_the_derived_network_like_the_supernet(clie
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
+def _discrete_round(data: ClientData, monkeypatch, rename: dict[str, str] | None = None):
+    """A supernet whose masks are discrete, its round plan, and the derived networks local search
+    trains (captured from ``DiscreteNetwork.inherit``); ``rename`` renames keys of their state dict."""
+    cfg = RunConfig.from_flat({**TINY, "local-meta-iters": 1, "tasks-per-meta-batch": 1})
+    space = space_from_config(cfg, data.train.num_classes, data.train.in_channels)
+    model = SearchModel(space)
+    randomize_arch(model, scale=1.0, seed=8)
+    masks = update_masks(space, arch_state(model), {}, threshold=0.0, tau_min=0.1, discreteness=1.0)
+    derived, inherit = [], DiscreteNetwork.inherit.__func__
+
+    def spy(cls, supernet, genotype):
+        net = inherit(cls, supernet, genotype)
+        if rename:
+            state_dict = net.state_dict
+            net.state_dict = lambda *a, **k: {rename.get(n, n): v for n, v in state_dict(*a, **k).items()}
+        derived.append(net)
+        return net
+
+    monkeypatch.setattr(DiscreteNetwork, "inherit", classmethod(spy))
+    return cfg, model, RoundPlan(5, 0.1, False, masks, lr_w=0.05), derived
+
+
+def test_discrete_local_search_writes_every_derived_weight_back(client_data, monkeypatch):
+    cfg, model, plan, derived = _discrete_round(client_data, monkeypatch)
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    fedmetanas_local_search(model, client_data, cfg, plan, torch.Generator().manual_seed(3), torch.device("cpu"))
+    (net,) = derived
+    trained, after = net.state_dict(), model.net.state_dict()
+    assert set(trained) < set(after)
+    for k, v in trained.items():  # every tensor of the derived network's state
+        assert torch.equal(after[k], v), f"{k} not written back"
+    assert any(not torch.equal(after[k], before[k]) for k in trained if k.endswith("weight")), "nothing trained"
+    for k in set(after) - set(trained):  # the pruned ops stay as they were
+        assert torch.equal(after[k], before[k]), f"pruned {k} changed"
+
+
+def test_discrete_local_search_refuses_a_derived_weight_the_supernet_lacks(client_data, monkeypatch):
+    """A renamed key would load nothing under strict=False: this round's training silently lost."""
+    cfg, model, plan, _ = _discrete_round(client_data, monkeypatch, rename={"classifier.weight": "head.weight"})
+    with pytest.raises(KeyError, match="head.weight"):
+        fedmetanas_local_search(model, client_data, cfg, plan, torch.Generator().manual_seed(3), torch.device("cpu"))
+
+
 @pytest.mark.parametrize("variant", [{}, {"relax-mode": "gumbel-hard"}, {"maml-order": 2}, {"meta-learner": "reptile"}])
 def test_fedmetanas_local_search_updates_everything_but_masked_logits(client_data, variant):
     cfg = RunConfig.from_flat({**TINY, **variant})
