@@ -16,7 +16,9 @@ the data, the space and every method's budget; ``-c`` adds overrides for all met
 
 Writes ``comparison.json`` (per method: mean and std over seeds, and every seed's row),
 ``comparison.md`` and ``comparison_accuracy_vs_time.png`` (mean with a +-std band) into ``--out``;
-the sweep adds ``sweep.json`` and ``sweep.md``.
+the sweep adds ``sweep.json`` and ``sweep.md``. Runs are read, averaged over seeds, printed and
+drawn with ``fedmetanas_core.report`` (``load``, ``seeds``, ``format``); what is here is the
+comparison's own: its methods, budgets, rows and tables.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import yaml
-
+from fedmetanas_core.atomic import atomic_write_text
 from fedmetanas_core.outputs import machine_description
+from fedmetanas_core.report.canvas import COMPARISON_FIGURE
+from fedmetanas_core.report.format import format_mean_std, format_number
+from fedmetanas_core.report.load import RunData, load_run, time_to_reach
+from fedmetanas_core.report.seeds import draw_accuracy_over_seeds, mean_std, over_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("fedmetanas", "fednas", "fedavg", "fedavg-random-cell", "fedavg-matched")
@@ -66,12 +70,12 @@ def _baseline_overrides(method: str, seed_dir: Path, seed: int, preset: Path, ov
             raise SystemExit("fedavg-matched needs this seed's fedmetanas run first (its parameter count)")
         payload = torch.load(searched / "derived_model.pt", map_location="cpu", weights_only=True)
         space = SpaceConfig(**{**payload["space"], "primitives": tuple(payload["space"]["primitives"])})
-        params = json.loads((searched / "summary.json").read_text())["params"]
+        params = finished_run(searched).summary["params"]
         return [f"fedavg-channels={simple_cnn_channels_for(space, params)}"]
     return []
 
 
-def run_method(preset: Path, method: str, seed_dir: Path, seed: int, overrides: list[str], num_supernodes: int) -> dict[str, Any]:
+def run_method(preset: Path, method: str, seed_dir: Path, seed: int, overrides: list[str], num_supernodes: int) -> RunData:
     out = seed_dir / method
     base = method.split("-")[0] if method.startswith("fedavg") else method
     extra = _baseline_overrides(method, seed_dir, seed, preset, overrides)
@@ -81,27 +85,20 @@ def run_method(preset: Path, method: str, seed_dir: Path, seed: int, overrides: 
     done = subprocess.run(cmd, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{method} run failed (exit {done.returncode}); see the log above")
-    return load_run(out)
+    return finished_run(out)
 
 
-def load_run(out: Path) -> dict[str, Any]:
-    """A finished run's summary with its config and per-round log, as the comparison reads them."""
-    summary = json.loads((out / "summary.json").read_text())
-    summary["config"] = yaml.safe_load((out / "config.yaml").read_text())
-    summary["rounds_log"] = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    return summary
+def finished_run(out: Path) -> RunData:
+    """A finished run's summary, config and rounds (``report.load_run``); exits naming what is
+    missing when the run did not finish."""
+    run = load_run(out)
+    if run.summary is None or run.config is None:
+        raise SystemExit(f"{out} is not a finished run: {'; '.join(run.problems)}")
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
 # one seed
-
-
-def time_to_reach(rounds: list[dict[str, Any]], target: float) -> float | None:
-    """First wall-clock second at which the deployed model's test accuracy reached ``target``."""
-    for row in rounds:
-        if row.get("accuracy", 0.0) >= target - 1e-12:
-            return float(row["elapsed-s"])
-    return None
 
 
 def budget(cfg: dict[str, Any]) -> str:
@@ -120,26 +117,26 @@ def budget(cfg: dict[str, Any]) -> str:
 def last_rounds_mean(rounds: list[dict[str, Any]], n: int = LAST_ROUNDS) -> float | None:
     """Mean test accuracy over the deployed model's last ``n`` rounds: steadier than the last round
     alone when accuracy moves a point or two from round to round."""
-    accs = [r["accuracy"] for r in rounds[-n:] if r.get("accuracy") is not None]
-    return float(sum(accs) / len(accs)) if accs else None
+    return mean_std(r.get("accuracy") for r in rounds[-n:])[0]
 
 
-def comparison_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def comparison_rows(runs: dict[str, RunData]) -> list[dict[str, Any]]:
     """One row per method of one seed; times to reach are against that seed's FedNAS final accuracy."""
-    target = summaries["fednas"]["final_test_accuracy"] if "fednas" in summaries else None
+    target = runs["fednas"].summary["final_test_accuracy"] if "fednas" in runs else None
     rows = []
-    for method, s in summaries.items():
+    for method, run in runs.items():
+        s = run.summary
         rows.append(
             {
                 "method": method,
-                "budget": budget(s["config"]),
+                "budget": budget(run.config),
                 "final_test_accuracy": s["final_test_accuracy"],
-                "last_rounds_mean_accuracy": last_rounds_mean(s["rounds_log"]),
+                "last_rounds_mean_accuracy": last_rounds_mean(run.rounds),
                 "supernet_test_accuracy": s["supernet_test_accuracy"],
                 "search_time_s": s["search_time_s"],
                 "retrain_time_s": s["retrain_time_s"],
                 "total_time_s": s["total_time_s"],
-                "time_to_reach_fednas_accuracy_s": time_to_reach(s["rounds_log"], target) if target is not None else None,
+                "time_to_reach_fednas_accuracy_s": time_to_reach(run.rounds, target) if target is not None else None,
                 "personalized_accuracy": s["personalized_accuracy"],
                 "personalized_accuracy_before": s["personalized_accuracy_before"],
                 "params": s["params"],
@@ -173,10 +170,7 @@ def aggregate_rows(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, 
     for method in methods:
         rows = [r for rows in per_seed.values() for r in rows if r["method"] == method]
         agg: dict[str, Any] = {"method": method, "budget": rows[0]["budget"], "seeds": [r["seed"] for r in rows]}
-        for key in AVERAGED:
-            values = [r[key] for r in rows if r.get(key) is not None]
-            agg[f"{key}_mean"] = float(np.mean(values)) if values else None
-            agg[f"{key}_std"] = float(np.std(values)) if values else None
+        agg.update(over_seeds(rows, AVERAGED))
         agg["reached_fednas_accuracy"] = sum(r["time_to_reach_fednas_accuracy_s"] is not None for r in rows)
         ratios = []
         for seed, seed_rows in per_seed.items():
@@ -184,71 +178,36 @@ def aggregate_rows(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, 
             mine, fednas = by.get(method), by.get("fednas")
             if mine and fednas and mine["time_to_reach_fednas_accuracy_s"] is not None:
                 ratios.append(mine["time_to_reach_fednas_accuracy_s"] / fednas["total_time_s"])
-        agg["time_to_reach_over_fednas_total_mean"] = float(np.mean(ratios)) if ratios else None
+        agg["time_to_reach_over_fednas_total_mean"] = mean_std(ratios)[0]
         agg["rounds"], agg["retrain_rounds"] = rows[0]["rounds"], rows[0]["retrain_rounds"]
         out.append(agg)
     return out
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
-    """Accuracies with 4 decimals, seconds (digits=0) as whole numbers, missing as '-'."""
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _pm(row: dict[str, Any], key: str, digits: int = 4) -> str:
-    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
-    return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+def _pm(row: dict[str, Any], key: str) -> str:
+    return format_mean_std(row.get(f"{key}_mean"), row.get(f"{key}_std"))
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The aggregated rows: mean ± std over the seeds."""
+    """The aggregated rows: mean ± std over the seeds; accuracies with 4 decimals, seconds as whole
+    numbers, missing figures as "–" (``report.format``)."""
     head = ("| method | budget | final test acc | mean acc, last 5 rounds | personalized acc (before → after) | total s "
             "| s to reach FedNAS acc (x FedNAS time; seeds) | params | steps / client / round | images / client / round |")  # fmt: skip
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         n = len(r["seeds"])
         ratio = r.get("time_to_reach_over_fednas_total_mean")
-        reach = "-" if r["time_to_reach_fednas_accuracy_s_mean"] is None else (
-            f"{r['time_to_reach_fednas_accuracy_s_mean']:.0f} ({ratio:.2f} x; {r['reached_fednas_accuracy']}/{n})"
+        reach = "–" if r["time_to_reach_fednas_accuracy_s_mean"] is None else (
+            f"{format_number(r['time_to_reach_fednas_accuracy_s_mean'], 0)} "
+            f"({format_number(ratio, 2)} x; {r['reached_fednas_accuracy']}/{n})"
         )  # fmt: skip
         lines.append(
             f"| {r['method']} | {r['budget']} | {_pm(r, 'final_test_accuracy')} | {_pm(r, 'last_rounds_mean_accuracy')} "
-            f"| {_fmt(r['personalized_accuracy_before_mean'])} → {_fmt(r['personalized_accuracy_mean'])} "
-            f"| {_fmt(r['total_time_s_mean'], 0)} | {reach} | {_fmt(r['params_mean'], 0)} "
-            f"| {_fmt(r['steps_per_client_round_mean'], 1)} | {_fmt(r['images_per_client_round_mean'], 0)} |"
+            f"| {format_number(r['personalized_accuracy_before_mean'])} → {format_number(r['personalized_accuracy_mean'])} "
+            f"| {format_number(r['total_time_s_mean'], 0)} | {reach} | {format_number(r['params_mean'], 0)} "
+            f"| {format_number(r['steps_per_client_round_mean'], 1)} | {format_number(r['images_per_client_round_mean'], 0)} |"
         )
     return "\n".join(lines)
-
-
-def plot_accuracy_vs_time(runs: dict[int, dict[str, dict[str, Any]]], path: Path) -> None:
-    """Each method's deployed-model accuracy per round: mean over seeds against the mean elapsed time
-    at that round, with a +-std band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=100)
-    methods = list(dict.fromkeys(m for seed_runs in runs.values() for m in seed_runs))
-    for method in methods:
-        logs = [seed_runs[method]["rounds_log"] for seed_runs in runs.values() if method in seed_runs]
-        n = min(len(log) for log in logs)
-        acc = np.array([[row["accuracy"] for row in log[:n]] for log in logs])
-        t = np.array([[row["elapsed-s"] for row in log[:n]] for log in logs]).mean(0)
-        mean, std = acc.mean(0), acc.std(0)
-        (line,) = ax.plot(t, mean, marker=".", label=f"{method} ({len(logs)} seeds)")
-        ax.fill_between(t, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("wall-clock time (s), mean over seeds")
-    ax.set_ylabel("test accuracy of the deployed model (mean ± std)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def compare(
@@ -256,22 +215,23 @@ def compare(
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     preset_file = ROOT / "conf" / f"{preset}.toml"
-    runs: dict[int, dict[str, dict[str, Any]]] = {}
+    runs: dict[int, dict[str, RunData]] = {}
     for seed in seeds:
         seed_dir = out / f"seed-{seed}"
         runs[seed] = {}
         for m in methods:
-            runs[seed][m] = run_method(preset_file, m, seed_dir, seed, overrides, num_supernodes) if rerun else load_run(seed_dir / m)
+            runs[seed][m] = run_method(preset_file, m, seed_dir, seed, overrides, num_supernodes) if rerun else finished_run(seed_dir / m)
     per_seed = {seed: comparison_rows(seed_runs) for seed, seed_runs in runs.items()}
     rows = aggregate_rows(per_seed)
     result = {
         "preset": preset, "machine": machine_description(), "overrides": overrides, "seeds": list(seeds),
         "rows": rows, "per_seed": {str(k): v for k, v in per_seed.items()},
     }  # fmt: skip
-    (out / "comparison.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "comparison.json", json.dumps(result, indent=2))
     seeds_text = ", ".join(map(str, seeds))
-    (out / "comparison.md").write_text(f"Preset `{preset}`, seeds {seeds_text}, on {result['machine']}\n\n{markdown_table(rows)}\n")
-    plot_accuracy_vs_time(runs, out / "comparison_accuracy_vs_time.png")
+    atomic_write_text(out / "comparison.md", f"Preset `{preset}`, seeds {seeds_text}, on {result['machine']}\n\n{markdown_table(rows)}\n")
+    by_method = {m: [seed_runs[m] for seed_runs in runs.values() if m in seed_runs] for m in methods}
+    draw_accuracy_over_seeds(by_method, out / COMPARISON_FIGURE)
     print(markdown_table(rows))
     return result
 
@@ -309,8 +269,8 @@ def sweep(
     summary = {"preset": preset, "machine": machine_description(), "seeds": list(seeds), "rows": table}
     if partitions is not None:  # a share of the sweep: its runs are on disk, the tables come later
         return summary
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
-    (out / "sweep.md").write_text(f"Final test accuracy, mean ± std over seeds {', '.join(map(str, seeds))}\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "sweep.md", f"Final test accuracy, mean ± std over seeds {', '.join(map(str, seeds))}\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
     return summary
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from benchmarks.compare import budget, comparison_rows, time_to_reach
+from benchmarks.compare import budget, comparison_rows
+from fedmetanas_core.report.load import RunData, time_to_reach
 
 
 def summary(method: str, accs: list[float], step_s: float, config: dict, retrain_s: float = 0.0) -> dict:
@@ -16,6 +19,12 @@ def summary(method: str, accs: list[float], step_s: float, config: dict, retrain
         "personalized_accuracy_before": 0.4, "params": 10, "rounds": len(accs), "retrain_rounds": 0,
         "results_dir": f"/tmp/{method}", "rounds_log": rounds, "config": {"method": method, **config},
     }  # fmt: skip
+
+
+def as_run(s: dict) -> RunData:
+    """The run ``summary`` describes, as the report package reads it from disk."""
+    summary = {k: v for k, v in s.items() if k not in ("config", "rounds_log")}
+    return RunData(Path(s["results_dir"]), summary=summary, config=s["config"], rounds=s["rounds_log"])
 
 
 META = {"num-server-rounds": 4, "local-meta-iters": 10, "inner-steps": 1, "discrete-round": 2}
@@ -35,7 +44,7 @@ def test_rows_measure_every_method_against_fednas_final_accuracy():
         "fednas": summary("fednas", [0.1, 0.15, 0.2, 0.25, 0.3], 30.0, FEDNAS, retrain_s=60.0),
         "fedavg": summary("fedavg", [0.1, 0.2], 1.0, {"num-server-rounds": 2, "local-epochs": 1}),
     }
-    rows = {r["method"]: r for r in comparison_rows(summaries)}
+    rows = {r["method"]: r for r in comparison_rows({m: as_run(s) for m, s in summaries.items()})}
     assert rows["fedmetanas"]["time_to_reach_fednas_accuracy_s"] == 30.0  # 0.3 reached in round 3
     assert rows["fednas"]["time_to_reach_fednas_accuracy_s"] == 150.0
     assert rows["fedavg"]["time_to_reach_fednas_accuracy_s"] is None
@@ -127,7 +136,7 @@ def test_last_rounds_mean_is_over_the_deployed_models_last_rounds():
         "fednas": summary("fednas", [0.1, 0.2, 0.3, 0.5, 0.4, 0.3, 0.2, 0.6], 1.0, FEDNAS),
         "fedavg": summary("fedavg", [0.1, 0.3], 1.0, {"num-server-rounds": 2, "local-epochs": 1}),
     }
-    rows = {r["method"]: r for r in comparison_rows(summaries)}
+    rows = {r["method"]: r for r in comparison_rows({m: as_run(s) for m, s in summaries.items()})}
     assert rows["fednas"]["last_rounds_mean_accuracy"] == pytest.approx(0.4)  # 0.5 0.4 0.3 0.2 0.6
     assert rows["fedavg"]["last_rounds_mean_accuracy"] == pytest.approx(0.2)  # fewer rounds than 5: all
 

@@ -147,6 +147,19 @@ def test_comparison_from_a_benchmark_json(tmp_path: Path, drawn_run: Path):
     _check_png(tmp_path / R.COMPARISON_FIGURE, R.COMPARISON_FIGURE_SIZE)
 
 
+def test_comparison_over_seeds_shows_each_methods_means(tmp_path: Path):
+    """benchmarks.compare writes a method's figures over seeds as <figure>_mean / _std."""
+    rows = [{"method": "fedmetanas", "seeds": [0, 1], "final_test_accuracy_mean": 0.3, "final_test_accuracy_std": 0.1,
+             "personalized_accuracy_mean": 0.5, "total_time_s_mean": 42.0, "params_mean": 1570.0,
+             "time_to_reach_fednas_accuracy_s_mean": None}]  # fmt: skip
+    path = tmp_path / "comparison.json"
+    path.write_text(json.dumps({"preset": "digits", "rows": rows}))
+    out = tmp_path / "comparison_report.md"
+    assert R.main([str(path), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "| fedmetanas | fedmetanas | 0.3000 | – | 0.5000 | – | – | 42.0 s | not reached | 1,570 |" in page
+
+
 def test_corrupt_rounds_line_is_recorded_and_the_figures_still_drawn(run: Path):
     lines = (run / "rounds.jsonl").read_text().splitlines()
     lines.insert(2, '{"phase": "search", "round": 3, "accur')  # a torn line

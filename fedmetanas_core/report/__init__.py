@@ -3,12 +3,14 @@
     python -m fedmetanas_core.report RUN_DIR [RUN_DIR ...] [--out comparison_report.md] [--refresh]
     python -m fedmetanas_core.report path/to/comparison.json [--out ...]
 
-- ``load``: reading a run (``load_run``, ``load_rounds``; what ``rounds.jsonl`` holds);
+- ``load``: reading a run (``load_run``, ``load_rounds``, ``time_to_reach``; what ``rounds.jsonl`` holds);
 - ``format``: how numbers, links and genotypes are printed;
 - ``canvas``, ``curves``, ``cells``: the figures (sizes and shared helpers; curves; architecture);
 - ``figures``: ``write_run_figures``, every figure of a run, failures in ``figures_errors.txt``;
 - ``pages``: ``write_run_report``, a run's ``report.md``;
 - ``comparison``: ``write_comparison_report``, one page comparing runs;
+- ``seeds``: runs repeated over seeds: ``over_seeds`` (mean and std of each figure) and
+  ``draw_accuracy_over_seeds`` (accuracy over time, mean with a ± std band);
 - ``tensorboard_log``: ``TensorBoardLogger``, per-round scalars to TensorBoard;
 - ``cli``: the command line above.
 
@@ -23,12 +25,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "load": ("COMPARISON_KEYS", "EDGES_KEY", "OP_PROBS_KEY", "PRIMITIVES_KEY", "RunData", "load_rounds", "load_run"),
-    "format": ("format_accuracy", "format_count", "format_number", "format_seconds"),
+    "load": ("COMPARISON_KEYS", "EDGES_KEY", "OP_PROBS_KEY", "PRIMITIVES_KEY", "RunData", "load_rounds", "load_run", "time_to_reach"),
+    "format": ("format_accuracy", "format_count", "format_mean_std", "format_number", "format_seconds"),
     "canvas": ("COMPARISON_FIGURE", "COMPARISON_FIGURE_SIZE", "DPI", "FIGURES", "FIGURE_SIZES", "FigureSkipped"),
     "figures": ("ERRORS_FILE", "RENDERERS", "FigureResult", "render_run_figures", "write_run_figures"),
     "pages": ("REPORT_FILE", "summary_rows", "write_run_report"),
     "comparison": ("DEFAULT_COMPARISON_OUT", "ComparisonRow", "write_comparison_report"),
+    "seeds": ("draw_accuracy_over_seeds", "mean_std", "over_seeds"),
     "tensorboard_log": ("TensorBoardLogger", "TensorBoardUnavailable", "tensorboard_available", "write_tensorboard"),
     "cli": ("main",),
 }

@@ -28,6 +28,13 @@ COMPARISON_FIGURE = "comparison_accuracy_vs_time.png"
 COMPARISON_FIGURE_SIZE = (900, 600)
 
 PHASE_COLORS = {"search": "tab:blue", "retrain": "tab:orange", "fedavg": "tab:green"}
+METHOD_COLORS = {"fedmetanas": "tab:blue", "fednas": "tab:orange", "fedavg": "tab:green"}
+_OTHER_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+
+
+def line_color(method: str | None, k: int) -> str:
+    """A comparison line's colour: the method's own (``METHOD_COLORS``), else the k-th of the others."""
+    return METHOD_COLORS.get(method or "") or _OTHER_COLORS[k % len(_OTHER_COLORS)]
 
 
 class FigureSkipped(Exception):

@@ -1,5 +1,6 @@
 """A Markdown page comparing runs (from their directories or a comparison benchmark's
-comparison.json), with test accuracy over wall-clock time in one figure."""
+comparison.json: one run per row, or a method's means over seeds), with test accuracy over
+wall-clock time in one figure."""
 
 from __future__ import annotations
 
@@ -11,15 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
-from .canvas import COMPARISON_FIGURE, new_figure, save_figure, time_axis
+from .canvas import COMPARISON_FIGURE, line_color, new_figure, save_figure, time_axis
 from .format import format_accuracy, format_count, format_seconds, md_escape, md_link, number
-from .load import COMPARISON_KEYS, RunData, load_run, series
+from .load import COMPARISON_KEYS, RunData, load_run, series, time_to_reach
 from .pages import REPORT_FILE
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMPARISON_OUT = "comparison_report.md"
-_METHOD_COLORS = {"fedmetanas": "tab:blue", "fednas": "tab:orange", "fedavg": "tab:green"}
 
 
 @dataclass
@@ -41,7 +41,8 @@ def comparison_from_json(path: Path) -> tuple[dict[str, Any], list[ComparisonRow
                     d = cand
                     break
         data = load_run(d) if d is not None else None
-        values = {k: r[k] for k in COMPARISON_KEYS if k in r}
+        # a comparison over seeds (benchmarks.compare) has each figure's mean over the seeds
+        values = {k: r[k] if k in r else r[f"{k}_mean"] for k in COMPARISON_KEYS if k in r or f"{k}_mean" in r}
         for k in COMPARISON_KEYS:  # fill what the row lacks from the run's summary
             if k not in values and data is not None and data.summary and k in data.summary:
                 values[k] = data.summary[k]
@@ -57,11 +58,9 @@ def comparison_from_dirs(dirs: list[Path]) -> list[ComparisonRow]:
         rows.append(ComparisonRow(data.method, {k: s[k] for k in COMPARISON_KEYS if k in s}, d, data))
     fednas = next((r for r in rows if r.method == "fednas"), None)
     target = number(fednas.values.get("final_test_accuracy")) if fednas else math.nan
-    if not math.isnan(target):  # first wall-clock second at which each run's test accuracy reached FedNAS's final one
+    if not math.isnan(target):
         for r in rows:
-            pts = series(r.data.rounds) if r.data else []
-            hit = next((p["time"] for p in pts if number(p.get("accuracy")) >= target), None)
-            r.values["time_to_reach_fednas_accuracy_s"] = hit
+            r.values["time_to_reach_fednas_accuracy_s"] = time_to_reach(r.data.rounds if r.data else [], target)
     return rows
 
 
@@ -80,10 +79,8 @@ def _comparison_figure(rows: list[ComparisonRow], path: Path, title: str) -> Non
     scale, xlabel = time_axis(all_pts)
     fig = new_figure(COMPARISON_FIGURE)
     ax = fig.subplots()
-    palette = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
     for k, (label, r) in enumerate(plotted):
-        color = _METHOD_COLORS.get(r.method) if sum(x.method == r.method for _, x in plotted) == 1 else None
-        color = color or palette[k % len(palette)]
+        color = line_color(r.method if sum(x.method == r.method for _, x in plotted) == 1 else None, k)
         pts = series(r.data.rounds)
         ax.plot([p["time"] / scale for p in pts], [number(p.get("accuracy")) for p in pts], "o-", ms=3, color=color,
                 label=f"{label}: test accuracy (final {format_accuracy(r.values.get('final_test_accuracy'))})")  # fmt: skip

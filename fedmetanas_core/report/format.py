@@ -24,6 +24,11 @@ def format_number(value: Any, digits: int = 4) -> str:
     return "–" if math.isnan(v) else f"{v:.{digits}f}"
 
 
+def format_mean_std(mean: Any, std: Any, digits: int = 4) -> str:
+    """``mean ± std`` (a figure over seeds), or "–" when there is no mean."""
+    return "–" if math.isnan(number(mean)) else f"{format_number(mean, digits)} ± {format_number(std, digits)}"
+
+
 def format_accuracy(value: Any) -> str:
     """How the pages print an accuracy (a fraction, 4 decimals), or "–" when there is none."""
     return format_number(value, 4)

@@ -131,3 +131,9 @@ def series(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             last = t
         out.append({**row, "step": i, "time": t})
     return out
+
+
+def time_to_reach(rows: list[dict[str, Any]], target: float) -> float | None:
+    """The first elapsed wall-clock second (``series`` time) at which the run's test accuracy reached
+    ``target``; None when it never did."""
+    return next((p["time"] for p in series(rows) if number(p.get("accuracy")) >= target - 1e-12), None)
