@@ -172,6 +172,7 @@ class SimpleCNN(nn.Module):
     def __init__(self, space: SpaceConfig, channels: int = 0):
         super().__init__()
         c = channels or space.stem_multiplier * space.init_channels
+        self.channels = c  # its first conv's width: what a saved model needs to be rebuilt
         layers, c_in = [], space.in_channels
         for c_out, stride in ((c, 1), (2 * c, 2), (4 * c, 2)):
             layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), _bn(c_out), nn.ReLU()]

@@ -72,11 +72,11 @@ class RunRecorder:
     def write_genotype(self, genotype: Genotype) -> None:
         atomic_write_text(self.dir / "genotype.yaml", yaml.safe_dump(genotype.to_dict(), sort_keys=False))
 
-    def save_model(self, net: torch.nn.Module, space: SpaceConfig, genotype: Genotype | None, cnn_channels: int = 0) -> Path:
+    def save_model(self, net: torch.nn.Module, space: SpaceConfig, genotype: Genotype | None) -> Path:
         payload = {
             "space": asdict(space),
             "genotype": genotype.to_dict() if genotype is not None else None,
-            "cnn_channels": cnn_channels,
+            "cnn_channels": net.channels if isinstance(net, SimpleCNN) else 0,
             "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         }
         buf = io.BytesIO()

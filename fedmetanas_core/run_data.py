@@ -6,8 +6,6 @@ both build them from ``DataSpec.from_config`` of the same run config.
 
 from __future__ import annotations
 
-import torch
-
 from .config import RunConfig
 from .data import DataSpec, ImageData, load_client_data
 
@@ -16,6 +14,4 @@ def validation_set(cfg: RunConfig) -> ImageData:
     """The union of every client's local test split: held out of all training, taken from the
     clients' training data, never from the global test set; what tuning scores trials on."""
     specs = [DataSpec.from_config(cfg, {"partition-id": pid}) for pid in range(cfg.num_partitions)]
-    splits = [load_client_data(spec).test for spec in specs]
-    first = splits[0]
-    return ImageData(torch.cat([s.x for s in splits]), torch.cat([s.y for s in splits]), first.classes, first.mean, first.std)
+    return ImageData.concat([load_client_data(spec).test for spec in specs])

@@ -101,9 +101,10 @@ class Experiment:
             self.recorder.start_log()
         self.recorder.write_config(dict(cfg))
         self.device = resolve_device(cfg.device)
-        self.test = load_test_set(DataSpec.from_config(cfg))
         if cfg.eval_split == "validation":  # tuning: score on data carved from the clients' training data
             self.test = validation_set(cfg)
+        else:
+            self.test = load_test_set(DataSpec.from_config(cfg))
         self.space = space_for_run(cfg, self.test)
         self.base_config = {"method": cfg.method, **model_config(self.space)}
         self.phases: list[Phase] = plan_phases(cfg, self.space, self.test, self.device)
@@ -220,9 +221,9 @@ class Experiment:
         )  # fmt: skip
         return arrays
 
-    def compute_per_client_round(self) -> dict[str, float | None]:
+    @staticmethod
+    def compute_per_client_round(rows: list[dict[str, Any]]) -> dict[str, float | None]:
         """Mean optimizer steps and images per client per round over the whole run (all phases)."""
-        rows = self.recorder.read_rounds()
         steps = [r["client-steps-mean"] for r in rows if r.get("client-steps-mean") is not None]
         images = [r["client-images-mean"] for r in rows if r.get("client-images-mean") is not None]
         return {"steps_per_client_round": _mean(steps), "images_per_client_round": _mean(images)}
@@ -277,16 +278,17 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     train_end = time.time()
     genotype = exp.carried.genotype
     clients = exp.personalize(final_net, genotype, final_phase.rounds)
+    rows = exp.recorder.read_rounds()
     summary = {
         **run_fields(cfg, exp),
         **accuracy_fields(final_eval, exp.carried, clients, cfg),
-        **exp.compute_per_client_round(),
+        **exp.compute_per_client_round(rows),
         **time_fields(exp.carried, t0, train_end),
         "genotype": genotype.to_dict() if genotype else None,
         "params": count_parameters(final_net),
         "supernet_params": exp.carried.results.get("supernet_params"),
         "rejected_replies": exp.rejected_total,
-        **skipped_rounds(exp.recorder.read_rounds()),
+        **skipped_rounds(rows),
         "resumed": exp.checkpoint is not None,
         "seed": cfg.seed,
         "machine": machine_description(),
@@ -295,7 +297,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     }
     if genotype is not None:
         exp.recorder.write_genotype(genotype)
-    exp.recorder.save_model(final_net, exp.space, genotype, cfg.fedavg_channels if final_net.__class__.__name__ == "SimpleCNN" else 0)
+    exp.recorder.save_model(final_net, exp.space, genotype)
     exp.recorder.write_summary(summary)
     _after_run(exp.recorder.dir, final_net, exp.test)
     log(INFO, "final test accuracy %.4f (supernet %s) | personalized %s", final_eval["accuracy"],

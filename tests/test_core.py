@@ -1011,6 +1011,13 @@ def test_recorder_and_derived_model_round_trip(tmp_path):
         torch.testing.assert_close(loaded2(x), cnn(x), rtol=0, atol=0)
     assert no_temp_files(tmp_path / "cnn")
 
+    narrow = SimpleCNN(space, channels=3).eval()  # the parameter-matched baseline's width survives a save
+    O.RunRecorder(tmp_path / "narrow").save_model(narrow, space, None)
+    loaded3 = O.load_derived_model(tmp_path / "narrow")
+    assert loaded3.channels == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded3(x), narrow(x), rtol=0, atol=0)
+
 
 def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     target = tmp_path / "summary.json"

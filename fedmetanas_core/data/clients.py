@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-import torch
 
 from .images import DataError, ImageData
 from .partition import partition_indices
@@ -29,8 +28,7 @@ class ClientData:
     def pool(self) -> ImageData:
         """Train and query splits together: all of the client's training data, for any training that
         does not hold the query split out (fixed networks, FedMetaNAS with query-source = train)."""
-        t, q = self.train, self.query
-        return ImageData(torch.cat([t.x, q.x]), torch.cat([t.y, q.y]), t.classes, t.mean, t.std)
+        return ImageData.concat([self.train, self.query])
 
 
 def split_partition(

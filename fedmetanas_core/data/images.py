@@ -52,3 +52,9 @@ class ImageData:
         else:  # copied, so read-only arrays (e.g. cached partitions) are fine
             index = torch.from_numpy(np.array(idx, dtype=np.int64).reshape(-1))
         return ImageData(self.x[index], self.y[index], self.classes, self.mean, self.std)
+
+    @staticmethod
+    def concat(parts: list[ImageData]) -> ImageData:
+        """Splits of one dataset joined in order (same classes and normalisation as the first)."""
+        first = parts[0]
+        return ImageData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), first.classes, first.mean, first.std)
