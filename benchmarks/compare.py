@@ -120,6 +120,14 @@ def last_rounds_mean(rounds: list[dict[str, Any]], n: int = LAST_ROUNDS) -> floa
     return mean_std(r.get("accuracy") for r in rounds[-n:])[0]
 
 
+def _megabytes(summary: dict[str, Any]) -> float | None:
+    """Arrays sent to and received from the clients over the whole run, in MB (10^6 bytes); None for
+    runs from before the bytes were logged."""
+    if summary.get("bytes_sent") is None:
+        return None
+    return (summary["bytes_sent"] + summary["bytes_received"]) / 1e6
+
+
 def comparison_rows(runs: dict[str, RunData]) -> list[dict[str, Any]]:
     """One row per method of one seed; times to reach are against that seed's FedNAS final accuracy."""
     target = runs["fednas"].summary["final_test_accuracy"] if "fednas" in runs else None
@@ -140,6 +148,7 @@ def comparison_rows(runs: dict[str, RunData]) -> list[dict[str, Any]]:
                 "personalized_accuracy": s["personalized_accuracy"],
                 "personalized_accuracy_before": s["personalized_accuracy_before"],
                 "params": s["params"],
+                "mb_sent_received": _megabytes(s),
                 "rounds": s["rounds"],
                 "retrain_rounds": s["retrain_rounds"],
                 "steps_per_client_round": s.get("steps_per_client_round"),
@@ -158,7 +167,7 @@ def comparison_rows(runs: dict[str, RunData]) -> list[dict[str, Any]]:
 AVERAGED = (
     "final_test_accuracy", "last_rounds_mean_accuracy", "personalized_accuracy", "personalized_accuracy_before",
     "total_time_s", "search_time_s", "retrain_time_s", "time_to_reach_fednas_accuracy_s", "params",
-    "steps_per_client_round", "images_per_client_round",
+    "mb_sent_received", "steps_per_client_round", "images_per_client_round",
 )  # fmt: skip
 
 
@@ -192,8 +201,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The aggregated rows: mean ± std over the seeds; accuracies with 4 decimals, seconds as whole
     numbers, missing figures as "–" (``report.format``)."""
     head = ("| method | budget | final test acc | mean acc, last 5 rounds | personalized acc (before → after) | total s "
-            "| s to reach FedNAS acc (x FedNAS time; seeds) | params | steps / client / round | images / client / round |")  # fmt: skip
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+            "| s to reach FedNAS acc (x FedNAS time; seeds) | params | MB sent + received | steps / client / round "
+            "| images / client / round |")  # fmt: skip
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         n = len(r["seeds"])
         ratio = r.get("time_to_reach_over_fednas_total_mean")
@@ -205,7 +215,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['method']} | {r['budget']} | {_pm(r, 'final_test_accuracy')} | {_pm(r, 'last_rounds_mean_accuracy')} "
             f"| {format_number(r['personalized_accuracy_before_mean'])} → {format_number(r['personalized_accuracy_mean'])} "
             f"| {format_number(r['total_time_s_mean'], 0)} | {reach} | {format_number(r['params_mean'], 0)} "
-            f"| {format_number(r['steps_per_client_round_mean'], 1)} | {format_number(r['images_per_client_round_mean'], 0)} |"
+            f"| {format_number(r.get('mb_sent_received_mean'), 2)} | {format_number(r['steps_per_client_round_mean'], 1)} | {format_number(r['images_per_client_round_mean'], 0)} |"
         )
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ from fedmetanas_core.data import ClientData, DataSpec, load_client_data
 from fedmetanas_core.genotype import Genotype, build_fixed_network
 from fedmetanas_core.space import SearchModel
 from fedmetanas_core.seeding import make_generator
+from fedmetanas_core.transfer import live_keys
 from fedmetanas_core.training import local_trainer, personalize_fixed, resolve_device, run_settings, space_from_config
 
 app = ClientApp()
@@ -72,6 +73,17 @@ def build_model(cfg: RunConfig, config: dict[str, Any], device: torch.device) ->
     return build_fixed_network(space, genotype, cfg.fedavg_channels).to(device)
 
 
+def load_received(model: torch.nn.Module, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], transfer: str) -> None:
+    """Load what the server sent: a supernet under live transfer lacks exactly the ops its masks
+    drop (``transfer.live_keys``); anything else means server and client disagree, and is refused."""
+    names = list(model.state_dict())
+    expected = live_keys(model.space, names, masks) if isinstance(model, SearchModel) and transfer == "live" else names
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state))[:3], sorted(set(state) - set(expected))[:3]
+        raise ValueError(f"the arrays sent do not match the round's live weights (missing {missing}, unexpected {extra})")
+    model.load_state_dict(state, strict=len(expected) == len(names))
+
+
 def _prepare(msg: Message, context: Context):
     cfg = run_config(context)
     node_config = validate_node_config(dict(context.node_config), cfg)
@@ -79,9 +91,9 @@ def _prepare(msg: Message, context: Context):
     device = resolve_device(cfg.device)
     model = build_model(cfg, config, device)
     state = msg.content["arrays"].to_torch_state_dict()
-    model.load_state_dict(state)
     shapes = {k: v.shape for k, v in state.items()}
     plan = plan_from_config(config, shapes)
+    load_received(model, state, plan.masks, cfg.transfer)
     plan.masks = {k: v.to(device) for k, v in plan.masks.items()}
     data = node_data(cfg, node_config, context.node_id)
     return cfg, config, device, model, plan, data
@@ -106,7 +118,9 @@ def train(msg: Message, context: Context) -> Message:
             "client-seconds": time.time() - t0,
         }
     )
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+    received = msg.content["arrays"].keys()  # the reply carries what was sent: nothing pruned travels back
+    reply = {k: v for k, v in model.state_dict().items() if k in received}
+    return Message(RecordDict({"arrays": ArrayRecord(reply), "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()

@@ -129,6 +129,7 @@ KEYS: tuple[Key, ...] = (
     Key("tensorboard", False, "also log per-round scalars to <results-dir>/tensorboard (pip install tensorboard)"),
     Key("checkpoint", True, "write checkpoint.pt atomically after every round"),
     Key("strategy", "FedAvg", "server aggregation: a Flower strategy name (any case) or 'package.module:ClassName'", _strategy, normalize=_canonical_strategy),
+    Key("transfer", "live", "live | full: once the server's masks drop an op, its weights are neither sent nor returned (live) or still travel (full)", _choice(("live", "full"))),
     # --- data
     Key("dataset", "digits", "digits | mnist | fashion-mnist | cifar10 | cifar100 | imagefolder | hf", _choice(DATASETS), "data"),
     Key("data-dir", "", "dataset folder (downloads go here; imagefolder: has train/ and test/); '' = ./data", None, "data"),

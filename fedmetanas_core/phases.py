@@ -24,6 +24,7 @@ from .genotype import DiscreteNetwork, Genotype, build_fixed_network, count_para
 from .relaxation import TemperatureSchedule, probabilities
 from .names import ARCH_PREFIX, CELL_TYPES, arch_param_name, edge_key
 from .space import SearchModel, SpaceConfig
+from .transfer import live_keys
 from .training import RoundPlan, eval_settings, evaluate, load_arrays, state_arrays
 
 
@@ -85,6 +86,11 @@ class Phase(ABC):
     def round_config(self, server_round: int) -> dict[str, Any]:
         """The round's plain values for the clients: the phase kind and the plan."""
         return {"phase": self.kind, **plan_to_config(self.plan(server_round))}
+
+    def live_keys(self, names: list[str]) -> list[str]:
+        """The global model's names this round's clients need (``transfer.live_keys``): all of them
+        unless masks have dropped ops."""
+        return names
 
     @abstractmethod
     def accept(self, server_round: int, state: State) -> dict[str, Any]:
@@ -168,6 +174,9 @@ class SearchPhase(Phase):
             **self.op_probabilities(arch),
         }
         return self.last
+
+    def live_keys(self, names: list[str]) -> list[str]:
+        return live_keys(self.space, names, self.masks) if self.cfg.transfer == "live" else names
 
     def is_discrete(self) -> bool:
         return masks_are_discrete(self.space, self.arch_state().keys(), self.masks)

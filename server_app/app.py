@@ -7,6 +7,7 @@ the clock, and checkpoints after every round so a crash loses no finished round.
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime
 from logging import ERROR, INFO, WARNING
@@ -79,6 +80,14 @@ def skipped_rounds(rows: list[dict[str, Any]]) -> dict[str, int]:
     skipped = [r for r in rows if not r.get("aggregated")]
     errors = [r for r in skipped if str(r.get("skipped-reason") or "").startswith("error")]
     return {"skipped_rounds": len(skipped), "skipped_rounds_error": len(errors)}
+
+
+def _record_bytes(msg: Message) -> int:
+    """Bytes of the arrays a message carries (shape x item size: the payload, without the .npy
+    header Flower adds per tensor); 0 for an error reply."""
+    if msg.has_error() or "arrays" not in msg.content.array_records:
+        return 0
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in msg.content["arrays"].values())
 
 
 def _client_order(msg: Message) -> tuple[int, int]:
@@ -172,15 +181,19 @@ class Experiment:
         cfg, strategy = self.cfg, self.strategy
         t_round = time.time()
         config = ConfigRecord({**self.base_config, **phase.round_config(rnd)})
-        messages = strategy.configure_train(rnd, arrays, config, self.grid)
+        live = ArrayRecord({k: arrays[k] for k in phase.live_keys(list(arrays.keys()))})  # pruned ops stay home
+        messages = list(strategy.configure_train(rnd, live, config, self.grid))
+        bytes_sent = sum(_record_bytes(m) for m in messages)
         replies = sorted(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), key=_client_order)
+        bytes_received = sum(_record_bytes(m) for m in replies)
         client_seconds = _reply_metric(replies, "client-seconds")
         self.nodes_seen.update(m.metadata.src_node_id for m in replies)
         t_server = time.time()
         aggregated, _ = strategy.aggregate_train(rnd, replies)
-        if aggregated is not None:
-            metrics = phase.accept(rnd, {k: v.numpy() for k, v in aggregated.items()})
-            arrays = aggregated
+        if aggregated is not None:  # the live part aggregated; dead ops keep their last aggregate
+            state = {k: v.numpy() for k, v in arrays.items()} | {k: v.numpy() for k, v in aggregated.items()}
+            metrics = phase.accept(rnd, state)
+            arrays = _array_record(state)
         else:
             metrics = {**phase.last, "tau": phase.plan(rnd).tau}
         server_seconds = time.time() - t_server
@@ -192,6 +205,8 @@ class Experiment:
             **{k: v for k, v in metrics.items() if k != "genotype"},
             "lr-w": config.get("lr-w"),  # as sent this round
             "replies": len(replies),
+            "bytes-sent": bytes_sent,  # the arrays' bytes to all of the round's clients (no framing)
+            "bytes-received": bytes_received,
             "aggregated": aggregated is not None,
             "skipped-reason": strategy.skipped_reason,  # None, "too few replies" or "error: ..."
             "rejected": len(strategy.rejected),
@@ -287,6 +302,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         "genotype": genotype.to_dict() if genotype else None,
         "params": count_parameters(final_net),
         "supernet_params": exp.carried.results.get("supernet_params"),
+        **communication_fields(rows),
         "rejected_replies": exp.rejected_total,
         **skipped_rounds(rows),
         "resumed": exp.checkpoint is not None,
@@ -341,6 +357,14 @@ def accuracy_fields(final_eval: dict[str, float], carried: Handoff, clients: lis
         "personalized_per_client": clients,
         "personalize_protocol": {"network": "deployed", "steps": cfg.personalize_steps, "lr": cfg.personalize_lr},
         "eval_split": cfg.eval_split,
+    }
+
+
+def communication_fields(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Bytes of arrays to and from clients over all training rounds (personalization not counted)."""
+    return {
+        "bytes_sent": int(sum(r.get("bytes-sent") or 0 for r in rows)),
+        "bytes_received": int(sum(r.get("bytes-received") or 0 for r in rows)),
     }
 
 

@@ -144,6 +144,28 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
         setattr(strategy, name, value)
 
 
+def restrict_strategy_state(strategy: Strategy, keys: list[str]) -> None:
+    """Keep only ``keys`` (in this order) in what the strategy learned per array: with live transfer
+    the arrays a round carries shrink as masks drop ops, and FedOpt's moments and FedAvgM's arrays and
+    momentum would no longer match the replies. A user's class with per-array state provides
+    ``restrict_to(keys)``."""
+    if hasattr(strategy, "restrict_to"):
+        strategy.restrict_to(keys)
+        return
+    if isinstance(strategy, flwr_strategies.fedopt.FedOpt):
+        for name in ("m_t", "v_t"):
+            moments = getattr(strategy, name, None)
+            if moments:
+                setattr(strategy, name, {k: moments[k] for k in keys if k in moments})
+    if isinstance(strategy, flwr_strategies.FedAvgM) and strategy.current_arrays is not None:
+        old = list(strategy.current_arrays.keys())
+        if old != keys:
+            index = {k: i for i, k in enumerate(old)}
+            if strategy.momentum_vector is not None:  # a list in current_arrays' order
+                strategy.momentum_vector = [strategy.momentum_vector[index[k]] for k in keys]
+            strategy.current_arrays = ArrayRecord({k: strategy.current_arrays[k] for k in keys})
+
+
 def _to_tensors(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.array(value))
@@ -183,6 +205,7 @@ class SearchStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.set_reference(arrays)
+        restrict_strategy_state(self.base, list(arrays.keys()))
         return self.base.configure_train(server_round, arrays, config, grid)
 
     def set_reference(self, arrays: ArrayRecord) -> None:
