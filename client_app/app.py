@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -31,7 +32,10 @@ from fedmetanas_core.training import local_trainer, personalize_fixed, resolve_d
 app = ClientApp()
 
 _CONFIGS: dict[int, RunConfig] = {}
-_DATA: dict[DataSpec, ClientData] = {}  # by everything that decides the data: never stale
+# by everything that decides the data (never stale); least recently used first out, so an actor
+# serving a population of thousands of simulated clients holds at most this many
+_DATA: OrderedDict[DataSpec, ClientData] = OrderedDict()
+CLIENT_DATA_CACHE = 128
 
 
 def run_config(context: Context) -> RunConfig:
@@ -60,8 +64,12 @@ def in_run_settings(handler: Callable[[Message, Context], Message]) -> Callable[
 def node_data(cfg: RunConfig, node_config: dict[str, Any], node_id: int = 0) -> ClientData:
     """The node's data; a node with its own data (no ``partition-id``) is identified by ``node_id``."""
     spec = DataSpec.from_config(cfg, node_config, node_id)
-    if spec not in _DATA:
+    if spec in _DATA:
+        _DATA.move_to_end(spec)
+    else:
         _DATA[spec] = load_client_data(spec)
+        while len(_DATA) > CLIENT_DATA_CACHE:
+            _DATA.popitem(last=False)
     return _DATA[spec]
 
 

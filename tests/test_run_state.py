@@ -3,6 +3,7 @@ rounds' reasons and its checkpoint (issue 13). Unit tests: no Flower run, no sim
 
 from __future__ import annotations
 
+from collections import OrderedDict
 import json
 import random
 import subprocess
@@ -88,7 +89,7 @@ def test_a_process_serving_runs_with_other_data_settings_loads_their_own_data(mo
     cached splits; the same settings reuse them."""
     import client_app.app as client_app
 
-    monkeypatch.setattr(client_app, "_DATA", {})
+    monkeypatch.setattr(client_app, "_DATA", OrderedDict())
     cfg = RunConfig.from_flat({"dataset": "digits", "num-partitions": 4, "partitioner": "iid"}, check_paths=False)
     node = {"partition-id": 1}
     first = node_data(cfg, node)
@@ -101,6 +102,21 @@ def test_a_process_serving_runs_with_other_data_settings_loads_their_own_data(mo
         assert node_data(cfg.replace(**{key: value}), node).spec == loads[-1], f"{key} reused another run's data"
     assert len(loads) == 4 and len(set(loads)) == 4
     assert node_data(cfg, node) is first and len(loads) == 4
+
+
+def test_an_actor_serving_a_large_population_keeps_a_bounded_data_cache(monkeypatch):
+    """Least recently used out: a Ray actor that serves 1,000 simulated clients must not hold them all."""
+    import client_app.app as client_app
+
+    monkeypatch.setattr(client_app, "_DATA", OrderedDict())
+    monkeypatch.setattr(client_app, "CLIENT_DATA_CACHE", 3)
+    loads = []
+    monkeypatch.setattr(client_app, "load_client_data", lambda spec: loads.append(spec.partition_id) or SimpleNamespace(spec=spec))
+    cfg = RunConfig.from_flat({"dataset": "digits", "num-partitions": 1000}, check_paths=False)
+    for pid in (0, 1, 2, 0, 3, 0, 1):  # 1 is the least recently used when 3 arrives
+        node_data(cfg, {"partition-id": pid})
+    assert loads == [0, 1, 2, 3, 1]
+    assert [spec.partition_id for spec in client_app._DATA] == [3, 0, 1]
 
 
 def test_server_orders_replies_by_node_id_sized_partition_ids():
