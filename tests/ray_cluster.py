@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -121,7 +122,7 @@ class RayCluster:
         out = open(Path(self.temp_dir) / log, "w")  # noqa: SIM115 (closed with the process)
         proc = subprocess.Popen(
             [sys.executable, "-m", "ray.scripts.scripts", "start", *args],
-            stdout=out, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True, cwd=self.temp_dir,
         )  # fmt: skip
         self.procs.append(proc)
         return proc
@@ -132,7 +133,8 @@ class RayCluster:
         self.address = f"127.0.0.1:{gcs_port}"
         self.client_address = f"ray://127.0.0.1:{client_port}"
         head = ["--head", "--port", str(gcs_port), "--ray-client-server-port", str(client_port)]
-        head += ["--temp-dir", self.temp_dir, "--include-dashboard", "false"]
+        # the head still runs a minimal dashboard process (usage stats) that binds --dashboard-port
+        head += ["--temp-dir", self.temp_dir, "--include-dashboard", "false", "--dashboard-port", str(self.ports.one())]
         self._spawn(head + self._node_args(), "head.log")
         try:
             self.wait_for_nodes(1, timeout)
@@ -140,7 +142,7 @@ class RayCluster:
                 self._spawn(["--address", self.address, *self._node_args()], f"worker{i}.log")
             self.wait_for_nodes(self.num_nodes, timeout)
         except BaseException:
-            self.stop()
+            self.stop(keep_logs=True)
             raise
         return self
 
@@ -187,13 +189,21 @@ class RayCluster:
             if pid in table and pid not in self._seen:
                 self._seen[pid] = table[pid][2]
 
+    def actors(self, class_name: str = "ClientAppActor") -> list[dict]:
+        """Ray's actor table (alive and dead), read through the GCS: no dashboard needed."""
+        code = "print(json.dumps([a for a in ray._private.state.actors().values() if a['ActorClassName'] == %r], default=str))"
+        return self.query(code % class_name)
+
+    def node_ids(self) -> set[str]:
+        return {n["NodeID"] for n in self.alive_nodes()}
+
     def _still_ours(self) -> list[int]:
         table = _proc_table()
         return [pid for pid, start in self._seen.items() if pid in table and table[pid][2] == start]
 
-    def stop(self, grace: float = 15.0) -> list[int]:
-        """SIGTERM each ``ray start`` (it stops its node), then SIGKILL whatever of ours is left.
-        Returns the PIDs that needed SIGKILL."""
+    def stop(self, grace: float = 15.0, keep_logs: bool = False) -> list[int]:
+        """SIGTERM each ``ray start`` (it stops its node), then SIGKILL whatever of ours is left, and
+        remove the temp dir (Ray's logs) unless ``keep_logs``. Returns the PIDs that needed SIGKILL."""
         self.track()
         for proc in reversed(self.procs):  # workers first, head last
             if proc.poll() is None:
@@ -214,4 +224,6 @@ class RayCluster:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        if not keep_logs and self.temp_dir and not self._still_ours():
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
         return left

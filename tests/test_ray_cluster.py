@@ -1,7 +1,7 @@
 """`fedmetanas run --ray-address`: the flags' validation, and a real 2-node Ray cluster on 127.0.0.1.
 
-The cluster test is opt-in (``FEDMETANAS_SLOW_TESTS=1``): two Ray nodes, a private SuperLink and a
-one-round run take about a minute and a half on a 2-core machine. It starts every Ray process
+The cluster tests are opt-in (``FEDMETANAS_SLOW_TESTS=1``): two Ray nodes and two one-round runs
+(``HOST:PORT`` and ``ray://``) take about three minutes on a 2-core machine. It starts every Ray process
 itself (``tests/ray_cluster.py``) and stops exactly those by PID, never with ``ray stop``.
 """
 
@@ -116,55 +116,59 @@ def test_ray_address_reaches_a_private_superlink_and_gpus_the_federation_config(
 
 # --- 2. a real 2-node Ray cluster -------------------------------------------------------------------
 
-ACTORS = """
-nodes = {n['NodeID'] for n in ray.nodes() if n['Alive']}
-actors = [a for a in ray._private.state.actors().values() if a['ActorClassName'] == 'ClientAppActor']
-print(json.dumps({'nodes': sorted(nodes), 'actors': actors}, default=str))
-"""
-
 TINY = (
-    'num-server-rounds=1 local-meta-iters=1 min-available-nodes=2 min-train-nodes=2 batch-size=16 init-channels=4 '
+    "num-server-rounds=1 local-meta-iters=1 min-available-nodes=2 min-train-nodes=2 batch-size=16 init-channels=4 "
     "train-subset=240 test-subset=120 personalize-steps=2 checkpoint=false torch-threads=1"
 )
+slow = pytest.mark.skipif(not SLOW, reason="starts a 2-node Ray cluster (~3 min in all); set FEDMETANAS_SLOW_TESTS=1")
 
 
-@pytest.mark.skipif(not SLOW, reason="starts a 2-node Ray cluster (~1.5 min); set FEDMETANAS_SLOW_TESTS=1")
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tracks Ray's processes through /proc")
-def test_run_on_a_two_node_ray_cluster(tmp_path):
+@pytest.fixture(scope="module")
+def cluster():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("tracks Ray's processes through /proc")
     sys.path.insert(0, str(Path(__file__).parent))
     from ray_cluster import RayCluster
 
     started = time.time()
-    cluster = RayCluster(num_nodes=2, cpus_per_node=1)
-    cluster.start()
-    try:
-        up = time.time() - started
-        out = tmp_path / "out"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_HOME", "FLWR_LOCAL_", "RAY_ADDRESS"))}
-        for var in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"):
-            env[var] = str(cluster.ports.one())  # the machine's port plan, when FEDMETANAS_TEST_PORTS is set
-        cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", "--ray-address", cluster.address]
-        cmd += ["--num-supernodes", "2", "--cpus-per-client", "1", "-c", f'{TINY} results-dir="{out}"']
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-        cluster.track()
-        ran = time.time() - started - up
-        (tmp_path / "run.log").write_text(done.stdout + done.stderr)
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
-        assert "finished:completed" in done.stdout and (out / "summary.json").is_file()
-        assert json.loads((out / "summary.json").read_text())["num_clients"] == 2
+    ray_cluster = RayCluster(num_nodes=2, cpus_per_node=1).start()
+    print(f"\ncluster up in {time.time() - started:.1f} s")
+    yield ray_cluster
+    started = time.time()
+    killed = ray_cluster.stop()
+    print(f"cluster stopped in {time.time() - started:.1f} s; SIGKILLed {killed}")
+    assert not ray_cluster._still_ours()
 
-        table = cluster.query(ACTORS)
-        assert len(table["nodes"]) == 2
-        actors = table["actors"]
-        # Flower sized its actor pool from the cluster (1 CPU per client, 1 per node): one per node
-        assert {a["Address"]["NodeID"] for a in actors} == set(table["nodes"]), actors
-        assert all(a["Pid"] and a["StartTime"] for a in actors)  # each was scheduled and started
-        # the run's private SuperLink is gone, and so is its FLWR_HOME (the run succeeded)
-        line = next(line for line in done.stdout.splitlines() if "private local SuperLink" in line)
-        home = line.split("FLWR_HOME=", 1)[1].rstrip(")")
-        assert not Path(home).exists() and not cli._listening(int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]))
-        assert not subprocess.run(["pgrep", "-f", home], capture_output=True, text=True).stdout.strip()
-    finally:
-        leftovers = cluster.stop()
-    print(f"cluster up {up:.1f} s, run {ran:.1f} s, stopped after {time.time() - started:.1f} s; SIGKILLed {leftovers}")
-    assert not cluster._still_ours()
+
+@slow
+@pytest.mark.parametrize("form", ["host_port", "ray_client"])
+def test_run_on_a_two_node_ray_cluster(cluster, form, tmp_path):
+    """One round; ClientApp actors of this run on both nodes; the private SuperLink stopped."""
+    address = cluster.address if form == "host_port" else cluster.client_address
+    before = {a["ActorID"] for a in cluster.actors()}
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_HOME", "FLWR_LOCAL_", "RAY_ADDRESS"))}
+    for var in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"):
+        env[var] = str(cluster.ports.one())  # the machine's port plan, when FEDMETANAS_TEST_PORTS is set
+    cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", "--ray-address", address]
+    cmd += ["--num-supernodes", "2", "--cpus-per-client", "1", "-c", f'{TINY} results-dir="{out}"']
+    started = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    cluster.track()
+    print(f"{form}: fedmetanas run took {time.time() - started:.1f} s")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    assert "finished:completed" in done.stdout and (out / "summary.json").is_file()
+    assert json.loads((out / "summary.json").read_text())["num_clients"] == 2
+
+    nodes = cluster.node_ids()
+    actors = [a for a in cluster.actors() if a["ActorID"] not in before]  # this run's
+    assert len(nodes) == 2
+    # Flower sized its pool from the cluster (1 CPU per client, 1 CPU per node): one actor per node
+    assert {a["Address"]["NodeID"] for a in actors} == nodes, actors
+    assert all(a["Pid"] and a["StartTime"] for a in actors)  # each was scheduled and started
+
+    # the run's private SuperLink is gone, and so is its FLWR_HOME (the run succeeded)
+    line = next(line for line in done.stdout.splitlines() if "private local SuperLink" in line)
+    home = line.split("FLWR_HOME=", 1)[1].rstrip(")")
+    assert not Path(home).exists() and not cli._listening(int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]))
+    assert not subprocess.run(["pgrep", "-f", home], capture_output=True, text=True).stdout.strip()
