@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
-import math
 import shlex
 import shutil
 import signal
@@ -129,6 +129,8 @@ def check_flags(args: argparse.Namespace) -> None:
         check_ray_address(args.ray_address)
         for var in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"):
             port = os.environ.get(var)
+            if port and not (port.isdigit() and 0 < int(port) < 65536):
+                raise ConfigError(var, port, "must be a port number (environment variable)", source="env")
             if port and _listening(int(port)):
                 raise ConfigError(
                     "--ray-address", args.ray_address,
@@ -166,7 +168,8 @@ class PrivateSuperLink:
 
     def _pids(self) -> list[int]:
         """The SuperLink (its command line holds our private FLWR_HOME) and its descendants."""
-        found = subprocess.run(["pgrep", "-f", re.escape(str(self.home))], capture_output=True, text=True).stdout.split()
+        pattern = re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\1", str(self.home))  # a POSIX ERE, literal
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
         pids, todo = [], [int(p) for p in found]
         while todo:
             pid = todo.pop()
@@ -177,7 +180,12 @@ class PrivateSuperLink:
         return pids
 
     def stop(self, keep_home: bool) -> None:
-        pids = self._pids()
+        try:
+            pids = self._pids()
+        except OSError as exc:  # no pgrep
+            port = self.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+            print(f"fedmetanas: warning: cannot find the private SuperLink ({exc}); stop the one on port {port} yourself", file=sys.stderr)
+            return
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)

@@ -59,7 +59,7 @@ class PortPool:
                 if port not in self._given:
                     break
         else:
-            port = next(p for p in self._range if _port_free(p))
+            port = next(p for p in self._range if p not in self._given and _port_free(p))
         self._given.add(port)
         return port
 

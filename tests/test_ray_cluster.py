@@ -66,6 +66,10 @@ def test_a_busy_superlink_port_is_refused_with_ray_address(monkeypatch, capsys):
         assert cli.main(["run", "--ray-address", "127.0.0.1:6379"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT" in err[0], err
+    monkeypatch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39o91")
+    assert cli.main(["run", "--ray-address", "127.0.0.1:6379"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'FLWR_LOCAL_SUPERLINK_HTTP_API_PORT'" in err[0] and "invalid" in err[0], err
 
 
 REAL_POPEN = subprocess.Popen
