@@ -145,6 +145,7 @@ def cluster():
 
 
 @slow
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["host_port", "ray_client"])
 def test_run_on_a_two_node_ray_cluster(cluster, form, tmp_path):
     """One round; ClientApp actors of this run on both nodes; the private SuperLink stopped."""
