@@ -9,17 +9,29 @@ CLI always sends an absolute ``results-dir`` (its own choice when none was given
 where to read the results. Defaults come from ``fedmetanas_core.config`` (the same values as
 pyproject.toml; a test keeps them in step), so no checkout is needed to validate.
 It never imports flwr: it drives the ``flwr`` command.
+
+``--ray-address`` runs the simulation on an existing Ray cluster (docs/scale.md). Flower 1.42 has
+no setting for that: its Ray backend calls ``ray.init()``, which attaches to ``RAY_ADDRESS`` when
+that is in the environment of the SuperLink's simulation process. A SuperLink that is already
+running keeps the environment it was started with, so this CLI starts a private one for the run
+(own FLWR_HOME and ports, with RAY_ADDRESS set) and stops it by PID afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 import tomllib
 from datetime import datetime
 from pathlib import Path
@@ -85,6 +97,127 @@ def error_skip_problem(summary: dict[str, Any], num_rounds: int) -> str | None:
     return None
 
 
+# Ray's own address forms: HOST:PORT (a GCS address, from a cluster node) or ray://HOST:PORT (Ray
+# Client, from outside the cluster); HOST may be a bracketed IPv6 address
+_RAY_ADDRESS = re.compile(r"^(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):(\d{1,5})$")
+
+
+def check_ray_address(address: str) -> str:
+    """The address as given, or ConfigError naming --ray-address (before anything starts)."""
+    match = _RAY_ADDRESS.match(address.strip())
+    if not match or not 1 <= int(match.group(3)) <= 65535:
+        raise ConfigError(
+            "--ray-address", address, "expected HOST:PORT (on a cluster node) or ray://HOST:PORT (Ray Client)", source="flag"
+        )
+    return address.strip()
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The simulation flags, validated up front like the run config (one line naming the flag)."""
+    if args.num_supernodes < 1:
+        raise ConfigError("--num-supernodes", args.num_supernodes, "must be >= 1", source="flag")
+    if args.cpus_per_client < 1:
+        raise ConfigError("--cpus-per-client", args.cpus_per_client, "must be an integer >= 1", source="flag")
+    gpus = args.gpus_per_client
+    if gpus is not None and not (math.isfinite(gpus) and gpus > 0):
+        raise ConfigError("--gpus-per-client", gpus, "must be > 0 (a fraction such as 0.25 shares one GPU)", source="flag")
+    if args.connection != "local":
+        for flag, value in (("--ray-address", args.ray_address), ("--gpus-per-client", gpus)):
+            if value is not None:  # a deployment's SuperNodes bring their own hardware
+                raise ConfigError(flag, value, f"applies to the local simulation only, not to --connection {args.connection}", source="flag")
+    if args.ray_address is not None:
+        check_ray_address(args.ray_address)
+        for var in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"):
+            port = os.environ.get(var)
+            if port and not (port.isdigit() and 0 < int(port) < 65536):
+                raise ConfigError(var, port, "must be a port number (environment variable)", source="env")
+            if port and _listening(int(port)):
+                raise ConfigError(
+                    "--ray-address", args.ray_address,
+                    f"{var}={port} is in use (a running SuperLink keeps its own environment and would not "
+                    f"use the Ray cluster); unset it to get free ports", source="flag",
+                )  # fmt: skip
+
+
+def _listening(port: int) -> bool:
+    """Something accepts connections on 127.0.0.1:port (a port in TIME_WAIT does not count)."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateSuperLink:
+    """The environment for a ``flwr run`` whose auto-started local SuperLink is this run's own:
+    a fresh FLWR_HOME, free ports (or the FLWR_LOCAL_* ports the caller set), RAY_ADDRESS. ``stop``
+    ends that SuperLink and the processes below it, found by their PIDs."""
+
+    def __init__(self, ray_address: str, env: dict[str, str]) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="fedmetanas-flwr-"))
+        http = env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT") or str(_free_port())
+        control = env.get("FLWR_LOCAL_CONTROL_API_PORT") or str(_free_port())
+        self.env = {
+            **env, "FLWR_HOME": str(self.home), "RAY_ADDRESS": ray_address,
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": http, "FLWR_LOCAL_CONTROL_API_PORT": control,
+        }  # fmt: skip
+
+    def _pids(self) -> list[int]:
+        """The SuperLink (its command line holds our private FLWR_HOME) and its descendants."""
+        pattern = re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\1", str(self.home))  # a POSIX ERE, literal
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        pids, todo = [], [int(p) for p in found]
+        while todo:
+            pid = todo.pop()
+            if pid not in pids and pid != os.getpid():
+                pids.append(pid)
+                children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+                todo += [int(c) for c in children]
+        return pids
+
+    def stop(self, keep_home: bool) -> None:
+        try:
+            pids = self._pids()
+        except OSError as exc:  # no pgrep
+            port = self.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+            print(f"fedmetanas: warning: cannot find the private SuperLink ({exc}); stop the one on port {port} yourself", file=sys.stderr)
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
+        for pid in filter(_alive, pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if keep_home:
+            print(f"fedmetanas: the private SuperLink's log is in {self.home / 'local-superlink'}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
@@ -110,7 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="validate and run the Flower app, exit non-zero on failure")
     run.add_argument("--run-config", "-c", action="append", default=[], help="conf/<preset>.toml or 'key=value ...'")
     run.add_argument("--num-supernodes", type=int, default=10, help="simulated clients (local simulation)")
-    run.add_argument("--cpus-per-client", type=int, default=1)
+    run.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per simulated client (integer)")
+    run.add_argument(
+        "--gpus-per-client", type=float, default=None,
+        help="Ray GPUs per simulated client, > 0; a fraction shares a GPU (0.25: four clients per GPU)",
+    )  # fmt: skip
+    run.add_argument(
+        "--ray-address", default=None,
+        help="run the simulation on this existing Ray cluster: HOST:PORT on a cluster node, ray://HOST:PORT from outside (docs/scale.md)",
+    )  # fmt: skip
     run.add_argument("--connection", default="local", help="SuperLink connection in $FLWR_HOME/config.toml")
     run.add_argument("--app", default=str(APP_DIR), help="the Flower app directory")
     sub.add_parser("check", help="validate a run config only").add_argument("--run-config", "-c", action="append", default=[])
@@ -118,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
 
     app_dir = Path(getattr(args, "app", APP_DIR)).resolve()
     try:
+        if args.command == "run":
+            check_flags(args)
         base = defaults()
         # a preset's [fednas] / [fedavg] / [fedmetanas] tables: Flower accepts only known keys
         overrides = resolve_method_tables(parse_run_config(args.run_config), base["method"])
@@ -149,7 +292,30 @@ def main(argv: list[str] | None = None) -> int:
     cmd = ["flwr", "run", str(app_dir), args.connection, "--stream"]
     cmd += ["--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())]
     if args.connection == "local":
-        cmd += ["--federation-config", f"num-supernodes={args.num_supernodes} client-resources-num-cpus={args.cpus_per_client}"]
+        # no init-args: Ray refuses num_cpus/num_gpus in ray.init when it attaches to a cluster
+        federation = f"num-supernodes={args.num_supernodes} client-resources-num-cpus={args.cpus_per_client}"
+        if args.gpus_per_client is not None:
+            federation += f" client-resources-num-gpus={args.gpus_per_client}"
+        cmd += ["--federation-config", federation]
+    private = PrivateSuperLink(args.ray_address, env) if args.ray_address else None
+    if private:
+        env = private.env
+        print(f"fedmetanas: simulation on the Ray cluster at {args.ray_address}, through a private local SuperLink "
+              f"(127.0.0.1:{env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}, FLWR_HOME={private.home})")  # fmt: skip
+    elif os.environ.get("RAY_ADDRESS"):
+        print(f"fedmetanas: note: RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set; a local SuperLink started now attaches "
+              f"its simulation to that Ray cluster, one already running does not (use --ray-address)")  # fmt: skip
+    rc = 1
+    try:
+        rc = _stream_and_check(cmd, env, args.connection, results_dir)
+    finally:
+        if private:  # also on Ctrl-C: the SuperLink would outlive the run
+            private.stop(keep_home=rc != 0)
+    return rc
+
+
+def _stream_and_check(cmd: list[str], env: dict[str, str], connection: str, results_dir: Path) -> int:
+    """Run ``flwr run --stream``, echo its output, then check the run's status and its results."""
     run_id = None
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         assert proc.stdout is not None
@@ -162,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     if proc.returncode != 0:
         print(f"fedmetanas: flwr run exited with status {proc.returncode}", file=sys.stderr)
         return proc.returncode or 1
-    status = _run_status(args.connection, run_id, env) if run_id else "unknown"
+    status = _run_status(connection, run_id, env) if run_id else "unknown"
     summary = results_dir / "summary.json"
     if "completed" not in status or not summary.is_file():
         print(f"fedmetanas: run {run_id} did not complete (status: {status}; summary.json present: {summary.is_file()})", file=sys.stderr)
