@@ -8,7 +8,7 @@ engine) of the ``cifar10-cpu`` preset over the whole CIFAR-10 training split (50
 ``N`` Dirichlet partitions, with ``fraction-train = fraction-evaluate = sampled / N``, so the same
 number of clients train per round whatever the population. Measured in the same benchmark run:
 
-- **per-round wall time**: mean ``round-s`` of rounds 2.. (round 1 also starts the Ray actors and
+- **per-round wall time**: median ``round-s`` of rounds 2.. (round 1 also starts the Ray actors and
   partitions the data), and the server's own share (``server-s``: aggregation, masks, test set);
 - **peak memory**: the largest sum of PSS (shared pages counted once) over this run's SuperLink and
   all its descendants (simulation process, Ray's GCS, raylet, workers), sampled every 0.25 s.
@@ -107,8 +107,8 @@ def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[s
         "run_s": time.perf_counter() - started,
         "peak_pss_mib": memory.peak / 2**20,
         "round_1_s": rows[0]["round-s"],
-        "round_s_mean": statistics.mean(r["round-s"] for r in later),
-        "server_s_mean": statistics.mean(r["server-s"] for r in later),
+        "round_s_median": statistics.median(r["round-s"] for r in later),
+        "server_s_median": statistics.median(r["server-s"] for r in later),
         "rounds": [{k: r.get(k) for k in ("round", "round-s", "server-s", "client-s-sum", "replies", "bytes-sent")} for r in rows],
     }
 
@@ -116,13 +116,13 @@ def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[s
 def table(results: list[dict[str, Any]]) -> list[str]:
     base = results[0]
     lines = [
-        "| population | clients per round | round 1 s | round s (rounds 2+) | server s (rounds 2+) | peak PSS MiB | round time vs first | peak memory vs first |",
+        "| population | clients per round | round 1 s | round s (median, rounds 2+) | server s (median, rounds 2+) | peak PSS MiB | round time vs first | peak memory vs first |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r['population']} | {r['sampled_per_round']} | {r['round_1_s']:.1f} | {r['round_s_mean']:.1f} | {r['server_s_mean']:.2f} "
-            f"| {r['peak_pss_mib']:.0f} | {r['round_s_mean'] / base['round_s_mean']:.2f} x | {r['peak_pss_mib'] / base['peak_pss_mib']:.2f} x |"
+            f"| {r['population']} | {r['sampled_per_round']} | {r['round_1_s']:.1f} | {r['round_s_median']:.1f} | {r['server_s_median']:.2f} "
+            f"| {r['peak_pss_mib']:.0f} | {r['round_s_median'] / base['round_s_median']:.2f} x | {r['peak_pss_mib'] / base['peak_pss_mib']:.2f} x |"
         )
     return lines
 
