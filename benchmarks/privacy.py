@@ -10,6 +10,8 @@ reply's L2 distance to the global model) choose the clipping norm: their median 
 ``dp = "server-fixed"`` at each noise multiplier with that norm. epsilon is the run's own
 ``dp_epsilon`` (dp-accounting's RDP accountant, delta = dp-delta).
 
+One process per method can share ``--out`` (``--methods fednas`` in one, ``--methods
+fedmetanas,fedavg`` in another): the outputs are rebuilt from every finished run on disk.
 Runs are the real ServerApp loop and ClientApp (with its DP mods) in this process through
 ``server_app.local_grid.LocalGrid``: no Ray, no SuperLink, the same code as ``fedmetanas run``
 minus the transport (cheaper on a busy 2-core machine). A finished run (summary.json present) is
@@ -140,6 +142,21 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def collect(out_dir: Path, seeds: list[int]) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """Every finished run under ``out_dir`` (one process per method may share the folder)."""
+    rows: list[dict[str, Any]] = []
+    norms: dict[str, dict[str, float]] = {}
+    for seed in seeds:
+        for method in METHODS:
+            for run in sorted((out_dir / f"seed-{seed}" / method).glob("*/summary.json")):
+                out = run.parent
+                z = None if out.name == "no-dp" else float(out.name[1:])
+                if z is None:
+                    norms[method] = clipping_norm_from(out)
+                rows.append(row(method, seed, z, json.loads(run.read_text()), out))
+    return rows, norms
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="digits")
@@ -153,30 +170,26 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     common = {"num-partitions": args.clients, "min-available-nodes": args.clients, "min-train-nodes": args.clients,
               "tensorboard": False, "dp-delta": args.delta}  # fmt: skip
-    rows: list[dict[str, Any]] = []
-    norms: dict[str, dict[str, float]] = {}
 
     def write() -> None:
+        rows, norms = collect(args.out, args.seeds)
         payload = {"preset": args.preset, "clients": args.clients, "seeds": args.seeds, "noise": args.noise,
                    "dp": "server-fixed", "clipping_norms": norms, "rows": rows, "machine": machine_description()}  # fmt: skip
         atomic_write_text(args.out / "privacy.json", json.dumps(payload, indent=2) + "\n")
         atomic_write_text(args.out / "privacy.md", markdown(rows, norms, args))
         plot(rows, args.out / "privacy_accuracy_vs_epsilon.png")
 
-    for seed in args.seeds:  # references first (they choose C), then one noise level at a time for every method
-        for method in args.methods:
-            out = args.out / f"seed-{seed}" / method / "no-dp"
-            summary = run_one(preset_config(args.preset, method, {**common, "seed": seed}), out, args.clients)
-            norms[method] = clipping_norm_from(out)
-            rows.append(row(method, seed, None, summary, out))
+    for seed in args.seeds:
+        for method in args.methods:  # the run without DP first: it chooses C; then each noise level
+            ref = args.out / f"seed-{seed}" / method / "no-dp"
+            run_one(preset_config(args.preset, method, {**common, "seed": seed}), ref, args.clients)
+            clip = clipping_norm_from(ref)["median"]
             write()
-        for z in args.noise:
-            for method in args.methods:
-                out = args.out / f"seed-{seed}" / method / f"z{z:g}"
-                flat = {**common, "seed": seed, "dp": "server-fixed", "dp-noise-multiplier": z, "dp-clipping-norm": norms[method]["median"]}
-                summary = run_one(preset_config(args.preset, method, flat), out, args.clients)
-                rows.append(row(method, seed, z, summary, out))
+            for z in args.noise:
+                flat = {**common, "seed": seed, "dp": "server-fixed", "dp-noise-multiplier": z, "dp-clipping-norm": clip}
+                run_one(preset_config(args.preset, method, flat), args.out / f"seed-{seed}" / method / f"z{z:g}", args.clients)
                 write()
+    write()
     print((args.out / "privacy.md").read_text())
 
 
