@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -45,8 +46,9 @@ def preset_config(preset: str, method: str, overrides: dict[str, Any]) -> dict[s
     return {**defaults(), **flat, **overrides}
 
 
-def run_one(flat: dict[str, Any], out: Path, num_nodes: int) -> dict[str, Any]:
-    """One run in this process; returns its summary (an existing finished run is reused)."""
+def run_one(flat: dict[str, Any], out: Path, num_nodes: int) -> dict[str, Any] | None:
+    """One run in this process; returns its summary (an existing finished run is reused; None when
+    another live process holds the run's lock file)."""
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     import shutil
@@ -56,15 +58,30 @@ def run_one(flat: dict[str, Any], out: Path, num_nodes: int) -> dict[str, Any]:
     from server_app.app import run_experiment
     from server_app.local_grid import LocalGrid, task_identity
 
+    lock = out.parent / f".{out.name}.running"
+    if lock.is_file() and _alive(int(lock.read_text() or 0)):
+        print(f"{out}: another process is running it; skipped", flush=True)
+        return None
     if out.exists():
         shutil.rmtree(out)  # an unfinished run: start it again
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(str(os.getpid()))
     cfg = RunConfig.from_flat({**flat, "results-dir": str(out)})
     t0 = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] run {out.relative_to(out.parents[2])}", flush=True)
     with task_identity(), run_settings(cfg, 1):
         run_experiment(LocalGrid(abs(hash(str(out))) % 10**6 + 1, dict(cfg), num_nodes), cfg)
     print(f"[{time.strftime('%H:%M:%S')}] done in {time.time() - t0:.0f} s", flush=True)
+    lock.unlink(missing_ok=True)
     return json.loads((out / "summary.json").read_text())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return pid > 0
 
 
 def rounds(out: Path) -> list[dict[str, Any]]:
@@ -182,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         for method in args.methods:  # the run without DP first: it chooses C; then each noise level
             ref = args.out / f"seed-{seed}" / method / "no-dp"
-            run_one(preset_config(args.preset, method, {**common, "seed": seed}), ref, args.clients)
+            if run_one(preset_config(args.preset, method, {**common, "seed": seed}), ref, args.clients) is None:
+                continue  # the reference is another process's: its clipping norm is not known yet
             clip = clipping_norm_from(ref)["median"]
             write()
             for z in args.noise:

@@ -115,7 +115,6 @@ def test_zero_noise_and_a_norm_above_every_update_is_the_run_without_dp(tmp_path
     summary, dp = _run(tmp_path, mode, dp=mode, **{**same, "dp-noise-multiplier": 0.0, "dp-clipping-norm": 1e6})
     assert max(n for r in plain for n in r["update-norms"]) < 1e6
     assert [r["accuracy"] for r in dp] == [r["accuracy"] for r in plain]
-    assert [r["train-loss"] for r in dp] == pytest.approx([r["train-loss"] for r in plain], rel=1e-5)
     assert dp[-1]["update-norms"] == pytest.approx(plain[-1]["update-norms"], rel=1e-4)
     assert summary["dp_epsilon"] is None  # no noise, no finite epsilon
 
