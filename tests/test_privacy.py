@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -44,7 +45,8 @@ def _task_identity():
 def _run(tmp_path, name: str, **flat) -> tuple[dict, list[dict]]:
     cfg = RunConfig.from_flat({**TINY, **flat, "results-dir": str(tmp_path / name)})
     with run_settings(cfg):
-        out = run_experiment(LocalGrid(hash(name) % 10**6 + 1, dict(cfg), 3), cfg)
+        run_id = zlib.crc32(name.encode()) % 10**6 + 1000  # the ClientApp caches configs per run id
+        out = run_experiment(LocalGrid(run_id, dict(cfg), 3), cfg)
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     return json.loads((out / "summary.json").read_text()), rows
 
@@ -112,7 +114,7 @@ def test_zero_noise_and_a_norm_above_every_update_is_the_run_without_dp(tmp_path
     # equal partitions (iid, 240 / 3): DP's uniform mean is then FedAvg's sample-weighted mean
     same = {"partitioner": "iid", "method": "fedmetanas"}
     _, plain = _run(tmp_path, "plain", **same)
-    summary, dp = _run(tmp_path, mode, dp=mode, **{**same, "dp-noise-multiplier": 0.0, "dp-clipping-norm": 1e6})
+    summary, dp = _run(tmp_path, f"{mode}-zero-noise", dp=mode, **{**same, "dp-noise-multiplier": 0.0, "dp-clipping-norm": 1e6})
     assert max(n for r in plain for n in r["update-norms"]) < 1e6
     assert [r["accuracy"] for r in dp] == [r["accuracy"] for r in plain]
     assert dp[-1]["update-norms"] == pytest.approx(plain[-1]["update-norms"], rel=1e-4)
@@ -142,8 +144,11 @@ def _global() -> dict[str, np.ndarray]:
 
 
 class _Grid:
+    def __init__(self, nodes: int = 2):
+        self.nodes = nodes
+
     def get_node_ids(self):
-        return [1, 2]
+        return list(range(1, self.nodes + 1))
 
 
 @pytest.mark.parametrize("clip, expected_norm", [(1.0, 1.0), (100.0, 5.0)])
@@ -169,7 +174,8 @@ def test_client_mod_clips_an_update_above_the_norm(mode):
     sent = _global()
     config = ConfigRecord({"clipping_norm": 2.0})  # the server's client-side wrappers send it
     msg = Message(RecordDict({"arrays": _arrays(sent), "config": config}), dst_node_id=1, message_type=MessageType.TRAIN)
-    ctx = Context(run_id=991, node_id=1, node_config={}, state=RecordDict(), run_config=cfg)
+    run_id = 991 + ["client-fixed", "client-adaptive", "local"].index(mode)  # the ClientApp caches configs per run
+    ctx = Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config=cfg)
     big = {KEYS[1]: np.full((2, 4), 3.0), KEYS[0]: np.full((4, 3), 3.0)}  # norm 3 x sqrt(20), other key order
 
     def handler(m, c):
@@ -187,7 +193,7 @@ def test_client_mod_clips_an_update_above_the_norm(mode):
 def test_clients_leave_replies_alone_without_client_side_dp():
     cfg = dict(RunConfig.from_flat({**TINY, "dp": "server-fixed"}))
     msg = Message(RecordDict({"arrays": _arrays(_global()), "config": ConfigRecord({})}), dst_node_id=1, message_type=MessageType.TRAIN)
-    ctx = Context(run_id=992, node_id=1, node_config={}, state=RecordDict(), run_config=cfg)
+    ctx = Context(run_id=995, node_id=1, node_config={}, state=RecordDict(), run_config=cfg)
     big = {k: np.full(v.shape, 3.0) for k, v in _global().items()}
     reply = client.dp_mod(msg, ctx, lambda m, c: Message(RecordDict({"arrays": _arrays(big)}), reply_to=m))
     assert np.allclose(reply.content["arrays"][KEYS[0]].numpy(), 3.0)
@@ -211,7 +217,7 @@ def test_adaptive_norm_moves_towards_the_updates_unlike_flowers_own_update():
 def test_a_reply_short_skips_the_round_under_dp():
     cfg = RunConfig.from_flat({**TINY, "dp": "server-fixed", "num-partitions": 3})
     strategy = SearchStrategy(wrap_dp(build_base_strategy(cfg), cfg, 3), "logits", 1)
-    strategy.configure_train(1, _arrays(_global()), ConfigRecord({}), _Grid())
+    strategy.configure_train(1, _arrays(_global()), ConfigRecord({}), _Grid(3))
     arrays, _ = strategy.aggregate_train(1, [_reply(_global(), 1), _reply(_global(), 2)])  # 2 of 3
     assert arrays is None and strategy.skipped_reason.startswith("error: dp:")
 
@@ -233,4 +239,4 @@ def test_the_server_refuses_a_dp_config_for_the_federation_it_finds(tmp_path):
     cfg = RunConfig.from_flat({**TINY, "num-partitions": 0, "dp": "client-adaptive", "dp-noise-multiplier": 0.5,
                                "results-dir": str(tmp_path / "refused")})  # fmt: skip
     with pytest.raises(ConfigError, match="'dp-noise-multiplier'"):
-        run_experiment(LocalGrid(993, dict(cfg), 3), cfg)
+        run_experiment(LocalGrid(996, dict(cfg), 3), cfg)
