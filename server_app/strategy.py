@@ -250,7 +250,7 @@ class SearchStrategy(Strategy):
         if self.dp:
             for msg in good:  # Flower's clipping pairs arrays by position: put them in the sent order
                 arrays = msg.content["arrays"]
-                msg.content["arrays"] = ArrayRecord({k: arrays[k] for k in (self._reference or arrays)})
+                msg.content["arrays"] = ArrayRecord({k: arrays[k] for k in (self._reference or arrays) if k in arrays})
                 msg.content["metrics"][UNIT_WEIGHT] = 1
         if self.alpha_aggregation != "logits":
             for msg in good:
