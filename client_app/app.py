@@ -18,9 +18,11 @@ from typing import Any, Callable
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
 
 from fedmetanas_core.config import RunConfig
 from fedmetanas_core.node_config import validate_node_config
+from fedmetanas_core.privacy import local_reply_epsilon
 from fedmetanas_core.coordinator import plan_from_config
 from fedmetanas_core.data import ClientData, DataSpec, load_client_data
 from fedmetanas_core.genotype import Genotype, build_fixed_network
@@ -107,7 +109,36 @@ def _prepare(msg: Message, context: Context):
     return cfg, config, device, model, plan, data
 
 
-@app.train()
+def dp_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """The run's client-side DP (the ``dp`` key): Flower's ``fixedclipping_mod`` /
+    ``adaptiveclipping_mod`` (the server's DP wrapper sends the clipping norm) or ``LocalDpMod``;
+    nothing for the other modes. Mods are fixed when the ClientApp is built, so this one reads the
+    run config and picks. Flower's mods pair the reply's arrays with the sent ones by position:
+    the reply is put in the sent key order first."""
+    cfg = run_config(context)
+    if cfg.dp == "client-fixed":
+        mod = fixedclipping_mod
+    elif cfg.dp == "client-adaptive":
+        mod = adaptiveclipping_mod
+    elif cfg.dp == "local":
+        z, delta = cfg.dp_noise_multiplier, cfg.dp_delta
+        mod = LocalDpMod(cfg.dp_clipping_norm, cfg.dp_clipping_norm, local_reply_epsilon(z, delta), delta)
+    else:
+        return call_next(msg, context)
+    sent = list(msg.content["arrays"].keys()) if "arrays" in msg.content.array_records else []
+
+    def in_sent_order(m: Message, c: Context) -> Message:
+        reply = call_next(m, c)
+        if not reply.has_error() and "arrays" in reply.content.array_records:
+            arrays = reply.content["arrays"]
+            if set(arrays.keys()) == set(sent):
+                reply.content["arrays"] = ArrayRecord({k: arrays[k] for k in sent})
+        return reply
+
+    return mod(msg, context, in_sent_order)
+
+
+@app.train(mods=[dp_mod])
 @in_run_settings
 def train(msg: Message, context: Context) -> Message:
     t0 = time.time()

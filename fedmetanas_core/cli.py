@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(overrides.get(key), str) and overrides[key]:
                 overrides[key] = str(Path(overrides[key]).expanduser().resolve())
         cfg = RunConfig.from_flat({**base, **overrides})
+        if args.command == "run" and args.connection == "local":  # the simulated federation's size is known
+            cfg.check_dp(cfg.num_partitions or args.num_supernodes)
         if ":" in cfg.strategy:
             from server_app.strategy import check_strategy  # imports flwr, so only for user classes
 

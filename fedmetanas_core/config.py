@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .names import PRIMITIVES
+from .privacy import DP_MODES, DPConfigError, check_dp
 
 METHODS = ("fedmetanas", "fednas", "fedavg")
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "hf")
@@ -208,6 +209,14 @@ KEYS: tuple[Key, ...] = (
     Key("trim-beta", 0.2, "FedTrimmedAvg fraction cut at each end", _below_half, "strategy"),
     Key("num-malicious-nodes", 0, "Krum / MultiKrum / Bulyan: assumed malicious nodes", _at_least(0), "strategy"),
     Key("num-nodes-to-select", 1, "MultiKrum: nodes averaged", _at_least(1), "strategy"),
+    # --- differential privacy (docs/privacy.md)
+    Key("dp", "none", "none | server-fixed | server-adaptive | client-fixed | client-adaptive | local: wrap the strategy in Flower's DP (client-*: the ClientApp clips; local: LocalDpMod noises each reply)", _choice(DP_MODES), "privacy"),
+    Key("dp-noise-multiplier", 1.0, "Gaussian noise std / clipping norm (every dp mode; adaptive: the target z of Andrew et al.)", _at_least(0), "privacy"),
+    Key("dp-clipping-norm", 1.0, "L2 bound on a client's update (weights and architecture logits together); adaptive: the initial norm", _positive, "privacy"),
+    Key("dp-delta", 1e-5, "delta at which epsilon is reported (and LocalDpMod's delta)", _fraction_below_one, "privacy"),
+    Key("dp-target-quantile", 0.5, "adaptive clipping: the quantile of update norms the clipping norm tracks (share of updates left unclipped; Andrew et al.'s gamma)", _unit, "privacy"),
+    Key("dp-clip-lr", 0.2, "adaptive clipping: geometric learning rate of the clipping norm", _positive, "privacy"),
+    Key("dp-clipped-count-stddev", 0.0, "adaptive clipping: noise std on the clipped-update count; 0 = sampled clients / 20 (Andrew et al.)", _at_least(0), "privacy"),
 )
 
 BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
@@ -308,10 +317,19 @@ class RunConfig(Mapping[str, Any]):
                 f"must be 0 (one partition per node) or >= min-available-nodes ({self.min_available_nodes})",
             )  # fmt: skip
         self._check_strategy_nodes()
+        self.check_dp(self.num_partitions or None)
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("tensorboard", True, "needs the tensorboard package: pip install -e '.[tensorboard]'")
         if check_paths:
             self._check_paths()
+
+    def check_dp(self, population: int | None) -> None:
+        """A DP config that cannot work with ``population`` clients (None: unknown yet) is refused
+        here, before anything starts; the CLI and the ServerApp call it again once they know."""
+        try:
+            check_dp(self, population)
+        except DPConfigError as exc:
+            raise ConfigError(exc.key, exc.value, exc.reason) from None
 
     def _check_strategy_nodes(self) -> None:
         """Byzantine-robust and trimming strategies need enough nodes for their parameters.

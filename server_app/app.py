@@ -25,6 +25,7 @@ from fedmetanas_core.coordinator import ProgressClock, fmt_duration, model_confi
 from fedmetanas_core.data import DataSpec, load_test_set
 from fedmetanas_core.genotype import Genotype, count_parameters
 from fedmetanas_core.phases import Handoff, Phase, plan_phases
+from fedmetanas_core.privacy import MEAN_STRATEGIES, make_accountant
 from fedmetanas_core.run_data import validation_set
 from fedmetanas_core.outputs import (
     RunRecorder,
@@ -46,6 +47,7 @@ from server_app.strategy import (
     load_strategy_state,
     strategy_state,
 )
+from server_app.privacy import current_clipping_norm, wrap_dp
 
 app = ServerApp()
 
@@ -59,7 +61,11 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "%s", exc)
         raise SystemExit(2) from None
     with run_settings(cfg):  # this run's determinism and fast path, not the previous run's in this process
-        run_experiment(grid, cfg)
+        try:
+            run_experiment(grid, cfg)
+        except ConfigError as exc:  # found once the federation is known (e.g. a DP config for its size)
+            log(ERROR, "%s", exc)
+            raise SystemExit(2) from None
 
 
 def _reply_metric(replies: list[Message], name: str) -> list[float]:
@@ -90,6 +96,28 @@ def _record_bytes(msg: Message) -> int:
     return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in msg.content["arrays"].values())
 
 
+def _answered(replies: list[Message]) -> bool:
+    return any(not m.has_error() for m in replies)
+
+
+def federation_size(grid: Grid, cfg: RunConfig, settle_s: float = 2.0, limit_s: float = 30.0) -> int:
+    """The number of clients DP samples from: num-partitions when set, otherwise the connected
+    nodes once at least min-available-nodes are there and the count stopped changing for
+    ``settle_s`` (nodes register one by one; set num-partitions to make it exact)."""
+    if cfg.num_partitions:
+        return cfg.num_partitions
+    start = time.time()
+    count, stable_since = -1, time.time()
+    while time.time() - start < limit_s:
+        now = len(list(grid.get_node_ids()))
+        if now != count:
+            count, stable_since = now, time.time()
+        elif count >= cfg.min_available_nodes and time.time() - stable_since >= settle_s:
+            break
+        time.sleep(0.2)
+    return max(count, 1)
+
+
 def _client_order(msg: Message) -> tuple[int, int]:
     """Aggregate in a fixed order (by partition id: the node id for nodes with their own data) so
     float sums repeat exactly across runs."""
@@ -109,6 +137,9 @@ class Experiment:
         if self.checkpoint is None:
             self.recorder.start_log()
         self.recorder.write_config(dict(cfg))
+        self.population = federation_size(grid, cfg) if cfg.dp != "none" else None
+        cfg.check_dp(self.population)  # before any data is loaded
+        self.accountant = make_accountant(cfg, self.population) if self.population else None
         self.device = resolve_device(cfg.device)
         if cfg.eval_split == "validation":  # tuning: score on data carved from the clients' training data
             self.test = validation_set(cfg)
@@ -139,6 +170,8 @@ class Experiment:
             self.first_phase = ck["phase_index"]
             self.carried = Handoff.from_dict(ck["extra"])
             self.done = [tuple(d) for d in ck["done"]]
+            if self.accountant is not None:
+                self.accountant.releases = int(ck.get("dp_releases", 0))
             set_rng_states(ck["rng"])
             truncate_rounds(self.recorder.dir, set(self.done))
             log(INFO, "Resuming from %s: %d rounds already done", self.recorder.dir, len(self.done))
@@ -160,9 +193,10 @@ class Experiment:
     def run_phase(self, index: int, phase: Phase) -> None:
         """Start ``phase`` from what the phases before it left (or from the checkpoint) and run its rounds."""
         cfg = self.cfg
-        strategy = SearchStrategy(
-            build_base_strategy(cfg), cfg.alpha_aggregation if phase.kind == "search" else "logits", cfg.min_train_nodes
-        )
+        base = build_base_strategy(cfg)
+        if self.population is not None:
+            base = wrap_dp(base, cfg, self.population)
+        strategy = SearchStrategy(base, cfg.alpha_aggregation if phase.kind == "search" else "logits", cfg.min_train_nodes)
         self.strategy = strategy
         phase.start(self.carried)
         arrays = _array_record(phase.initial_state())
@@ -181,6 +215,7 @@ class Experiment:
         cfg, strategy = self.cfg, self.strategy
         t_round = time.time()
         config = ConfigRecord({**self.base_config, **phase.round_config(rnd)})
+        clipping_norm = current_clipping_norm(strategy.base)  # this round's (adaptive clipping moves it)
         live = ArrayRecord({k: arrays[k] for k in phase.live_keys(list(arrays.keys()))})  # pruned ops stay home
         messages = list(strategy.configure_train(rnd, live, config, self.grid))
         bytes_sent = sum(_record_bytes(m) for m in messages)
@@ -198,6 +233,9 @@ class Experiment:
             metrics = {**phase.last, "tau": phase.plan(rnd).tau}
         server_seconds = time.time() - t_server
         self.rejected_total += len(strategy.rejected)
+        if self.accountant is not None and (aggregated is not None if cfg.dp != "local" else _answered(replies)):
+            self.accountant.release()  # local DP: every reply the server saw was a release
+        norms, arch_norms = zip(*strategy.update_norms) if strategy.update_norms else ((), ())
         elapsed, remaining = self.clock.tick()
         row = {
             "phase": phase.name,
@@ -218,7 +256,16 @@ class Experiment:
             "client-images-mean": _mean(_reply_metric(replies, "images")),  # images through forward+backward per client
             "server-s": server_seconds,  # aggregation, masks, test-set evaluation
             "elapsed-s": elapsed,
+            # L2 norms of the usable replies' updates (reply - global), before the server clips them
+            # (client-side DP: after the client clipped): what a clipping norm is chosen from
+            "update-norms": [round(n, 6) for n in norms],
+            "update-norm-mean": _mean(list(norms)),
+            "update-norm-max": max(norms, default=None),
+            "update-norm-arch-mean": _mean(list(arch_norms)),
         }
+        if self.accountant is not None:
+            row["dp-clipping-norm"] = clipping_norm if clipping_norm is not None else cfg.dp_clipping_norm
+            row["dp-epsilon"] = self.accountant.epsilon()  # spent so far at dp-delta; None = unbounded (no noise)
         self.recorder.log_round(row)
         if self.tensorboard is not None:
             self.tensorboard.log_round(row)
@@ -258,6 +305,7 @@ class Experiment:
                 "elapsed": elapsed,
                 "nodes_seen": sorted(self.nodes_seen),
                 "rejected_total": self.rejected_total,
+                "dp_releases": self.accountant.releases if self.accountant is not None else 0,
                 "extra": self.carried.to_dict(),
                 "rng": rng_states(),
             },
@@ -304,6 +352,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         "supernet_params": exp.carried.results.get("supernet_params"),
         **communication_fields(rows),
         "rejected_replies": exp.rejected_total,
+        **privacy_fields(cfg, exp),
         **skipped_rounds(rows),
         "resumed": exp.checkpoint is not None,
         "seed": cfg.seed,
@@ -341,6 +390,28 @@ def run_fields(cfg: RunConfig, exp: Experiment) -> dict[str, Any]:
         "rounds": exp.phases[0].rounds,
         "retrain_rounds": sum(p.rounds for p in exp.phases[1:]),
     }
+
+
+def privacy_fields(cfg: RunConfig, exp: Experiment) -> dict[str, Any]:
+    """The privacy spent (docs/privacy.md): epsilon at dp-delta from dp-accounting's RDP accountant."""
+    acc = exp.accountant
+    if acc is None:
+        return {"dp": {"mode": "none"}, "dp_epsilon": None}
+    strategy = getattr(exp, "strategy", None)
+    return {
+        "dp": {
+            "mode": cfg.dp, "noise_multiplier": cfg.dp_noise_multiplier, "effective_noise_multiplier": acc.noise_multiplier,
+            "clipping_norm": cfg.dp_clipping_norm,
+            "final_clipping_norm": current_clipping_norm(strategy.base) if strategy is not None else None,
+            "delta": acc.delta, "epsilon": acc.epsilon(), "releases": acc.releases,
+            "population": acc.population, "sampled_clients": acc.sample_size, "sampling_rate": acc.sampling_rate,
+            "amplification": acc.amplified and acc.sampling_rate < 1,
+            "accountant": "dp-accounting RdpAccountant (client-level, add-or-remove-one)",
+            "clipped_together": "weights and architecture logits, one L2 norm",
+            "strategy_is_mean": cfg.strategy in MEAN_STRATEGIES or cfg.dp == "local",
+        },
+        "dp_epsilon": acc.epsilon(),
+    }  # fmt: skip
 
 
 def accuracy_fields(final_eval: dict[str, float], carried: Handoff, clients: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:

@@ -94,12 +94,12 @@ def corrupt_reply(reply: Message, kind: str, request: Message) -> Message:
 
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
-    from client_app.app import train
+    from client_app.app import dp_mod, train
 
     kind = _fault(context)
     if kind == "exception":  # raised before training: a client that crashes costs no CPU here
         raise InjectedFault(f"injected fault in partition {context.node_config.get('partition-id')}")
-    reply = train(msg, _with_config(context))
+    reply = dp_mod(msg, _with_config(context), train)  # the run's client-side DP, as the real ClientApp's mods
     return corrupt_reply(reply, kind, msg) if kind else reply
 
 

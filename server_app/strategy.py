@@ -29,6 +29,12 @@ from flwr.serverapp.strategy import Strategy
 from fedmetanas_core.aggregation import reply_problem, transform_logits
 from fedmetanas_core.coordinator import finite_state
 from fedmetanas_core.config import ConfigError, RunConfig
+from fedmetanas_core.names import is_arch
+from fedmetanas_core.privacy import update_norms
+
+# dp modes whose noise the server adds (a Flower DP strategy wraps the base strategy)
+DP_WRAPPED = ("server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
+UNIT_WEIGHT = "dp-unit-weight"  # the metric every reply gets under DP: the base strategy averages uniformly
 
 TOO_FEW_REPLIES = "too few replies"  # a round's skipped-reason; every other reason starts with "error: "
 
@@ -103,6 +109,8 @@ def build_base_strategy(cfg: RunConfig) -> Strategy:
         "min_available_nodes": cfg.min_available_nodes,
         **{arg: cfg[key] for arg, key in STRATEGY_ARGUMENTS.items()},
     }
+    if cfg.dp in DP_WRAPPED:  # Flower's noise (z*C/m) is calibrated for the uniform mean of m clipped updates
+        candidates["weighted_by_key"] = UNIT_WEIGHT
     return cls(**{k: v for k, v in candidates.items() if k in accepted})
 
 
@@ -122,6 +130,8 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
     ``load_state_dict(state)`` returning / taking such data; without them it is saved as stateless."""
     if hasattr(strategy, "state_dict"):
         return strategy.state_dict()
+    if _is_dp_wrapper(strategy):  # the adaptive norm, and what the wrapped strategy learned
+        return {"dp-clipping-norm": float(strategy.clipping_norm), "dp-inner": strategy_state(strategy.strategy)}
     names = next((n for cls, n in STRATEGY_STATE.items() if isinstance(strategy, cls)), ())
     state = {}
     for name in names:
@@ -136,6 +146,10 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
     """Inverse of ``strategy_state``: numpy arrays again, where Flower's strategies keep them."""
     if hasattr(strategy, "load_state_dict"):
         strategy.load_state_dict(state)
+        return
+    if _is_dp_wrapper(strategy):
+        strategy.clipping_norm = float(state["dp-clipping-norm"])
+        load_strategy_state(strategy.strategy, state["dp-inner"])
         return
     for name, value in state.items():
         value = _to_numpy(value)
@@ -152,6 +166,9 @@ def restrict_strategy_state(strategy: Strategy, keys: list[str]) -> None:
     if hasattr(strategy, "restrict_to"):
         strategy.restrict_to(keys)
         return
+    if _is_dp_wrapper(strategy):  # the wrapper keeps only this round's arrays; the strategy it wraps may learn
+        restrict_strategy_state(strategy.strategy, keys)
+        return
     if isinstance(strategy, flwr_strategies.fedopt.FedOpt):
         for name in ("m_t", "v_t"):
             moments = getattr(strategy, name, None)
@@ -164,6 +181,12 @@ def restrict_strategy_state(strategy: Strategy, keys: list[str]) -> None:
             if strategy.momentum_vector is not None:  # a list in current_arrays' order
                 strategy.momentum_vector = [strategy.momentum_vector[index[k]] for k in keys]
             strategy.current_arrays = ArrayRecord({k: strategy.current_arrays[k] for k in keys})
+
+
+def _is_dp_wrapper(strategy: Strategy) -> bool:
+    from .privacy import is_dp_wrapper
+
+    return is_dp_wrapper(strategy)
 
 
 def _to_tensors(value: Any) -> Any:
@@ -191,6 +214,8 @@ class SearchStrategy(Strategy):
 
     def __init__(self, base: Strategy, alpha_aggregation: str = "logits", min_replies: int = 1):
         self.base = base
+        self.dp = _is_dp_wrapper(base)  # replies get unit weights, the reference's key order, a full count
+        self.update_norms: list[tuple[float, float]] = []  # (all arrays, logits only) per usable reply, last round
         self.alpha_aggregation = alpha_aggregation
         self.min_replies = min_replies
         self._reference: dict[str, np.ndarray] | None = None
@@ -206,7 +231,11 @@ class SearchStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.set_reference(arrays)
         restrict_strategy_state(self.base, list(arrays.keys()))
-        return self.base.configure_train(server_round, arrays, config, grid)
+        messages = self.base.configure_train(server_round, arrays, config, grid)
+        if self.dp and hasattr(self.base, "current_arrays") and self.alpha_aggregation != "logits":
+            # server-side clipping measures reply - global on what is averaged: the transformed logits
+            self.base.current_arrays = _array_record(transform_logits(self._reference, self.alpha_aggregation))
+        return messages
 
     def set_reference(self, arrays: ArrayRecord) -> None:
         """The global model replies are screened against (names, shapes, dtypes, norm)."""
@@ -240,6 +269,15 @@ class SearchStrategy(Strategy):
                 if keys != common:
                     reject(msg, f"metric keys {sorted(keys)} differ from the other replies' {sorted(common)}")
                     good.remove(msg)
+        self.update_norms = []
+        for msg in good:
+            state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            self.update_norms.append(update_norms(state, self._reference or state, is_arch))
+        if self.dp:
+            for msg in good:  # Flower's clipping pairs arrays by position: put them in the sent order
+                arrays = msg.content["arrays"]
+                msg.content["arrays"] = ArrayRecord({k: arrays[k] for k in (self._reference or arrays) if k in arrays})
+                msg.content["metrics"][UNIT_WEIGHT] = 1
         if self.alpha_aggregation != "logits":
             for msg in good:
                 state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
@@ -247,6 +285,12 @@ class SearchStrategy(Strategy):
         if len(good) < self.min_replies:
             log(WARNING, "round %s: only %s usable replies (< %s): round skipped, global model unchanged", server_round, len(good), self.min_replies)
             self.skipped_reason = TOO_FEW_REPLIES
+            return None, None
+        expected = getattr(self.base, "num_sampled_clients", None) if self.dp else None
+        if expected is not None and len(good) != expected:
+            # the noise is calibrated for the mean of exactly that many clipped updates
+            log(WARNING, "round %s: %s usable replies, DP noise is calibrated for %s: round skipped", server_round, len(good), expected)
+            self.skipped_reason = f"error: dp: {len(good)} usable replies, the noise is calibrated for {expected}"
             return None, None
         try:
             arrays, metrics = self.base.aggregate_train(server_round, good)
@@ -296,6 +340,9 @@ class SearchStrategy(Strategy):
         self.evaluate_replies = [dict(m.content["metrics"]) for m in ok]
         if not ok:
             return None
+        if self.dp:  # the base strategy averages by the unit weight under DP (build_base_strategy)
+            for m in ok:
+                m.content["metrics"][UNIT_WEIGHT] = 1
         try:
             return self.base.aggregate_evaluate(server_round, ok)
         except Exception as exc:  # inconsistent evaluate replies must not end a finished search

@@ -77,6 +77,18 @@ CASES = [
     ("trimmedavg-trims-nothing", "min-available-nodes", 'strategy="FedTrimmedAvg" min-available-nodes=4'),
     ("trim-beta-half", "trim-beta", 'strategy="FedTrimmedAvg" trim-beta=0.5 min-available-nodes=10'),
     ("not-a-toml-value", "results-dir", "results-dir=/unquoted/path"),
+    ("unknown-dp-mode", "dp", 'dp="gaussian"'),
+    ("negative-dp-noise", "dp-noise-multiplier", 'dp="server-fixed" dp-noise-multiplier=-1.0'),
+    ("zero-dp-clipping-norm", "dp-clipping-norm", 'dp="server-fixed" dp-clipping-norm=0.0'),
+    ("dp-delta-one", "dp-delta", "dp-delta=1.0"),
+    ("dp-target-quantile-above-one", "dp-target-quantile", "dp-target-quantile=1.5"),
+    ("zero-dp-clip-lr", "dp-clip-lr", "dp-clip-lr=0.0"),
+    ("negative-dp-count-stddev", "dp-clipped-count-stddev", "dp-clipped-count-stddev=-1.0"),
+    # 12 sampled clients a round, 10 simulated (the CLI's --num-supernodes): would wait forever
+    ("dp-samples-more-than-federation", "min-train-nodes", 'dp="client-fixed" min-available-nodes=12 min-train-nodes=12'),
+    # adaptive clipping with 10 clients: z must be < 2 x (10 / 20)
+    ("dp-adaptive-noise-too-high", "dp-noise-multiplier", 'dp="client-adaptive" dp-noise-multiplier=1.0'),
+    ("dp-with-log-softmax-alphas", "alpha-aggregation", 'dp="server-fixed" alpha-aggregation="log-softmax"'),
 ]  # fmt: skip
 
 # Needs server_app.strategy.check_strategy wired into the CLI (config.py never imports flwr).

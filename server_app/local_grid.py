@@ -1,0 +1,54 @@
+"""A Grid that delivers every message to the real ClientApp in this process: no Ray, no SuperLink.
+
+For tests and long benchmark grids on small machines: the ServerApp's loop (``run_experiment``) and
+the ClientApp (``client_app.app.app``, so its mods, e.g. the DP clipping, run too) are the ones
+``flwr run`` uses; only the transport is skipped. Node ``i`` (id ``i + 1``) holds partition ``i``.
+Outside a Flower runtime a ``Message`` needs a task identity: ``task_identity()`` sets Flower's
+(an internal API, pinned with flwr==1.42.0).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+from flwr.app import Context, Message, RecordDict
+
+
+@contextmanager
+def task_identity() -> Iterator[None]:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    attrs = ("_task_id", "_run_id", "_node_id")
+    saved = {a: getattr(TaskIdentity, a, None) for a in attrs}
+    for a in attrs:
+        setattr(TaskIdentity, a, 1)
+    try:
+        yield
+    finally:
+        for a, v in saved.items():
+            setattr(TaskIdentity, a, v)
+
+
+class LocalGrid:
+    """``num_nodes`` virtual SuperNodes, each with its own persistent ``context.state``."""
+
+    def __init__(self, run_id: int, run_config: dict[str, Any], num_nodes: int):
+        from client_app.app import app as client_app
+
+        self.client_app, self.run_id, self.run_config, self.num_nodes = client_app, run_id, run_config, num_nodes
+        self.states = {i + 1: RecordDict() for i in range(num_nodes)}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.states)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            ctx = Context(
+                run_id=self.run_id, node_id=node, node_config={"partition-id": node - 1, "num-partitions": self.num_nodes},
+                state=self.states[node], run_config=self.run_config,
+            )  # fmt: skip
+            replies.append(self.client_app(msg, ctx))
+        return replies
