@@ -14,10 +14,12 @@ import os
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedmetanas_core.attacks import parse_attack_clients, poison
 from fedmetanas_core.config import RunConfig
 from fedmetanas_core.node_config import validate_node_config
 from fedmetanas_core.coordinator import plan_from_config
@@ -106,7 +108,19 @@ def train(msg: Message, context: Context) -> Message:
             "client-seconds": time.time() - t0,
         }
     )
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+    arrays = attacked(cfg, data.partition_id, msg.content["arrays"], ArrayRecord(model.state_dict()))
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def attacked(cfg: RunConfig, partition_id: int, sent: ArrayRecord, reply: ArrayRecord) -> ArrayRecord:
+    """Simulations only: an attacking partition (``attack-clients``) replies with the poisoned
+    state ``attacks.poison`` makes from what the server sent and the honest reply; others as they are."""
+    if cfg.attack == "none" or partition_id not in parse_attack_clients(cfg.attack_clients):
+        return reply
+    received = {k: v.numpy() for k, v in sent.items()}
+    honest = {k: v.numpy() for k, v in reply.items()}
+    poisoned = poison(cfg.attack, received, honest, cfg.attack_scale, cfg.primitive_list)
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in poisoned.items()})
 
 
 @app.evaluate()

@@ -40,6 +40,7 @@ from fedmetanas_core.training import evaluate, resolve_device, run_settings
 from server_app.strategy import (
     SearchStrategy,
     _array_record,
+    alpha_defence_args,
     build_base_strategy,
     check_strategy,
     load_strategy_state,
@@ -151,9 +152,11 @@ class Experiment:
     def run_phase(self, index: int, phase: Phase) -> None:
         """Start ``phase`` from what the phases before it left (or from the checkpoint) and run its rounds."""
         cfg = self.cfg
+        search = phase.kind == "search"
         strategy = SearchStrategy(
-            build_base_strategy(cfg), cfg.alpha_aggregation if phase.kind == "search" else "logits", cfg.min_train_nodes
-        )
+            build_base_strategy(cfg), cfg.alpha_aggregation if search else "logits", cfg.min_train_nodes,
+            **(alpha_defence_args(cfg) if search else {}),
+        )  # fmt: skip
         self.strategy = strategy
         phase.start(self.carried)
         arrays = _array_record(phase.initial_state())
@@ -196,6 +199,7 @@ class Experiment:
             "skipped-reason": strategy.skipped_reason,  # None, "too few replies" or "error: ..."
             "rejected": len(strategy.rejected),
             "rejected-reasons": strategy.rejected,
+            "alpha-screened": len(strategy.alpha_screened),  # replies whose logits alpha-defence=norm-screen left out
             "round-s": time.time() - t_round,
             "client-s-max": max(client_seconds, default=0.0),
             "client-s-sum": sum(client_seconds),  # with round-s and server-s: the framework's share of the round
