@@ -36,23 +36,27 @@ DEFENCE = "median"  # the defence the grid measures for every strategy; others w
 
 
 def _runs() -> dict[str, dict[str, Any]]:
-    """name -> run-config overrides (plus '_clients' for Bulyan, which needs n >= 4f+3 = 11)."""
-    runs: dict[str, dict[str, Any]] = {"clean/FedAvg": {}}
-    for attack in ATTACKS:
+    """name -> run-config overrides (plus '_clients' for Bulyan, which needs n >= 4f+3 = 11), in the
+    order they are run: the attacks first, then the defence, then the rest."""
+    poison = {"attack": "alpha-poison", "attack-clients": ATTACKERS}
+    flip = {"attack": "sign-flip", "attack-clients": ATTACKERS}
+    runs: dict[str, dict[str, Any]] = {"clean/FedAvg": {}, "sign-flip/FedAvg": {**flip}}
+    for name, over in ROBUST.items():
+        runs[f"alpha-poison/{name}"] = {**over, **poison}
+    for name, over in ROBUST.items():
+        runs[f"sign-flip/{name}"] = {**over, **flip}
+    for attack in (poison, flip):
         for name, over in ROBUST.items():
-            runs[f"{attack}/{name}"] = {**over, "attack": attack, "attack-clients": ATTACKERS}
-    for attack in ATTACKS:
-        for name, over in ROBUST.items():
-            runs[f"{attack}/{name}+{DEFENCE}"] = {**over, "attack": attack, "attack-clients": ATTACKERS, "alpha-defence": DEFENCE}
-    for attack in ATTACKS:  # Bulyan with f = 2 needs 11 nodes: 2 attackers among 11
-        bulyan = {"strategy": "Bulyan", "num-malicious-nodes": 2, "attack": attack, "attack-clients": ATTACKERS, "_clients": 11}
-        runs[f"{attack}/Bulyan(11 nodes)"] = bulyan
-        runs[f"{attack}/Bulyan(11 nodes)+{DEFENCE}"] = {**bulyan, "alpha-defence": DEFENCE}
+            runs[f"{attack['attack']}/{name}+{DEFENCE}"] = {**over, **attack, "alpha-defence": DEFENCE}
+    for defence in ("trimmed-mean", "norm-screen"):
+        runs[f"alpha-poison/FedAvg+{defence}"] = {**poison, "alpha-defence": defence}
+    for attack in (poison, flip):  # Bulyan with f = 2 needs 11 nodes: 2 attackers among 11
+        bulyan = {"strategy": "Bulyan", "num-malicious-nodes": 2, **attack, "_clients": 11}
+        runs[f"{attack['attack']}/Bulyan(11 nodes)"] = bulyan
+        runs[f"{attack['attack']}/Bulyan(11 nodes)+{DEFENCE}"] = {**bulyan, "alpha-defence": DEFENCE}
     for name in ("Krum", "MultiKrum", "FedMedian", "FedTrimmedAvg"):  # what the robust rules cost without attack
         runs[f"clean/{name}"] = dict(ROBUST[name])
-    runs["clean/FedAvg+median"] = {"alpha-defence": "median"}
-    for defence in ("trimmed-mean", "norm-screen"):
-        runs[f"alpha-poison/FedAvg+{defence}"] = {"attack": "alpha-poison", "attack-clients": ATTACKERS, "alpha-defence": defence}
+    runs[f"clean/FedAvg+{DEFENCE}"] = {"alpha-defence": DEFENCE}
     return runs
 
 

@@ -77,6 +77,14 @@ CASES = [
     ("trimmedavg-trims-nothing", "min-available-nodes", 'strategy="FedTrimmedAvg" min-available-nodes=4'),
     ("trim-beta-half", "trim-beta", 'strategy="FedTrimmedAvg" trim-beta=0.5 min-available-nodes=10'),
     ("not-a-toml-value", "results-dir", "results-dir=/unquoted/path"),
+    ("unknown-attack", "attack", 'attack="label-flip"'),
+    ("attack-without-attackers", "attack-clients", 'attack="sign-flip"'),
+    ("attack-clients-not-ids", "attack-clients", 'attack="sign-flip" attack-clients="0,x"'),
+    ("attack-clients-repeat", "attack-clients", 'attack="sign-flip" attack-clients="1,1"'),
+    ("attack-client-beyond-partitions", "attack-clients", 'attack="alpha-poison" attack-clients="0,10" num-partitions=10 min-available-nodes=10'),
+    ("zero-attack-scale", "attack-scale", "attack-scale=0.0"),
+    ("unknown-alpha-defence", "alpha-defence", 'alpha-defence="mean"'),
+    ("alpha-screen-factor-below-one", "alpha-screen-factor", "alpha-screen-factor=0.5"),
 ]  # fmt: skip
 
 # Needs server_app.strategy.check_strategy wired into the CLI (config.py never imports flwr).
