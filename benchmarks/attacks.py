@@ -140,29 +140,59 @@ def row(name: str, seed: int, folder: Path) -> dict[str, Any]:
         "genotype": summary["genotype"],
         "rejected_replies": summary["rejected_replies"],
         "alpha_screened": sum(r.get("alpha-screened", 0) for r in rounds),
+        "parameter_free_mass": parameter_free_mass(rounds),
         "skipped_rounds": sum(1 for r in rounds if not r.get("aggregated", True)),
         "total_time_s": summary.get("total_time_s"),
     }
+
+
+def parameter_free_mass(rounds: list[dict[str, Any]]) -> float | None:
+    """Mean softmax(alpha) mass on skip / pooling per edge (both cell types) in the last round before
+    the cell was decided (masks one op per edge): how far the logits leaned to parameter-free ops."""
+    from fedmetanas_core.attacks import PARAMETER_FREE
+
+    open_rounds = [r for r in rounds if "op-probs" in r and not r.get("cell-decided")]
+    if not open_rounds:
+        return None
+    last = open_rounds[-1]
+    free = [i for i, p in enumerate(last["primitives"]) if p in PARAMETER_FREE]
+    rows = [row for cell in last["op-probs"].values() for row in cell]
+    return sum(sum(row[i] for i in free) for row in rows) / len(rows)
 
 
 def _ops(genotype: dict, cell: str) -> str:
     return ", ".join(choice["op"] for node in genotype[cell] for choice in node)
 
 
+def changed_choices(genotype: dict, reference: dict) -> int:
+    """(op, input) choices of ``genotype`` that differ from ``reference``'s at the same place (of 8)."""
+    return sum(
+        a != b
+        for cell in reference
+        for node_a, node_b in zip(genotype[cell], reference[cell])
+        for a, b in zip(node_a, node_b)
+    )
+
+
+def _mass(r: dict[str, Any]) -> str:
+    return "n/a" if r.get("parameter_free_mass") is None else f"{r['parameter_free_mass']:.2f}"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """One line per run; accuracy difference against the attack-free FedAvg run of the same seed."""
-    clean = {r["seed"]: r["final_test_accuracy"] for r in rows if r["run"] == "clean/FedAvg"}
+    """One line per run; accuracy and genotype against the attack-free FedAvg run of the same seed."""
+    clean = {r["seed"]: r for r in rows if r["run"] == "clean/FedAvg"}
     lines = [
-        "| run (attack / strategy + alpha defence) | seed | clients | final test acc. | vs attack-free (points) | parameter-free ops normal / reduce (of 4) | normal cell | reduce cell | alpha-screened replies |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run (attack / strategy + alpha defence) | seed | clients | final test acc. | vs attack-free (points) | parameter-free ops normal / reduce (of 4) | choices changed vs attack-free (of 8) | parameter-free mass before the cell is decided | normal cell | reduce cell | alpha-screened replies |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         base = clean.get(r["seed"])
-        diff = f"{100 * (r['final_test_accuracy'] - base):+.1f}" if base is not None else "n/a"
+        diff = f"{100 * (r['final_test_accuracy'] - base['final_test_accuracy']):+.1f}" if base else "n/a"
+        changed = changed_choices(r["genotype"], base["genotype"]) if base else "n/a"
         pf = r["parameter_free_ops"]
         lines.append(
             f"| {r['run']} | {r['seed']} | {r['clients']} | {r['final_test_accuracy']:.4f} | {diff} | {pf['normal']} / {pf['reduce']} "
-            f"| {_ops(r['genotype'], 'normal')} | {_ops(r['genotype'], 'reduce')} | {r['alpha_screened']} |"
+            f"| {changed} | {_mass(r)} | {_ops(r['genotype'], 'normal')} | {_ops(r['genotype'], 'reduce')} | {r['alpha_screened']} |"
         )
     return "\n".join(lines) + "\n"
 
