@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from fedmetanas_core.aggregation import reply_problem, transform_logits
 from fedmetanas_core.attacks import robust_logits
 from fedmetanas_core.coordinator import finite_state
+from fedmetanas_core.names import is_arch
 from fedmetanas_core.config import ConfigError, RunConfig
 
 TOO_FEW_REPLIES = "too few replies"  # a round's skipped-reason; every other reason starts with "error: "
@@ -238,6 +239,9 @@ class SearchStrategy(Strategy):
             log(WARNING, "round %s: only %s usable replies (< %s): round skipped, global model unchanged", server_round, len(good), self.min_replies)
             self.skipped_reason = TOO_FEW_REPLIES
             return None, None
+        # the replies' logits and weights, read before the base strategy runs (FedMedian and
+        # FedTrimmedAvg pop the arrays out of the replies)
+        defended = self._arch_replies(good) if self.alpha_defence != "none" else None
         try:
             arrays, metrics = self.base.aggregate_train(server_round, good)
         except Exception as exc:  # e.g. a robust strategy that cannot aggregate this many replies
@@ -251,19 +255,28 @@ class SearchStrategy(Strategy):
             log(WARNING, "round %s: aggregate is not finite: round skipped, global model unchanged", server_round)
             self.skipped_reason = "error: aggregate is not finite"
             return None, metrics
-        if arrays is not None and self.alpha_defence != "none":
-            arrays = self._defend_alphas(server_round, good, arrays)
+        if arrays is not None and defended is not None:
+            arrays = self._defend_alphas(server_round, defended, arrays)
         return arrays, metrics
 
-    def _defend_alphas(self, server_round: int, good: list[Message], arrays: ArrayRecord) -> ArrayRecord:
+    @staticmethod
+    def _arch_replies(good: list[Message]) -> list[tuple[int, dict[str, np.ndarray], float]]:
+        """(node id, architecture logits, num-examples) of each usable reply."""
+        return [
+            (m.metadata.src_node_id, {k: v.numpy().copy() for k, v in m.content["arrays"].items() if is_arch(k)},
+             float(m.content["metrics"]["num-examples"]))
+            for m in good
+        ]  # fmt: skip
+
+    def _defend_alphas(self, server_round: int, replies: list[tuple[int, dict[str, np.ndarray], float]], arrays: ArrayRecord) -> ArrayRecord:
         """Replace the base strategy's architecture logits by the robust per-element aggregate
         (``alpha-defence``): the weights stay the base strategy's, whichever it is."""
-        states = [{k: v.numpy() for k, v in m.content["arrays"].items()} for m in good]
-        weights = [float(m.content["metrics"]["num-examples"]) for m in good]
+        states = [state for _, state, _ in replies]
+        weights = [n for _, _, n in replies]
         reference = transform_logits(self._reference or states[0], self.alpha_aggregation)
         logits, dropped = robust_logits(states, weights, reference, self.alpha_defence, self.trim_beta, self.screen_factor)
         for i in dropped:
-            self.alpha_screened.append(f"node {good[i].metadata.src_node_id}")
+            self.alpha_screened.append(f"node {replies[i][0]}")
         if dropped:
             log(INFO, "round %s: alpha norm screen left out the logits of %s", server_round, ", ".join(self.alpha_screened))
         out = {k: v.numpy() for k, v in arrays.items()}
