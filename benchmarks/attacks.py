@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -120,12 +121,36 @@ def run_one(name: str, seed: int, out: Path) -> Path:
     return folder
 
 
+def partial_summary(folder: Path, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """For a run that has not finished: the last checkpointed round's test accuracy and the genotype
+    derived from its checkpoint (logits and masks), as ``summary.json`` would hold them."""
+    import torch
+
+    from fedmetanas_core.config import RunConfig
+    from fedmetanas_core.genotype import derive_genotype
+    from fedmetanas_core.outputs import load_checkpoint
+    from fedmetanas_core.training import space_from_config
+
+    ck = load_checkpoint(folder)
+    cfg = RunConfig.from_flat(ck["config"], check_paths=False)
+    space = space_from_config(cfg, 10, 1)  # digits: 10 classes, 1 channel
+    arch = {k: torch.as_tensor(v) for k, v in ck["arrays"].items() if k.startswith("arch.")}
+    done = [r for r in rounds if r["round"] <= ck["round"]]
+    return {"final_test_accuracy": done[-1]["accuracy"], "genotype": derive_genotype(space, arch, ck["masks"]).to_dict(),
+            "rejected_replies": sum(r["rejected"] for r in done), "total_time_s": None, "partial_rounds": ck["round"]}  # fmt: skip
+
+
 def row(name: str, seed: int, folder: Path) -> dict[str, Any]:
-    """The table's numbers for one finished run, read from its summary.json and rounds.jsonl."""
+    """The table's numbers for one run, read from its summary.json and rounds.jsonl (a run still
+    going: from its last checkpoint, marked with ``partial_rounds``)."""
     from fedmetanas_core.attacks import parameter_free_count
 
-    summary = json.loads((folder / "summary.json").read_text())
     rounds = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines() if line]
+    if (folder / "summary.json").is_file():
+        summary = json.loads((folder / "summary.json").read_text())
+    else:
+        summary = partial_summary(folder, rounds)
+        rounds = rounds[: summary["partial_rounds"]]
     attack, _, setup = name.partition("/")
     overrides = RUNS[name]
     return {
@@ -143,21 +168,27 @@ def row(name: str, seed: int, folder: Path) -> dict[str, Any]:
         "parameter_free_mass": parameter_free_mass(rounds),
         "skipped_rounds": sum(1 for r in rounds if not r.get("aggregated", True)),
         "total_time_s": summary.get("total_time_s"),
+        "partial_rounds": summary.get("partial_rounds"),
     }
 
 
 def parameter_free_mass(rounds: list[dict[str, Any]]) -> float | None:
-    """Mean softmax(alpha) mass on skip / pooling per edge (both cell types) in the last round before
-    the cell was decided (masks one op per edge): how far the logits leaned to parameter-free ops."""
+    """Mean softmax(alpha logits) mass on skip / pooling per edge (both cell types, no masks) in the
+    round that decided the cell (the first with one op per edge left; else the last): how far the
+    aggregated logits leaned to parameter-free ops when the architecture was fixed."""
     from fedmetanas_core.attacks import PARAMETER_FREE
 
-    open_rounds = [r for r in rounds if "op-probs" in r and not r.get("cell-decided")]
-    if not open_rounds:
+    rows = [r for r in rounds if "alpha-logits" in r]
+    if not rows:
         return None
-    last = open_rounds[-1]
-    free = [i for i, p in enumerate(last["primitives"]) if p in PARAMETER_FREE]
-    rows = [row for cell in last["op-probs"].values() for row in cell]
-    return sum(sum(row[i] for i in free) for row in rows) / len(rows)
+    decided = next((r for r in rows if r.get("cell-decided")), rows[-1])
+    free = [i for i, p in enumerate(decided["primitives"]) if p in PARAMETER_FREE]
+    masses = []
+    for cell in decided["alpha-logits"].values():
+        for logits in cell:
+            e = [math.exp(x - max(logits)) for x in logits]
+            masses.append(sum(e[i] for i in free) / sum(e))
+    return sum(masses) / len(masses)
 
 
 def _ops(genotype: dict, cell: str) -> str:
@@ -182,7 +213,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """One line per run; accuracy and genotype against the attack-free FedAvg run of the same seed."""
     clean = {r["seed"]: r for r in rows if r["run"] == "clean/FedAvg"}
     lines = [
-        "| run (attack / strategy + alpha defence) | seed | clients | final test acc. | vs attack-free (points) | parameter-free ops normal / reduce (of 4) | choices changed vs attack-free (of 8) | parameter-free mass before the cell is decided | normal cell | reduce cell | alpha-screened replies |",
+        "| run (attack / strategy + alpha defence) | seed | clients | final test acc. | vs attack-free (points) | parameter-free ops normal / reduce (of 4) | choices changed vs attack-free (of 8) | parameter-free softmax mass when the cell is decided (attack-free: see its row) | normal cell | reduce cell | alpha-screened replies |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
@@ -190,8 +221,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         diff = f"{100 * (r['final_test_accuracy'] - base['final_test_accuracy']):+.1f}" if base else "n/a"
         changed = changed_choices(r["genotype"], base["genotype"]) if base else "n/a"
         pf = r["parameter_free_ops"]
+        run = r["run"] if not r.get("partial_rounds") else f"{r['run']} (**unfinished: round {r['partial_rounds']} of 20**)"
         lines.append(
-            f"| {r['run']} | {r['seed']} | {r['clients']} | {r['final_test_accuracy']:.4f} | {diff} | {pf['normal']} / {pf['reduce']} "
+            f"| {run} | {r['seed']} | {r['clients']} | {r['final_test_accuracy']:.4f} | {diff} | {pf['normal']} / {pf['reduce']} "
             f"| {changed} | {_mass(r)} | {_ops(r['genotype'], 'normal')} | {_ops(r['genotype'], 'reduce')} | {r['alpha_screened']} |"
         )
     return "\n".join(lines) + "\n"
@@ -202,7 +234,7 @@ def collect(out: Path, seeds: list[int], names: list[str]) -> list[dict[str, Any
     for seed in seeds:
         for name in names:
             folder = out / "runs" / f"seed-{seed}" / name.replace("/", "__")
-            if (folder / "summary.json").is_file():
+            if (folder / "summary.json").is_file() or (folder / "checkpoint.pt").is_file():
                 rows.append(row(name, seed, folder))
     (out / "attacks.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "attacks.md").write_text(markdown(rows))
