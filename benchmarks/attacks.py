@@ -49,8 +49,9 @@ def _runs() -> dict[str, dict[str, Any]]:
     for attack in (poison, flip):
         for name, over in ROBUST.items():
             runs[f"{attack['attack']}/{name}+{DEFENCE}"] = {**over, **attack, "alpha-defence": DEFENCE}
-    for defence in ("trimmed-mean", "norm-screen"):
-        runs[f"alpha-poison/FedAvg+{defence}"] = {**poison, "alpha-defence": defence}
+    for name, over in ROBUST.items():
+        runs[f"alpha-poison/{name}+norm-screen"] = {**over, **poison, "alpha-defence": "norm-screen"}
+    runs["alpha-poison/FedAvg+trimmed-mean"] = {**poison, "alpha-defence": "trimmed-mean"}
     for attack in (poison, flip):  # Bulyan with f = 2 needs 11 nodes: 2 attackers among 11
         bulyan = {"strategy": "Bulyan", "num-malicious-nodes": 2, **attack, "_clients": 11}
         runs[f"{attack['attack']}/Bulyan(11 nodes)"] = bulyan
