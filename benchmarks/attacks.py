@@ -54,8 +54,8 @@ def _runs() -> dict[str, dict[str, Any]]:
     runs["alpha-poison/FedAvg+trimmed-mean"] = {**poison, "alpha-defence": "trimmed-mean"}
     for attack in (poison, flip):  # Bulyan with f = 2 needs 11 nodes: 2 attackers among 11
         bulyan = {"strategy": "Bulyan", "num-malicious-nodes": 2, **attack, "_clients": 11}
-        runs[f"{attack['attack']}/Bulyan(11 nodes)"] = bulyan
-        runs[f"{attack['attack']}/Bulyan(11 nodes)+{DEFENCE}"] = {**bulyan, "alpha-defence": DEFENCE}
+        runs[f"{attack['attack']}/Bulyan-11nodes"] = bulyan
+        runs[f"{attack['attack']}/Bulyan-11nodes+{DEFENCE}"] = {**bulyan, "alpha-defence": DEFENCE}
     for name in ("Krum", "MultiKrum", "FedMedian", "FedTrimmedAvg"):  # what the robust rules cost without attack
         runs[f"clean/{name}"] = dict(ROBUST[name])
     runs[f"clean/FedAvg+{DEFENCE}"] = {"alpha-defence": DEFENCE}
