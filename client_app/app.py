@@ -15,11 +15,13 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
 
+from fedmetanas_core.attacks import parse_attack_clients, poison
 from fedmetanas_core.config import RunConfig
 from fedmetanas_core.node_config import validate_node_config
 from fedmetanas_core.privacy import local_reply_epsilon
@@ -158,8 +160,20 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     received = msg.content["arrays"].keys()  # the reply carries what was sent: nothing pruned travels back
-    reply = {k: v for k, v in model.state_dict().items() if k in received}
-    return Message(RecordDict({"arrays": ArrayRecord(reply), "metrics": metrics}), reply_to=msg)
+    reply = ArrayRecord({k: v for k, v in model.state_dict().items() if k in received})
+    arrays = attacked(cfg, data.partition_id, msg.content["arrays"], reply)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def attacked(cfg: RunConfig, partition_id: int, sent: ArrayRecord, reply: ArrayRecord) -> ArrayRecord:
+    """Simulations only: an attacking partition (``attack-clients``) replies with the poisoned
+    state ``attacks.poison`` makes from what the server sent and the honest reply; others as they are."""
+    if cfg.attack == "none" or partition_id not in parse_attack_clients(cfg.attack_clients):
+        return reply
+    received = {k: v.numpy() for k, v in sent.items()}
+    honest = {k: v.numpy() for k, v in reply.items()}
+    poisoned = poison(cfg.attack, received, honest, cfg.attack_scale, cfg.primitive_list)
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in poisoned.items()})
 
 
 @app.evaluate()

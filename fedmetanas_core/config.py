@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from .attacks import ALPHA_DEFENCES, ATTACKS, parse_attack_clients
 from .names import PRIMITIVES
 from .privacy import DP_MODES, DPConfigError, check_dp
 
@@ -94,6 +95,14 @@ def _primitives(v: str) -> str | None:
         return "ops must not repeat"
     if not [p for p in names if p != "none"]:
         return "needs at least one op other than 'none'"
+    return None
+
+
+def _attack_clients(v: str) -> str | None:
+    try:
+        parse_attack_clients(v)
+    except ValueError as exc:
+        return f"{exc}; expected comma-separated partition ids such as \"0,1\""
     return None
 
 
@@ -217,6 +226,12 @@ KEYS: tuple[Key, ...] = (
     Key("dp-target-quantile", 0.5, "adaptive clipping: the quantile of update norms the clipping norm tracks (share of updates left unclipped; Andrew et al.'s gamma)", _unit, "privacy"),
     Key("dp-clip-lr", 0.2, "adaptive clipping: geometric learning rate of the clipping norm", _positive, "privacy"),
     Key("dp-clipped-count-stddev", 0.0, "adaptive clipping: noise std on the clipped-update count; 0 = sampled clients / 20 (Andrew et al.)", _at_least(0), "privacy"),
+    # --- attacks (simulations) and the architecture-logit defence (fedmetanas_core/attacks.py)
+    Key("attack", "none", "none | sign-flip (the update of every array reversed and scaled) | alpha-poison (alphas pushed towards skip/pooling, weights honest): what the attack-clients send instead of their honest reply", _choice(ATTACKS), "attack"),
+    Key("attack-clients", "", "comma-separated partition ids of the attacking clients, e.g. \"0,1\"", _attack_clients, "attack"),
+    Key("attack-scale", 5.0, "attack strength: sign-flip sends g - scale * update; alpha-poison adds +-scale to the alpha logits", _positive, "attack"),
+    Key("alpha-defence", "none", "none | median | trimmed-mean (cuts trim-beta at each end) | norm-screen: architecture logits aggregated robustly per element, whatever strategy aggregates the weights", _choice(ALPHA_DEFENCES), "attack"),
+    Key("alpha-screen-factor", 3.0, "norm-screen: drop replies whose alpha update norm exceeds this times the median one", _at_least(1.0), "attack"),
 )
 
 BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
@@ -318,6 +333,7 @@ class RunConfig(Mapping[str, Any]):
             )  # fmt: skip
         self._check_strategy_nodes()
         self.check_dp(self.num_partitions or None)
+        self._check_attack()
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("tensorboard", True, "needs the tensorboard package: pip install -e '.[tensorboard]'")
         if check_paths:
@@ -359,6 +375,17 @@ class RunConfig(Mapping[str, Any]):
                 f"FedTrimmedAvg with trim-beta={self.trim_beta} trims nothing with fewer than {need} nodes "
                 f"(raise min-available-nodes or trim-beta, or use FedAvg)",
             )  # fmt: skip
+
+    def _check_attack(self) -> None:
+        """An attack needs its attackers; ids must exist when the partitions are known."""
+        ids = parse_attack_clients(self.attack_clients)
+        if self.attack != "none" and not ids:
+            raise ConfigError("attack-clients", self.attack_clients, f"attack = {self.attack} needs at least one partition id")
+        if self.num_partitions and ids and max(ids) >= self.num_partitions:
+            raise ConfigError("attack-clients", self.attack_clients, f"partition ids must be < num-partitions ({self.num_partitions})")
+        if self.alpha_defence != "none" and self.dp != "none":
+            # the defence would replace the noised logits by a robust aggregate of un-noised ones
+            raise ConfigError("alpha-defence", self.alpha_defence, f"cannot be combined with dp = {self.dp} (it would aggregate the logits without the DP noise)")
 
     def _check_paths(self) -> None:
         """Filesystem checks (server and CLI; clients skip them: their data-dir is the node's)."""

@@ -42,6 +42,7 @@ from fedmetanas_core.training import evaluate, resolve_device, run_settings
 from server_app.strategy import (
     SearchStrategy,
     _array_record,
+    alpha_defence_args,
     build_base_strategy,
     check_strategy,
     load_strategy_state,
@@ -193,10 +194,14 @@ class Experiment:
     def run_phase(self, index: int, phase: Phase) -> None:
         """Start ``phase`` from what the phases before it left (or from the checkpoint) and run its rounds."""
         cfg = self.cfg
+        search = phase.kind == "search"
         base = build_base_strategy(cfg)
         if self.population is not None:
             base = wrap_dp(base, cfg, self.population)
-        strategy = SearchStrategy(base, cfg.alpha_aggregation if phase.kind == "search" else "logits", cfg.min_train_nodes)
+        strategy = SearchStrategy(
+            base, cfg.alpha_aggregation if search else "logits", cfg.min_train_nodes,
+            **(alpha_defence_args(cfg) if search else {}),
+        )  # fmt: skip
         self.strategy = strategy
         phase.start(self.carried)
         arrays = _array_record(phase.initial_state())
@@ -249,6 +254,7 @@ class Experiment:
             "skipped-reason": strategy.skipped_reason,  # None, "too few replies" or "error: ..."
             "rejected": len(strategy.rejected),
             "rejected-reasons": strategy.rejected,
+            "alpha-screened": len(strategy.alpha_screened),  # replies whose logits alpha-defence=norm-screen left out
             "round-s": time.time() - t_round,
             "client-s-max": max(client_seconds, default=0.0),
             "client-s-sum": sum(client_seconds),  # with round-s and server-s: the framework's share of the round

@@ -27,9 +27,10 @@ from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 
 from fedmetanas_core.aggregation import reply_problem, transform_logits
+from fedmetanas_core.attacks import robust_logits
 from fedmetanas_core.coordinator import finite_state
-from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.names import is_arch
+from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.privacy import update_norms
 
 # dp modes whose noise the server adds (a Flower DP strategy wraps the base strategy)
@@ -95,6 +96,11 @@ def check_strategy(cfg: RunConfig, app_dir: str | Path | None = None) -> None:
     finally:
         if added:
             sys.path.remove(str(app_dir))
+
+
+def alpha_defence_args(cfg: RunConfig) -> dict[str, Any]:
+    """SearchStrategy's robust alpha aggregation, from the run config (search phases only)."""
+    return {"alpha_defence": cfg.alpha_defence, "trim_beta": cfg.trim_beta, "screen_factor": cfg.alpha_screen_factor}
 
 
 def build_base_strategy(cfg: RunConfig) -> Strategy:
@@ -212,12 +218,17 @@ def _to_numpy(value: Any) -> Any:
 class SearchStrategy(Strategy):
     """Delegates sampling and aggregation to ``base``; never lets a faulty reply reach the model."""
 
-    def __init__(self, base: Strategy, alpha_aggregation: str = "logits", min_replies: int = 1):
+    def __init__(
+        self, base: Strategy, alpha_aggregation: str = "logits", min_replies: int = 1,
+        alpha_defence: str = "none", trim_beta: float = 0.2, screen_factor: float = 3.0,
+    ):  # fmt: skip
         self.base = base
         self.dp = _is_dp_wrapper(base)  # replies get unit weights, the reference's key order, a full count
         self.update_norms: list[tuple[float, float]] = []  # (all arrays, logits only) per usable reply, last round
         self.alpha_aggregation = alpha_aggregation
         self.min_replies = min_replies
+        self.alpha_defence, self.trim_beta, self.screen_factor = alpha_defence, trim_beta, screen_factor
+        self.alpha_screened: list[str] = []  # replies whose logits the norm screen left out, last train round
         self._reference: dict[str, np.ndarray] | None = None
         self.rejected: list[str] = []  # reasons, for the last train round
         # why the last train round was skipped: None (aggregated), TOO_FEW_REPLIES or "error: ..."
@@ -225,7 +236,8 @@ class SearchStrategy(Strategy):
         self.evaluate_replies: list[dict] = []  # per-client metrics of the last evaluate round
 
     def summary(self) -> None:
-        log(INFO, "\t├──> SearchStrategy around %s (alpha aggregation: %s)", type(self.base).__name__, self.alpha_aggregation)
+        log(INFO, "\t├──> SearchStrategy around %s (alpha aggregation: %s, alpha defence: %s)",
+            type(self.base).__name__, self.alpha_aggregation, self.alpha_defence)  # fmt: skip
         self.base.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -244,6 +256,7 @@ class SearchStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good: list[Message] = []
         self.rejected = []
+        self.alpha_screened = []
         self.skipped_reason = None
 
         def reject(msg: Message, reason: str) -> None:
@@ -292,6 +305,9 @@ class SearchStrategy(Strategy):
             log(WARNING, "round %s: %s usable replies, DP noise is calibrated for %s: round skipped", server_round, len(good), expected)
             self.skipped_reason = f"error: dp: {len(good)} usable replies, the noise is calibrated for {expected}"
             return None, None
+        # the replies' logits and weights, read before the base strategy runs (FedMedian and
+        # FedTrimmedAvg pop the arrays out of the replies)
+        defended = self._arch_replies(good) if self.alpha_defence != "none" else None
         try:
             arrays, metrics = self.base.aggregate_train(server_round, good)
         except Exception as exc:  # e.g. a robust strategy that cannot aggregate this many replies
@@ -305,7 +321,33 @@ class SearchStrategy(Strategy):
             log(WARNING, "round %s: aggregate is not finite: round skipped, global model unchanged", server_round)
             self.skipped_reason = "error: aggregate is not finite"
             return None, metrics
+        if arrays is not None and defended is not None:
+            arrays = self._defend_alphas(server_round, defended, arrays)
         return arrays, metrics
+
+    @staticmethod
+    def _arch_replies(good: list[Message]) -> list[tuple[int, dict[str, np.ndarray], float]]:
+        """(node id, architecture logits, num-examples) of each usable reply."""
+        return [
+            (m.metadata.src_node_id, {k: v.numpy().copy() for k, v in m.content["arrays"].items() if is_arch(k)},
+             float(m.content["metrics"]["num-examples"]))
+            for m in good
+        ]  # fmt: skip
+
+    def _defend_alphas(self, server_round: int, replies: list[tuple[int, dict[str, np.ndarray], float]], arrays: ArrayRecord) -> ArrayRecord:
+        """Replace the base strategy's architecture logits by the robust per-element aggregate
+        (``alpha-defence``): the weights stay the base strategy's, whichever it is."""
+        states = [state for _, state, _ in replies]
+        weights = [n for _, _, n in replies]
+        reference = transform_logits(self._reference or states[0], self.alpha_aggregation)
+        logits, dropped = robust_logits(states, weights, reference, self.alpha_defence, self.trim_beta, self.screen_factor)
+        for i in dropped:
+            self.alpha_screened.append(f"node {replies[i][0]}")
+        if dropped:
+            log(INFO, "round %s: alpha norm screen left out the logits of %s", server_round, ", ".join(self.alpha_screened))
+        out = {k: v.numpy() for k, v in arrays.items()}
+        out.update(logits)
+        return _array_record(out)
 
     def _problem(self, msg: Message) -> str | None:
         if msg.has_error():

@@ -89,6 +89,15 @@ CASES = [
     # adaptive clipping with 10 clients: z must be < 2 x (10 / 20)
     ("dp-adaptive-noise-too-high", "dp-noise-multiplier", 'dp="client-adaptive" dp-noise-multiplier=1.0'),
     ("dp-with-log-softmax-alphas", "alpha-aggregation", 'dp="server-fixed" alpha-aggregation="log-softmax"'),
+    ("unknown-attack", "attack", 'attack="label-flip"'),
+    ("attack-without-attackers", "attack-clients", 'attack="sign-flip"'),
+    ("attack-clients-not-ids", "attack-clients", 'attack="sign-flip" attack-clients="0,x"'),
+    ("attack-clients-repeat", "attack-clients", 'attack="sign-flip" attack-clients="1,1"'),
+    ("attack-client-beyond-partitions", "attack-clients", 'attack="alpha-poison" attack-clients="0,10" num-partitions=10 min-available-nodes=10'),
+    ("zero-attack-scale", "attack-scale", "attack-scale=0.0"),
+    ("unknown-alpha-defence", "alpha-defence", 'alpha-defence="mean"'),
+    ("alpha-screen-factor-below-one", "alpha-screen-factor", "alpha-screen-factor=0.5"),
+    ("alpha-defence-with-dp", "alpha-defence", 'alpha-defence="median" dp="server-fixed"'),
 ]  # fmt: skip
 
 # Needs server_app.strategy.check_strategy wired into the CLI (config.py never imports flwr).
