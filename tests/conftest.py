@@ -21,3 +21,13 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def skip_run_extras(monkeypatch):
+    """In-process runs whose test is about rounds and summaries: no device export and no figures
+    (seconds of TorchScript and matplotlib per run; tests/test_simulation.py and test_export.py
+    check those)."""
+    import server_app.app as server
+
+    monkeypatch.setattr(server, "_after_run", lambda *args: None)

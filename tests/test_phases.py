@@ -23,7 +23,7 @@ from fedmetanas_core.training import LOCAL_TRAINING, LocalResult, local_trainer,
 from server_app.app import run_experiment
 from server_app.strategy import SearchStrategy, _array_record, build_base_strategy
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "skip_run_extras")
 
 TINY = {"local-meta-iters": 1, "local-epochs": 1, "retrain-local-epochs": 2, "min-available-nodes": 3, "min-train-nodes": 2,
         "batch-size": 16, "init-channels": 4, "num-partitions": 3, "train-subset": 240, "test-subset": 120,

@@ -28,7 +28,7 @@ from server_app.local_grid import LocalGrid, task_identity
 from server_app.privacy import ServerSideAdaptiveClipping, wrap_dp
 from server_app.strategy import SearchStrategy, build_base_strategy, load_strategy_state, strategy_state
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "skip_run_extras")
 
 TINY = {"local-meta-iters": 1, "local-epochs": 1, "min-available-nodes": 3, "min-train-nodes": 3, "batch-size": 16,
         "init-channels": 4, "num-partitions": 3, "train-subset": 240, "test-subset": 120, "personalize-steps": 1,

@@ -273,7 +273,7 @@ def test_checkpoint_loads_weights_only_and_round_trips_rng_and_strategy_state(tm
     cfg = RunConfig.from_flat({"strategy": "FedAdam"})
     experiment = SimpleNamespace(
         recorder=SimpleNamespace(dir=tmp_path), cfg=cfg, strategy=SimpleNamespace(base=adam),
-        done=[("search", 1), ("search", 2)], nodes_seen={2**64 - 1, 5}, rejected_total=1,
+        done=[("search", 1), ("search", 2)], nodes_seen={2**64 - 1, 5}, rejected_total=1, accountant=None,
         carried=Handoff(None, {"supernet_test_accuracy": np.float64(0.5), "supernet_params": 7}, [3.5]),
     )  # fmt: skip
     phase = SimpleNamespace(masks={"arch.alpha.normal": torch.zeros(2, 3, dtype=torch.bool)},

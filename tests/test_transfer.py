@@ -24,6 +24,8 @@ from server_app.strategy import SearchStrategy, build_base_strategy
 from fedmetanas_core.training import run_settings
 from test_phases import TINY, InProcessGrid
 
+pytestmark = pytest.mark.usefixtures("single_thread", "skip_run_extras")
+
 SPACE = SpaceConfig(num_classes=10, in_channels=1, init_channels=4, num_cells=2, num_nodes=2)
 
 
