@@ -230,6 +230,34 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def over_seeds(rows: list[dict[str, Any]]) -> str:
+    """Runs measured on more than one seed: mean +- std of the final accuracy and of its difference
+    to the same seed's attack-free run, and each seed's parameter-free ops and changed choices."""
+    import statistics
+
+    clean = {r["seed"]: r for r in rows if r["run"] == "clean/FedAvg"}
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if not r.get("partial_rounds"):
+            by_run.setdefault(r["run"], []).append(r)
+    lines = [
+        "| run | seeds | final test acc. (mean +- std) | vs attack-free, same seed (points, mean +- std) | parameter-free ops normal / reduce, per seed | choices changed vs attack-free, per seed |",
+        "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for run, rs in by_run.items():
+        if len(rs) < 2:
+            continue
+        rs = sorted(rs, key=lambda r: r["seed"])
+        acc = [r["final_test_accuracy"] for r in rs]
+        diffs = [100 * (r["final_test_accuracy"] - clean[r["seed"]]["final_test_accuracy"]) for r in rs if r["seed"] in clean]
+        pf = ", ".join(f"{r['parameter_free_ops']['normal']}/{r['parameter_free_ops']['reduce']}" for r in rs)
+        changed = ", ".join(str(changed_choices(r["genotype"], clean[r["seed"]]["genotype"])) if r["seed"] in clean else "n/a" for r in rs)
+        diff = f"{statistics.mean(diffs):+.1f} +- {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else "n/a"
+        lines.append(f"| {run} | {', '.join(str(r['seed']) for r in rs)} | {statistics.mean(acc):.4f} +- {statistics.stdev(acc):.4f} "
+                     f"| {diff} | {pf} | {changed} |")  # fmt: skip
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def collect(out: Path, seeds: list[int], names: list[str]) -> list[dict[str, Any]]:
     rows = []
     for seed in seeds:
@@ -238,7 +266,8 @@ def collect(out: Path, seeds: list[int], names: list[str]) -> list[dict[str, Any
             if (folder / "summary.json").is_file() or (folder / "checkpoint.pt").is_file():
                 rows.append(row(name, seed, folder))
     (out / "attacks.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (out / "attacks.md").write_text(markdown(rows))
+    seeds_table = over_seeds(rows)
+    (out / "attacks.md").write_text(markdown(rows) + (f"\nOver seeds:\n\n{seeds_table}" if seeds_table else ""))
     return rows
 
 
