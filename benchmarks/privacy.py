@@ -127,8 +127,35 @@ def markdown(rows: list[dict[str, Any]], norms: dict[str, dict[str, float]], arg
                  "(quartiles / max / replies): " + "; ".join(
                      f"{m}: median {v['median']:.3g} (q1 {v['q1']:.3g}, q3 {v['q3']:.3g}, max {v['max']:.3g}, {v['n']} replies)"
                      for m, v in norms.items()))  # fmt: skip
-    lines.append(f"Seeds: {', '.join(map(str, args.seeds))} ({'one seed' if len(args.seeds) == 1 else 'mean not taken: one row per seed'}).")
+    lines.append(f"Seeds: {', '.join(map(str, args.seeds))} ({'one seed' if len(args.seeds) == 1 else 'one row per seed above; mean and std over the seeds below'}).")
+    summary = over_seeds(rows)
+    if any(g["seeds"] > 1 for g in summary):
+        lines += ["", "| method | noise multiplier z | seeds | epsilon (delta=1e-5) | final test acc (mean +- std) | last-5-rounds acc (mean +- std) |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for g in summary:
+            z = "no DP" if g["noise_multiplier"] is None else f"{g['noise_multiplier']:g}"
+            eps = "-" if g["epsilon"] is None else f"{g['epsilon']:.1f}"
+            lines.append(f"| {g['method']} | {z} | {g['seeds']} | {eps} | {g['final_mean']:.3f} +- {g['final_std']:.3f} "
+                         f"| {g['last5_mean']:.3f} +- {g['last5_std']:.3f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method and noise level: mean and std over the seeds (std 0 for one seed)."""
+    groups: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["noise_multiplier"]), []).append(r)
+    order = {m: i for i, m in enumerate(METHODS)}
+    out = []
+    for (method, z), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), -1 if kv[0][1] is None else kv[0][1])):
+        final = [r["final_test_accuracy"] for r in rs]
+        last5 = [r["last5_accuracy"] for r in rs]
+        out.append({
+            "method": method, "noise_multiplier": z, "seeds": len(rs), "epsilon": rs[0]["epsilon"] if z is not None else None,
+            "final_mean": statistics.fmean(final), "final_std": statistics.stdev(final) if len(rs) > 1 else 0.0,
+            "last5_mean": statistics.fmean(last5), "last5_std": statistics.stdev(last5) if len(rs) > 1 else 0.0,
+        })  # fmt: skip
+    return out
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -138,16 +165,18 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    groups = over_seeds(rows)  # mean over seeds, error bars: std
     for i, method in enumerate(METHODS):
-        dp = sorted((r for r in rows if r["method"] == method and r["epsilon"] is not None), key=lambda r: r["epsilon"])
-        ref = [r for r in rows if r["method"] == method and r["noise_multiplier"] is None]
+        dp = sorted((g for g in groups if g["method"] == method and g["epsilon"] is not None), key=lambda g: g["epsilon"])
+        ref = [g for g in groups if g["method"] == method and g["noise_multiplier"] is None]
         color = f"C{i}"
         if dp:
-            ax.plot([r["epsilon"] for r in dp], [r["final_test_accuracy"] for r in dp], "o-", color=color, label=f"{method} (server-side fixed clipping)")
-            for r in dp:
-                ax.annotate(f"z={r['noise_multiplier']:g}", (r["epsilon"], r["final_test_accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        for r in ref:
-            ax.axhline(r["final_test_accuracy"], color=color, ls="--", lw=1, label=f"{method} without DP")
+            ax.errorbar([g["epsilon"] for g in dp], [g["final_mean"] for g in dp], yerr=[g["final_std"] for g in dp], fmt="o-",
+                        color=color, capsize=3, label=f"{method} (server-side fixed clipping; {dp[0]['seeds']} seed(s))")  # fmt: skip
+            for g in dp:
+                ax.annotate(f"z={g['noise_multiplier']:g}", (g["epsilon"], g["final_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for g in ref:
+            ax.axhline(g["final_mean"], color=color, ls="--", lw=1, label=f"{method} without DP")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon at delta = 1e-5 (RDP accountant; log scale)")
     ax.set_ylabel("final test accuracy")
@@ -169,7 +198,7 @@ def collect(out_dir: Path, seeds: list[int]) -> tuple[list[dict[str, Any]], dict
                 out = run.parent
                 z = None if out.name == "no-dp" else float(out.name[1:])
                 if z is None:
-                    norms[method] = clipping_norm_from(out)
+                    norms[f"{method} seed {seed}"] = clipping_norm_from(out)
                 rows.append(row(method, seed, z, json.loads(run.read_text()), out))
     return rows, norms
 
