@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ from typing import Any
 
 from benchmarks.framework import PeakMemory, _cmdline
 from fedmetanas_core.atomic import atomic_write_text
+from fedmetanas_core.cli import stop_pids
 from fedmetanas_core.outputs import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,22 +50,6 @@ def free_port() -> int:
 def superlinks_of(flwr_home: Path) -> list[int]:
     """This run's local SuperLink(s): its database lives under the run's private FLWR_HOME."""
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and "flower-superlink" in (c := _cmdline(int(p))) and str(flwr_home) in c]
-
-
-def stop(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + 20
-    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[str]) -> dict[str, Any]:
@@ -94,7 +78,7 @@ def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[s
             with PeakMemory(roots) as memory:
                 done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         finally:
-            stop(sorted(seen | set(superlinks_of(Path(home)))))
+            stop_pids(sorted(seen | set(superlinks_of(Path(home)))), grace_s=20)
     if done.returncode != 0:
         print(done.stdout[-4000:])
         raise SystemExit(f"the {population}-client run failed (exit {done.returncode})")

@@ -186,23 +186,29 @@ class PrivateSuperLink:
             port = self.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
             print(f"fedmetanas: warning: cannot find the private SuperLink ({exc}); stop the one on port {port} yourself", file=sys.stderr)
             return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 10
-        while time.time() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.2)
-        for pid in filter(_alive, pids):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_pids(pids, grace_s=10)
         if keep_home:
             print(f"fedmetanas: the private SuperLink's log is in {self.home / 'local-superlink'}", file=sys.stderr)
         else:
             shutil.rmtree(self.home, ignore_errors=True)
+
+
+def stop_pids(pids: list[int], grace_s: float) -> None:
+    """SIGTERM these processes (and only these: never by name, other jobs share the machine), then
+    SIGKILL the ones still alive after ``grace_s``."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + grace_s
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    for pid in filter(_alive, pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _alive(pid: int) -> bool:
