@@ -6,7 +6,7 @@ architecture-logit defence, against the attack-free run. Writes JSON and a markd
 Every run is the default digits FedMetaNAS config (10 clients, Dirichlet 0.5, 20 rounds) plus the
 overrides in ``RUNS``; clients 0 and 1 attack in every round. A run is the real ServerApp loop
 (``server_app.app.run_experiment``) with the real ClientApp handlers called in one process for
-every node (``InProcessGrid``): the same messages, records and code paths as a Flower
+every node (``server_app.local_grid.LocalGrid``): the same messages, records and code paths as a Flower
 simulation, without Ray, so a 2-core machine can afford the grid. Each run goes to its own
 process; finished runs (a ``summary.json`` in their folder) are not rerun.
 """
@@ -65,34 +65,6 @@ def _runs() -> dict[str, dict[str, Any]]:
 RUNS = _runs()
 
 
-class InProcessGrid:
-    """A Grid that answers every message by calling the real ClientApp handler in this process.
-
-    Node ids 101, 102, ... are partitions 0, 1, ... of ``num_nodes``."""
-
-    FIRST = 101
-
-    def __init__(self, run_id: int, run_config: dict, num_nodes: int):
-        self.run_id, self.run_config, self.num_nodes = run_id, run_config, num_nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(range(self.FIRST, self.FIRST + self.num_nodes))
-
-    def send_and_receive(self, messages, timeout=None):
-        from flwr.app import Context, RecordDict
-
-        from client_app import app as client
-
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            ctx = Context(run_id=self.run_id, node_id=node, state=RecordDict(), run_config=self.run_config,
-                          node_config={"partition-id": node - self.FIRST, "num-partitions": self.num_nodes})  # fmt: skip
-            handler = client.train if msg.metadata.message_type.startswith("train") else client.evaluate
-            replies.append(handler(msg, ctx))
-        return replies
-
-
 def run_config(overrides: dict[str, Any], seed: int, results_dir: Path) -> tuple[dict[str, Any], int]:
     """The flat run config of one grid run and its number of clients."""
     over = dict(overrides)
@@ -104,21 +76,18 @@ def run_config(overrides: dict[str, Any], seed: int, results_dir: Path) -> tuple
 
 def run_one(name: str, seed: int, out: Path) -> Path:
     """One run of the grid, in this process; returns its results folder."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedmetanas_core.config import RunConfig
     from fedmetanas_core.training import run_settings
     from server_app.app import run_experiment
+    from server_app.local_grid import LocalGrid, task_identity
     from server_app.strategy import check_strategy
 
     folder = out / "runs" / f"seed-{seed}" / name.replace("/", "__")
     flat, clients = run_config(RUNS[name], seed, folder)
     cfg = RunConfig.from_flat(flat)
     check_strategy(cfg)
-    for attr in ("_task_id", "_run_id", "_node_id"):  # messages made outside a Flower process need an identity
-        setattr(TaskIdentity, attr, 1)
-    with run_settings(cfg, 1):
-        run_experiment(InProcessGrid(1000 + seed, dict(cfg), clients), cfg)
+    with task_identity(), run_settings(cfg, 1):  # messages made outside a Flower process need an identity
+        run_experiment(LocalGrid(1000 + seed, dict(cfg), clients), cfg)
     return folder
 
 

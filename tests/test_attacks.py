@@ -2,7 +2,7 @@
 
 Constructed states and real Flower Messages through ``SearchStrategy`` (10 replies, 2 poisoned),
 the ClientApp's attack hook, and one tiny run of the real server loop with the real ClientApp in
-process (``benchmarks.attacks.InProcessGrid``)."""
+process (``server_app.local_grid.LocalGrid``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from benchmarks.attacks import InProcessGrid
+from server_app.local_grid import LocalGrid
 from client_app.app import attacked
 from fedmetanas_core.attacks import PARAMETER_FREE, parameter_free_count, parse_attack_clients, poison, robust_logits
 from fedmetanas_core.config import ConfigError, RunConfig
@@ -194,7 +194,7 @@ def test_a_real_run_with_one_alpha_poisoner(tmp_path, defence):
     share; the median of 3 unchanged and 1 poisoned reply is the unchanged logits."""
     cfg = RunConfig.from_flat({**TINY, "alpha-defence": defence, "results-dir": str(tmp_path)})
     with run_settings(cfg, 1):  # the phase's round only: export and figures are not under test
-        exp = Experiment(InProcessGrid(8800 + len(defence), dict(cfg), 4), cfg)
+        exp = Experiment(LocalGrid(8800 + len(defence), dict(cfg), 4), cfg)
         exp.run_phase(0, exp.phases[0])
     (row,) = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     torch.manual_seed(0)
