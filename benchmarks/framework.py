@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedmetanas_core.processes import descendants
+
 ROOT = Path(__file__).resolve().parents[1]
 PER_ROUND_TRAINERS = 10
 RAY_ACTORS = min(os.cpu_count() or 1, PER_ROUND_TRAINERS)  # Ray runs one client per core (1 CPU each)
@@ -40,20 +42,6 @@ RAY_ACTORS = min(os.cpu_count() or 1, PER_ROUND_TRAINERS)  # Ray runs one client
 
 # ---------------------------------------------------------------------------------------------
 # process-tree memory from /proc (Linux)
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
 
 
 def _cmdline(pid: int) -> str:
@@ -69,14 +57,8 @@ def superlink_pids() -> list[int]:
 
 def tree_pss_bytes(roots: list[int]) -> int:
     """Sum of PSS over ``roots`` and all their descendants (processes that vanish are skipped)."""
-    children = _children_map()
-    stack, seen, total = list(roots), set(), 0
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        stack.extend(children.get(pid, []))
+    total = 0
+    for pid in [*roots, *descendants(roots)]:
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):

@@ -34,7 +34,7 @@ from typing import Any
 
 from benchmarks.framework import PeakMemory, _cmdline
 from fedmetanas_core.atomic import atomic_write_text
-from fedmetanas_core.cli import stop_pids
+from fedmetanas_core.processes import stop_pids
 from fedmetanas_core.outputs import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -44,7 +44,7 @@ from fedmetanas_core.cli import parse_run_config
 from fedmetanas_core.config import RunConfig
 from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
 from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient
-from fedmetanas_core.space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, is_arch, make_op
+from fedmetanas_core.space import SearchModel, SpaceConfig, is_arch, make_op
 from fedmetanas_core.training import meta_optimizers, resolve_device, space_from_config, train_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,7 +284,7 @@ def run_space(name: str, device: torch.device, reps: int, log) -> list[str]:
         reps,
         warmup=0,
     )
-    log(f"  settled (wall s, cpu s): " + "; ".join(f"{k} {fmt(v)}" for k, v in s.items()))
+    log("  settled (wall s, cpu s): " + "; ".join(f"{k} {fmt(v)}" for k, v in s.items()))
 
     cpu = on_cpu  # process CPU time is meaningful on CPU only
     lines = [head, ""]

@@ -112,9 +112,9 @@ def run_trial(trial, preset: str, method: str, out_root: Path, overrides: list[s
     import optuna
 
     values = suggest(trial, method)
-    out = out_root / "trials" / f"{method}-{trial.number:03d}"
+    out = out_root / "trials" / preset / f"{method}-{trial.number:03d}"
     cmd = trial_command(preset, method, values, out, overrides, clients)
-    log_path = out_root / "trials" / f"{method}-{trial.number:03d}.log"
+    log_path = out_root / "trials" / preset / f"{method}-{trial.number:03d}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{method} trial {trial.number}] {values}", flush=True)
     with open(log_path, "w") as log:

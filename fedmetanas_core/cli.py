@@ -26,18 +26,17 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .config import METHODS, ConfigError, RunConfig, defaults, resolve_method_tables
+from .processes import stop_pids
 
 APP_DIR = Path(__file__).resolve().parents[1]
 PATH_KEYS = ("data-dir", "results-dir", "fedavg-genotype")
@@ -191,37 +190,6 @@ class PrivateSuperLink:
             print(f"fedmetanas: the private SuperLink's log is in {self.home / 'local-superlink'}", file=sys.stderr)
         else:
             shutil.rmtree(self.home, ignore_errors=True)
-
-
-def stop_pids(pids: list[int], grace_s: float) -> None:
-    """SIGTERM these processes (and only these: never by name, other jobs share the machine), then
-    SIGKILL the ones still alive after ``grace_s``."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + grace_s
-    while time.time() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.2)
-    for pid in filter(_alive, pids):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purpose
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _toml_value(value: Any) -> str:

@@ -31,3 +31,13 @@ def skip_run_extras(monkeypatch):
     import server_app.app as server
 
     monkeypatch.setattr(server, "_after_run", lambda *args: None)
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Flower messages can only be built inside a Flower runtime unless a task identity is set:
+    tests that construct messages or run the ServerApp's loop in process set one (and restore it)."""
+    from server_app.local_grid import task_identity
+
+    with task_identity():
+        yield

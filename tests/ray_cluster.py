@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedmetanas_core.processes import process_table
+
 # ports a node opens besides its worker-port range (the head adds --port and --ray-client-server-port)
 NODE_PORT_FLAGS = (
     "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
@@ -71,21 +73,6 @@ class PortPool:
             if all(p not in self._given and _port_free(p) for p in ports[1:]) and ports[-1] < 65536:
                 self._given.update(ports)
                 return ports[0], ports[-1]
-
-
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, session id, start time) for every process we can read."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        table[int(entry)] = (int(fields[1]), int(fields[3]), fields[19])
-    return table
 
 
 @dataclass
@@ -177,17 +164,17 @@ class RayCluster:
     def track(self) -> None:
         """Remember every process in our sessions or below a ``ray start`` (called often, so short-lived
         children that re-parent to init are caught while they still have a known parent)."""
-        table = _proc_table()
+        table = process_table()
         roots = {p.pid for p in self.procs}
-        owned = {pid for pid, (_, sid, _) in table.items() if sid in roots} | roots | set(self._seen)
+        owned = {pid for pid, info in table.items() if info.session in roots} | roots | set(self._seen)
         changed = True
         while changed:
-            new = {pid for pid, (ppid, _, _) in table.items() if ppid in owned and pid not in owned}
+            new = {pid for pid, info in table.items() if info.ppid in owned and pid not in owned}
             owned |= new
             changed = bool(new)
         for pid in owned:
             if pid in table and pid not in self._seen:
-                self._seen[pid] = table[pid][2]
+                self._seen[pid] = table[pid].start_ticks
 
     def actors(self, class_name: str = "ClientAppActor") -> list[dict]:
         """Ray's actor table (alive and dead), read through the GCS: no dashboard needed."""
@@ -198,8 +185,8 @@ class RayCluster:
         return {n["NodeID"] for n in self.alive_nodes()}
 
     def _still_ours(self) -> list[int]:
-        table = _proc_table()
-        return [pid for pid, start in self._seen.items() if pid in table and table[pid][2] == start]
+        table = process_table()
+        return [pid for pid, start in self._seen.items() if pid in table and table[pid].start_ticks == start]
 
     def stop(self, grace: float = 15.0, keep_logs: bool = False) -> list[int]:
         """SIGTERM each ``ray start`` (it stops its node), then SIGKILL whatever of ours is left, and

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from server_app.local_grid import LocalGrid
 from client_app.app import attacked
@@ -25,15 +24,9 @@ from fedmetanas_core.training import run_settings, space_from_config
 from server_app.app import Experiment
 from server_app.strategy import SearchStrategy, _array_record, build_base_strategy
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread")
 
 N, ATTACKERS, SCALE = 10, (0, 1), 5.0
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from fedmetanas_core.processes import alive, descendants
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
@@ -60,38 +62,11 @@ COMMON_CONFIG = (
 # --------------------------------------------------------------------------------------------
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1])  # state, parent PID
-
-
-def alive(pid: int) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
-            children.setdefault(stat[1], []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def stop(pid: int, grace: float = 10.0) -> None:
     """SIGTERM, SIGKILL after `grace` s, then SIGKILL for any children it left behind."""
     if not alive(pid):
         return
-    tree = descendants(pid)
+    tree = descendants([pid])
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -331,7 +306,7 @@ def test_killed_supernode_does_not_stop_the_run(federation: Federation):
                      180, "round 1's train message to reach the victim", interval=0.2)  # fmt: skip
             assert run.poll() is None, log_path.read_text()
             pid = fed.node_pids[victim]
-            tree = descendants(pid)  # its SuperExec and ClientApp die with it, as on a crashed device
+            tree = descendants([pid])  # its SuperExec and ClientApp die with it, as on a crashed device
             os.kill(pid, signal.SIGKILL)
             for p in tree:
                 try:

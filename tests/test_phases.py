@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client_app import app as client
 from fedmetanas_core import config as C
@@ -21,19 +20,14 @@ from fedmetanas_core.genotype import Genotype
 from fedmetanas_core.phases import PLANS, FixedPhase, Handoff, Phase, RetrainPhase, SearchPhase, plan_phases
 from fedmetanas_core.training import LOCAL_TRAINING, LocalResult, local_trainer, run_settings
 from server_app.app import run_experiment
+from server_app.local_grid import LocalGrid
 from server_app.strategy import SearchStrategy, _array_record, build_base_strategy
 
-pytestmark = pytest.mark.usefixtures("single_thread", "skip_run_extras")
+pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
 
 TINY = {"local-meta-iters": 1, "local-epochs": 1, "retrain-local-epochs": 2, "min-available-nodes": 3, "min-train-nodes": 2,
         "batch-size": 16, "init-channels": 4, "num-partitions": 3, "train-subset": 240, "test-subset": 120,
         "personalize-steps": 2}  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
 @pytest.fixture(scope="module")
@@ -154,15 +148,13 @@ class Crash(Exception):
     pass
 
 
-class InProcessGrid:
-    """Calls the real ClientApp handlers for every message; ``crash_after`` train rounds it raises,
-    as a server killed after that round's checkpoint."""
+class CrashingGrid(LocalGrid):
+    """Three in-process nodes running the real ClientApp; after ``crash_after`` train rounds it
+    raises, as a server killed after that round's checkpoint."""
 
     def __init__(self, run_id: int, run_config: dict, crash_after: int = 0):
-        self.run_id, self.run_config, self.crash_after, self.train_rounds = run_id, run_config, crash_after, 0
-
-    def get_node_ids(self):
-        return [11, 12, 13]
+        super().__init__(run_id, run_config, num_nodes=3)
+        self.crash_after, self.train_rounds = crash_after, 0
 
     def send_and_receive(self, messages, timeout=None):
         messages = list(messages)
@@ -170,14 +162,7 @@ class InProcessGrid:
             if self.crash_after and self.train_rounds == self.crash_after:
                 raise Crash
             self.train_rounds += 1
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            ctx = Context(run_id=self.run_id, node_id=node, node_config={"partition-id": node - 11, "num-partitions": 3},
-                          state=RecordDict(), run_config=self.run_config)  # fmt: skip
-            handler = client.train if msg.metadata.message_type.startswith("train") else client.evaluate
-            replies.append(handler(msg, ctx))
-        return replies
+        return super().send_and_receive(messages, timeout)
 
 
 def test_fednas_resumed_inside_retraining_matches_the_uninterrupted_run(tmp_path):
@@ -185,14 +170,14 @@ def test_fednas_resumed_inside_retraining_matches_the_uninterrupted_run(tmp_path
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     cfg = RunConfig.from_flat({**flat, "results-dir": str(reference)})
     with run_settings(cfg):
-        run_experiment(InProcessGrid(7401, dict(cfg)), cfg)
+        run_experiment(CrashingGrid(7401, dict(cfg)), cfg)
     cfg = RunConfig.from_flat({**flat, "results-dir": str(resumed)})
     with run_settings(cfg), pytest.raises(Crash):
-        run_experiment(InProcessGrid(7402, dict(cfg), crash_after=3), cfg)  # the search and one retraining round
+        run_experiment(CrashingGrid(7402, dict(cfg), crash_after=3), cfg)  # the search and one retraining round
     assert not (resumed / "summary.json").exists()
     cfg = RunConfig.from_flat({**flat, "results-dir": str(resumed), "resume": True})
     with run_settings(cfg):
-        run_experiment(InProcessGrid(7403, dict(cfg)), cfg)
+        run_experiment(CrashingGrid(7403, dict(cfg)), cfg)
     want, got = (json.loads((d / "summary.json").read_text()) for d in (reference, resumed))
     keys = ("genotype", "final_test_accuracy", "supernet_test_accuracy", "supernet_params", "personalized_accuracy",
             "params", "rounds", "retrain_rounds", "steps_per_client_round")  # fmt: skip

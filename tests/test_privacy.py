@@ -24,22 +24,16 @@ from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.privacy import PrivacyAccountant, effective_noise_multiplier, update_noise_multiplier
 from fedmetanas_core.training import run_settings
 from server_app.app import run_experiment
-from server_app.local_grid import LocalGrid, task_identity
+from server_app.local_grid import LocalGrid
 from server_app.privacy import ServerSideAdaptiveClipping, wrap_dp
 from server_app.strategy import SearchStrategy, build_base_strategy, load_strategy_state, strategy_state
 
-pytestmark = pytest.mark.usefixtures("single_thread", "skip_run_extras")
+pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
 
 TINY = {"local-meta-iters": 1, "local-epochs": 1, "min-available-nodes": 3, "min-train-nodes": 3, "batch-size": 16,
         "init-channels": 4, "num-partitions": 3, "train-subset": 240, "test-subset": 120, "personalize-steps": 1,
         "num-server-rounds": 2, "fraction-evaluate": 0.0, "tensorboard": False, "checkpoint": False,
         "dp-noise-multiplier": 0.5, "dp-clipping-norm": 2.0}  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    with task_identity():
-        yield
 
 
 def _run(tmp_path, name: str, **flat) -> tuple[dict, list[dict]]:

@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, Krum
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmetanas_core import data as D
 from fedmetanas_core.config import ConfigError, RunConfig
 from server_app.simulation import FAULT_KINDS, corrupt_reply, parse_faults, run_in_process
 from server_app.strategy import SearchStrategy, check_strategy, short_reason
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 RNG = np.random.default_rng(0)
 GLOBAL = {
@@ -32,13 +33,6 @@ GLOBAL = {
     "net.classifier.bias": RNG.normal(size=(10,)).astype(np.float32),
     "arch.alpha.normal": RNG.normal(size=(5, 4)).astype(np.float32),
 }
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    """Messages can only be built inside a Flower runtime, unless the task identity is set."""
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
 def record(state: dict[str, np.ndarray]) -> ArrayRecord:
@@ -125,6 +119,7 @@ def test_all_faults_together_leave_the_mean_of_the_good_replies():
         (lambda: Message(RecordDict({"w": record(GLOBAL), "metrics": MetricRecord({"num-examples": 5})}), reply_to=request(7)), "ArrayRecord"),
     ],
 )
+
 def test_malformed_replies_are_excluded(make, reason):
     good, states, sizes = good_replies()
     s = strategy()

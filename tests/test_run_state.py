@@ -7,6 +7,8 @@ from collections import OrderedDict
 import json
 import random
 import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +16,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
-from flwr.supercore.task_identity import TaskIdentity
 from PIL import Image
 
 from client_app.app import in_run_settings, node_data
@@ -26,7 +27,8 @@ from fedmetanas_core.phases import Handoff
 from fedmetanas_core.space import fast_path_enabled
 from fedmetanas_core.seeding import make_generator
 from fedmetanas_core.training import run_settings
-from server_app.app import Experiment, _client_order, skipped_rounds
+from server_app.app import Experiment, _client_order
+from server_app.summary import skipped_rounds
 from server_app.strategy import (
     TOO_FEW_REPLIES,
     SearchStrategy,
@@ -35,12 +37,7 @@ from server_app.strategy import (
     strategy_state,
 )
 
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    """Messages outside a Flower run need a task identity."""
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 class FakeGrid:
@@ -306,3 +303,27 @@ def test_checkpoint_loads_weights_only_and_round_trips_rng_and_strategy_state(tm
 def test_rng_states_are_plain_data():
     states = rng_states()
     assert isinstance(states["python"], list) and isinstance(states["numpy"][1], list) and isinstance(states["torch"], torch.Tensor)
+
+
+def test_stop_pids_stops_exactly_the_given_processes_and_their_tree_is_found():
+    """A parent that ignores SIGTERM (its child inherits that) is killed after the grace period;
+    the child is found as a descendant; an unrelated process started beside them keeps running."""
+    from fedmetanas_core.processes import alive, descendants, stop_pids
+
+    stubborn = "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
+               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", stubborn])
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        deadline = time.time() + 20
+        while not descendants([parent.pid]) and time.time() < deadline:
+            time.sleep(0.05)
+        (child,) = descendants([parent.pid])
+        time.sleep(0.3)  # let the parent install its SIGTERM handler
+        stop_pids([parent.pid, child], grace_s=0.5)
+        parent.wait(timeout=10)
+        assert parent.returncode == -9  # SIGTERM ignored: killed
+        assert not alive(child) and alive(bystander.pid)
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import evaluate, train
 from fedmetanas_core.config import RunConfig
@@ -19,15 +18,11 @@ from fedmetanas_core.data import load_dataset
 from fedmetanas_core.phases import Handoff, plan_phases
 from server_app.strategy import SearchStrategy, _array_record, build_base_strategy
 
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
 STRATEGIES = ("FedAvg", "FedAdam", "FedProx", "FedMedian", "Krum")
 TINY = {"local-meta-iters": 1, "local-epochs": 1, "min-available-nodes": 4, "min-train-nodes": 2, "batch-size": 16,
         "init-channels": 4, "num-partitions": 4, "train-subset": 400}  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
 RUN_IDS = {"fedmetanas": 1, "fednas": 2, "fednas-retrain": 3, "fedavg": 4}  # the client caches its config per run
