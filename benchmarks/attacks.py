@@ -59,6 +59,9 @@ def _runs() -> dict[str, dict[str, Any]]:
     for name in ("Krum", "MultiKrum", "FedMedian", "FedTrimmedAvg"):  # what the robust rules cost without attack
         runs[f"clean/{name}"] = dict(ROBUST[name])
     runs[f"clean/FedAvg+{DEFENCE}"] = {"alpha-defence": DEFENCE}
+    for attack in (poison, flip):  # whole replies screened by their weight or logit update norm
+        runs[f"{attack['attack']}/FedAvg+update-screen"] = {**attack, "alpha-defence": "update-screen"}
+    runs["clean/FedAvg+update-screen"] = {"alpha-defence": "update-screen"}
     return runs
 
 

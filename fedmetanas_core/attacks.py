@@ -20,7 +20,8 @@ from .names import PRIMITIVES, is_arch
 State = dict[str, np.ndarray]
 
 ATTACKS = ("none", "sign-flip", "alpha-poison")
-ALPHA_DEFENCES = ("none", "median", "trimmed-mean", "norm-screen")
+ALPHA_DEFENCES = ("none", "median", "trimmed-mean", "norm-screen", "update-screen")
+LOGIT_RULES = ("median", "trimmed-mean", "norm-screen")  # replace the logits only; update-screen drops replies
 # ops without weights that still show up in a derived cell ('none' is excluded when deriving it)
 PARAMETER_FREE = ("max_pool_3x3", "avg_pool_3x3", "skip_connect")
 
@@ -100,6 +101,22 @@ def robust_logits(
             out[k] = np.asarray(acc).astype(states[0][k].dtype)
         return out, [i for i in range(len(states)) if i not in kept]
     raise ValueError(f"unknown alpha defence {rule!r}; one of {', '.join(ALPHA_DEFENCES)}")
+
+
+def screen_replies(norms: list[tuple[float, float]], factor: float) -> list[int]:
+    """Indices of the replies ``update-screen`` leaves out entirely (weights and logits): those whose
+    weight update norm or logit update norm exceeds ``factor`` times that norm's median over the
+    round's replies. ``norms`` holds (all arrays, logits only) per reply, as
+    ``privacy.update_norms`` measures them. A scaled attack (sign-flip) and a logit attack
+    (alpha-poison) both stand out; honest non-IID updates differ by far less (rounds.jsonl's
+    ``update-norms``). Unlike the logit-only rules, a weight attack never reaches the base strategy.
+    """
+    if not norms:
+        return []
+    weight = [math.sqrt(max(total * total - arch * arch, 0.0)) for total, arch in norms]
+    arch = [a for _, a in norms]
+    limits = [factor * float(np.median(values)) + 1e-9 for values in (weight, arch)]
+    return [i for i in range(len(norms)) if weight[i] > limits[0] or arch[i] > limits[1]]
 
 
 def parameter_free_count(genotype_dict: dict) -> dict[str, int]:

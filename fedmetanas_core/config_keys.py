@@ -227,8 +227,8 @@ KEYS: tuple[Key, ...] = (
     Key("attack", "none", "none | sign-flip (the update of every array reversed and scaled) | alpha-poison (alphas pushed towards skip/pooling, weights honest): what the attack-clients send instead of their honest reply", _choice(ATTACKS), "attack"),
     Key("attack-clients", "", "comma-separated partition ids of the attacking clients, e.g. \"0,1\"", _attack_clients, "attack"),
     Key("attack-scale", 5.0, "attack strength: sign-flip sends g - scale * update; alpha-poison adds +-scale to the alpha logits", _positive, "attack"),
-    Key("alpha-defence", "none", "none | median | trimmed-mean (cuts trim-beta at each end) | norm-screen: architecture logits aggregated robustly per element, whatever strategy aggregates the weights", _choice(ALPHA_DEFENCES), "attack"),
-    Key("alpha-screen-factor", 3.0, "norm-screen: drop replies whose alpha update norm exceeds this times the median one", _at_least(1.0), "attack"),
+    Key("alpha-defence", "none", "none | median | trimmed-mean (cuts trim-beta at each end) | norm-screen: architecture logits aggregated robustly per element, whatever strategy aggregates the weights; update-screen: replies whose weight or logit update is an outlier are left out entirely", _choice(ALPHA_DEFENCES), "attack"),
+    Key("alpha-screen-factor", 3.0, "norm-screen / update-screen: an update norm above this times the round's median one is screened out", _at_least(1.0), "attack"),
 )
 
 BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}

@@ -27,7 +27,7 @@ from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 
 from fedmetanas_core.aggregation import reply_problem, transform_logits
-from fedmetanas_core.attacks import robust_logits
+from fedmetanas_core.attacks import LOGIT_RULES, robust_logits, screen_replies
 from fedmetanas_core.coordinator import finite_state
 from fedmetanas_core.names import is_arch
 from fedmetanas_core.config import ConfigError, RunConfig
@@ -228,7 +228,7 @@ class SearchStrategy(Strategy):
         self.alpha_aggregation = alpha_aggregation
         self.min_replies = min_replies
         self.alpha_defence, self.trim_beta, self.screen_factor = alpha_defence, trim_beta, screen_factor
-        self.alpha_screened: list[str] = []  # replies whose logits the norm screen left out, last train round
+        self.alpha_screened: list[str] = []  # replies the screen left out (their logits, or all of them), last train round
         self._reference: dict[str, np.ndarray] | None = None
         self.rejected: list[str] = []  # reasons, for the last train round
         # why the last train round was skipped: None (aggregated), TOO_FEW_REPLIES or "error: ..."
@@ -286,6 +286,11 @@ class SearchStrategy(Strategy):
         for msg in good:
             state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
             self.update_norms.append(update_norms(state, self._reference or state, is_arch))
+        if self.alpha_defence == "update-screen":
+            for i in sorted(screen_replies(self.update_norms, self.screen_factor), reverse=True):
+                self.alpha_screened.insert(0, f"node {good.pop(i).metadata.src_node_id}")
+            if self.alpha_screened:
+                log(INFO, "round %s: update screen left out the replies of %s", server_round, ", ".join(self.alpha_screened))
         if self.dp:
             for msg in good:  # Flower's clipping pairs arrays by position: put them in the sent order
                 arrays = msg.content["arrays"]
@@ -307,7 +312,7 @@ class SearchStrategy(Strategy):
             return None, None
         # the replies' logits and weights, read before the base strategy runs (FedMedian and
         # FedTrimmedAvg pop the arrays out of the replies)
-        defended = self._arch_replies(good) if self.alpha_defence != "none" else None
+        defended = self._arch_replies(good) if self.alpha_defence in LOGIT_RULES else None
         try:
             arrays, metrics = self.base.aggregate_train(server_round, good)
         except Exception as exc:  # e.g. a robust strategy that cannot aggregate this many replies

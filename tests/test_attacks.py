@@ -7,6 +7,7 @@ process (``server_app.local_grid.LocalGrid``)."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -15,7 +16,14 @@ from flwr.app import ConfigRecord, MetricRecord, Message, RecordDict
 
 from server_app.local_grid import LocalGrid
 from client_app.app import attacked
-from fedmetanas_core.attacks import PARAMETER_FREE, parameter_free_count, parse_attack_clients, poison, robust_logits
+from fedmetanas_core.attacks import (
+    PARAMETER_FREE,
+    parameter_free_count,
+    parse_attack_clients,
+    poison,
+    robust_logits,
+    screen_replies,
+)
 from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.genotype import derive_genotype
 from fedmetanas_core.names import PRIMITIVES, is_arch
@@ -93,7 +101,7 @@ class FakeGrid:
         return list(range(101, 101 + N))
 
 
-def _replies(strategy, global_state):
+def _replies(strategy, global_state, attack: str = "alpha-poison"):
     """Ten real reply Messages to the strategy's own train messages; partitions 0 and 1 poisoned."""
     messages = list(strategy.configure_train(2, _array_record(global_state), ConfigRecord({"phase": "search"}), FakeGrid()))
     assert len(messages) == N
@@ -101,7 +109,7 @@ def _replies(strategy, global_state):
     for pid, msg in enumerate(messages):
         state = _honest(global_state, pid)
         if pid in ATTACKERS:
-            state = poison("alpha-poison", global_state, state, SCALE)
+            state = poison(attack, global_state, state, SCALE)
         else:
             honest_states.append(state)
         metrics = MetricRecord({"num-examples": 100, "partition-id": pid})
@@ -109,10 +117,10 @@ def _replies(strategy, global_state):
     return replies, honest_states
 
 
-def _aggregate(base: str, defence: str, global_state):
+def _aggregate(base: str, defence: str, global_state, attack: str = "alpha-poison"):
     cfg = RunConfig.from_flat({"strategy": base, "num-malicious-nodes": 2, "min-available-nodes": N})
     strategy = SearchStrategy(build_base_strategy(cfg), "logits", 2, alpha_defence=defence)
-    replies, honest = _replies(strategy, global_state)
+    replies, honest = _replies(strategy, global_state, attack)
     attackers = [f"node {r.metadata.src_node_id}" for r in replies[: len(ATTACKERS)]]
     arrays, _ = strategy.aggregate_train(2, replies)
     assert arrays is not None
@@ -139,6 +147,25 @@ def test_defence_recovers_the_honest_alphas_with_two_of_ten_poisoned(space, glob
         w = next(k for k in state if not is_arch(k))
         everyone = [{k: v.numpy() for k, v in r.content["arrays"].items()} for r in _replies(strategy, global_state)[0]]
         np.testing.assert_allclose(state[w], np.mean([s[w] for s in everyone], axis=0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("attack", ["sign-flip", "alpha-poison"])
+@pytest.mark.parametrize("base", ["FedAvg", "FedMedian"])
+def test_update_screen_leaves_the_attackers_replies_out_entirely(global_state, base, attack):
+    """Weights and logits alike are the base strategy's aggregate of the eight honest replies."""
+    state, honest, strategy, attackers = _aggregate(base, "update-screen", global_state, attack)
+    assert strategy.alpha_screened == attackers
+    combine = (lambda xs: np.mean(xs, axis=0)) if base == "FedAvg" else (lambda xs: np.median(xs, axis=0))
+    for k in state:
+        np.testing.assert_allclose(state[k], combine([h[k] for h in honest]), rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_update_screen_keeps_every_honest_reply():
+    """Ordinary spread (norms within 3x of the median) is kept; a weight or a logit outlier is not."""
+    norms = [(math.hypot(w, a), a) for w, a in [(3.0, 1.0), (2.5, 1.2), (3.6, 0.8), (2.8, 1.1)]]
+    assert screen_replies(norms, 3.0) == []
+    assert screen_replies([*norms, (math.hypot(15.0, 1.0), 1.0)], 3.0) == [4]  # weights scaled
+    assert screen_replies([*norms, (math.hypot(3.0, 9.0), 9.0)], 3.0) == [4]  # logits poisoned
 
 
 def test_norm_screen_keeps_every_reply_when_no_one_attacks(global_state):
