@@ -10,7 +10,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app import MessageType
-from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import load_received
 from fedmetanas_core.aggregation import update_masks
@@ -22,17 +21,12 @@ from fedmetanas_core.transfer import live_edges, live_keys
 from server_app.app import run_experiment
 from server_app.strategy import SearchStrategy, build_base_strategy
 from fedmetanas_core.training import run_settings
-from test_phases import TINY, InProcessGrid
+from server_app.local_grid import LocalGrid
+from test_phases import TINY
 
-pytestmark = pytest.mark.usefixtures("single_thread", "skip_run_extras")
+pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
 
 SPACE = SpaceConfig(num_classes=10, in_channels=1, init_channels=4, num_cells=2, num_nodes=2)
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
 def _model(seed: int = 0) -> SearchModel:
@@ -130,7 +124,7 @@ def _run(tmp_path, run_id: int, **flat):
             "tensorboard": False, "deterministic": True, "results-dir": str(tmp_path / f"run{run_id}"), **flat}  # fmt: skip
     cfg = RunConfig.from_flat(flat)
     with run_settings(cfg):
-        out = run_experiment(InProcessGrid(run_id, dict(cfg)), cfg)
+        out = run_experiment(LocalGrid(run_id, dict(cfg), 3), cfg)
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     return json.loads((out / "summary.json").read_text()), rows
 
