@@ -39,6 +39,7 @@ from fedmetanas_core.space import (
     RelaxSettings,
     SearchModel,
     SpaceConfig,
+    PRIMITIVES,
     Zero,
     arch_param_name,
     edge_key,
@@ -893,7 +894,7 @@ def test_config_defaults_and_attribute_access():
     cfg = RunConfig.from_flat({})
     assert dict(cfg) == C.defaults()
     assert cfg.num_server_rounds == C.BY_NAME["num-server-rounds"].default and cfg.tau_min == 0.1 and cfg.input_pruning is True
-    assert cfg.primitive_list == C.PRIMITIVES
+    assert cfg.primitive_list == PRIMITIVES
     cfg2 = RunConfig.from_flat({"tau-max": 2, "batch-size": 16.0})
     assert cfg2.tau_max == 2.0 and isinstance(cfg2.tau_max, float)
     assert cfg2.batch_size == 16 and isinstance(cfg2.batch_size, int)
