@@ -153,13 +153,16 @@ def storage_url(out_root: Path, preset: str) -> str:
 def load_study(preset: str, method: str, out_root: Path, create: bool = True):
     import optuna
 
-    sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=3)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=4)
     name = f"{preset}-{method}"
+    # A sampler seeded alike in every process would draw a resumed study's first values again.
+    storage = optuna.storages.RDBStorage(storage_url(out_root, preset))
+    known = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
+    sampler = optuna.samplers.TPESampler(seed=known.get(name, 0), n_startup_trials=3)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=4)
     if create:
-        return optuna.create_study(study_name=name, storage=storage_url(out_root, preset), direction="maximize",
+        return optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                    sampler=sampler, pruner=pruner, load_if_exists=True)  # fmt: skip
-    return optuna.load_study(study_name=name, storage=storage_url(out_root, preset), sampler=sampler, pruner=pruner)
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
 
 
 def tune(preset: str, methods: list[str], trials: int, out_root: Path, overrides: list[str], clients: int) -> None:

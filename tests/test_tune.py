@@ -1,0 +1,40 @@
+"""benchmarks.tune: trials scored on validation data, equal budgets, and studies that resume."""
+
+from __future__ import annotations
+
+import optuna
+
+from benchmarks.tune import SEARCH_SPACES, load_study, suggest, trial_command
+
+
+def test_a_resumed_study_draws_new_values(tmp_path):
+    """Each process seeds its sampler; a fixed seed would repeat the first trial after a restart."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    drawn = []
+    for _ in range(3):  # three "processes", one trial each
+        study = load_study("toy", "fedavg", tmp_path)
+        trial = study.ask()
+        drawn.append(suggest(trial, "fedavg"))
+        study.tell(trial, 0.5)
+    assert len({tuple(sorted(d.items())) for d in drawn}) == 3
+    again = load_study("toy", "fedavg", tmp_path, create=False)
+    assert len(again.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in again.trials)
+
+
+def test_trial_scores_on_the_validation_split_never_the_test_set(tmp_path):
+    cmd = trial_command("digits", "fednas", {"outer-lr-w": 0.05, "local-epochs": 2}, tmp_path, ["seed=1"], 10)
+    joined = " ".join(cmd)
+    assert 'eval-split="validation"' in joined and "num-partitions=10" in joined
+    assert 'method="fednas"' in joined and "outer-lr-w=0.05 local-epochs=2" in joined
+    # the trial's values come last, after the preset and the caller's overrides
+    assert cmd[-1] == "outer-lr-w=0.05 local-epochs=2"
+
+
+def test_every_method_is_tuned_over_stated_ranges():
+    assert set(SEARCH_SPACES) == {"fedmetanas", "fednas", "fedavg"}
+    for space in SEARCH_SPACES.values():
+        assert "outer-lr-w" in space
+        for spec in space.values():
+            assert spec[0] in ("float", "choice")
+            if spec[0] == "float":
+                assert 0 < spec[1] < spec[2]
