@@ -34,7 +34,7 @@ from fedmetanas_core.atomic import atomic_write_text
 from fedmetanas_core.outputs import machine_description
 from fedmetanas_core.report.canvas import COMPARISON_FIGURE
 from fedmetanas_core.report.format import format_mean_std, format_number
-from fedmetanas_core.report.load import RunData, load_run, time_to_reach
+from fedmetanas_core.report.load import RunData, images_to_reach, load_run, time_to_reach
 from fedmetanas_core.report.seeds import draw_accuracy_over_seeds, mean_std, over_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +145,8 @@ def comparison_rows(runs: dict[str, RunData]) -> list[dict[str, Any]]:
                 "retrain_time_s": s["retrain_time_s"],
                 "total_time_s": s["total_time_s"],
                 "time_to_reach_fednas_accuracy_s": time_to_reach(run.rounds, target) if target is not None else None,
+                "images_to_reach_fednas_accuracy": images_to_reach(run.rounds, target) if target is not None else None,
+                "images_total": images_to_reach(run.rounds),
                 "personalized_accuracy": s["personalized_accuracy"],
                 "personalized_accuracy_before": s["personalized_accuracy_before"],
                 "params": s["params"],
@@ -167,7 +169,8 @@ def comparison_rows(runs: dict[str, RunData]) -> list[dict[str, Any]]:
 AVERAGED = (
     "final_test_accuracy", "last_rounds_mean_accuracy", "personalized_accuracy", "personalized_accuracy_before",
     "total_time_s", "search_time_s", "retrain_time_s", "time_to_reach_fednas_accuracy_s", "params",
-    "mb_sent_received", "steps_per_client_round", "images_per_client_round",
+    "mb_sent_received", "steps_per_client_round", "images_per_client_round", "images_to_reach_fednas_accuracy",
+    "images_total",
 )  # fmt: skip
 
 
@@ -181,13 +184,16 @@ def aggregate_rows(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, 
         agg: dict[str, Any] = {"method": method, "budget": rows[0]["budget"], "seeds": [r["seed"] for r in rows]}
         agg.update(over_seeds(rows, AVERAGED))
         agg["reached_fednas_accuracy"] = sum(r["time_to_reach_fednas_accuracy_s"] is not None for r in rows)
-        ratios = []
+        ratios, image_ratios = [], []
         for seed, seed_rows in per_seed.items():
             by = {r["method"]: r for r in seed_rows}
             mine, fednas = by.get(method), by.get("fednas")
             if mine and fednas and mine["time_to_reach_fednas_accuracy_s"] is not None:
                 ratios.append(mine["time_to_reach_fednas_accuracy_s"] / fednas["total_time_s"])
+            if mine and fednas and mine.get("images_to_reach_fednas_accuracy") is not None and fednas.get("images_total"):
+                image_ratios.append(mine["images_to_reach_fednas_accuracy"] / fednas["images_total"])
         agg["time_to_reach_over_fednas_total_mean"] = mean_std(ratios)[0]
+        agg["images_to_reach_over_fednas_total_mean"] = mean_std(image_ratios)[0]
         agg["rounds"], agg["retrain_rounds"] = rows[0]["rounds"], rows[0]["retrain_rounds"]
         out.append(agg)
     return out
@@ -202,8 +208,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     numbers, missing figures as "–" (``report.format``)."""
     head = ("| method | budget | final test acc | mean acc, last 5 rounds | personalized acc (before → after) | total s "
             "| s to reach FedNAS acc (x FedNAS time; seeds) | params | MB sent + received | steps / client / round "
-            "| images / client / round |")  # fmt: skip
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| images / client / round | images / client to reach FedNAS acc (x FedNAS's) |")  # fmt: skip
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         n = len(r["seeds"])
         ratio = r.get("time_to_reach_over_fednas_total_mean")
@@ -211,11 +217,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"{format_number(r['time_to_reach_fednas_accuracy_s_mean'], 0)} "
             f"({format_number(ratio, 2)} x; {r['reached_fednas_accuracy']}/{n})"
         )  # fmt: skip
+        image_ratio = r.get("images_to_reach_over_fednas_total_mean")
+        images = "–" if r.get("images_to_reach_fednas_accuracy_mean") is None else (
+            f"{format_number(r['images_to_reach_fednas_accuracy_mean'], 0)} ({format_number(image_ratio, 2)} x)"
+        )  # fmt: skip
         lines.append(
             f"| {r['method']} | {r['budget']} | {_pm(r, 'final_test_accuracy')} | {_pm(r, 'last_rounds_mean_accuracy')} "
             f"| {format_number(r['personalized_accuracy_before_mean'])} → {format_number(r['personalized_accuracy_mean'])} "
             f"| {format_number(r['total_time_s_mean'], 0)} | {reach} | {format_number(r['params_mean'], 0)} "
-            f"| {format_number(r.get('mb_sent_received_mean'), 2)} | {format_number(r['steps_per_client_round_mean'], 1)} | {format_number(r['images_per_client_round_mean'], 0)} |"
+            f"| {format_number(r.get('mb_sent_received_mean'), 2)} | {format_number(r['steps_per_client_round_mean'], 1)} | {format_number(r['images_per_client_round_mean'], 0)} | {images} |"
         )
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.compare import budget, comparison_rows
-from fedmetanas_core.report.load import RunData, time_to_reach
+from fedmetanas_core.report.load import RunData, images_to_reach, time_to_reach
 
 
 def summary(method: str, accs: list[float], step_s: float, config: dict, retrain_s: float = 0.0) -> dict:
@@ -36,6 +36,30 @@ def test_time_to_reach_is_the_first_round_at_or_above_the_target():
     assert time_to_reach(rounds, 0.3) == 20.0
     assert time_to_reach(rounds, 0.31) == 20.0
     assert time_to_reach(rounds, 0.4) is None
+
+
+def test_images_to_reach_count_every_round_up_to_the_target():
+    rounds = [{"accuracy": 0.2, "client-images-mean": 100.0}, {"accuracy": 0.31, "client-images-mean": 50.0},
+              {"accuracy": 0.29, "client-images-mean": 70.0}]  # fmt: skip
+    assert images_to_reach(rounds, 0.3) == 150.0
+    assert images_to_reach(rounds, 0.4) is None
+    assert images_to_reach(rounds) == 220.0  # the whole run
+    assert images_to_reach([{"accuracy": 0.5}], 0.3) is None  # rounds from before images were counted
+
+
+def test_comparison_gives_the_image_budget_to_reach_fednas_as_a_share_of_fednas_total(tmp_path):
+    from benchmarks.compare import aggregate_rows
+
+    def run(method, accs, images):
+        rows = [{"accuracy": a, "elapsed-s": 10.0 * (i + 1), "client-images-mean": images} for i, a in enumerate(accs)]
+        s = summary(method, accs, 10.0, META if method == "fedmetanas" else FEDNAS)
+        return as_run({**s, "rounds_log": rows, "seed": 0})
+
+    rows = comparison_rows({"fedmetanas": run("fedmetanas", [0.2, 0.4, 0.4], 100.0), "fednas": run("fednas", [0.1, 0.2, 0.3, 0.35], 300.0)})
+    by = {r["method"]: r for r in rows}
+    assert by["fedmetanas"]["images_to_reach_fednas_accuracy"] == 200.0 and by["fednas"]["images_total"] == 1200.0
+    agg = {r["method"]: r for r in aggregate_rows({0: rows})}
+    assert agg["fedmetanas"]["images_to_reach_over_fednas_total_mean"] == pytest.approx(200.0 / 1200.0)
 
 
 def test_rows_measure_every_method_against_fednas_final_accuracy():

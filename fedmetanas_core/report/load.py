@@ -137,3 +137,19 @@ def time_to_reach(rows: list[dict[str, Any]], target: float) -> float | None:
     """The first elapsed wall-clock second (``series`` time) at which the run's test accuracy reached
     ``target``; None when it never did."""
     return next((p["time"] for p in series(rows) if number(p.get("accuracy")) >= target - 1e-12), None)
+
+
+def images_to_reach(rows: list[dict[str, Any]], target: float | None = None) -> float | None:
+    """Images a client put through forward and backward, on average, up to the first round whose
+    test accuracy reached ``target`` (every round when ``target`` is None): a budget that, unlike
+    seconds, does not depend on what else the machine was doing. None when it never reached it or
+    the rounds do not carry ``client-images-mean``."""
+    total = 0.0
+    for row in rows:
+        images = number(row.get("client-images-mean"))
+        if math.isnan(images):
+            return None
+        total += images
+        if target is not None and number(row.get("accuracy")) >= target - 1e-12:
+            return total
+    return total if target is None and rows else None
