@@ -311,10 +311,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if "fedavg-matched" in methods and "fedmetanas" not in methods:
-        parser.error("fedavg-matched matches the fedmetanas run's parameter count: include fedmetanas")
     seeds = tuple(int(s) for s in args.seeds.split(","))
     out = (args.out or ROOT / "benchmarks" / "results" / (f"{args.preset}-sweep" if args.sweep else args.preset)).resolve()
+    searched_missing = [s for s in seeds if not (out / f"seed-{s}" / "fedmetanas" / "summary.json").is_file()]
+    if "fedavg-matched" in methods and "fedmetanas" not in methods and (args.sweep or searched_missing):
+        parser.error("fedavg-matched matches the fedmetanas run's parameter count: include fedmetanas, or run it "
+                     f"first for seed(s) {', '.join(map(str, searched_missing or seeds))} into {out}")  # fmt: skip
     if args.sweep:
         parts = tuple(args.partitions.split(",")) if args.partitions else None
         known = {partition_name(p, a) for p, a in SWEEP}

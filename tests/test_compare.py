@@ -182,3 +182,15 @@ def test_sweep_json_rows_carry_method_partition_seeds_and_means(tmp_path):
     assert row["seeds"] == [0, 1] and row["final_test_accuracy_mean"] == pytest.approx(0.9) and row["final_test_accuracy_std"] == 0.0
     assert row["personalized_accuracy_mean"] == 0.5
     assert "| dirichlet-0.1 | 0.6000 ± 0.0000 | 0.5000 ± 0.0000 |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_matched_baseline_alone_needs_each_seeds_finished_fedmetanas_run(tmp_path, capsys):
+    from benchmarks.compare import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--methods", "fedavg-matched", "--seeds", "0,1", "--out", str(tmp_path)])
+    assert stop.value.code == 2 and "seed(s) 0, 1" in capsys.readouterr().err
+    _write_run(tmp_path / "seed-0" / "fedmetanas", {**summary("fedmetanas", [0.2], 1.0, META), "seed": 0})
+    with pytest.raises(SystemExit) as stop:
+        main(["--methods", "fedavg-matched", "--seeds", "0,1", "--out", str(tmp_path)])
+    assert stop.value.code == 2 and "seed(s) 1 " in capsys.readouterr().err
