@@ -189,10 +189,11 @@ def report(preset: str, methods: list[str], out_root: Path, overrides: list[str]
 
     lines = [f"# Tuning on `{preset}`", "",
              f"`python -m benchmarks.tune --preset {preset}" + "".join(f" -c '{o}'" for o in overrides) + "` "
-             f"(Optuna {optuna.__version__}, TPE sampler, median pruner; studies in "
+             f"(TPE sampler, median pruner; this page written with Optuna {optuna.__version__}; studies in "
              f"`benchmarks/results/tune/{preset}.db`). Objective: the deployed model's mean accuracy over the "
              f"last {LAST_ROUNDS} rounds on the validation split (the clients' local test splits, carved "
-             f"from the training data; the test set is never used).", ""]  # fmt: skip
+             f"from the training data; the test set is never used). The seconds column is each trial's "
+             f"wall-clock time on a machine that was often shared with other jobs.", ""]  # fmt: skip
     best_all = {}
     for method in methods:
         study = load_study(preset, method, out_root, create=False)
@@ -209,6 +210,11 @@ def report(preset: str, methods: list[str], out_root: Path, overrides: list[str]
             lines.append(f"| {t.number} | {t.state.name.lower()} | {params} | {shown} | {secs:.0f} |" if secs else
                          f"| {t.number} | {t.state.name.lower()} | {params} | {shown} | - |")  # fmt: skip
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        failed = len(study.trials) - len(finished)
+        lines += ["", f"{len(finished)} finished trials (complete or pruned: the budget every method gets)"
+                  + (f"; {failed} that did not finish (a run stopped from outside: machine shut down or stopped "
+                     "by hand) count for nothing and are shown for the record." if failed else ".")]  # fmt: skip
         if complete:
             best = max(complete, key=lambda t: t.value)
             best_all[method] = {"trial": best.number, "value": best.value, "params": best.params}
