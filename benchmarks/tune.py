@@ -165,12 +165,29 @@ def load_study(preset: str, method: str, out_root: Path, create: bool = True):
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
 
 
+def close_interrupted_trials(study) -> list[int]:
+    """Mark trials still "running" from a process that died (machine shut down, killed) as failed, so
+    they neither count towards the budget nor stay "running" in the tables. One tuning process per
+    method and preset at a time: this would also close a live process's trial."""
+    import optuna
+
+    closed = []
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.RUNNING:
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            closed.append(t.number)
+    if closed:
+        print(f"[{study.study_name}] trial(s) {', '.join(map(str, closed))} left running by a stopped process: marked failed", flush=True)
+    return closed
+
+
 def tune(preset: str, methods: list[str], trials: int, out_root: Path, overrides: list[str], clients: int) -> None:
     import optuna
 
     out_root.mkdir(parents=True, exist_ok=True)
     for method in methods:
         study = load_study(preset, method, out_root)
+        close_interrupted_trials(study)
         finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
         todo = trials - len(finished)
         if todo > 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optuna
 
-from benchmarks.tune import SEARCH_SPACES, load_study, suggest, trial_command
+from benchmarks.tune import SEARCH_SPACES, close_interrupted_trials, load_study, suggest, trial_command
 
 
 def test_a_resumed_study_draws_new_values(tmp_path):
@@ -38,3 +38,16 @@ def test_every_method_is_tuned_over_stated_ranges():
             assert spec[0] in ("float", "choice")
             if spec[0] == "float":
                 assert 0 < spec[1] < spec[2]
+
+
+def test_a_trial_left_running_by_a_dead_process_is_closed_as_failed(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = load_study("toy", "fednas", tmp_path)
+    done = study.ask()
+    suggest(done, "fednas")
+    study.tell(done, 0.4)
+    suggest(study.ask(), "fednas")  # its process "dies" here: never told
+    resumed = load_study("toy", "fednas", tmp_path)
+    assert close_interrupted_trials(resumed) == [1]
+    states = [t.state for t in load_study("toy", "fednas", tmp_path, create=False).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
