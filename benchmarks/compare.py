@@ -313,10 +313,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     seeds = tuple(int(s) for s in args.seeds.split(","))
     out = (args.out or ROOT / "benchmarks" / "results" / (f"{args.preset}-sweep" if args.sweep else args.preset)).resolve()
-    searched_missing = [s for s in seeds if not (out / f"seed-{s}" / "fedmetanas" / "summary.json").is_file()]
-    if "fedavg-matched" in methods and "fedmetanas" not in methods and (args.sweep or searched_missing):
-        parser.error("fedavg-matched matches the fedmetanas run's parameter count: include fedmetanas, or run it "
-                     f"first for seed(s) {', '.join(map(str, searched_missing or seeds))} into {out}")  # fmt: skip
+    if "fedavg-matched" in methods and "fedmetanas" not in methods:
+        missing = list(seeds) if args.sweep else [s for s in seeds if not (out / f"seed-{s}" / "fedmetanas" / "summary.json").is_file()]
+        if missing:
+            parser.error("fedavg-matched matches the fedmetanas run's parameter count: include fedmetanas, or run it "
+                         f"first for seed(s) {', '.join(map(str, missing))} into {out}")  # fmt: skip
     if args.sweep:
         parts = tuple(args.partitions.split(",")) if args.partitions else None
         known = {partition_name(p, a) for p, a in SWEEP}

@@ -171,25 +171,27 @@ def close_interrupted_trials(study) -> list[int]:
     method and preset at a time: this would also close a live process's trial."""
     import optuna
 
-    closed = []
-    for t in study.trials:
-        if t.state == optuna.trial.TrialState.RUNNING:
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            closed.append(t.number)
+    closed = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    for number in closed:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
     if closed:
         print(f"[{study.study_name}] trial(s) {', '.join(map(str, closed))} left running by a stopped process: marked failed", flush=True)
     return closed
 
 
-def tune(preset: str, methods: list[str], trials: int, out_root: Path, overrides: list[str], clients: int) -> None:
+def finished_trials(study) -> list:
+    """Complete or pruned trials: what counts towards a method's trial budget."""
     import optuna
 
+    return [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+
+
+def tune(preset: str, methods: list[str], trials: int, out_root: Path, overrides: list[str], clients: int) -> None:
     out_root.mkdir(parents=True, exist_ok=True)
     for method in methods:
         study = load_study(preset, method, out_root)
         close_interrupted_trials(study)
-        finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-        todo = trials - len(finished)
+        todo = trials - len(finished_trials(study))
         if todo > 0:
             study.optimize(lambda t: run_trial(t, preset, method, out_root, overrides, clients), n_trials=todo,
                            catch=(RuntimeError,))  # fmt: skip
@@ -227,7 +229,7 @@ def report(preset: str, methods: list[str], out_root: Path, overrides: list[str]
             lines.append(f"| {t.number} | {t.state.name.lower()} | {params} | {shown} | {secs:.0f} |" if secs else
                          f"| {t.number} | {t.state.name.lower()} | {params} | {shown} | - |")  # fmt: skip
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        finished = finished_trials(study)
         failed = len(study.trials) - len(finished)
         lines += ["", f"{len(finished)} finished trials (complete or pruned: the budget every method gets)"
                   + (f"; {failed} that did not finish (a run stopped from outside: machine shut down or stopped "

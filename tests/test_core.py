@@ -35,11 +35,11 @@ from fedmetanas_core.relaxation import TemperatureSchedule, probabilities, relax
 from fedmetanas_core.space import (
     CELL_TYPES,
     NET_PREFIX,
+    PRIMITIVES,
     CellWeights,
     RelaxSettings,
     SearchModel,
     SpaceConfig,
-    PRIMITIVES,
     Zero,
     arch_param_name,
     edge_key,
