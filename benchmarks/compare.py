@@ -203,15 +203,17 @@ def _pm(row: dict[str, Any], key: str) -> str:
     return format_mean_std(row.get(f"{key}_mean"), row.get(f"{key}_std"))
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def markdown_table(rows: list[dict[str, Any]], seeds=()) -> str:
     """The aggregated rows: mean ± std over the seeds; accuracies with 4 decimals, seconds as whole
-    numbers, missing figures as "–" (``report.format``)."""
+    numbers, missing figures as "–" (``report.format``). A method with fewer of ``seeds`` than the
+    others names its own."""
     head = ("| method | budget | final test acc | mean acc, last 5 rounds | personalized acc (before → after) | total s "
             "| s to reach FedNAS acc (x FedNAS time; seeds) | params | MB sent + received | steps / client / round "
             "| images / client / round | images / client to reach FedNAS acc (x FedNAS's) |")  # fmt: skip
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         n = len(r["seeds"])
+        name = r["method"] if not seeds or set(r["seeds"]) >= set(seeds) else f"{r['method']} (seeds {', '.join(map(str, r['seeds']))})"
         ratio = r.get("time_to_reach_over_fednas_total_mean")
         reach = "–" if r["time_to_reach_fednas_accuracy_s_mean"] is None else (
             f"{format_number(r['time_to_reach_fednas_accuracy_s_mean'], 0)} "
@@ -222,7 +224,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"{format_number(r['images_to_reach_fednas_accuracy_mean'], 0)} ({format_number(image_ratio, 2)} x)"
         )  # fmt: skip
         lines.append(
-            f"| {r['method']} | {r['budget']} | {_pm(r, 'final_test_accuracy')} | {_pm(r, 'last_rounds_mean_accuracy')} "
+            f"| {name} | {r['budget']} | {_pm(r, 'final_test_accuracy')} | {_pm(r, 'last_rounds_mean_accuracy')} "
             f"| {format_number(r['personalized_accuracy_before_mean'])} → {format_number(r['personalized_accuracy_mean'])} "
             f"| {format_number(r['total_time_s_mean'], 0)} | {reach} | {format_number(r['params_mean'], 0)} "
             f"| {format_number(r.get('mb_sent_received_mean'), 2)} | {format_number(r['steps_per_client_round_mean'], 1)} | {format_number(r['images_per_client_round_mean'], 0)} | {images} |"
@@ -236,23 +238,36 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     preset_file = ROOT / "conf" / f"{preset}.toml"
     runs: dict[int, dict[str, RunData]] = {}
+    left_out: list[str] = []
     for seed in seeds:
         seed_dir = out / f"seed-{seed}"
         runs[seed] = {}
         for m in methods:
-            runs[seed][m] = run_method(preset_file, m, seed_dir, seed, overrides, num_supernodes) if rerun else finished_run(seed_dir / m)
-    per_seed = {seed: comparison_rows(seed_runs) for seed, seed_runs in runs.items()}
+            if rerun:
+                runs[seed][m] = run_method(preset_file, m, seed_dir, seed, overrides, num_supernodes)
+            elif (run := load_run(seed_dir / m)).summary is not None and run.config is not None:
+                runs[seed][m] = run
+            else:  # rebuilding tables while other seeds still run: say what is missing, never guess it
+                left_out.append(f"{m} seed {seed}")
+    if left_out:
+        print(f"left out, not finished: {', '.join(left_out)}", flush=True)
+    if not any(runs.values()):
+        raise SystemExit(f"no finished run in {out}")
+    per_seed = {seed: comparison_rows(seed_runs) for seed, seed_runs in runs.items() if seed_runs}
     rows = aggregate_rows(per_seed)
     result = {
         "preset": preset, "machine": machine_description(), "overrides": overrides, "seeds": list(seeds),
-        "rows": rows, "per_seed": {str(k): v for k, v in per_seed.items()},
+        "rows": rows, "per_seed": {str(k): v for k, v in per_seed.items()}, "left_out": left_out,
     }  # fmt: skip
     atomic_write_text(out / "comparison.json", json.dumps(result, indent=2))
     seeds_text = ", ".join(map(str, seeds))
-    atomic_write_text(out / "comparison.md", f"Preset `{preset}`, seeds {seeds_text}, on {result['machine']}\n\n{markdown_table(rows)}\n")
+    missing = f"\n\nNot finished, left out: {', '.join(left_out)}." if left_out else ""
+    atomic_write_text(
+        out / "comparison.md", f"Preset `{preset}`, seeds {seeds_text}, on {result['machine']}{missing}\n\n{markdown_table(rows, seeds)}\n"
+    )
     by_method = {m: [seed_runs[m] for seed_runs in runs.values() if m in seed_runs] for m in methods}
     draw_accuracy_over_seeds(by_method, out / COMPARISON_FIGURE)
-    print(markdown_table(rows))
+    print(markdown_table(rows, seeds))
     return result
 
 

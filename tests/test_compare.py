@@ -126,6 +126,26 @@ def test_tables_only_rebuilds_the_comparison_over_seeds_from_finished_runs(tmp_p
     assert "| fedmetanas | 4 rounds x 10 meta-steps (1 inner), discrete from round 2 | 0.3000 ± 0.1000 |" in table
 
 
+def test_tables_only_leaves_out_unfinished_runs_and_names_them(tmp_path):
+    import json
+
+    from benchmarks.compare import compare
+
+    for seed in (0, 1):
+        for method in ("fedmetanas", "fednas"):
+            _write_run(tmp_path / f"seed-{seed}" / method, {**summary(method, [0.2, 0.3 + seed / 10], 10.0, META if method == "fedmetanas" else FEDNAS), "seed": seed})
+    (tmp_path / "seed-1" / "fednas" / "summary.json").unlink()  # seed 1's FedNAS still running
+    result = compare("cifar10-cpu", tmp_path, [], 2, ("fedmetanas", "fednas"), rerun=False, seeds=(0, 1))
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["fedmetanas"]["seeds"] == [0, 1] and rows["fednas"]["seeds"] == [0]
+    assert result["left_out"] == ["fednas seed 1"]
+    assert rows["fedmetanas"]["reached_fednas_accuracy"] == 1  # no FedNAS target on seed 1
+    table = (tmp_path / "comparison.md").read_text()
+    assert "Not finished, left out: fednas seed 1." in table and "| fednas (seeds 0) |" in table
+    assert "| fedmetanas | " in table
+    assert json.loads((tmp_path / "comparison.json").read_text())["left_out"] == ["fednas seed 1"]
+
+
 def test_random_cells_are_valid_cells_of_the_space_and_differ_by_seed():
     from fedmetanas_core.genotype import random_genotype
 
