@@ -92,7 +92,7 @@ def finished_run(out: Path) -> RunData:
     """A finished run's summary, config and rounds (``report.load_run``); exits naming what is
     missing when the run did not finish."""
     run = load_run(out)
-    if run.summary is None or run.config is None:
+    if not run.finished:
         raise SystemExit(f"{out} is not a finished run: {'; '.join(run.problems)}")
     return run
 
@@ -245,7 +245,7 @@ def compare(
         for m in methods:
             if rerun:
                 runs[seed][m] = run_method(preset_file, m, seed_dir, seed, overrides, num_supernodes)
-            elif (run := load_run(seed_dir / m)).summary is not None and run.config is not None:
+            elif (run := load_run(seed_dir / m)).finished:
                 runs[seed][m] = run
             else:  # rebuilding tables while other seeds still run: say what is missing, never guess it
                 left_out.append(f"{m} seed {seed}")

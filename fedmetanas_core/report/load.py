@@ -38,6 +38,12 @@ class RunData:
     problems: list[str] = field(default_factory=list)  # what could not be read, for the errors file
 
     @property
+    def finished(self) -> bool:
+        """The server writes summary.json after the model and genotype, so with the config it marks a
+        run that ended; a run still going (or killed) has no summary yet."""
+        return self.summary is not None and self.config is not None
+
+    @property
     def method(self) -> str:
         return str((self.summary or {}).get("method") or (self.config or {}).get("method") or "?")
 
