@@ -203,11 +203,11 @@ def _pm(row: dict[str, Any], key: str) -> str:
     return format_mean_std(row.get(f"{key}_mean"), row.get(f"{key}_std"))
 
 
-def markdown_table(rows: list[dict[str, Any]], seeds=()) -> str:
+def markdown_table(rows: list[dict[str, Any]], seeds=(), split: str = "test") -> str:
     """The aggregated rows: mean ± std over the seeds; accuracies with 4 decimals, seconds as whole
     numbers, missing figures as "–" (``report.format``). A method with fewer of ``seeds`` than the
     others names its own."""
-    head = ("| method | budget | final test acc | mean acc, last 5 rounds | personalized acc (before → after) | total s "
+    head = (f"| method | budget | final {split} acc | mean acc, last 5 rounds | personalized acc (before → after) | total s "
             "| s to reach FedNAS acc (x FedNAS time; seeds) | params | MB sent + received | steps / client / round "
             "| images / client / round | images / client to reach FedNAS acc (x FedNAS's) |")  # fmt: skip
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -253,22 +253,36 @@ def compare(
         print(f"left out, not finished: {', '.join(left_out)}", flush=True)
     if not any(runs.values()):
         raise SystemExit(f"no finished run in {out}")
+    split = eval_split(runs)
     per_seed = {seed: comparison_rows(seed_runs) for seed, seed_runs in runs.items() if seed_runs}
     rows = aggregate_rows(per_seed)
     result = {
         "preset": preset, "machine": machine_description(), "overrides": overrides, "seeds": list(seeds),
-        "rows": rows, "per_seed": {str(k): v for k, v in per_seed.items()}, "left_out": left_out,
+        "eval_split": split, "rows": rows, "per_seed": {str(k): v for k, v in per_seed.items()}, "left_out": left_out,
     }  # fmt: skip
     atomic_write_text(out / "comparison.json", json.dumps(result, indent=2))
     seeds_text = ", ".join(map(str, seeds))
     missing = f"\n\nNot finished, left out: {', '.join(left_out)}." if left_out else ""
+    scored = "" if split == "test" else (
+        ". Accuracies are on the validation split (the clients' local test splits, carved from their "
+        "training data), not the test set"
+    )  # fmt: skip
     atomic_write_text(
-        out / "comparison.md", f"Preset `{preset}`, seeds {seeds_text}, on {result['machine']}{missing}\n\n{markdown_table(rows, seeds)}\n"
+        out / "comparison.md",
+        f"Preset `{preset}`, seeds {seeds_text}, on {result['machine']}{scored}{missing}\n\n{markdown_table(rows, seeds, split)}\n",
     )
     by_method = {m: [seed_runs[m] for seed_runs in runs.values() if m in seed_runs] for m in methods}
     draw_accuracy_over_seeds(by_method, out / COMPARISON_FIGURE)
-    print(markdown_table(rows, seeds))
+    print(markdown_table(rows, seeds, split))
     return result
+
+
+def eval_split(runs: dict[int, dict[str, RunData]]) -> str:
+    """What every run scored on: test or validation; one table never mixes the two."""
+    splits = {run.summary.get("eval_split", "test") for seed_runs in runs.values() for run in seed_runs.values()}
+    if len(splits) > 1:
+        raise SystemExit(f"these runs scored on different splits ({', '.join(sorted(splits))}): compare them apart")
+    return splits.pop()
 
 
 def partition_name(partitioner: str, alpha: float) -> str:
@@ -293,7 +307,7 @@ def sweep(
         lines.append(f"| {name} | " + " | ".join(_pm(by[m], "final_test_accuracy") for m in methods) + " |")
         for r in result["rows"]:
             table.append({
-                "partition": name, "method": r["method"], "seeds": r["seeds"],
+                "partition": name, "method": r["method"], "seeds": r["seeds"], "eval_split": result["eval_split"],
                 "final_test_accuracy_mean": r["final_test_accuracy_mean"], "final_test_accuracy_std": r["final_test_accuracy_std"],
                 "personalized_accuracy_mean": r["personalized_accuracy_mean"],
                 "personalized_accuracy_before_mean": r["personalized_accuracy_before_mean"],
@@ -305,7 +319,7 @@ def sweep(
     if partitions is not None:  # a share of the sweep: its runs are on disk, the tables come later
         return summary
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
-    atomic_write_text(out / "sweep.md", f"Final test accuracy, mean ± std over seeds {', '.join(map(str, seeds))}\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(out / "sweep.md", f"Final {table[0]['eval_split'] if table else 'test'} accuracy, mean ± std over seeds {', '.join(map(str, seeds))}\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
     return summary
 

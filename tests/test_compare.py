@@ -214,3 +214,23 @@ def test_matched_baseline_alone_needs_each_seeds_finished_fedmetanas_run(tmp_pat
     with pytest.raises(SystemExit) as stop:
         main(["--methods", "fedavg-matched", "--seeds", "0,1", "--out", str(tmp_path)])
     assert stop.value.code == 2 and "seed(s) 1 " in capsys.readouterr().err
+
+
+def test_runs_scored_on_the_validation_split_are_labelled_and_never_mixed_with_test_runs(tmp_path):
+    import json
+
+    from benchmarks.compare import compare
+
+    for seed in (0, 1):
+        s = summary("fedmetanas", [0.2, 0.5 + seed / 10], 10.0, META)
+        _write_run(tmp_path / f"seed-{seed}" / "fedmetanas", {**s, "seed": seed, "eval_split": "validation"})
+    result = compare("digits", tmp_path, [], 2, ("fedmetanas",), rerun=False, seeds=(0, 1))
+    assert result["eval_split"] == "validation"
+    table = (tmp_path / "comparison.md").read_text()
+    assert "validation split" in table and "| final validation acc |" in table and "final test acc" not in table
+    assert json.loads((tmp_path / "comparison.json").read_text())["eval_split"] == "validation"
+
+    s = summary("fednas", [0.1, 0.3], 30.0, FEDNAS)  # a run scored on the test set joins the same table
+    _write_run(tmp_path / "seed-0" / "fednas", {**s, "seed": 0})
+    with pytest.raises(SystemExit, match="different splits"):
+        compare("digits", tmp_path, [], 2, ("fedmetanas", "fednas"), rerun=False, seeds=(0, 1))
