@@ -78,11 +78,12 @@ def node_data(cfg: RunConfig, node_config: dict[str, Any], node_id: int = 0) -> 
 
 
 def build_model(cfg: RunConfig, config: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    space = space_from_config(cfg, int(config["num-classes"]), int(config["in-channels"]))
+    width = int(config["init-channels"]) if "init-channels" in config else None  # a budget may size it
+    space = space_from_config(cfg, int(config["num-classes"]), int(config["in-channels"]), width)
     if config["phase"] == "search":
         return SearchModel(space).to(device)
     genotype = Genotype.from_json(config["genotype"]) if config.get("genotype") else None
-    return build_fixed_network(space, genotype, cfg.fedavg_channels).to(device)
+    return build_fixed_network(space, genotype, int(config.get("cnn-channels", cfg.fedavg_channels))).to(device)
 
 
 def load_received(model: torch.nn.Module, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], transfer: str) -> None:

@@ -85,7 +85,7 @@ def keep_budget(num_entries: int, discreteness: float) -> int:
 
 def update_masks(
     space: SpaceConfig, arch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], threshold: float, tau_min: float,
-    discreteness: float = 0.0,
+    discreteness: float = 0.0, keep_choice: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Monotone permanent masks (True = keep) decided on the aggregated logits at ``tau_min``.
 
@@ -94,7 +94,10 @@ def update_masks(
     searching one well-formed space. ``discreteness`` in [0, 1] also caps the entries a row keeps
     (``keep_budget``: the best real op plus the next-best logits), so at 1 every edge holds one real op
     and every node one input pair: the supernet *is* the derived cell and costs what it costs.
+    ``keep_choice`` (a budget's cell, ``budget.choice_masks``) names per row the entry kept instead of
+    the best logit (-1: the best logit), so the cell that fits is the one left at the end.
     """
+    keep_choice = keep_choice or {}
     new = {}
     none_idx = space.primitives.index("none") if "none" in space.primitives else -1
     for name, logits in arch.items():
@@ -110,6 +113,9 @@ def update_masks(
         if ".alpha." in name and none_idx >= 0:
             guard[..., none_idx] = float("-inf")
         best = guard.argmax(dim=-1, keepdim=True)
+        if name in keep_choice:
+            forced = keep_choice[name].to(best.device).reshape(best.shape)
+            best = torch.where(forced >= 0, forced, best)
         keep.scatter_(-1, best, True)
         budget = keep_budget(logits.shape[-1], discreteness)
         if budget < logits.shape[-1]:

@@ -39,7 +39,7 @@ from .config import METHODS, ConfigError, RunConfig, defaults, resolve_method_ta
 from .processes import stop_pids
 
 APP_DIR = Path(__file__).resolve().parents[1]
-PATH_KEYS = ("data-dir", "results-dir", "fedavg-genotype")
+PATH_KEYS = ("data-dir", "results-dir", "fedavg-genotype", "latency-table")
 MAX_ERROR_SKIPPED_SHARE = 0.2  # a run with more of its rounds skipped for errors exits non-zero
 
 
@@ -211,6 +211,54 @@ def _run_status(connection: str, run_id: str, env: dict[str, str]) -> str:
         return "unknown"
 
 
+def resolve_run_config(items: list[str]) -> tuple[dict[str, Any], RunConfig]:
+    """``-c`` items (preset files, 'key=value ...') -> the overrides, paths made absolute, and the
+    validated config."""
+    base = defaults()
+    # a preset's [fednas] / [fedavg] / [fedmetanas] tables: Flower accepts only known keys
+    overrides = resolve_method_tables(parse_run_config(items), base["method"])
+    for key in PATH_KEYS:  # the ServerApp runs in the SuperLink's directory: send absolute paths
+        if isinstance(overrides.get(key), str) and overrides[key]:
+            overrides[key] = str(Path(overrides[key]).expanduser().resolve())
+    return overrides, RunConfig.from_flat({**base, **overrides})
+
+
+def check_budget_up_front(cfg: RunConfig) -> None:
+    """A budget that nothing in the space meets is refused before anything starts, where the data's
+    shape is known without loading it (otherwise the ServerApp refuses at its start)."""
+    if not cfg.budget:
+        return
+    from .budget import check_feasible, fixed_network_width, image_shape, sized_space
+    from .genotype import Genotype
+    from .training import space_from_config
+
+    shape = image_shape(cfg)
+    if shape is None:
+        return
+    channels, image_hw, classes = shape
+    space = sized_space(cfg, space_from_config(cfg, classes, channels), image_hw)
+    if cfg.method == "fedavg":
+        genotype = Genotype.load_yaml(cfg.fedavg_genotype) if cfg.fedavg_genotype else None
+        fixed_network_width(cfg, space, image_hw, genotype)
+    else:
+        check_feasible(cfg, space, image_hw)
+
+
+def profile_command(cfg: RunConfig, args: argparse.Namespace) -> int:
+    """``fedmetanas profile``: the latency table of the run's space, measured on this machine."""
+    from .budget import run_space
+    from .latency import LatencyTable, default_runtime, profile_space
+
+    space, image_hw = run_space(cfg)
+    runtime = args.runtime or default_runtime()
+    print(f"fedmetanas: profiling {len(space.primitives)} ops of the {cfg.dataset} space at {image_hw[0]}x{image_hw[1]} "
+          f"(init-channels {space.init_channels}) with {runtime}, batch 1, one thread, median of {args.runs} runs")  # fmt: skip
+    table = LatencyTable(profile_space(space, image_hw, runtime, args.runs, progress=print))
+    table.save(args.out)
+    print(f"fedmetanas: wrote {args.out}; pass it as -c 'latency-table=\"{Path(args.out).resolve()}\" budget=\"latency-ms:...\"'")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedmetanas", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,19 +277,21 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--connection", default="local", help="SuperLink connection in $FLWR_HOME/config.toml")
     run.add_argument("--app", default=str(APP_DIR), help="the Flower app directory")
     sub.add_parser("check", help="validate a run config only").add_argument("--run-config", "-c", action="append", default=[])
+    profile = sub.add_parser("profile", help="measure the latency table of the run config's space on this machine")
+    profile.add_argument("--run-config", "-c", action="append", default=[], help="conf/<preset>.toml or 'key=value ...'")
+    profile.add_argument("--out", required=True, help="the table's JSON file (pass it as latency-table)")
+    profile.add_argument("--runs", type=int, default=600, help="timed runs per op and network (median over blocks of 10)")
+    profile.add_argument("--runtime", choices=("onnxruntime", "torch"), default=None, help="default: onnxruntime when installed")
     args = parser.parse_args(argv)
 
     app_dir = Path(getattr(args, "app", APP_DIR)).resolve()
     try:
         if args.command == "run":
             check_flags(args)
-        base = defaults()
-        # a preset's [fednas] / [fedavg] / [fedmetanas] tables: Flower accepts only known keys
-        overrides = resolve_method_tables(parse_run_config(args.run_config), base["method"])
-        for key in PATH_KEYS:  # the ServerApp runs in the SuperLink's directory: send absolute paths
-            if isinstance(overrides.get(key), str) and overrides[key]:
-                overrides[key] = str(Path(overrides[key]).expanduser().resolve())
-        cfg = RunConfig.from_flat({**base, **overrides})
+        overrides, cfg = resolve_run_config(args.run_config)
+        if args.command == "profile":
+            return profile_command(cfg, args)
+        check_budget_up_front(cfg)
         if args.command == "run" and args.connection == "local":  # the simulated federation's size is known
             cfg.check_dp(cfg.num_partitions or args.num_supernodes)
         if ":" in cfg.strategy:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from .attacks import parse_attack_clients
 from .config_keys import (  # noqa: F401 (re-exported: the table's names are part of this module's API)
     BY_NAME, CORRUPT_IMAGE_POLICIES, DATASETS, KEYS, METHODS, PARTITIONERS, STRATEGIES, ConfigError, Key,
-    cast_value, defaults, markdown_table, toml_table,
+    cast_value, defaults, markdown_table, parse_budget, toml_table,
 )  # fmt: skip
 from .privacy import DPConfigError, check_dp
 
@@ -88,6 +88,7 @@ class RunConfig(Mapping[str, Any]):
                 "num-partitions", self.num_partitions,
                 f"must be 0 (one partition per node) or >= min-available-nodes ({self.min_available_nodes})",
             )  # fmt: skip
+        self._check_budget()
         self._check_strategy_nodes()
         self.check_dp(self.num_partitions or None)
         self._check_attack()
@@ -144,6 +145,20 @@ class RunConfig(Mapping[str, Any]):
             # the defence would replace the noised logits by a robust aggregate of un-noised ones
             raise ConfigError("alpha-defence", self.alpha_defence, f"cannot be combined with dp = {self.dp} (it would aggregate the logits without the DP noise)")
 
+    def _check_budget(self) -> None:
+        """Budget keys that cannot work together (whether anything in the space fits needs the
+        data's shape: ``budget.check_feasible``, in the CLI and at the ServerApp's start)."""
+        parsed = parse_budget(self.budget)
+        kind = parsed[0] if parsed else None
+        if self.init_channels == 0 and kind is None:
+            raise ConfigError("init-channels", 0, "0 sizes the space to the budget: set budget (e.g. \"macs:200000\")")
+        if self.init_channels == 0 and kind == "latency-ms":
+            raise ConfigError("init-channels", 0, "cannot size the space to a latency budget (a table is measured for one width); set init-channels")
+        if kind == "latency-ms" and not self.latency_table:
+            raise ConfigError("latency-table", "", "budget latency-ms:... needs a latency table measured on the device (fedmetanas profile)")
+        if self.latency_table and kind != "latency-ms":
+            raise ConfigError("latency-table", self.latency_table, "is read only with budget = \"latency-ms:...\"")
+
     def _check_paths(self) -> None:
         """Filesystem checks (server and CLI; clients skip them: their data-dir is the node's)."""
         if self.dataset == "imagefolder":
@@ -171,6 +186,8 @@ class RunConfig(Mapping[str, Any]):
             builder, sep, local_dir = self.hf_dataset.partition(":")
             if sep and builder and "/" not in builder and not Path(local_dir).expanduser().is_dir():
                 raise ConfigError("hf-dataset", self.hf_dataset, f"{local_dir!r} is not an existing directory")
+        if self.latency_table and not (Path(self.latency_table).is_file() and os.access(self.latency_table, os.R_OK)):
+            raise ConfigError("latency-table", self.latency_table, "must be a readable latency table (fedmetanas profile --out)")
         if self.fedavg_genotype and not (Path(self.fedavg_genotype).is_file() and os.access(self.fedavg_genotype, os.R_OK)):
             raise ConfigError("fedavg-genotype", self.fedavg_genotype, "must be a readable genotype.yaml")
         if self.results_dir:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from .attacks import ALPHA_DEFENCES, ATTACKS, parse_attack_clients
-from .names import PRIMITIVES
+from .names import COST_KINDS, PRIMITIVES
 from .privacy import DP_MODES
 
 
@@ -20,6 +20,7 @@ METHODS = ("fedmetanas", "fednas", "fedavg")
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "hf")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
 CORRUPT_IMAGE_POLICIES = ("fail", "skip")
+BUDGET_PENALTIES = ("target", "hinge")
 STRATEGIES = (
     "FedAvg", "FedAvgM", "FedProx", "FedAdagrad", "FedAdam", "FedYogi",
     "FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan",
@@ -95,6 +96,34 @@ def _primitives(v: str) -> str | None:
     return None
 
 
+def parse_budget(text: str) -> tuple[str, float] | None:
+    """``"macs:2e5"`` -> ("macs", 200000.0); "" -> None; anything else raises ValueError saying why."""
+    text = text.strip()
+    if not text:
+        return None
+    kind, sep, value = text.partition(":")
+    kind = kind.strip()
+    if not sep:
+        raise ValueError(f"expected KIND:LIMIT with KIND one of {', '.join(COST_KINDS)}, e.g. macs:200000")
+    if kind not in COST_KINDS:
+        raise ValueError(f"unknown budget kind {kind!r}; one of {', '.join(COST_KINDS)}")
+    try:
+        limit = float(value)
+    except ValueError:
+        raise ValueError(f"limit {value.strip()!r} is not a number") from None
+    if not math.isfinite(limit) or limit <= 0:
+        raise ValueError("the limit must be a finite number > 0")
+    return kind, limit
+
+
+def _budget(v: str) -> str | None:
+    try:
+        parse_budget(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _attack_clients(v: str) -> str | None:
     try:
         parse_attack_clients(v)
@@ -160,10 +189,15 @@ KEYS: tuple[Key, ...] = (
     # --- search space
     Key("num-cells", 2, "cells in the supernet; reduction cells at 1/3 and 2/3 of the depth", _at_least(1), "space"),
     Key("num-nodes", 2, "intermediate nodes per cell", _at_least(1), "space"),
-    Key("init-channels", 8, "channels of the first cell", _at_least(1), "space"),
+    Key("init-channels", 8, "channels of the first cell; 0 = sized to the budget (the widest space whose expected cost under uniform op and pair probabilities fits it)", _at_least(0), "space"),
     Key("stem-multiplier", 3, "stem output channels = stem-multiplier x init-channels", _at_least(1), "space"),
     Key("primitives", ",".join(PRIMITIVES), "comma-separated op set", _primitives, "space"),
     Key("input-pruning", True, "pairwise input-node weights (beta) per node; off = every edge feeds its node", None, "space"),
+    # --- cost budget (fedmetanas_core/budget.py)
+    Key("budget", "", "'' = none; KIND:LIMIT limits the derived network, KIND macs | params | latency-ms (needs latency-table), e.g. \"macs:200000\"; the expected cost enters the architecture loss (every method's search) and derivation keeps the most likely cell within it", _budget, "budget"),
+    Key("budget-weight", 1.0, "weight of the cost term in the architecture loss", _positive, "budget"),
+    Key("budget-penalty", "target", "target: weight x |E[cost] / limit - 1| (spend the budget, TuNAS) | hinge: weight x max(0, E[cost] / limit - 1)", _choice(BUDGET_PENALTIES), "budget"),
+    Key("latency-table", "", "a latency table from `fedmetanas profile`, measured on the device, for budget = latency-ms:...", None, "budget"),
     # --- relaxation and soft pruning
     Key("relax-mode", "gumbel-soft", "gumbel-soft | softmax | gumbel-hard (straight-through, runs only the sampled op)", _choice(("gumbel-soft", "softmax", "gumbel-hard")), "relaxation"),
     Key("tau-max", 1.0, "temperature of the first round", _positive, "relaxation"),

@@ -18,10 +18,12 @@ from .aggregation import State
 from .config import RunConfig
 from .data import ImageData
 from .space import SpaceConfig
+from .space.cost import CostModel
 from .seeding import derive_seed
 from .training import RoundPlan, space_from_config
 
 MASK_PREFIX = "mask:"
+COST_MODEL_KEY = "cost-model"  # the budget's cost tables: clients need no latency table of their own
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,6 +38,8 @@ def plan_to_config(plan: RoundPlan) -> dict[str, Any]:
         out["local-epochs"] = int(plan.local_epochs)
     for name, mask in plan.masks.items():
         out[MASK_PREFIX + name] = [bool(b) for b in mask.flatten().tolist()]
+    if plan.cost is not None:
+        out[COST_MODEL_KEY] = plan.cost.to_json()
     return out
 
 
@@ -52,6 +56,7 @@ def plan_from_config(config: dict[str, Any], shapes: dict[str, torch.Size]) -> R
         masks=masks,
         lr_w=float(config["lr-w"]) if "lr-w" in config else None,
         local_epochs=int(config["local-epochs"]) if "local-epochs" in config else None,
+        cost=CostModel.from_json(str(config[COST_MODEL_KEY])) if COST_MODEL_KEY in config else None,
     )
 
 
@@ -89,12 +94,20 @@ def seeded_init(module_factory, seed: int, *stream):
 
 
 def space_for_run(cfg: RunConfig, test: ImageData) -> SpaceConfig:
-    return space_from_config(cfg, test.num_classes, test.in_channels)
+    """The run's space at the test images' shape; with ``init-channels = 0`` sized to the budget."""
+    from .budget import sized_space
+
+    return sized_space(cfg, space_from_config(cfg, test.num_classes, test.in_channels), image_hw(test))
+
+
+def image_hw(test: ImageData) -> tuple[int, int]:
+    return int(test.x.shape[-2]), int(test.x.shape[-1])
 
 
 def model_config(space: SpaceConfig) -> dict[str, Any]:
-    """What a client needs to build the same networks as the server (sent every round)."""
-    return {"num-classes": space.num_classes, "in-channels": space.in_channels}
+    """What a client needs to build the same networks as the server (sent every round; the width,
+    since a budget may have sized it)."""
+    return {"num-classes": space.num_classes, "in-channels": space.in_channels, "init-channels": space.init_channels}
 
 
 class ProgressClock:

@@ -267,6 +267,7 @@ def export_model(
     calibration_size: int = CALIBRATION_SIZE,
     latency_runs: int = LATENCY_RUNS,
     onnx: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Calibrate ``net``'s BatchNorms, export it (TorchScript, ONNX if available) into
     ``results_dir`` and write ``export.json``; returns its content.
@@ -274,17 +275,18 @@ def export_model(
     ``test`` is an ImageData (x normalised [N, C, H, W], y, classes). ``normalization`` =
     (mean, std) per channel of that normalisation; when None it is taken from ``test`` or recomputed
     from ``results_dir/config.yaml`` (see ``find_normalization``). Without it the model is still
-    exported, but ``fedmetanas-predict`` cannot preprocess image files for it.
+    exported, but ``fedmetanas-predict`` cannot preprocess image files for it. ``extra`` joins
+    export.json as it is (the run's cost report: budget, MACs, measured latency).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convs: extra threads only contend (10x slower on a busy 2-core box)
     try:
-        return _export(net, test, Path(results_dir), normalization, calibration_size, latency_runs, onnx)
+        return _export(net, test, Path(results_dir), normalization, calibration_size, latency_runs, onnx, extra or {})
     finally:
         torch.set_num_threads(threads)
 
 
-def _export(net, test, results_dir: Path, normalization, calibration_size, latency_runs, onnx) -> dict[str, Any]:
+def _export(net, test, results_dir: Path, normalization, calibration_size, latency_runs, onnx, extra) -> dict[str, Any]:
     t_start = time.perf_counter()
     results_dir.mkdir(parents=True, exist_ok=True)
     x, y = test.x.detach().cpu().float(), test.y.detach().cpu().long()
@@ -377,6 +379,7 @@ def _export(net, test, results_dir: Path, normalization, calibration_size, laten
         "machine": machine_description(),
         "torch": torch.__version__,
         "export_seconds": None,
+        **extra,
     }
     info["export_seconds"] = round(time.perf_counter() - t_start, 3)
     atomic_write_text(results_dir / EXPORT_JSON, json.dumps(info, indent=2))

@@ -18,6 +18,7 @@ from .names import is_arch
 
 Params = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
+Penalty = Callable[[Params], torch.Tensor]  # a term of the parameters added to every loss (the cost term)
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,12 @@ class InnerLoop:
     adapt_arch: bool = True  # False while alphas are frozen (warm-up)
 
 
-def loss_on(model: torch.nn.Module, params: Params, batch: Batch, **forward_kwargs) -> torch.Tensor:
+def loss_on(model: torch.nn.Module, params: Params, batch: Batch, penalty: Penalty | None = None, **forward_kwargs) -> torch.Tensor:
+    """Cross-entropy on ``batch`` at ``params``, plus ``penalty(params)`` (a budget's cost term of the
+    architecture logits: the task learner and the meta learner see the same objective)."""
     x, y = batch
-    return F.cross_entropy(functional_call(model, params, (x,), forward_kwargs), y)
+    loss = F.cross_entropy(functional_call(model, params, (x,), forward_kwargs), y)
+    return loss if penalty is None else loss + penalty(params)
 
 
 def inner_adapt(
@@ -39,6 +43,7 @@ def inner_adapt(
     support: Batch | Callable[[int], Batch],
     inner: InnerLoop,
     create_graph: bool = False,
+    penalty: Penalty | None = None,
     **forward_kwargs,
 ) -> Params:
     """K plain gradient steps on the support batch; weights and alphas each with their own step size.
@@ -52,7 +57,7 @@ def inner_adapt(
     for step in range(inner.steps):
         batch = support(step) if callable(support) else support
         names = [k for k in current if inner.adapt_arch or not is_arch(k)]
-        loss = loss_on(model, current, batch, **forward_kwargs)
+        loss = loss_on(model, current, batch, penalty if inner.adapt_arch else None, **forward_kwargs)
         grads = torch.autograd.grad(loss, [current[k] for k in names], create_graph=create_graph, allow_unused=True)
         updated = dict(current)
         for name, grad in zip(names, grads):
@@ -64,18 +69,22 @@ def inner_adapt(
     return current
 
 
-def fomaml_task_gradient(model, params: Params, support: Batch, query: Batch, inner: InnerLoop, **fw) -> tuple[Params, float]:
+def fomaml_task_gradient(
+    model, params: Params, support: Batch, query: Batch, inner: InnerLoop, penalty: Penalty | None = None, **fw
+) -> tuple[Params, float]:
     """Query-loss gradient at the adapted parameters: the first-order meta-gradient for ``params``."""
-    adapted = inner_adapt(model, params, support, inner, create_graph=False, **fw)
-    loss = loss_on(model, adapted, query, **fw)
+    adapted = inner_adapt(model, params, support, inner, create_graph=False, penalty=penalty, **fw)
+    loss = loss_on(model, adapted, query, penalty, **fw)
     return _gradients(loss, adapted), float(loss.detach())
 
 
-def second_order_task_gradient(model, params: Params, support: Batch, query: Batch, inner: InnerLoop, **fw) -> tuple[Params, float]:
+def second_order_task_gradient(
+    model, params: Params, support: Batch, query: Batch, inner: InnerLoop, penalty: Penalty | None = None, **fw
+) -> tuple[Params, float]:
     """Exact MAML: differentiate the query loss through the inner steps back to ``params``."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    adapted = inner_adapt(model, leaves, support, inner, create_graph=True, **fw)
-    loss = loss_on(model, adapted, query, **fw)
+    adapted = inner_adapt(model, leaves, support, inner, create_graph=True, penalty=penalty, **fw)
+    loss = loss_on(model, adapted, query, penalty, **fw)
     return _gradients(loss, leaves), float(loss.detach())
 
 
@@ -86,9 +95,11 @@ def _gradients(loss: torch.Tensor, params: Params) -> Params:
     return {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads)}
 
 
-def reptile_task_delta(model, params: Params, support: Batch, inner: InnerLoop, **fw) -> tuple[Params, float]:
+def reptile_task_delta(
+    model, params: Params, support: Batch, inner: InnerLoop, penalty: Penalty | None = None, **fw
+) -> tuple[Params, float]:
     """Reptile direction: adapted minus initial parameters (the inner loop runs on support only)."""
-    adapted = inner_adapt(model, params, support, inner, create_graph=False, **fw)
+    adapted = inner_adapt(model, params, support, inner, create_graph=False, penalty=penalty, **fw)
     with torch.no_grad():
         loss = float(loss_on(model, adapted, support, **fw))
     return {k: (adapted[k].detach() - params[k].detach()) for k in params}, loss

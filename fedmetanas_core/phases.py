@@ -18,9 +18,10 @@ import torch.nn as nn
 
 from .aggregation import State, arch_statistics, masks_are_discrete, update_masks
 from .config import RunConfig
-from .coordinator import LearningRateSchedule, plan_to_config, seeded_init
+from .coordinator import LearningRateSchedule, image_hw, plan_to_config, seeded_init
 from .data import ImageData
-from .genotype import DiscreteNetwork, Genotype, build_fixed_network, count_parameters, derive_genotype
+from .budget import budget_of, check_feasible, choice_masks, derive_within, fixed_network_width
+from .genotype import DiscreteNetwork, Genotype, build_fixed_network, count_parameters
 from .relaxation import TemperatureSchedule, probabilities
 from .names import ARCH_PREFIX, CELL_TYPES, arch_param_name, edge_key
 from .space import SearchModel, SpaceConfig
@@ -121,11 +122,17 @@ class SearchPhase(Phase):
         self.anneal_rounds = min(cfg.discrete_round, rounds) if cfg.discrete_round else rounds
         self.schedule = TemperatureSchedule(cfg.tau_max, cfg.tau_min, self.anneal_rounds, cfg.tau_schedule, cfg.warmup_rounds)
         self.learning_rate = LearningRateSchedule.from_config(cfg, rounds)
+        self.budget = budget_of(cfg)
+        self.cost = check_feasible(cfg, space, image_hw(test))  # None without a budget
 
     def start(self, previous: Handoff) -> None:
         """A freshly initialised supernet (seeded by the run's seed): a search starts from nothing."""
         self.model = seeded_init(lambda: SearchModel(self.space), self.cfg.seed, self.name).to(self.device)
-        self.genotype: Genotype = derive_genotype(self.space, self.arch_state())  # defined even if no round aggregates
+        self.genotype: Genotype = self.derive(self.arch_state(), {})  # defined even if no round aggregates
+
+    def derive(self, arch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> Genotype:
+        """The derived cell: the most likely one, within the budget when the run has one."""
+        return derive_within(self.space, arch, masks, self.cost, self.budget)
 
     def initial_state(self) -> State:
         return state_arrays(self.model)
@@ -133,9 +140,9 @@ class SearchPhase(Phase):
     def plan(self, server_round: int) -> RoundPlan:
         lr_w = self.learning_rate(server_round)
         if not self.is_meta:  # FedNAS: plain softmax at temperature 1, nothing masked
-            return RoundPlan(server_round, 1.0, False, {}, lr_w)
+            return RoundPlan(server_round, 1.0, False, {}, lr_w, cost=self.cost)
         frozen = server_round <= self.cfg.warmup_rounds
-        return RoundPlan(server_round, self.schedule(server_round), frozen, dict(self.masks), lr_w)
+        return RoundPlan(server_round, self.schedule(server_round), frozen, dict(self.masks), lr_w, cost=self.cost)
 
     def discreteness(self, server_round: int) -> float:
         """0 until the warm-up ends, then linear to 1 at ``discrete-round`` (0 throughout when unset)."""
@@ -153,10 +160,12 @@ class SearchPhase(Phase):
         plan = self.plan(server_round)
         arch = self.arch_state()
         if self.is_meta and server_round >= self.cfg.mask_start_round:
+            # with a budget the masks always keep the most likely cell that fits, so it survives to the end
+            keep = choice_masks(self.space, self.derive(arch, self.masks), arch) if self.budget else None
             self.masks = update_masks(
-                self.space, arch, self.masks, self.cfg.mask_threshold, self.cfg.tau_min, self.discreteness(server_round)
+                self.space, arch, self.masks, self.cfg.mask_threshold, self.cfg.tau_min, self.discreteness(server_round), keep
             )
-        self.genotype = derive_genotype(self.space, arch, self.masks)
+        self.genotype = self.derive(arch, self.masks)
         stats = arch_statistics(self.space, arch, self.masks, plan.tau)
         derived = self.derived_network()
         derived_eval = evaluate(derived, self.test, self.cfg.eval_batch_size, self.device)
@@ -197,7 +206,7 @@ class SearchPhase(Phase):
     def restore(self, state: State, masks: dict[str, torch.Tensor], last: dict[str, Any]) -> None:
         load_arrays(self.model, state)
         self.masks = {k: v.to(torch.bool) for k, v in masks.items()}
-        self.genotype = derive_genotype(self.space, self.arch_state(), self.masks)
+        self.genotype = self.derive(self.arch_state(), self.masks)
         self.last = dict(last)
 
     @torch.no_grad()
@@ -234,7 +243,8 @@ class FixedPhase(Phase):
         self.learning_rate = LearningRateSchedule.from_config(cfg, rounds)
 
     def start(self, previous: Handoff) -> None:
-        build = lambda: build_fixed_network(self.space, self.genotype, self.cfg.fedavg_channels)  # noqa: E731
+        self.channels = fixed_network_width(self.cfg, self.space, image_hw(self.test), self.genotype)
+        build = lambda: build_fixed_network(self.space, self.genotype, self.channels)  # noqa: E731
         self.net = seeded_init(build, self.cfg.seed, self.name).to(self.device)
 
     def initial_state(self) -> State:
@@ -244,9 +254,10 @@ class FixedPhase(Phase):
         return RoundPlan(server_round, 1.0, False, {}, self.learning_rate(server_round), self.local_epochs)
 
     def round_config(self, server_round: int) -> dict[str, Any]:
-        """The plan and the genotype ('' for the small CNN) the clients build the network from."""
+        """The plan and the genotype ('' for the small CNN) the clients build the network from, and
+        the CNN's width (a budget may have sized it)."""
         genotype = self.genotype.to_json() if self.genotype is not None else ""
-        return {**super().round_config(server_round), "genotype": genotype}
+        return {**super().round_config(server_round), "genotype": genotype, "cnn-channels": self.channels}
 
     def accept(self, server_round: int, state: State) -> dict[str, Any]:
         load_arrays(self.net, state)

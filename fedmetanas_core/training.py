@@ -27,7 +27,9 @@ from .aggregation import masks_are_discrete
 from .genotype import DiscreteNetwork, derive_genotype
 from .maml import InnerLoop, fomaml_task_gradient, inner_adapt, mean_dicts, reptile_task_delta, second_order_task_gradient
 from .names import is_arch
+from .maml import Penalty
 from .space import RelaxSettings, SearchModel, SpaceConfig, fast_path
+from .space.cost import CostModel
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,11 +58,12 @@ def run_settings(cfg: RunConfig, threads: int = 0) -> Iterator[None]:
             torch.set_num_threads(num_threads)
 
 
-def space_from_config(cfg: RunConfig, num_classes: int, in_channels: int) -> SpaceConfig:
+def space_from_config(cfg: RunConfig, num_classes: int, in_channels: int, init_channels: int | None = None) -> SpaceConfig:
+    """The run's space; ``init_channels`` overrides the key (the width the server sized to a budget)."""
     return SpaceConfig(
         num_classes=num_classes,
         in_channels=in_channels,
-        init_channels=cfg.init_channels,
+        init_channels=cfg.init_channels if init_channels is None else init_channels,
         num_cells=cfg.num_cells,
         num_nodes=cfg.num_nodes,
         stem_multiplier=cfg.stem_multiplier,
@@ -80,6 +83,7 @@ class RoundPlan:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     lr_w: float | None = None  # the round's weight learning rate (None: outer-lr-w)
     local_epochs: int | None = None  # epoch-based trainers' local epochs (None: local-epochs)
+    cost: CostModel | None = None  # the run's cost model when it has a budget (search phases)
 
 
 @dataclass
@@ -178,15 +182,32 @@ def fedmetanas_local_search(
         return result
     fw = dict(settings=train_settings(cfg, plan.tau), masks=plan.masks, generator=generator)
     opt_a = None if plan.alpha_frozen else arch_optimizer(model, cfg)
-    return _meta_train(model, model.net, opt_a, data, cfg, plan, generator, device, proximal_mu, fw)
+    penalty = cost_penalty(cfg, plan) if opt_a is not None else None
+    return _meta_train(model, model.net, opt_a, data, cfg, plan, generator, device, proximal_mu, fw, penalty)
+
+
+def cost_penalty(cfg: RunConfig, plan: RoundPlan) -> Penalty | None:
+    """The budget's cost term of the architecture logits under the round's masks (None: no budget)."""
+    from .budget import budget_of
+
+    budget = budget_of(cfg)
+    if budget is None or plan.cost is None:
+        return None
+    cost, masks = plan.cost, plan.masks
+
+    def penalty(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return budget.penalty(cost.expected_cost({k: v for k, v in params.items() if is_arch(k)}, masks))
+
+    return penalty
 
 
 def _meta_train(
     module: nn.Module, weights: nn.Module, opt_a: torch.optim.Optimizer | None, data: ClientData, cfg: RunConfig,
     plan: RoundPlan, generator: torch.Generator, device: torch.device, proximal_mu: float, fw: dict,
+    penalty: Penalty | None = None,
 ) -> LocalResult:
     """The meta-learning loop over ``module``'s parameters: ``weights`` holds the network weights,
-    ``opt_a`` steps the architecture (None: frozen or absent)."""
+    ``opt_a`` steps the architecture (None: frozen or absent), ``penalty`` joins every loss."""
     if cfg.query_source == "train":  # one stream over all training data: query = the next, disjoint, minibatch
         support_stream = query_stream = BatchStream(data.pool, cfg.batch_size, generator)
     else:
@@ -203,12 +224,12 @@ def _meta_train(
             support = _to(support_stream.next_batch(), device)
             images += len(support[1]) * cfg.inner_steps
             if cfg.meta_learner == "reptile":
-                task_results.append(reptile_task_delta(module, params, support, inner, **fw))
+                task_results.append(reptile_task_delta(module, params, support, inner, penalty, **fw))
                 continue
             query = _to(query_stream.next_batch(), device)
             images += len(query[1])
             task_grad = second_order_task_gradient if cfg.maml_order == 2 else fomaml_task_gradient
-            task_results.append(task_grad(module, params, support, query, inner, **fw))
+            task_results.append(task_grad(module, params, support, query, inner, penalty, **fw))
         direction = mean_dicts([r[0] for r in task_results])
         losses.append(float(np.mean([r[1] for r in task_results])))
         if cfg.meta_learner == "reptile":
@@ -245,6 +266,7 @@ def fednas_local_search(
     opt_w, opt_a = meta_optimizers(model, cfg, plan.lr_w)
     steps = local_epochs(cfg, plan) * train_stream.batches_per_epoch
     anchors = _anchor(model.net, proximal_mu)
+    penalty = cost_penalty(cfg, plan)  # the same cost term as FedMetaNAS's, on the alpha step
     losses, images = [], 0
     for _ in range(steps):
         xv, yv = _to(val_stream.next_batch(), device)
@@ -252,7 +274,10 @@ def fednas_local_search(
         images += len(yv) + len(yt)
         opt_w.zero_grad(set_to_none=True)
         opt_a.zero_grad(set_to_none=True)
-        F.cross_entropy(model(xv, settings), yv).backward(inputs=list(model.arch.parameters()))
+        arch_loss = F.cross_entropy(model(xv, settings), yv)
+        if penalty is not None:
+            arch_loss = arch_loss + penalty(dict(model.named_parameters()))
+        arch_loss.backward(inputs=list(model.arch.parameters()))
         train_loss = F.cross_entropy(model(xt, settings), yt)
         train_loss.backward()  # adds lambda=1 x grad_alpha(L_train) and gives grad_w(L_train)
         _add_proximal(anchors, proximal_mu)

@@ -21,9 +21,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmetanas_core.config import ConfigError, RunConfig
-from fedmetanas_core.coordinator import ProgressClock, fmt_duration, model_config, space_for_run
+from fedmetanas_core.budget import cost_report
+from fedmetanas_core.coordinator import ProgressClock, fmt_duration, image_hw, model_config, space_for_run
 from fedmetanas_core.data import DataSpec, load_test_set
-from fedmetanas_core.genotype import Genotype, count_parameters
+from fedmetanas_core.genotype import Genotype, SimpleCNN, count_parameters
 from fedmetanas_core.phases import Handoff, Phase, plan_phases
 from fedmetanas_core.privacy import make_accountant
 from fedmetanas_core.run_data import validation_set
@@ -321,8 +322,9 @@ class Experiment:
         """Every method's deployed network, adapted and scored the same way on every client."""
         if self.cfg.fraction_evaluate == 0:
             return []
+        width = {"cnn-channels": final_net.channels} if isinstance(final_net, SimpleCNN) else {}  # a budget may size it
         config = ConfigRecord(
-            {**self.base_config, "phase": "fixed", "genotype": genotype.to_json() if genotype is not None else "", "personalize": True}
+            {**self.base_config, "phase": "fixed", "genotype": genotype.to_json() if genotype is not None else "", "personalize": True, **width}
         )
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in final_net.state_dict().items()})
         messages = self.strategy.configure_evaluate(rounds, arrays, config, self.grid)
@@ -356,6 +358,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         "genotype": genotype.to_dict() if genotype else None,
         "params": count_parameters(final_net),
         "supernet_params": exp.carried.results.get("supernet_params"),
+        "cost": cost_report(cfg, exp.space, image_hw(exp.test), final_net),
         **communication_fields(rows),
         "rejected_replies": exp.rejected_total,
         **privacy_fields(cfg, exp),
@@ -370,30 +373,30 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         exp.recorder.write_genotype(genotype)
     exp.recorder.save_model(final_net, exp.space, genotype)
     exp.recorder.write_summary(summary)
-    _after_run(exp.recorder.dir, final_net, exp.test)
+    _after_run(exp.recorder.dir, final_net, exp.test, summary["cost"])
     log(INFO, "final test accuracy %.4f (supernet %s) | personalized %s", final_eval["accuracy"],
         summary["supernet_test_accuracy"], summary["personalized_accuracy"])  # fmt: skip
     log(INFO, "Results written to %s", exp.recorder.dir)
     return exp.recorder.dir
 
 
-def _after_run(results_dir: Path, final_net, test) -> None:
+def _after_run(results_dir: Path, final_net, test, cost: dict[str, Any]) -> None:
     """Device export and figures: extras that must never cost a run its numeric results."""
     for name, step in (("export", _export), ("figures", _figures)):
         try:
-            step(results_dir, final_net, test)
+            step(results_dir, final_net, test, cost)
         except Exception as exc:  # reported, never fatal: summary.json is already written
             log(WARNING, "%s failed (numeric results are saved): %s: %s", name, type(exc).__name__, exc)
             (results_dir / f"{name}_error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
 
 
-def _export(results_dir: Path, final_net, test) -> None:
+def _export(results_dir: Path, final_net, test, cost: dict[str, Any]) -> None:
     from fedmetanas_core.export import export_model
 
-    export_model(final_net, test, results_dir)
+    export_model(final_net, test, results_dir, extra={"cost": cost})
 
 
-def _figures(results_dir: Path, final_net, test) -> None:
+def _figures(results_dir: Path, final_net, test, cost: dict[str, Any]) -> None:
     from fedmetanas_core.report.figures import write_run_figures
 
     write_run_figures(results_dir)
