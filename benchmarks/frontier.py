@@ -64,8 +64,8 @@ def method_overrides(method: str, budget: str, seed_dir: Path, seed: int, preset
 
 def run_all(args, preset: Path, budgets: list[str], seeds: list[int], methods: list[str], out: Path) -> None:
     partition = partition_overrides(args.partition)
-    for budget in budgets:
-        for seed in seeds:
+    for seed in seeds:  # a seed over every budget first: an interrupted queue still draws a whole front
+        for budget in budgets:
             seed_dir = out / budget_dir(budget) / f"seed-{seed}"
             for method in methods:
                 if (seed_dir / method / "summary.json").is_file():

@@ -327,3 +327,22 @@ def test_a_run_with_a_budget_derives_a_network_within_it(tmp_path, flat, flower_
         space, image_hw = SpaceConfig(10, 1, cost["init_channels"], 2, 2, input_pruning=cfg.method == "fedmetanas"), (8, 8)
         model = counted_cost_model(space, image_hw, kind)
         assert all(model.genotype_cost(Genotype.from_dict(r["genotype"])) <= float(limit) for r in rows if "genotype" in r)
+
+
+def test_a_run_with_a_latency_budget_uses_the_table(tmp_path, flower_task_identity, single_thread, skip_run_extras):
+    from server_app.app import run_experiment
+    from server_app.local_grid import LocalGrid
+
+    space, image_hw = SpaceConfig(10, 1, 8, 2, 2), (8, 8)
+    table = LatencyTable(profile_space(space, image_hw, runs=10, calibration_cells=2))
+    table.save(tmp_path / "table.json")
+    low, high = table.cost_model(space, image_hw).extremes()
+    limit = low + 0.3 * (high - low)
+    out = tmp_path / "run"
+    cfg = RunConfig.from_flat({**defaults(), **RUN, "budget": f"latency-ms:{limit}", "latency-table": str(tmp_path / "table.json"),
+                               "results-dir": str(out)})  # fmt: skip
+    with run_settings(cfg, 1):
+        run_experiment(LocalGrid(9200, dict(cfg), 3), cfg)
+    cost = json.loads((out / "summary.json").read_text())["cost"]
+    assert cost["budget"]["kind"] == "latency-ms" and cost["within_budget"] is True
+    assert cost["latency_predicted_ms"] <= limit and cost["latency_ms"] > 0
