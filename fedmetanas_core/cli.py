@@ -247,10 +247,11 @@ def check_budget_up_front(cfg: RunConfig) -> None:
 def profile_command(cfg: RunConfig, args: argparse.Namespace) -> int:
     """``fedmetanas profile``: the latency table of the run's space, measured on this machine."""
     from .budget import run_space
-    from .latency import LatencyTable, default_runtime, profile_space
+    from .latency import PROFILE_RUNS, LatencyTable, default_runtime, profile_space
 
     space, image_hw = run_space(cfg)
     runtime = args.runtime or default_runtime()
+    args.runs = args.runs or PROFILE_RUNS
     print(f"fedmetanas: profiling {len(space.primitives)} ops of the {cfg.dataset} space at {image_hw[0]}x{image_hw[1]} "
           f"(init-channels {space.init_channels}) with {runtime}, batch 1, one thread, median of {args.runs} runs")  # fmt: skip
     table = LatencyTable(profile_space(space, image_hw, runtime, args.runs, progress=print))
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = sub.add_parser("profile", help="measure the latency table of the run config's space on this machine")
     profile.add_argument("--run-config", "-c", action="append", default=[], help="conf/<preset>.toml or 'key=value ...'")
     profile.add_argument("--out", required=True, help="the table's JSON file (pass it as latency-table)")
-    profile.add_argument("--runs", type=int, default=600, help="timed runs per op and network (median over blocks of 10)")
+    profile.add_argument("--runs", type=int, default=None, help="timed runs per op and network (median over blocks of 10; default latency.PROFILE_RUNS)")
     profile.add_argument("--runtime", choices=("onnxruntime", "torch"), default=None, help="default: onnxruntime when installed")
     args = parser.parse_args(argv)
 
