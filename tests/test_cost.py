@@ -346,3 +346,12 @@ def test_a_run_with_a_latency_budget_uses_the_table(tmp_path, flower_task_identi
     cost = json.loads((out / "summary.json").read_text())["cost"]
     assert cost["budget"]["kind"] == "latency-ms" and cost["within_budget"] is True
     assert cost["latency_predicted_ms"] <= limit and cost["latency_ms"] > 0
+
+
+def test_the_cnn_familys_counted_macs_match_torch():
+    space = SpaceConfig(10, 3, 8, 3, 2)
+    for width in (3, 8, 17):
+        net = SimpleCNN(space, width)
+        with FlopCounterMode(display=False) as counter:
+            net(torch.randn(2, 3, 16, 16))
+        assert network_cost(net, "macs", (16, 16), 3) == counter.get_total_flops() / 2 / 2
