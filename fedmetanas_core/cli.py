@@ -35,7 +35,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, ConfigError, RunConfig, defaults, resolve_method_tables
+from . import config_keys
+from .config import ConfigError, RunConfig, defaults, resolve_method_tables
 from .processes import stop_pids
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _set(overrides: dict[str, Any], key: str, value: Any) -> None:
     """Later settings win: a plain key also replaces what earlier method tables said about it."""
     if "." not in key:
-        for method in METHODS:
+        for method in config_keys.METHODS:
             overrides.pop(f"{method}.{key}", None)
     overrides[key] = value
 
