@@ -1,4 +1,4 @@
-"""``fedmetanas run``: validate the config, run ``flwr run --stream``, exit non-zero if the run failed.
+"""``fedmetanas run``: validate the config, run the app with ``flwr``, exit non-zero if the run failed.
 
 ``flwr run --stream`` exits 0 even when the run failed, and an invalid value would otherwise only
 surface inside the ServerApp. This wrapper validates the merged run config first (one line naming
@@ -6,7 +6,9 @@ the key, no traceback), turns off Flower's per-run dependency installation (it w
 gigabytes), runs the app, and then checks the run's final status and its ``summary.json``: a run
 that lost more than ``MAX_ERROR_SKIPPED_SHARE`` of its rounds to aggregation errors fails. The
 CLI always sends an absolute ``results-dir`` (its own choice when none was given), so it knows
-where to read the results. Defaults come from ``fedmetanas_core.config`` (the same values as
+where to read the results. The run is started with ``flwr run --format json`` (its run id read
+from Flower's JSON, not from wording meant for people) and its log streamed with ``flwr log``.
+Defaults come from ``fedmetanas_core.config`` (the same values as
 pyproject.toml; a test keeps them in step), so no checkout is needed to validate.
 It never imports flwr: it drives the ``flwr`` command.
 
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         # flwr (and the SuperLink it starts) from this interpreter's environment, activated or not
         "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
     }
-    cmd = ["flwr", "run", str(app_dir), args.connection, "--stream"]
+    cmd = ["flwr", "run", str(app_dir), args.connection, "--format", "json"]
     cmd += ["--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())]
     if args.connection == "local":
         # no init-args: Ray refuses num_cpus/num_gpus in ray.init when it attaches to a cluster
@@ -291,19 +293,49 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def _stream_and_check(cmd: list[str], env: dict[str, str], connection: str, results_dir: Path) -> int:
-    """Run ``flwr run --stream``, echo its output, then check the run's status and its results."""
-    run_id = None
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def parse_run_id(output: str) -> str | None:
+    """The run id in ``flwr run --format json``'s output (``{"success": true, "run-id": "..."}``),
+    or None; colour codes and any text around the JSON object are skipped."""
+    text, decoder = _ANSI.sub("", output), json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            obj, _ = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and obj.get("success") is True and obj.get("run-id") not in (None, ""):
+            return str(obj["run-id"])
+    return None
+
+
+def _start_run(cmd: list[str], env: dict[str, str]) -> tuple[int, str | None, str]:
+    """Run ``flwr run --format json`` (it returns once the run is submitted): (exit status, run id,
+    output). Flower's JSON mode can exit 0 when the run did not start; then the run id is None."""
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        assert proc.stdout is not None
+        output = "".join(proc.stdout)
+    return proc.returncode, parse_run_id(output), output
+
+
+def _stream_and_check(cmd: list[str], env: dict[str, str], connection: str, results_dir: Path) -> int:
+    """Start the run, stream its log with ``flwr log --stream``, then check its status and results."""
+    rc, run_id, output = _start_run(cmd, env)
+    if rc != 0 or run_id is None:
+        sys.stdout.write(output)
+        why = f"exited with status {rc}" if rc else "started no run (no run id in its JSON output)"
+        print(f"fedmetanas: flwr run {why}", file=sys.stderr)
+        return rc or 1
+    print(f"fedmetanas: started run {run_id}", flush=True)
+    log_cmd = ["flwr", "log", run_id, connection, "--stream"]
+    with subprocess.Popen(log_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
-            match = re.search(r"started run (\d+)", line)
-            if match:
-                run_id = match.group(1)
     if proc.returncode != 0:
-        print(f"fedmetanas: flwr run exited with status {proc.returncode}", file=sys.stderr)
+        print(f"fedmetanas: flwr log exited with status {proc.returncode}", file=sys.stderr)
         return proc.returncode or 1
     status = _run_status(connection, run_id, env) if run_id else "unknown"
     summary = results_dir / "summary.json"
