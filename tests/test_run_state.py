@@ -116,6 +116,26 @@ def test_an_actor_serving_a_large_population_keeps_a_bounded_data_cache(monkeypa
     assert [spec.partition_id for spec in client_app._DATA] == [3, 0, 1]
 
 
+def test_an_actor_serving_many_runs_keeps_a_bounded_config_cache(monkeypatch):
+    """Issue 27 (5): the validated run configs, one per run id, are bounded like the data cache
+    (least recently used out), not kept for every run the actor ever served."""
+    import client_app.app as client_app
+
+    monkeypatch.setattr(client_app, "_CONFIGS", OrderedDict())
+    monkeypatch.setattr(client_app, "RUN_CONFIG_CACHE", 3, raising=False)
+    validated = []
+    real = RunConfig.from_flat.__func__
+    monkeypatch.setattr(RunConfig, "from_flat", classmethod(lambda cls, flat, **kw: validated.append(flat["seed"]) or real(cls, flat, **kw)))
+
+    def context(run_id: int) -> Context:
+        return Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config={"seed": run_id})
+
+    for run_id in (0, 1, 2, 0, 3, 0, 1):  # 1 is the least recently used when 3 arrives
+        assert client_app.run_config(context(run_id)).seed == run_id
+    assert validated == [0, 1, 2, 3, 1]
+    assert list(client_app._CONFIGS) == [3, 0, 1]
+
+
 def test_server_orders_replies_by_node_id_sized_partition_ids():
     """Error replies last, after partition ids as large as Flower's uint64 node ids."""
     msgs = list(FedAvg(min_available_nodes=3).configure_train(1, _array_record({"w": np.zeros(2, np.float32)}), ConfigRecord({}), FakeGrid()))
