@@ -41,7 +41,12 @@ from . import config_keys
 from .config import ConfigError, RunConfig, defaults, resolve_method_tables
 from .processes import stop_pids
 
-APP_DIR = Path(__file__).resolve().parents[1]
+# The Flower app directory that `flwr run` builds its FAB from. In a checkout (or an editable
+# install) it is the checkout; an installed wheel has no pyproject.toml beside its packages, so the
+# wheel ships the app's pyproject.toml (pyproject's hatch force-include) at PACKAGED_PYPROJECT and
+# the CLI builds an app directory from it and the installed packages for each run.
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGED_PYPROJECT = Path(__file__).resolve().parent / "flower_app" / "pyproject.toml"
 PATH_KEYS = ("data-dir", "results-dir", "fedavg-genotype")
 MAX_ERROR_SKIPPED_SHARE = 0.2  # a run with more of its rounds skipped for errors exits non-zero
 
@@ -195,6 +200,56 @@ class PrivateSuperLink:
             shutil.rmtree(self.home, ignore_errors=True)
 
 
+def _is_app_pyproject(path: Path) -> bool:
+    """This app's pyproject.toml (not some other project's file that happens to sit there)."""
+    try:
+        config = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    return config.get("project", {}).get("name") == "fedmetanas" and "app" in config.get("tool", {}).get("flwr", {})
+
+
+def checkout_dir() -> Path | None:
+    """The source checkout this package runs from (editable install, or PYTHONPATH), else None."""
+    return SOURCE_ROOT if _is_app_pyproject(SOURCE_ROOT / "pyproject.toml") else None
+
+
+def app_pyproject() -> Path:
+    """The app's pyproject.toml: the checkout's, else the copy an installed wheel carries."""
+    root = checkout_dir()
+    if root is not None:
+        return root / "pyproject.toml"
+    if _is_app_pyproject(PACKAGED_PYPROJECT):
+        return PACKAGED_PYPROJECT
+    raise FileNotFoundError(
+        f"the Flower app's pyproject.toml is neither in a checkout ({SOURCE_ROOT}) nor in the installed package "
+        f"({PACKAGED_PYPROJECT}); reinstall fedmetanas, or pass --app with the app directory"
+    )
+
+
+def materialise_app(dest: Path) -> Path:
+    """A Flower app directory in ``dest`` for ``flwr run`` from an installed wheel: the shipped
+    pyproject.toml and copies of the packages the wheel installs, as a checkout would give them
+    (the FAB then carries the code, so a remote SuperLink's nodes get it too)."""
+    import importlib.util
+
+    pyproject = app_pyproject()
+    packages = tomllib.loads(pyproject.read_text()).get("tool", {}).get("hatch", {}).get("build", {})
+    packages = packages.get("targets", {}).get("wheel", {}).get("packages", [])
+    if not packages:
+        raise FileNotFoundError(f"{pyproject} lists no packages ([tool.hatch.build.targets.wheel] packages)")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(pyproject, dest / "pyproject.toml")
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"package {name!r}, part of the Flower app, is not installed")
+        source = Path(list(spec.submodule_search_locations)[0])
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", PACKAGED_PYPROJECT.parent.name)
+        shutil.copytree(source, dest / name, ignore=ignore)
+    return dest
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
@@ -230,11 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run the simulation on this existing Ray cluster: HOST:PORT on a cluster node, ray://HOST:PORT from outside (docs/scale.md)",
     )  # fmt: skip
     run.add_argument("--connection", default="local", help="SuperLink connection in $FLWR_HOME/config.toml")
-    run.add_argument("--app", default=str(APP_DIR), help="the Flower app directory")
+    run.add_argument("--app", default=None, help="the Flower app directory (default: the checkout, or one built from the installed package)")
     sub.add_parser("check", help="validate a run config only").add_argument("--run-config", "-c", action="append", default=[])
     args = parser.parse_args(argv)
 
-    app_dir = Path(getattr(args, "app", APP_DIR)).resolve()
+    app_dir = Path(args.app).resolve() if getattr(args, "app", None) else None
+    made_app_dir: Path | None = None  # built from the installed package for this run, removed after it
     try:
         if args.command == "run":
             check_flags(args)
@@ -250,9 +306,16 @@ def main(argv: list[str] | None = None) -> int:
         if ":" in cfg.strategy:
             from server_app.strategy import check_strategy  # imports flwr, so only for user classes
 
-            check_strategy(cfg, app_dir=app_dir)
+            check_strategy(cfg, app_dir=app_dir or checkout_dir())
         results_dir = cfg.resolved_results_dir(datetime.now().strftime("%Y%m%d-%H%M%S"))
+        if args.command == "run" and app_dir is None:
+            app_dir = checkout_dir()
+            if app_dir is None:
+                made_app_dir = Path(tempfile.mkdtemp(prefix="fedmetanas-app-"))
+                app_dir = materialise_app(made_app_dir)
     except (ConfigError, OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+        if made_app_dir:
+            shutil.rmtree(made_app_dir, ignore_errors=True)
         print(f"fedmetanas: error: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
@@ -290,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if private:  # also on Ctrl-C: the SuperLink would outlive the run
             private.stop(keep_home=rc != 0)
+        if made_app_dir:  # flwr run has sent the FAB by now
+            shutil.rmtree(made_app_dir, ignore_errors=True)
     return rc
 
 

@@ -325,7 +325,8 @@ def test_cli_defaults_come_from_the_config_module_not_pyproject(tmp_path, monkey
     seen = []
     real = RunConfig.from_flat.__func__
     monkeypatch.setattr(RunConfig, "from_flat", classmethod(lambda cls, flat, **kw: seen.append(dict(flat)) or real(cls, flat, **kw)))
-    monkeypatch.setattr(cli, "APP_DIR", tmp_path)  # an app directory without pyproject.toml
+    monkeypatch.setattr(cli, "SOURCE_ROOT", tmp_path)  # no checkout and no packaged pyproject.toml
+    monkeypatch.setattr(cli, "PACKAGED_PYPROJECT", tmp_path / "missing" / "pyproject.toml")
     assert cli.main(["check"]) == 0
     assert seen == [defaults()]
     assert cli.main(["check", "-c", "seed=5"]) == 0 and seen[-1] == {**defaults(), "seed": 5}
