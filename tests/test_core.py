@@ -1314,7 +1314,8 @@ def test_evaluation_never_normalises_an_example_on_its_own():
             # scores are over every example, each normalised with the batch it was evaluated in
             start, correct, loss = 0, 0, 0.0
             for size in sizes:
-                logits = head(norm(data.x[start : start + size]).flatten(1))
+                with torch.no_grad():
+                    logits = head(norm(data.x[start : start + size]).flatten(1))
                 correct += int((logits.argmax(1) == data.y[start : start + size]).sum())
                 loss += float(F.cross_entropy(logits, data.y[start : start + size], reduction="sum"))
                 start += size
