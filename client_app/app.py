@@ -35,7 +35,10 @@ from fedmetanas_core.training import local_trainer, personalize_fixed, resolve_d
 
 app = ClientApp()
 
-_CONFIGS: dict[int, RunConfig] = {}
+# by run id; least recently used first out: an actor outlives its runs (a long-lived SuperNode or a
+# Ray cluster serving run after run), so it keeps only the configs of the last few
+_CONFIGS: OrderedDict[int, RunConfig] = OrderedDict()
+RUN_CONFIG_CACHE = 8
 # by everything that decides the data (never stale); least recently used first out, so an actor
 # serving a population of thousands of simulated clients holds at most this many
 _DATA: OrderedDict[DataSpec, ClientData] = OrderedDict()
@@ -43,11 +46,16 @@ CLIENT_DATA_CACHE = 128
 
 
 def run_config(context: Context) -> RunConfig:
-    """Validated once per run and process (Ray actors live across rounds)."""
+    """Validated once per run and process (Ray actors live across rounds), at most
+    ``RUN_CONFIG_CACHE`` runs kept."""
     cfg = _CONFIGS.get(context.run_id)
     if cfg is None:
         cfg = RunConfig.from_flat(dict(context.run_config), check_paths=False)
         _CONFIGS[context.run_id] = cfg
+        while len(_CONFIGS) > RUN_CONFIG_CACHE:
+            _CONFIGS.popitem(last=False)
+    else:
+        _CONFIGS.move_to_end(context.run_id)
     return cfg
 
 

@@ -1,4 +1,4 @@
-"""``fedmetanas run``: validate the config, run ``flwr run --stream``, exit non-zero if the run failed.
+"""``fedmetanas run``: validate the config, run the app with ``flwr``, exit non-zero if the run failed.
 
 ``flwr run --stream`` exits 0 even when the run failed, and an invalid value would otherwise only
 surface inside the ServerApp. This wrapper validates the merged run config first (one line naming
@@ -6,7 +6,9 @@ the key, no traceback), turns off Flower's per-run dependency installation (it w
 gigabytes), runs the app, and then checks the run's final status and its ``summary.json``: a run
 that lost more than ``MAX_ERROR_SKIPPED_SHARE`` of its rounds to aggregation errors fails. The
 CLI always sends an absolute ``results-dir`` (its own choice when none was given), so it knows
-where to read the results. Defaults come from ``fedmetanas_core.config`` (the same values as
+where to read the results. The run is started with ``flwr run --format json`` (its run id read
+from Flower's JSON, not from wording meant for people) and its log streamed with ``flwr log``.
+Defaults come from ``fedmetanas_core.config`` (the same values as
 pyproject.toml; a test keeps them in step), so no checkout is needed to validate.
 It never imports flwr: it drives the ``flwr`` command.
 
@@ -35,10 +37,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, ConfigError, RunConfig, defaults, resolve_method_tables
+from . import config_keys
+from .config import ConfigError, RunConfig, defaults, resolve_method_tables
 from .processes import stop_pids
 
-APP_DIR = Path(__file__).resolve().parents[1]
+# The Flower app directory that `flwr run` builds its FAB from. In a checkout (or an editable
+# install) it is the checkout; an installed wheel has no pyproject.toml beside its packages, so the
+# wheel ships the app's pyproject.toml (pyproject's hatch force-include) at PACKAGED_PYPROJECT and
+# the CLI builds an app directory from it and the installed packages for each run.
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGED_PYPROJECT = Path(__file__).resolve().parent / "flower_app" / "pyproject.toml"
 PATH_KEYS = ("data-dir", "results-dir", "fedavg-genotype", "latency-table")
 MAX_ERROR_SKIPPED_SHARE = 0.2  # a run with more of its rounds skipped for errors exits non-zero
 
@@ -57,7 +65,7 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _set(overrides: dict[str, Any], key: str, value: Any) -> None:
     """Later settings win: a plain key also replaces what earlier method tables said about it."""
     if "." not in key:
-        for method in METHODS:
+        for method in config_keys.METHODS:
             overrides.pop(f"{method}.{key}", None)
     overrides[key] = value
 
@@ -192,6 +200,56 @@ class PrivateSuperLink:
             shutil.rmtree(self.home, ignore_errors=True)
 
 
+def _is_app_pyproject(path: Path) -> bool:
+    """This app's pyproject.toml (not some other project's file that happens to sit there)."""
+    try:
+        config = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    return config.get("project", {}).get("name") == "fedmetanas" and "app" in config.get("tool", {}).get("flwr", {})
+
+
+def checkout_dir() -> Path | None:
+    """The source checkout this package runs from (editable install, or PYTHONPATH), else None."""
+    return SOURCE_ROOT if _is_app_pyproject(SOURCE_ROOT / "pyproject.toml") else None
+
+
+def app_pyproject() -> Path:
+    """The app's pyproject.toml: the checkout's, else the copy an installed wheel carries."""
+    root = checkout_dir()
+    if root is not None:
+        return root / "pyproject.toml"
+    if _is_app_pyproject(PACKAGED_PYPROJECT):
+        return PACKAGED_PYPROJECT
+    raise FileNotFoundError(
+        f"the Flower app's pyproject.toml is neither in a checkout ({SOURCE_ROOT}) nor in the installed package "
+        f"({PACKAGED_PYPROJECT}); reinstall fedmetanas, or pass --app with the app directory"
+    )
+
+
+def materialise_app(dest: Path) -> Path:
+    """A Flower app directory in ``dest`` for ``flwr run`` from an installed wheel: the shipped
+    pyproject.toml and copies of the packages the wheel installs, as a checkout would give them
+    (the FAB then carries the code, so a remote SuperLink's nodes get it too)."""
+    import importlib.util
+
+    pyproject = app_pyproject()
+    packages = tomllib.loads(pyproject.read_text()).get("tool", {}).get("hatch", {}).get("build", {})
+    packages = packages.get("targets", {}).get("wheel", {}).get("packages", [])
+    if not packages:
+        raise FileNotFoundError(f"{pyproject} lists no packages ([tool.hatch.build.targets.wheel] packages)")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(pyproject, dest / "pyproject.toml")
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"package {name!r}, part of the Flower app, is not installed")
+        source = Path(list(spec.submodule_search_locations)[0])
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", PACKAGED_PYPROJECT.parent.name)
+        shutil.copytree(source, dest / name, ignore=ignore)
+    return dest
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
@@ -276,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run the simulation on this existing Ray cluster: HOST:PORT on a cluster node, ray://HOST:PORT from outside (docs/scale.md)",
     )  # fmt: skip
     run.add_argument("--connection", default="local", help="SuperLink connection in $FLWR_HOME/config.toml")
-    run.add_argument("--app", default=str(APP_DIR), help="the Flower app directory")
+    run.add_argument("--app", default=None, help="the Flower app directory (default: the checkout, or one built from the installed package)")
     sub.add_parser("check", help="validate a run config only").add_argument("--run-config", "-c", action="append", default=[])
     profile = sub.add_parser("profile", help="measure the latency table of the run config's space on this machine")
     profile.add_argument("--run-config", "-c", action="append", default=[], help="conf/<preset>.toml or 'key=value ...'")
@@ -285,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument("--runtime", choices=("onnxruntime", "torch"), default=None, help="default: onnxruntime when installed")
     args = parser.parse_args(argv)
 
-    app_dir = Path(getattr(args, "app", APP_DIR)).resolve()
+    app_dir = Path(args.app).resolve() if getattr(args, "app", None) else None
+    made_app_dir: Path | None = None  # built from the installed package for this run, removed after it
     try:
         if args.command == "run":
             check_flags(args)
@@ -298,9 +357,16 @@ def main(argv: list[str] | None = None) -> int:
         if ":" in cfg.strategy:
             from server_app.strategy import check_strategy  # imports flwr, so only for user classes
 
-            check_strategy(cfg, app_dir=app_dir)
+            check_strategy(cfg, app_dir=app_dir or checkout_dir())
         results_dir = cfg.resolved_results_dir(datetime.now().strftime("%Y%m%d-%H%M%S"))
+        if args.command == "run" and app_dir is None:
+            app_dir = checkout_dir()
+            if app_dir is None:
+                made_app_dir = Path(tempfile.mkdtemp(prefix="fedmetanas-app-"))
+                app_dir = materialise_app(made_app_dir)
     except (ConfigError, OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+        if made_app_dir:
+            shutil.rmtree(made_app_dir, ignore_errors=True)
         print(f"fedmetanas: error: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
@@ -316,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         # flwr (and the SuperLink it starts) from this interpreter's environment, activated or not
         "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
     }
-    cmd = ["flwr", "run", str(app_dir), args.connection, "--stream"]
+    cmd = ["flwr", "run", str(app_dir), args.connection, "--format", "json"]
     cmd += ["--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())]
     if args.connection == "local":
         # no init-args: Ray refuses num_cpus/num_gpus in ray.init when it attaches to a cluster
@@ -338,22 +404,54 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if private:  # also on Ctrl-C: the SuperLink would outlive the run
             private.stop(keep_home=rc != 0)
+        if made_app_dir:  # flwr run has sent the FAB by now
+            shutil.rmtree(made_app_dir, ignore_errors=True)
     return rc
 
 
-def _stream_and_check(cmd: list[str], env: dict[str, str], connection: str, results_dir: Path) -> int:
-    """Run ``flwr run --stream``, echo its output, then check the run's status and its results."""
-    run_id = None
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def parse_run_id(output: str) -> str | None:
+    """The run id in ``flwr run --format json``'s output (``{"success": true, "run-id": "..."}``),
+    or None; colour codes and any text around the JSON object are skipped."""
+    text, decoder = _ANSI.sub("", output), json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            obj, _ = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and obj.get("success") is True and obj.get("run-id") not in (None, ""):
+            return str(obj["run-id"])
+    return None
+
+
+def _start_run(cmd: list[str], env: dict[str, str]) -> tuple[int, str | None, str]:
+    """Run ``flwr run --format json`` (it returns once the run is submitted): (exit status, run id,
+    output). Flower's JSON mode can exit 0 when the run did not start; then the run id is None."""
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        assert proc.stdout is not None
+        output = "".join(proc.stdout)
+    return proc.returncode, parse_run_id(output), output
+
+
+def _stream_and_check(cmd: list[str], env: dict[str, str], connection: str, results_dir: Path) -> int:
+    """Start the run, stream its log with ``flwr log --stream``, then check its status and results."""
+    rc, run_id, output = _start_run(cmd, env)
+    if rc != 0 or run_id is None:
+        sys.stdout.write(output)
+        why = f"exited with status {rc}" if rc else "started no run (no run id in its JSON output)"
+        print(f"fedmetanas: flwr run {why}", file=sys.stderr)
+        return rc or 1
+    print(f"fedmetanas: started run {run_id}", flush=True)
+    log_cmd = ["flwr", "log", run_id, connection, "--stream"]
+    with subprocess.Popen(log_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
-            match = re.search(r"started run (\d+)", line)
-            if match:
-                run_id = match.group(1)
     if proc.returncode != 0:
-        print(f"fedmetanas: flwr run exited with status {proc.returncode}", file=sys.stderr)
+        print(f"fedmetanas: flwr log exited with status {proc.returncode}", file=sys.stderr)
         return proc.returncode or 1
     status = _run_status(connection, run_id, env) if run_id else "unknown"
     summary = results_dir / "summary.json"

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import config_keys
 from .attacks import parse_attack_clients
 from .config_keys import (  # noqa: F401 (re-exported: the table's names are part of this module's API)
     BY_NAME, CORRUPT_IMAGE_POLICIES, DATASETS, KEYS, METHODS, PARTITIONERS, STRATEGIES, ConfigError, Key,
@@ -27,7 +28,7 @@ def resolve_method_tables(flat: Mapping[str, Any], default_method: str | None = 
     One preset then holds every method's budget for a side-by-side comparison, and
     ``-c 'method="fednas"'`` picks FedNAS's; plain ``flwr run`` flattens tables the same way.
     """
-    scoped = {k: v for k, v in flat.items() if "." in k and k.split(".", 1)[0] in METHODS}
+    scoped = {k: v for k, v in flat.items() if "." in k and k.split(".", 1)[0] in config_keys.METHODS}
     out = {k: v for k, v in flat.items() if k not in scoped}
     method = out.get("method", default_method or BY_NAME["method"].default)
     for name, value in scoped.items():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .config import RunConfig
-from .data import BatchStream, ClientData, ImageData
+from .data import BatchStream, ClientData, DataError, ImageData
 from .aggregation import masks_are_discrete
 from .genotype import DiscreteNetwork, derive_genotype
 from .maml import InnerLoop, fomaml_task_gradient, inner_adapt, mean_dicts, reptile_task_delta, second_order_task_gradient
@@ -345,13 +345,32 @@ def local_trainer(kind: str, method: str) -> LocalTrainer:
 # Evaluation and personalization
 
 
+def eval_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of the evaluation batches of n examples. The networks' BatchNorm uses batch
+    statistics, so an example alone in its batch would be normalised on itself: a 1-example tail
+    joins the previous batch (which then holds batch_size + 1), and a split of exactly one example
+    is refused (DataError) rather than scored that way."""
+    if batch_size < 2:
+        raise DataError(f"eval-batch-size must be >= 2 (BatchNorm uses batch statistics); got {batch_size}")
+    if n == 1:
+        raise DataError(
+            "cannot evaluate a split of 1 example: BatchNorm uses batch statistics, so it would be normalised "
+            "on itself; every evaluated split needs >= 2 examples (raise min-partition-size or "
+            "local-test-fraction for a client's local test split, or test-subset)"
+        )
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 @torch.no_grad()
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: ImageData, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Accuracy and mean loss. BatchNorm uses batch statistics, so batches must hold > 1 example."""
+    """Accuracy and mean loss, over batches of >= 2 examples (``eval_batches``)."""
     correct, loss_sum, n = 0, 0.0, len(data)
-    for start in range(0, n, batch_size):
-        x = data.x[start : start + batch_size].to(device)
-        y = data.y[start : start + batch_size].to(device)
+    for start, stop in eval_batches(n, batch_size):
+        x = data.x[start:stop].to(device)
+        y = data.y[start:stop].to(device)
         logits = forward(x)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())

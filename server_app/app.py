@@ -102,22 +102,35 @@ def _answered(replies: list[Message]) -> bool:
     return any(not m.has_error() for m in replies)
 
 
-def federation_size(grid: Grid, cfg: RunConfig, settle_s: float = 2.0, limit_s: float = 30.0) -> int:
+def federation_size(grid: Grid, cfg: RunConfig, settle_s: float = 2.0, limit_s: float = 30.0, wait_s: float | None = None) -> int:
     """The number of clients DP samples from: num-partitions when set, otherwise the connected
     nodes once at least min-available-nodes are there and the count stopped changing for
-    ``settle_s`` (nodes register one by one; set num-partitions to make it exact)."""
+    ``settle_s``, or ``limit_s`` after there were enough (nodes register one by one; set
+    num-partitions to make it exact). Never fewer than min-available-nodes: DP would account for a
+    population the rounds never sample from, so after ``wait_s`` (default round-timeout) with too
+    few nodes it raises ConfigError naming min-available-nodes."""
     if cfg.num_partitions:
         return cfg.num_partitions
+    wait_s = cfg.round_timeout if wait_s is None else wait_s
     start = time.time()
-    count, stable_since = -1, time.time()
-    while time.time() - start < limit_s:
-        now = len(list(grid.get_node_ids()))
+    count, stable_since, enough_since = -1, start, None
+    while True:
+        now, t = len(list(grid.get_node_ids())), time.time()
         if now != count:
-            count, stable_since = now, time.time()
-        elif count >= cfg.min_available_nodes and time.time() - stable_since >= settle_s:
-            break
+            count, stable_since = now, t
+        if count >= cfg.min_available_nodes:
+            enough_since = t if enough_since is None else enough_since
+            if t - stable_since >= settle_s or t - enough_since >= limit_s:
+                return count
+        else:
+            enough_since = None
+            if t - start >= wait_s:
+                raise ConfigError(
+                    "min-available-nodes", cfg.min_available_nodes,
+                    f"only {count} node(s) connected within {wait_s:g} s (round-timeout); DP accounting needs the "
+                    f"federation's size: start more nodes, lower min-available-nodes, or set num-partitions",
+                )  # fmt: skip
         time.sleep(0.2)
-    return max(count, 1)
 
 
 def _client_order(msg: Message) -> tuple[int, int]:

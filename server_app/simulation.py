@@ -28,15 +28,21 @@ from flwr.clientapp import ClientApp
 from flwr.common.config import get_fused_config_from_dir
 from flwr.serverapp import Grid, ServerApp
 
-APP_DIR = Path(__file__).resolve().parents[1]
 _ENV = "FEDMETANAS_SIMULATION_RUN_CONFIG"
 _FAULTS_ENV = "FEDMETANAS_SIMULATION_FAULTS"
 FAULT_KINDS = ("nan", "inf", "shape", "names", "norm", "exception")
 
 
+def _app_dir() -> Path:
+    """The directory of the app's pyproject.toml: the checkout's, or the installed wheel's copy."""
+    from fedmetanas_core.cli import app_pyproject
+
+    return app_pyproject().parent
+
+
 def _run_config() -> dict[str, Any]:
     overrides = json.loads(os.environ.get(_ENV, "{}"))
-    return dict(get_fused_config_from_dir(APP_DIR, overrides))
+    return dict(get_fused_config_from_dir(_app_dir(), overrides))
 
 
 server_app = ServerApp()
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["results-dir"] = str(Path(args.results_dir).expanduser().resolve())
         # every client is sampled from round 1 on (the node-registration race), unless asked otherwise
         overrides.setdefault("min-available-nodes", args.clients)
-        RunConfig.from_flat(dict(get_fused_config_from_dir(APP_DIR, overrides)))
+        RunConfig.from_flat(dict(get_fused_config_from_dir(_app_dir(), overrides)))
         if args.clients < 1:
             raise ValueError("--clients must be >= 1")
         run_in_process(overrides, args.clients, args.cpus_per_client, faults)

@@ -1287,3 +1287,39 @@ def test_train_fixed_uses_the_rounds_learning_rate(client_data):
     assert all(torch.equal(before[k], v) for k, v in net.named_parameters())
     train_fixed(net, client_data, cfg, RoundPlan(1, 1.0, lr_w=0.05), torch.Generator().manual_seed(0), torch.device("cpu"))
     assert any(not torch.equal(before[k], v) for k, v in net.named_parameters())
+
+
+def test_evaluation_never_normalises_an_example_on_its_own():
+    """Issue 27 (3): the networks' BatchNorm uses batch statistics, so no evaluation batch may hold
+    a single example: a 1-example tail joins the previous batch, a 1-example split is refused."""
+    from fedmetanas_core.data import DataError, ImageData
+    from fedmetanas_core.training import evaluate
+
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d(1, affine=False, track_running_stats=False)
+    head = nn.Linear(4, 3)
+    sizes: list[int] = []
+
+    def forward(x):
+        sizes.append(len(x))
+        return head(norm(x).flatten(1))
+
+    for n in range(2, 14):
+        data = ImageData(torch.randn(n, 1, 2, 2), torch.randint(0, 3, (n,)), ("a", "b", "c"))
+        for batch_size in (2, 3, 4, 5, 512):
+            sizes.clear()
+            result = evaluate(forward, data, batch_size, torch.device("cpu"))
+            assert min(sizes) >= 2 and sum(sizes) == n, (n, batch_size, sizes)
+            assert max(sizes) <= batch_size + 1
+            # scores are over every example, each normalised with the batch it was evaluated in
+            start, correct, loss = 0, 0, 0.0
+            for size in sizes:
+                with torch.no_grad():
+                    logits = head(norm(data.x[start : start + size]).flatten(1))
+                correct += int((logits.argmax(1) == data.y[start : start + size]).sum())
+                loss += float(F.cross_entropy(logits, data.y[start : start + size], reduction="sum"))
+                start += size
+            assert result["accuracy"] == correct / n and result["loss"] == pytest.approx(loss / n)
+    one = ImageData(torch.randn(1, 1, 2, 2), torch.tensor([0]), ("a", "b", "c"))
+    with pytest.raises(DataError, match="split of 1 example"):
+        evaluate(forward, one, 512, torch.device("cpu"))

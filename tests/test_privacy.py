@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import zlib
 
 import numpy as np
@@ -23,7 +24,7 @@ from client_app import app as client
 from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.privacy import PrivacyAccountant, effective_noise_multiplier, update_noise_multiplier
 from fedmetanas_core.training import run_settings
-from server_app.app import run_experiment
+from server_app.app import federation_size, run_experiment
 from server_app.local_grid import LocalGrid
 from server_app.privacy import ServerSideAdaptiveClipping, wrap_dp
 from server_app.strategy import SearchStrategy, build_base_strategy, load_strategy_state, strategy_state
@@ -234,3 +235,30 @@ def test_the_server_refuses_a_dp_config_for_the_federation_it_finds(tmp_path):
                                "results-dir": str(tmp_path / "refused")})  # fmt: skip
     with pytest.raises(ConfigError, match="'dp-noise-multiplier'"):
         run_experiment(LocalGrid(996, dict(cfg), 3), cfg)
+
+
+class _ArrivingGrid(LocalGrid):
+    """``first`` nodes at once, then one more every ``every_s`` seconds, up to ``num_nodes``."""
+
+    def __init__(self, cfg: RunConfig, num_nodes: int, first: int, every_s: float):
+        super().__init__(997, dict(cfg), num_nodes)
+        self.t0, self.first, self.every_s = time.time(), first, every_s
+
+    def get_node_ids(self) -> list[int]:
+        connected = self.first + int((time.time() - self.t0) / self.every_s)
+        return list(self.states)[: min(self.num_nodes, connected)]
+
+
+def test_federation_size_never_returns_fewer_than_min_available_nodes():
+    """Issue 27 (6): two nodes for good, min-available-nodes = 3: DP must not take 2 as the
+    population; past round-timeout the run stops with an error naming the key."""
+    cfg = RunConfig.from_flat({**TINY, "num-partitions": 0, "dp": "server-fixed", "round-timeout": 1.0})
+    started = time.time()
+    with pytest.raises(ConfigError, match="'min-available-nodes'.*only 2 node"):
+        federation_size(_ArrivingGrid(cfg, 2, first=2, every_s=1e9), cfg, settle_s=0.05, limit_s=0.3)
+    assert time.time() - started >= 1.0  # it waited round-timeout, not the settle limit
+
+
+def test_federation_size_waits_for_nodes_that_connect_after_the_settle_limit():
+    cfg = RunConfig.from_flat({**TINY, "num-partitions": 0, "dp": "server-fixed", "round-timeout": 30.0})
+    assert federation_size(_ArrivingGrid(cfg, 3, first=1, every_s=0.4), cfg, settle_s=0.3, limit_s=0.3) == 3

@@ -116,6 +116,26 @@ def test_an_actor_serving_a_large_population_keeps_a_bounded_data_cache(monkeypa
     assert [spec.partition_id for spec in client_app._DATA] == [3, 0, 1]
 
 
+def test_an_actor_serving_many_runs_keeps_a_bounded_config_cache(monkeypatch):
+    """Issue 27 (5): the validated run configs, one per run id, are bounded like the data cache
+    (least recently used out), not kept for every run the actor ever served."""
+    import client_app.app as client_app
+
+    monkeypatch.setattr(client_app, "_CONFIGS", OrderedDict())
+    monkeypatch.setattr(client_app, "RUN_CONFIG_CACHE", 3, raising=False)
+    validated = []
+    real = RunConfig.from_flat.__func__
+    monkeypatch.setattr(RunConfig, "from_flat", classmethod(lambda cls, flat, **kw: validated.append(flat["seed"]) or real(cls, flat, **kw)))
+
+    def context(run_id: int) -> Context:
+        return Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config={"seed": run_id})
+
+    for run_id in (0, 1, 2, 0, 3, 0, 1):  # 1 is the least recently used when 3 arrives
+        assert client_app.run_config(context(run_id)).seed == run_id
+    assert validated == [0, 1, 2, 3, 1]
+    assert list(client_app._CONFIGS) == [3, 0, 1]
+
+
 def test_server_orders_replies_by_node_id_sized_partition_ids():
     """Error replies last, after partition ids as large as Flower's uint64 node ids."""
     msgs = list(FedAvg(min_available_nodes=3).configure_train(1, _array_record({"w": np.zeros(2, np.float32)}), ConfigRecord({}), FakeGrid()))
@@ -213,11 +233,39 @@ def test_error_skip_share_limit():
     assert cli.error_skip_problem({}, 10) is None  # a summary from before the count existed
 
 
+def _flower_json(payload: dict, colour: bool) -> str:
+    """What ``flwr run --format json`` prints: rich's ``print_json``, as Flower 1.42 calls it."""
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    Console(file=buf, force_terminal=colour, width=80).print_json(data=payload)
+    return buf.getvalue()
+
+
 class FakeFlwrRun:
-    """`flwr run --stream` that starts run 7 and exits 0, whatever became of the run."""
+    """`flwr run` that starts run 7 and exits 0, whatever became of the run; the people-facing
+    line's wording is ``human`` (Flower may change it), ``--format json`` prints Flower's JSON;
+    `flwr log 7 ... --stream` prints a log line."""
+
+    human = "🎊 Successfully started run 7\n"
+    colour = False
+    calls: list = []
 
     def __init__(self, cmd, **kwargs):
-        self.cmd, self.stdout, self.returncode = cmd, iter(["🎊 Successfully started run 7\n"]), 0
+        FakeFlwrRun.calls.append(cmd)
+        self.cmd, self.returncode = cmd, 0
+        if cmd[1] == "log":
+            lines = ["INFO :      Starting logstream for run_id `7`\n", "[search 1/1] ...\n"]
+        elif "--format" in cmd and cmd[cmd.index("--format") + 1] == "json":
+            payload = {"success": True, "run-id": "7", "federation-id": "", "fab-id": "fedmetanas/fedmetanas",
+                       "fab-name": "fedmetanas", "fab-version": "0.1.0", "fab-hash": "0123abcd",
+                       "fab-filename": "fedmetanas.fedmetanas.0-1-0.0123abcd.fab"}  # fmt: skip
+            lines = _flower_json(payload, self.colour).splitlines(keepends=True)
+        else:
+            lines = [self.human]
+        self.stdout = iter(lines)
 
     def __enter__(self):
         return self
@@ -242,6 +290,34 @@ def test_cli_fails_a_completed_run_that_lost_rounds_to_errors(tmp_path, monkeypa
     assert cli.main(["run", "-c", f'results-dir="{out}"']) == 0
 
 
+@pytest.mark.parametrize("colour", [False, True])
+def test_cli_finds_the_run_id_whatever_flower_says_to_people(tmp_path, monkeypatch, capsys, colour):
+    """Issue 27 (4): the run id comes from Flower's JSON output, so a wording change in the line
+    printed for people cannot turn a completed run into exit 1."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "rounds.jsonl").write_text(json.dumps({"aggregated": True}) + "\n")
+    (out / "summary.json").write_text(json.dumps({"final_test_accuracy": 0.5, "skipped_rounds_error": 0}))
+    asked = []
+    monkeypatch.setattr(FakeFlwrRun, "human", "🎊 Run 7 is on its way\n")
+    monkeypatch.setattr(FakeFlwrRun, "colour", colour)
+    monkeypatch.setattr(FakeFlwrRun, "calls", [])
+    monkeypatch.setattr(subprocess, "Popen", FakeFlwrRun)
+    monkeypatch.setattr(cli, "_run_status", lambda connection, run_id, env: asked.append(run_id) or "finished:completed")
+    assert cli.main(["run", "-c", f'results-dir="{out}"']) == 0, capsys.readouterr()
+    assert asked == ["7"]
+    assert "[search 1/1]" in capsys.readouterr().out  # the run's log reached the terminal
+
+
+def test_parse_run_id_reads_flowers_json_only():
+    payload = {"success": True, "run-id": "1234567890123", "federation-id": ""}
+    noisy = "Warning: something\n" + _flower_json(payload, colour=True) + "trailing text {not json}\n"
+    assert cli.parse_run_id(noisy) == "1234567890123"
+    failed = _flower_json({"success": False, "error-message": "Failed to start run"}, colour=False)
+    assert cli.parse_run_id(failed) is None
+    assert cli.parse_run_id("🎊 Successfully started run 7\n") is None  # people's wording is not parsed
+
+
 # --- 5. the CLI's defaults are the config module's -------------------------------------------------
 
 
@@ -249,7 +325,8 @@ def test_cli_defaults_come_from_the_config_module_not_pyproject(tmp_path, monkey
     seen = []
     real = RunConfig.from_flat.__func__
     monkeypatch.setattr(RunConfig, "from_flat", classmethod(lambda cls, flat, **kw: seen.append(dict(flat)) or real(cls, flat, **kw)))
-    monkeypatch.setattr(cli, "APP_DIR", tmp_path)  # an app directory without pyproject.toml
+    monkeypatch.setattr(cli, "SOURCE_ROOT", tmp_path)  # no checkout and no packaged pyproject.toml
+    monkeypatch.setattr(cli, "PACKAGED_PYPROJECT", tmp_path / "missing" / "pyproject.toml")
     assert cli.main(["check"]) == 0
     assert seen == [defaults()]
     assert cli.main(["check", "-c", "seed=5"]) == 0 and seen[-1] == {**defaults(), "seed": 5}
