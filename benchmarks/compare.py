@@ -75,10 +75,14 @@ def _baseline_overrides(method: str, seed_dir: Path, seed: int, preset: Path, ov
     return []
 
 
-def run_method(preset: Path, method: str, seed_dir: Path, seed: int, overrides: list[str], num_supernodes: int) -> RunData:
+def run_method(
+    preset: Path, method: str, seed_dir: Path, seed: int, overrides: list[str], num_supernodes: int, baselines: bool = True
+) -> RunData:
+    """``fedmetanas run`` of ``method`` into ``seed_dir / method``; a ``fedavg-*`` method runs as
+    fedavg, with this comparison's fixed network when ``baselines`` (others pass theirs in ``overrides``)."""
     out = seed_dir / method
     base = method.split("-")[0] if method.startswith("fedavg") else method
-    extra = _baseline_overrides(method, seed_dir, seed, preset, overrides)
+    extra = _baseline_overrides(method, seed_dir, seed, preset, overrides) if baselines else []
     cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", "--num-supernodes", str(num_supernodes), "-c", str(preset)]
     cmd += ["-c", f'method="{base}" results-dir="{out}"'] + [x for o in [*overrides, f"seed={seed}", *extra] for x in ("-c", o)]
     print("$", " ".join(cmd), flush=True)

@@ -71,12 +71,7 @@ def run_all(args, preset: Path, budgets: list[str], seeds: list[int], methods: l
                 if (seed_dir / method / "summary.json").is_file():
                     continue  # resumable: a finished run is kept
                 extra = method_overrides(method, budget, seed_dir, seed, preset, [*partition, *args.c])
-                base = "fedavg" if method.startswith("fedavg") else method
-                run_method(preset, f"{base}-{method}" if base == "fedavg" else method, seed_dir, seed,
-                           [*partition, *args.c, *extra], args.num_supernodes)  # fmt: skip
-                produced = seed_dir / (f"{base}-{method}" if base == "fedavg" else method)
-                if produced != seed_dir / method:
-                    produced.rename(seed_dir / method)
+                run_method(preset, method, seed_dir, seed, [*partition, *args.c, *extra], args.num_supernodes, baselines=False)
 
 
 def partition_overrides(text: str) -> list[str]:
