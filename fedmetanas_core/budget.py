@@ -361,7 +361,8 @@ def cost_report(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], n
     """What the deployed network costs, for summary.json and export.json: its budget, MACs (counted),
     parameters and measured latency (batch 1, one thread, ONNX Runtime where installed, this CPU),
     and whether it is within the budget (a latency budget is checked on the table's prediction, the
-    number the search saw, and the measurement is reported beside it)."""
+    number the search saw; the measurement is reported beside it, also rescaled to the machine's
+    speed when the table was measured, ``latency_against_table``)."""
     from .latency import default_runtime, model_latency_ms, runtime_version
 
     budget = budget_of(cfg)
@@ -380,8 +381,16 @@ def cost_report(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], n
     if budget is not None:
         genotype = getattr(net, "genotype", None)
         if budget.kind == "latency-ms":
-            predicted = cost_model(cfg, space, image_hw).genotype_cost(genotype) if genotype is not None else None
+            from .latency import LatencyTable, latency_against_table
+
+            table = LatencyTable.load(cfg.latency_table)
+            predicted = table.cost_model(space, image_hw).genotype_cost(genotype) if genotype is not None else None
             report["latency_predicted_ms"] = predicted
+            table_runtime = "onnxruntime" if str(table.data.get("runtime", "")).startswith("onnxruntime") else "torch"
+            try:  # measured beside the table's own networks: comparable with the budget on a drifting machine
+                report.update(latency_against_table(net, table, space, image_hw, table_runtime))
+            except Exception as exc:  # reported, never fatal
+                report["latency_against_table"] = f"not measured: {type(exc).__name__}: {exc}"
             spent = predicted
         else:
             spent = macs if budget.kind == "macs" else params

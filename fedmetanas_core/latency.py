@@ -204,7 +204,7 @@ def profile_space(
     ``held_out`` genotypes are timed in the same interleaved session but not fitted on: their
     measured latencies come back under ``held_out_ms`` (a check of the table on one machine whose
     speed drifts between sessions)."""
-    from .genotype import DiscreteNetwork, Genotype, random_genotype
+    from .genotype import DiscreteNetwork
 
     runtime = runtime or default_runtime()
     torch.manual_seed(0)
@@ -213,9 +213,7 @@ def profile_space(
     # the sum of op entries misses what only whole networks have (adds, concatenations, memory
     # traffic between ops): fit whole = fixed + scale * sum(ops) on calibration networks, the
     # all-skip skeleton and random cells drawn from seeds that no check uses
-    nodes = tuple((("skip_connect", 0), ("skip_connect", 1)) for _ in space.topology.nodes)
-    calibration = [Genotype(normal=nodes, reduce=nodes)]
-    calibration += [random_genotype(space.primitives, space.num_nodes, CALIBRATION_SEED + k) for k in range(calibration_cells)]
+    calibration = calibration_genotypes(space, calibration_cells)
     modules, examples = overhead_models()
     modules += [make_op(s.op, s.channels, s.stride) for s in shapes]
     examples += [torch.randn(1, s.channels, s.height, s.width) for s in shapes]
@@ -303,3 +301,31 @@ class LatencyTable:
 
     def cost_model(self, space: SpaceConfig, image_hw: tuple[int, int]) -> CostModel:
         return build_cost_model(space, image_hw, "latency-ms", self.op_ms, float(self.data["fixed_ms"]))
+
+
+def calibration_genotypes(space: SpaceConfig, cells: int) -> list:
+    """The networks a table is fitted on: the all-skip network and ``cells`` random cells."""
+    from .genotype import Genotype, random_genotype
+
+    nodes = tuple((("skip_connect", 0), ("skip_connect", 1)) for _ in space.topology.nodes)
+    return [Genotype(normal=nodes, reduce=nodes)] + [
+        random_genotype(space.primitives, space.num_nodes, CALIBRATION_SEED + k) for k in range(cells)
+    ]
+
+
+def latency_against_table(
+    net: nn.Module, table: LatencyTable, space: SpaceConfig, image_hw: tuple[int, int], runtime: str, runs: int = PROFILE_RUNS
+) -> dict[str, float]:
+    """``net``'s latency now, and at the speed the machine had when ``table`` was measured: the
+    table's calibration networks are timed again in the same interleaved session, and their median
+    ratio now / then is the machine's speed change (1 on a device that runs nothing else; up to 2x
+    on a shared machine minutes apart)."""
+    from .genotype import DiscreteNetwork
+
+    then = table.data["calibration"]["measured_ms"]
+    genotypes = calibration_genotypes(space, len(then) - 1)
+    example = torch.randn(1, space.in_channels, *image_hw)
+    modules = [net, *(DiscreteNetwork(space, g) for g in genotypes)]
+    times = models_latency_ms(modules, [example] * len(modules), runtime, runs)
+    ratio = statistics.median(now / old for now, old in zip(times[1:], then))
+    return {"latency_ms": times[0], "machine_speed_vs_table": ratio, "latency_ms_at_table_speed": times[0] / ratio}

@@ -346,6 +346,9 @@ def test_a_run_with_a_latency_budget_uses_the_table(tmp_path, flower_task_identi
     cost = json.loads((out / "summary.json").read_text())["cost"]
     assert cost["budget"]["kind"] == "latency-ms" and cost["within_budget"] is True
     assert cost["latency_predicted_ms"] <= limit and cost["latency_ms"] > 0
+    # the measurement beside the table's own networks: the machine's speed change, and the latency at the table's speed
+    assert cost["machine_speed_vs_table"] > 0
+    assert cost["latency_ms_at_table_speed"] == pytest.approx(cost["latency_ms"] / cost["machine_speed_vs_table"])
 
 
 def test_the_cnn_familys_counted_macs_match_torch():
