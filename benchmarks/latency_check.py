@@ -68,9 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         problem = table.mismatch(space, image_hw)
         if problem:
             raise SystemExit(f"latency_check: {problem}")
-        runtime = "onnxruntime" if table.data["runtime"].startswith("onnxruntime") else "torch"
         example = torch.randn(1, space.in_channels, *image_hw)
-        measured = models_latency_ms([DiscreteNetwork(space, g) for g in genotypes], [example] * args.cells, runtime, args.runs)
+        measured = models_latency_ms([DiscreteNetwork(space, g) for g in genotypes], [example] * args.cells, table.runtime, args.runs)
     else:  # profiled now, the check networks timed in the same interleaved session (not fitted on)
         data = profile_space(space, image_hw, runs=args.runs, held_out=genotypes)
         measured = data.pop("held_out_ms")

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -33,10 +33,26 @@ from .config_keys import ConfigError, parse_budget
 from .genotype import Genotype, derive_genotype
 from .names import CELL_TYPES, arch_param_name
 from .relaxation import probabilities
-from .space import SpaceConfig
+from .space import CellTopology, SpaceConfig
 from .space.cost import CostModel, counted_cost_model
 
 MAX_AUTO_CHANNELS = 256
+
+
+def within(cost: float, limit: float) -> bool:
+    """``cost <= limit`` up to float rounding (a sum of table entries may land a hair over)."""
+    return cost <= limit * (1 + 1e-9)
+
+
+def widest(fits: Callable[[int], bool]) -> int | None:
+    """The largest width in 1..MAX_AUTO_CHANNELS for which ``fits`` holds (cost grows with width,
+    so the first that does not ends the search); None when not even 1 does."""
+    best = None
+    for c in range(1, MAX_AUTO_CHANNELS + 1):
+        if not fits(c):
+            break
+        best = c
+    return best
 
 
 @dataclass(frozen=True)
@@ -52,7 +68,7 @@ class Budget:
         return self.weight * term
 
     def fits(self, cost: float) -> bool:
-        return cost <= self.limit * (1 + 1e-9)
+        return within(cost, self.limit)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "limit": self.limit, "weight": self.weight, "penalty": self.penalty_kind}
@@ -90,12 +106,12 @@ def cost_model(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], ki
 
 def uniform_expected_cost(model: CostModel) -> float:
     """E[cost] with every op and input pair equally likely (where a search starts)."""
+    topo = CellTopology(model.num_nodes)
     arch = {}
     for t in CELL_TYPES:
-        edges = sum(range(2, model.num_nodes + 2))
-        arch[arch_param_name("alpha", t)] = torch.zeros(edges, len(model.primitives))
-        for j in range(2, model.num_nodes + 2):
-            arch[arch_param_name("beta", t, j)] = torch.zeros(j * (j - 1) // 2)
+        arch[arch_param_name("alpha", t)] = torch.zeros(len(topo.edges), len(model.primitives))
+        for j in topo.nodes:
+            arch[arch_param_name("beta", t, j)] = torch.zeros(len(topo.pairs(j)))
     return float(model.expected_cost(arch))
 
 
@@ -105,14 +121,8 @@ def sized_space(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int]) -
     if space.init_channels > 0:
         return space
     budget = budget_of(cfg)
-    best = 1
-    for c in range(1, MAX_AUTO_CHANNELS + 1):
-        candidate = _with_channels(space, c)
-        if budget.fits(uniform_expected_cost(counted_cost_model(candidate, image_hw, budget.kind))):
-            best = c
-        else:
-            break
-    return _with_channels(space, best)
+    best = widest(lambda c: budget.fits(uniform_expected_cost(counted_cost_model(_with_channels(space, c), image_hw, budget.kind))))
+    return _with_channels(space, best or 1)
 
 
 def _with_channels(space: SpaceConfig, channels: int) -> SpaceConfig:
@@ -161,7 +171,7 @@ def most_likely_within(
     """
     masks = masks or {}
     standard = derive_genotype(space, arch, masks)
-    if model.genotype_cost(standard) <= limit * (1 + 1e-9):
+    if within(model.genotype_cost(standard), limit):
         return standard
     groups: list[tuple[str, int, list[_Option]]] = []
     for cell_type in CELL_TYPES:
@@ -169,7 +179,6 @@ def most_likely_within(
             groups.append((cell_type, j, _pareto(_node_options(space, arch, masks, model, cell_type, j))))
     if any(not g[2] for g in groups):
         return None
-    budget_left = limit * (1 + 1e-9) - model.fixed
     min_cost_after = [0.0] * (len(groups) + 1)
     max_logp_after = [0.0] * (len(groups) + 1)
     for k in range(len(groups) - 1, -1, -1):
@@ -186,7 +195,7 @@ def most_likely_within(
             best = (logp, chosen)
             continue
         for opt in sorted(groups[k][2], key=lambda o: o.logp):  # pushed least likely first: popped last
-            if cost + opt.cost + min_cost_after[k + 1] > budget_left:
+            if not within(model.fixed + cost + opt.cost + min_cost_after[k + 1], limit):
                 continue
             stack.append((k + 1, logp + opt.logp, cost + opt.cost, [*chosen, opt]))
     if best is None:
@@ -307,13 +316,7 @@ def cnn_width_within(space: SpaceConfig, kind: str, limit: float, image_hw: tupl
     """The widest small CNN (FedAvg's family, ``genotype.SimpleCNN``) within ``limit``; None if none."""
     from .genotype import SimpleCNN
 
-    best = None
-    for c in range(1, MAX_AUTO_CHANNELS + 1):
-        if network_cost(SimpleCNN(space, c), kind, image_hw, space.in_channels) <= limit * (1 + 1e-9):
-            best = c
-        else:
-            break
-    return best
+    return widest(lambda c: within(network_cost(SimpleCNN(space, c), kind, image_hw, space.in_channels), limit))
 
 
 def fixed_network_width(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], genotype: Genotype | None) -> int:
@@ -342,19 +345,28 @@ def fixed_network_width(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int,
     return width
 
 
-def run_space(cfg: RunConfig) -> tuple[SpaceConfig, tuple[int, int]]:
-    """The run's space (sized to its budget with ``init-channels = 0``) and image size, from the
-    dataset's known shape or, where that needs the data, its test split."""
+def known_run_space(cfg: RunConfig) -> tuple[SpaceConfig, tuple[int, int]] | None:
+    """The run's space (sized to its budget with ``init-channels = 0``) and image size when the
+    dataset's shape is known without loading it (``image_shape``), else None."""
     from .training import space_from_config
 
     shape = image_shape(cfg)
     if shape is None:
-        from .data import DataSpec, load_test_set
-
-        test = load_test_set(DataSpec.from_config(cfg))
-        shape = (test.in_channels, (int(test.x.shape[-2]), int(test.x.shape[-1])), test.num_classes)
+        return None
     channels, image_hw, classes = shape
     return sized_space(cfg, space_from_config(cfg, classes, channels), image_hw), image_hw
+
+
+def run_space(cfg: RunConfig) -> tuple[SpaceConfig, tuple[int, int]]:
+    """``known_run_space``, or where that needs the data, from the run's test split."""
+    known = known_run_space(cfg)
+    if known is not None:
+        return known
+    from .coordinator import image_hw, space_for_run
+    from .data import DataSpec, load_test_set
+
+    test = load_test_set(DataSpec.from_config(cfg))
+    return space_for_run(cfg, test), image_hw(test)
 
 
 def cost_report(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], net: torch.nn.Module) -> dict[str, Any]:
@@ -363,34 +375,29 @@ def cost_report(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], n
     and whether it is within the budget (a latency budget is checked on the table's prediction, the
     number the search saw; the measurement is reported beside it, also rescaled to the machine's
     speed when the table was measured, ``latency_against_table``)."""
-    from .latency import default_runtime, model_latency_ms, runtime_version
+    from .latency import LatencyTable, default_runtime, latency_against_table, model_latency_ms, runtime_version
 
     budget = budget_of(cfg)
     macs = network_cost(net, "macs", image_hw, space.in_channels)
     params = network_cost(net, "params", image_hw, space.in_channels)
-    runtime = default_runtime()
-    try:
-        latency: float | None = model_latency_ms(net, torch.zeros(1, space.in_channels, *image_hw), runtime)
-        latency_note = f"{runtime_version(runtime)}, batch 1, one thread, median, this machine"
-    except Exception as exc:  # reported, never fatal: the numeric results matter more
-        latency, latency_note = None, f"not measured: {type(exc).__name__}: {exc}"
-    report: dict[str, Any] = {
-        "budget": budget.describe() if budget else None, "init_channels": space.init_channels,
-        "macs": macs, "params": params, "latency_ms": latency, "latency_measured_with": latency_note,
-    }  # fmt: skip
+    # a latency budget's table fixes the runtime, and its networks are timed beside this one
+    table = LatencyTable.load(cfg.latency_table) if budget is not None and budget.kind == "latency-ms" else None
+    runtime = table.runtime if table is not None else default_runtime()
+    report: dict[str, Any] = {"budget": budget.describe() if budget else None, "init_channels": space.init_channels,
+                              "macs": macs, "params": params}  # fmt: skip
+    try:  # reported, never fatal: the numeric results matter more
+        if table is not None:  # comparable with the budget on a drifting machine
+            report.update(latency_against_table(net, table, space, image_hw, runtime))
+        else:
+            report["latency_ms"] = model_latency_ms(net, torch.zeros(1, space.in_channels, *image_hw), runtime)
+        report["latency_measured_with"] = f"{runtime_version(runtime)}, batch 1, one thread, median, this machine"
+    except Exception as exc:
+        report["latency_ms"], report["latency_measured_with"] = None, f"not measured: {type(exc).__name__}: {exc}"
     if budget is not None:
         genotype = getattr(net, "genotype", None)
-        if budget.kind == "latency-ms":
-            from .latency import LatencyTable, latency_against_table
-
-            table = LatencyTable.load(cfg.latency_table)
+        if table is not None:
             predicted = table.cost_model(space, image_hw).genotype_cost(genotype) if genotype is not None else None
             report["latency_predicted_ms"] = predicted
-            table_runtime = "onnxruntime" if str(table.data.get("runtime", "")).startswith("onnxruntime") else "torch"
-            try:  # measured beside the table's own networks: comparable with the budget on a drifting machine
-                report.update(latency_against_table(net, table, space, image_hw, table_runtime))
-            except Exception as exc:  # reported, never fatal
-                report["latency_against_table"] = f"not measured: {type(exc).__name__}: {exc}"
             spent = predicted
         else:
             spent = macs if budget.kind == "macs" else params

@@ -286,15 +286,13 @@ def check_budget_up_front(cfg: RunConfig) -> None:
     shape is known without loading it (otherwise the ServerApp refuses at its start)."""
     if not cfg.budget:
         return
-    from .budget import check_feasible, fixed_network_width, image_shape, sized_space
+    from .budget import check_feasible, fixed_network_width, known_run_space
     from .genotype import Genotype
-    from .training import space_from_config
 
-    shape = image_shape(cfg)
-    if shape is None:
+    known = known_run_space(cfg)
+    if known is None:
         return
-    channels, image_hw, classes = shape
-    space = sized_space(cfg, space_from_config(cfg, classes, channels), image_hw)
+    space, image_hw = known
     if cfg.method == "fedavg":
         genotype = Genotype.load_yaml(cfg.fedavg_genotype) if cfg.fedavg_genotype else None
         fixed_network_width(cfg, space, image_hw, genotype)

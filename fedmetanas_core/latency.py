@@ -284,6 +284,11 @@ class LatencyTable:
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), json.dumps(self.data, indent=1, sort_keys=True))
 
+    @property
+    def runtime(self) -> str:
+        """The runtime the table was measured in (``RUNTIMES``): networks compared with it run there too."""
+        return "onnxruntime" if str(self.data.get("runtime", "")).startswith("onnxruntime") else "torch"
+
     def mismatch(self, space: SpaceConfig, image_hw: tuple[int, int]) -> str | None:
         """Why this table cannot serve ``space`` at ``image_hw`` (None when it can)."""
         want = space_signature(space, image_hw)

@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..names import CELL_TYPES, COST_KINDS, arch_param_name
 from .fastpath import fast_path
 from .ops import make_op
-from .topology import SpaceConfig
+from .topology import CellTopology, SpaceConfig
 
 __all__ = ["COST_KINDS", "CostModel", "OpShape", "build_cost_model", "count_macs", "counted_cost_model", "edge_shapes"]
 
@@ -133,6 +133,10 @@ class CostModel:
     num_nodes: int
     primitives: tuple[str, ...]
 
+    def __post_init__(self) -> None:
+        # [pairs, inputs] per node, made once: the expected cost runs in every architecture step
+        self._incidence = {j: CellTopology(self.num_nodes).pair_incidence(j) for j in CellTopology(self.num_nodes).nodes}
+
     def to_json(self) -> str:
         return json.dumps({
             "kind": self.kind, "fixed": self.fixed, "edge": {t: v.tolist() for t, v in self.edge.items()},
@@ -182,10 +186,7 @@ class CostModel:
                 continue
             name = arch_param_name("beta", cell_type, j)
             pair_p = _masked_softmax(arch[name], masks.get(name))
-            incidence = torch.zeros(len(pair_p), j, device=pair_p.device)
-            for p, (a, b) in enumerate((a, b) for a in range(j) for b in range(a + 1, j)):
-                incidence[p, a] = incidence[p, b] = 1.0
-            parts.append(pair_p @ incidence)
+            parts.append(pair_p @ self._incidence[j].to(pair_p.device))
         device = next(iter(arch.values())).device
         return torch.cat([p.to(device) for p in parts])
 
@@ -198,8 +199,8 @@ class CostModel:
             for j in range(2, self.num_nodes + 2):
                 rows = table[self.edge_index(j, 0) : self.edge_index(j, 0) + j]
                 lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
-                low += float(lo.topk(2, largest=False).values.sum()) if j > 1 else float(lo.sum())
-                high += float(hi.topk(2).values.sum()) if j > 1 else float(hi.sum())
+                low += float(lo.topk(2, largest=False).values.sum())  # a node reads two of its j >= 2 inputs
+                high += float(hi.topk(2).values.sum())
         return low, high
 
 
