@@ -36,8 +36,8 @@ def relax(
     z = logits.float()
     if mode != "softmax" and noise:
         z = z + gumbel_noise(z.shape, generator, z.device)
-    if mask is not None:
-        z = z.masked_fill(~mask, float("-inf"))
+    if mask is not None:  # the server keeps masks on the CPU; the model may be on a GPU
+        z = z.masked_fill(~mask.to(z.device), float("-inf"))
     soft = torch.softmax(z / tau, dim=-1)
     if mode != "gumbel-hard":
         return soft

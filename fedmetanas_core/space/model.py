@@ -127,7 +127,7 @@ def _relax_or_onehot(logits, settings: RelaxSettings, mask, generator, exclude: 
     if settings.argmax:
         z = logits.detach().clone()
         if mask is not None:
-            z = z.masked_fill(~mask, float("-inf"))
+            z = z.masked_fill(~mask.to(z.device), float("-inf"))
         if exclude >= 0:
             z[..., exclude] = float("-inf")
         return F.one_hot(z.argmax(-1), logits.shape[-1]).float()
