@@ -49,6 +49,7 @@ from server_app.strategy import (
     load_strategy_state,
     strategy_state,
 )
+from server_app.exchange import send_and_receive
 from server_app.privacy import current_clipping_norm, wrap_dp
 from server_app.summary import (
     accuracy_fields,
@@ -238,7 +239,7 @@ class Experiment:
         live = ArrayRecord({k: arrays[k] for k in phase.live_keys(list(arrays.keys()))})  # pruned ops stay home
         messages = list(strategy.configure_train(rnd, live, config, self.grid))
         bytes_sent = sum(_record_bytes(m) for m in messages)
-        replies = sorted(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), key=_client_order)
+        replies = sorted(send_and_receive(self.grid, messages, cfg.round_timeout), key=_client_order)
         bytes_received = sum(_record_bytes(m) for m in replies)
         client_seconds = _reply_metric(replies, "client-seconds")
         self.nodes_seen.update(m.metadata.src_node_id for m in replies)
@@ -341,7 +342,7 @@ class Experiment:
         )
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in final_net.state_dict().items()})
         messages = self.strategy.configure_evaluate(rounds, arrays, config, self.grid)
-        replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
+        replies = send_and_receive(self.grid, messages, self.cfg.round_timeout)
         self.strategy.aggregate_evaluate(rounds, replies)
         return sorted(self.strategy.evaluate_replies, key=lambda m: m.get("partition-id", -1))
 
