@@ -1,6 +1,6 @@
 """Search speed: the plain eager supernet against the fast path, per op, and against the discrete network.
 
-    python -m benchmarks.speed                      # both spaces, writes docs/speed.md
+    python -m benchmarks.speed                      # both spaces, writes docs/speed-fast-path.md
     python -m benchmarks.speed --device cuda        # on a GPU (device "auto" picks CUDA when present)
     python -m benchmarks.speed --spaces cifar10-cpu --reps 5 --out /tmp/speed.md
     python -m benchmarks.speed --spaces "" --out ""  # only the flwr run measurements (benchmarks/framework.py)
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = as simulated clients run; 0 = torch default)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the big space's steps (the small space uses max(reps, 5))")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "speed.md"), help="Markdown report ('' = print only)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "speed-fast-path.md"), help="Markdown report ('' = print only)")
     ap.add_argument("--flower-clients", default="10,100", help="simulated clients for the flwr run measurements ('' = skip them)")
     ap.add_argument("--flower-rounds", type=int, default=3, help="rounds of each flwr run measurement")
     args = ap.parse_args(argv)

@@ -166,6 +166,7 @@ def train(msg: Message, context: Context) -> Message:
             "steps": result.steps,
             "images": result.images,
             "client-seconds": time.time() - t0,
+            "started-at": t0,  # unix time: the server's rounds.jsonl shows when the first client began
         }
     )
     received = msg.content["arrays"].keys()  # the reply carries what was sent: nothing pruned travels back

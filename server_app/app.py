@@ -273,6 +273,8 @@ class Experiment:
             "round-s": time.time() - t_round,
             "client-s-max": max(client_seconds, default=0.0),
             "client-s-sum": sum(client_seconds),  # with round-s and server-s: the framework's share of the round
+            "round-started-at": t_round,  # unix time: with the first client's start, where a run's time goes
+            "first-client-start-s": min(_reply_metric(replies, "started-at"), default=t_round) - t_round,
             "client-steps-mean": _mean(_reply_metric(replies, "steps")),  # optimizer steps per client
             "client-images-mean": _mean(_reply_metric(replies, "images")),  # images through forward+backward per client
             "server-s": server_seconds,  # aggregation, masks, test-set evaluation

@@ -1,6 +1,6 @@
 """The process-wide switch between the supernet's fast path and the plain eager reference path.
 
-Speed (docs/speed.md, ``python -m benchmarks.speed``): by default forward passes take a fast path
+Speed (docs/speed-fast-path.md, ``python -m benchmarks.speed``): by default forward passes take a fast path
 that computes the same function with the same parameters, generator draws and active ops (equal
 within float rounding; tests/test_speed_paths.py) on fewer, cheaper kernels (``space.kernels``):
 channels_last activations on CPU, depthwise-conv gradients and the 3x3 average pool on oneDNN's fast

@@ -1,0 +1,95 @@
+"""Where a whole ``fedmetanas run`` spends its wall time, from the command to its exit.
+
+    python -m benchmarks.profile_run                        # the default run (digits), seed 0
+    python -m benchmarks.profile_run -c conf/cifar10-cpu.toml --runs 1
+
+Runs the real command (local SuperLink, Ray simulation engine) and splits its time with the
+timestamps the run writes: each rounds.jsonl row has ``round-started-at`` (unix time) and
+``first-client-start-s`` (when the first client's ``train`` began, from the replies' ``started-at``).
+
+- **start-up**: the command's start to the first client's first training step (CLI, SuperLink,
+  FAB install, ServerApp process, data, Ray and its actors, the first message);
+- **round 1** from that step on; then **rounds by phase** (full supernet: nothing pruned yet;
+  pruning; discrete cell), each split into client work per core (``client-s-sum`` / cores, as if
+  perfectly packed), the server's own work (``server-s``: aggregation, masks, test-set evaluation)
+  and the rest (Flower messages and record conversion, Ray scheduling, waiting for the slowest client);
+- **end of run**: the last round's end to the command's exit (the deployed network's evaluation,
+  personalization round, export and its latency measurement, figures, ``flwr run`` closing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.bound import phase_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+
+
+def profile(items: list[str], out: Path, cores: int) -> dict:
+    cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", *sum((["-c", i] for i in items), []),
+           "-c", f"results-dir={json.dumps(str(out))}"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    t_exit = time.time()
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    first_step = rows[0]["round-started-at"] + rows[0]["first-client-start-s"]
+    last_end = rows[-1]["round-started-at"] + rows[-1]["round-s"]
+    parts = {"start-up": first_step - t0, "round 1 from the first step": rows[0]["round-s"] - rows[0]["first-client-start-s"]}
+    phases: dict[str, dict[str, float]] = {}
+    for previous, r in zip(rows, rows[1:]):
+        p = phases.setdefault(phase_of(previous), {"rounds": 0, "wall": 0.0, "client": 0.0, "server": 0.0})
+        p["rounds"] += 1
+        p["wall"] += r["round-s"]
+        p["client"] += r["client-s-sum"] / cores
+        p["server"] += r["server-s"]
+    parts.update({f"rounds 2+: {k}": v["wall"] for k, v in phases.items()})
+    parts["end of run"] = t_exit - last_end
+    return {"total": t_exit - t0, "parts": parts, "phases": phases, "accuracy": summary["final_test_accuracy"],
+            "round1": {k: rows[0][k] for k in ("round-s", "client-s-sum", "server-s", "first-client-start-s")}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-c", "--run-config", action="append", default=[], help="preset file or 'key=value ...'")
+    ap.add_argument("--runs", type=int, default=1, help="repeat the command; medians are reported")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores the simulated clients share")
+    ap.add_argument("--json", type=Path, default=None, help="write every run's split here")
+    args = ap.parse_args(argv)
+    results = []
+    for i in range(args.runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            results.append(profile(args.run_config, Path(tmp) / "run", args.cores))
+        print(f"run {i + 1}: {results[-1]['total']:.1f} s, accuracy {results[-1]['accuracy']:.4f}", flush=True)
+    med = statistics.median
+    print(f"\n| part | wall s (median of {len(results)}) | share |\n|---|---:|---:|")
+    total = med(r["total"] for r in results)
+    for k in results[0]["parts"]:
+        v = med(r["parts"].get(k, 0.0) for r in results)
+        print(f"| {k} | {v:.1f} | {100 * v / total:.0f} % |")
+    print(f"| **whole command** | **{total:.1f}** | |")
+    print("\n| rounds 2+ by phase | rounds | wall s | client work per core s | server s | rest (Flower, Ray, waiting) s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for k in results[0]["phases"]:
+        p = {f: med(r["phases"].get(k, {}).get(f, 0.0) for r in results) for f in ("rounds", "wall", "client", "server")}
+        print(f"| {k} | {p['rounds']:.0f} | {p['wall']:.1f} | {p['client']:.1f} | {p['server']:.1f} | "
+              f"{p['wall'] - p['client'] - p['server']:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
