@@ -44,7 +44,7 @@ RAY_ACTORS = min(os.cpu_count() or 1, PER_ROUND_TRAINERS)  # Ray runs one client
 # process-tree memory from /proc (Linux)
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
@@ -52,7 +52,7 @@ def _cmdline(pid: int) -> str:
 
 
 def superlink_pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and "flower-superlink" in _cmdline(int(p))]
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and "flower-superlink" in cmdline(int(p))]
 
 
 def tree_pss_bytes(roots: list[int]) -> int:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.framework import PeakMemory, _cmdline
+from benchmarks.framework import PeakMemory, cmdline
 from fedmetanas_core.atomic import atomic_write_text
 from fedmetanas_core.processes import stop_pids
 from fedmetanas_core.outputs import machine_description
@@ -49,7 +49,7 @@ def free_port() -> int:
 
 def superlinks_of(flwr_home: Path) -> list[int]:
     """This run's local SuperLink(s): its database lives under the run's private FLWR_HOME."""
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and "flower-superlink" in (c := _cmdline(int(p))) and str(flwr_home) in c]
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and "flower-superlink" in (c := cmdline(int(p))) and str(flwr_home) in c]
 
 
 def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[str]) -> dict[str, Any]:

@@ -15,12 +15,12 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
 
+from flower_records import array_record, numpy_state
 from fedmetanas_core.attacks import parse_attack_clients, poison
 from fedmetanas_core.config import RunConfig
 from fedmetanas_core.node_config import validate_node_config
@@ -180,10 +180,8 @@ def attacked(cfg: RunConfig, partition_id: int, sent: ArrayRecord, reply: ArrayR
     state ``attacks.poison`` makes from what the server sent and the honest reply; others as they are."""
     if cfg.attack == "none" or partition_id not in parse_attack_clients(cfg.attack_clients):
         return reply
-    received = {k: v.numpy() for k, v in sent.items()}
-    honest = {k: v.numpy() for k, v in reply.items()}
-    poisoned = poison(cfg.attack, received, honest, cfg.attack_scale, cfg.primitive_list)
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in poisoned.items()})
+    poisoned = poison(cfg.attack, numpy_state(sent), numpy_state(reply), cfg.attack_scale, cfg.primitive_list)
+    return array_record(poisoned)
 
 
 @app.evaluate()

@@ -21,7 +21,7 @@ from .atomic import atomic_write_text
 from .names import CELL_TYPES, arch_param_name, edge_key
 from .relaxation import probabilities
 from .space import CellBase, SearchModel, SpaceConfig, cat_channels, cell_plan, make_op, to_fast_layout
-from .space.ops import _bn
+from .space.ops import batch_stats_bn
 
 NodeChoice = tuple[tuple[str, int], ...]  # ((op, input node), (op, input node))
 
@@ -175,7 +175,7 @@ class SimpleCNN(nn.Module):
         self.channels = c  # its first conv's width: what a saved model needs to be rebuilt
         layers, c_in = [], space.in_channels
         for c_out, stride in ((c, 1), (2 * c, 2), (4 * c, 2)):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), _bn(c_out), nn.ReLU()]
+            layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), batch_stats_bn(c_out), nn.ReLU()]
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c_in, space.num_classes)

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from flower_records import array_record, numpy_state
 from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.budget import cost_report
 from fedmetanas_core.coordinator import ProgressClock, fmt_duration, image_hw, model_config, space_for_run
@@ -42,7 +43,6 @@ from fedmetanas_core.outputs import (
 from fedmetanas_core.training import evaluate, resolve_device, run_settings
 from server_app.strategy import (
     SearchStrategy,
-    _array_record,
     alpha_defence_args,
     build_base_strategy,
     check_strategy,
@@ -134,7 +134,7 @@ def federation_size(grid: Grid, cfg: RunConfig, settle_s: float = 2.0, limit_s: 
         time.sleep(0.2)
 
 
-def _client_order(msg: Message) -> tuple[int, int]:
+def client_order(msg: Message) -> tuple[int, int]:
     """Aggregate in a fixed order (by partition id: the node id for nodes with their own data) so
     float sums repeat exactly across runs."""
     if not msg.has_error() and "metrics" in msg.content.metric_records:
@@ -219,13 +219,13 @@ class Experiment:
         )  # fmt: skip
         self.strategy = strategy
         phase.start(self.carried)
-        arrays = _array_record(phase.initial_state())
+        arrays = array_record(phase.initial_state())
         start = 1
         ck = self.checkpoint
         if ck is not None and ck["phase_index"] == index:
-            state = {k: v.numpy() for k, v in ck["arrays"].items()}  # saved as tensors
+            state = numpy_state(ck["arrays"])  # saved as tensors
             phase.restore(state, ck["masks"], ck["last"])
-            arrays = _array_record(state)
+            arrays = array_record(state)
             load_strategy_state(strategy.base, ck["strategy"])
             start = ck["round"] + 1
         for rnd in range(start, phase.rounds + 1):
@@ -239,16 +239,16 @@ class Experiment:
         live = ArrayRecord({k: arrays[k] for k in phase.live_keys(list(arrays.keys()))})  # pruned ops stay home
         messages = list(strategy.configure_train(rnd, live, config, self.grid))
         bytes_sent = sum(_record_bytes(m) for m in messages)
-        replies = sorted(send_and_receive(self.grid, messages, cfg.round_timeout), key=_client_order)
+        replies = sorted(send_and_receive(self.grid, messages, cfg.round_timeout), key=client_order)
         bytes_received = sum(_record_bytes(m) for m in replies)
         client_seconds = _reply_metric(replies, "client-seconds")
         self.nodes_seen.update(m.metadata.src_node_id for m in replies)
         t_server = time.time()
         aggregated, _ = strategy.aggregate_train(rnd, replies)
         if aggregated is not None:  # the live part aggregated; dead ops keep their last aggregate
-            state = {k: v.numpy() for k, v in arrays.items()} | {k: v.numpy() for k, v in aggregated.items()}
+            state = numpy_state(arrays) | numpy_state(aggregated)
             metrics = phase.accept(rnd, state)
-            arrays = _array_record(state)
+            arrays = array_record(state)
         else:
             metrics = {**phase.last, "tau": phase.plan(rnd).tau}
         server_seconds = time.time() - t_server
@@ -320,7 +320,7 @@ class Experiment:
                 "config": dict(self.cfg),
                 "phase_index": index,
                 "round": rnd,
-                "arrays": {k: v.numpy() for k, v in arrays.items()},
+                "arrays": numpy_state(arrays),
                 "masks": {k: v.cpu() for k, v in phase.masks.items()},
                 "last": phase.last,
                 "strategy": strategy_state(self.strategy.base),

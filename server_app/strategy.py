@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 
+from flower_records import array_record, numpy_state
 from fedmetanas_core.aggregation import reply_problem, transform_logits
 from fedmetanas_core.attacks import LOGIT_RULES, robust_logits, screen_replies
 from fedmetanas_core.coordinator import finite_state
@@ -143,7 +144,7 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
     for name in names:
         value = getattr(strategy, name, None)
         if isinstance(value, ArrayRecord):
-            value = {k: v.numpy() for k, v in value.items()}
+            value = numpy_state(value)
         state[name] = _to_tensors(value)
     return state
 
@@ -160,7 +161,7 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
     for name, value in state.items():
         value = _to_numpy(value)
         if name == "current_arrays" and isinstance(strategy, flwr_strategies.FedAvgM) and value is not None:
-            value = _array_record(value)
+            value = array_record(value)
         setattr(strategy, name, value)
 
 
@@ -246,12 +247,12 @@ class SearchStrategy(Strategy):
         messages = self.base.configure_train(server_round, arrays, config, grid)
         if self.dp and hasattr(self.base, "current_arrays") and self.alpha_aggregation != "logits":
             # server-side clipping measures reply - global on what is averaged: the transformed logits
-            self.base.current_arrays = _array_record(transform_logits(self._reference, self.alpha_aggregation))
+            self.base.current_arrays = array_record(transform_logits(self._reference, self.alpha_aggregation))
         return messages
 
     def set_reference(self, arrays: ArrayRecord) -> None:
         """The global model replies are screened against (names, shapes, dtypes, norm)."""
-        self._reference = {k: v.numpy() for k, v in arrays.items()}
+        self._reference = numpy_state(arrays)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good: list[Message] = []
@@ -284,7 +285,7 @@ class SearchStrategy(Strategy):
                     good.remove(msg)
         self.update_norms = []
         for msg in good:
-            state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            state = numpy_state(msg.content["arrays"])
             self.update_norms.append(update_norms(state, self._reference or state, is_arch))
         if self.alpha_defence == "update-screen":
             for i in sorted(screen_replies(self.update_norms, self.screen_factor), reverse=True):
@@ -298,8 +299,8 @@ class SearchStrategy(Strategy):
                 msg.content["metrics"][UNIT_WEIGHT] = 1
         if self.alpha_aggregation != "logits":
             for msg in good:
-                state = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-                msg.content["arrays"] = _array_record(transform_logits(state, self.alpha_aggregation))
+                state = numpy_state(msg.content["arrays"])
+                msg.content["arrays"] = array_record(transform_logits(state, self.alpha_aggregation))
         if len(good) < self.min_replies:
             log(WARNING, "round %s: only %s usable replies (< %s): round skipped, global model unchanged", server_round, len(good), self.min_replies)
             self.skipped_reason = TOO_FEW_REPLIES
@@ -322,7 +323,7 @@ class SearchStrategy(Strategy):
         if arrays is None:
             log(WARNING, "round %s: %s returned no aggregate: round skipped, global model unchanged", server_round, type(self.base).__name__)
             self.skipped_reason = f"error: {type(self.base).__name__} returned no aggregate"
-        elif not finite_state({k: v.numpy() for k, v in arrays.items()}):
+        elif not finite_state(numpy_state(arrays)):
             log(WARNING, "round %s: aggregate is not finite: round skipped, global model unchanged", server_round)
             self.skipped_reason = "error: aggregate is not finite"
             return None, metrics
@@ -350,9 +351,9 @@ class SearchStrategy(Strategy):
             self.alpha_screened.append(f"node {replies[i][0]}")
         if dropped:
             log(INFO, "round %s: alpha norm screen left out the logits of %s", server_round, ", ".join(self.alpha_screened))
-        out = {k: v.numpy() for k, v in arrays.items()}
+        out = numpy_state(arrays)
         out.update(logits)
-        return _array_record(out)
+        return array_record(out)
 
     def _problem(self, msg: Message) -> str | None:
         if msg.has_error():
@@ -369,7 +370,7 @@ class SearchStrategy(Strategy):
         if isinstance(n, bool) or not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
             return f"bad num-examples {n!r}"
         try:
-            state = {k: v.numpy() for k, v in content["arrays"].items()}
+            state = numpy_state(content["arrays"])
         except Exception as exc:  # an undecodable array is a faulty reply, not a server crash
             return f"undecodable arrays: {exc}"
         reference = self._reference or state
@@ -411,7 +412,3 @@ def short_reason(reason: str | None, limit: int = 300) -> str:
     return last if len(last) <= limit else last[: limit - 3] + "..."
 
 
-def _array_record(state: dict[str, np.ndarray]) -> ArrayRecord:
-    from flwr.app import Array
-
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})

@@ -30,7 +30,8 @@ from fedmetanas_core.names import PRIMITIVES, is_arch
 from fedmetanas_core.space import SearchModel
 from fedmetanas_core.training import run_settings, space_from_config
 from server_app.app import Experiment
-from server_app.strategy import SearchStrategy, _array_record, build_base_strategy
+from flower_records import array_record
+from server_app.strategy import SearchStrategy, build_base_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread")
 
@@ -103,7 +104,7 @@ class FakeGrid:
 
 def _replies(strategy, global_state, attack: str = "alpha-poison"):
     """Ten real reply Messages to the strategy's own train messages; partitions 0 and 1 poisoned."""
-    messages = list(strategy.configure_train(2, _array_record(global_state), ConfigRecord({"phase": "search"}), FakeGrid()))
+    messages = list(strategy.configure_train(2, array_record(global_state), ConfigRecord({"phase": "search"}), FakeGrid()))
     assert len(messages) == N
     replies, honest_states = [], []
     for pid, msg in enumerate(messages):
@@ -113,7 +114,7 @@ def _replies(strategy, global_state, attack: str = "alpha-poison"):
         else:
             honest_states.append(state)
         metrics = MetricRecord({"num-examples": 100, "partition-id": pid})
-        replies.append(Message(RecordDict({"arrays": _array_record(state), "metrics": metrics}), reply_to=msg))
+        replies.append(Message(RecordDict({"arrays": array_record(state), "metrics": metrics}), reply_to=msg))
     return replies, honest_states
 
 
@@ -178,7 +179,7 @@ def test_norm_screen_keeps_every_reply_when_no_one_attacks(global_state):
 
 def test_client_hook_poisons_only_the_attacking_partitions(global_state):
     cfg = RunConfig.from_flat({"attack": "sign-flip", "attack-clients": "1,3", "attack-scale": 2.0})
-    sent, honest = _array_record(global_state), _array_record(_honest(global_state, 0))
+    sent, honest = array_record(global_state), array_record(_honest(global_state, 0))
     assert attacked(cfg, 0, sent, honest) is honest
     out = attacked(cfg, 3, sent, honest)
     k = next(iter(global_state))

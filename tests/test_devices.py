@@ -5,7 +5,7 @@ device-mismatch error as CUDA does (found on an H200: the supernet's evaluation 
 import torch
 
 from fedmetanas_core.relaxation import relax
-from fedmetanas_core.space.model import RelaxSettings, _relax_or_onehot
+from fedmetanas_core.space.model import RelaxSettings, relax_or_onehot
 
 MASK = torch.tensor([[True, False, True, True], [False, True, True, False]])  # on the CPU, as the server holds it
 
@@ -19,7 +19,7 @@ def test_relaxed_weights_take_a_cpu_mask_on_another_device():
 
 def test_argmax_choice_takes_a_cpu_mask_on_another_device():
     settings = RelaxSettings(tau=1.0, mode="gumbel-soft", noise=False, threshold=0.0, argmax=True)
-    assert _relax_or_onehot(torch.zeros(2, 4, device="meta"), settings, MASK, None).device.type == "meta"
+    assert relax_or_onehot(torch.zeros(2, 4, device="meta"), settings, MASK, None).device.type == "meta"
     logits = torch.tensor([[0.0, 9.0, 1.0, 0.0], [5.0, 0.0, 1.0, 9.0]])
-    chosen = _relax_or_onehot(logits, settings, MASK, None).argmax(-1)
+    chosen = relax_or_onehot(logits, settings, MASK, None).argmax(-1)
     assert chosen.tolist() == [2, 2]  # the best op the mask keeps, not the masked-out favourite

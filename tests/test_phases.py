@@ -21,7 +21,8 @@ from fedmetanas_core.phases import PLANS, FixedPhase, Handoff, Phase, RetrainPha
 from fedmetanas_core.training import LOCAL_TRAINING, LocalResult, local_trainer, run_settings
 from server_app.app import run_experiment
 from server_app.local_grid import LocalGrid
-from server_app.strategy import SearchStrategy, _array_record, build_base_strategy
+from flower_records import array_record
+from server_app.strategy import SearchStrategy, build_base_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
 
@@ -134,7 +135,7 @@ def test_client_runs_whatever_the_table_names_with_one_signature(digits, monkeyp
     monkeypatch.setitem(LOCAL_TRAINING, ("fixed", "fedavg"), fake)
     strategy = SearchStrategy(build_base_strategy(cfg.replace(strategy="FedProx", proximal_mu=0.3)))
     config = ConfigRecord({"method": cfg.method, **model_config(space_for_run(cfg, digits)), **phase.round_config(1)})
-    msg = next(iter(strategy.configure_train(1, _array_record(phase.initial_state()), config, FakeGrid())))
+    msg = next(iter(strategy.configure_train(1, array_record(phase.initial_state()), config, FakeGrid())))
     ctx = Context(run_id=7301, node_id=11, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(), run_config=dict(cfg))
     metrics = client.train(msg, ctx).content["metrics"]
     assert calls == [("SimpleCNN", 3, pytest.approx(0.07), pytest.approx(0.3), True)]

@@ -27,12 +27,12 @@ from fedmetanas_core.phases import Handoff
 from fedmetanas_core.space import fast_path_enabled
 from fedmetanas_core.seeding import make_generator
 from fedmetanas_core.training import run_settings
-from server_app.app import Experiment, _client_order
+from flower_records import array_record
+from server_app.app import Experiment, client_order
 from server_app.summary import skipped_rounds
 from server_app.strategy import (
     TOO_FEW_REPLIES,
     SearchStrategy,
-    _array_record,
     load_strategy_state,
     strategy_state,
 )
@@ -138,14 +138,14 @@ def test_an_actor_serving_many_runs_keeps_a_bounded_config_cache(monkeypatch):
 
 def test_server_orders_replies_by_node_id_sized_partition_ids():
     """Error replies last, after partition ids as large as Flower's uint64 node ids."""
-    msgs = list(FedAvg(min_available_nodes=3).configure_train(1, _array_record({"w": np.zeros(2, np.float32)}), ConfigRecord({}), FakeGrid()))
+    msgs = list(FedAvg(min_available_nodes=3).configure_train(1, array_record({"w": np.zeros(2, np.float32)}), ConfigRecord({}), FakeGrid()))
     pids = [2**64 - 5, 7, 2**40]
     replies = [
         Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "partition-id": pid})}), reply_to=m)
         for pid, m in zip(pids, msgs)
     ]
     error = Message(Error(code=0, reason="client failed"), reply_to=msgs[0])
-    ordered = sorted([error, *replies], key=_client_order)
+    ordered = sorted([error, *replies], key=client_order)
     assert [int(r.content["metrics"]["partition-id"]) for r in ordered[:-1]] == sorted(pids) and ordered[-1] is error
 
 
@@ -194,10 +194,10 @@ class FailingFedAvg(FedAvg):
 
 
 def _replies(strategy: SearchStrategy, n: int) -> list[Message]:
-    arrays = _array_record({"w": np.zeros(3, np.float32)})
+    arrays = array_record({"w": np.zeros(3, np.float32)})
     msgs = list(strategy.configure_train(1, arrays, ConfigRecord({}), FakeGrid()))[:n]
     return [
-        Message(RecordDict({"arrays": _array_record({"w": np.full(3, i + 1.0, np.float32)}), "metrics": MetricRecord({"num-examples": 10})}), reply_to=m)
+        Message(RecordDict({"arrays": array_record({"w": np.full(3, i + 1.0, np.float32)}), "metrics": MetricRecord({"num-examples": 10})}), reply_to=m)
         for i, m in enumerate(msgs)
     ]  # fmt: skip
 
@@ -341,7 +341,7 @@ def test_checkpoint_loads_weights_only_and_round_trips_rng_and_strategy_state(tm
     adam.v_t = {"w": np.full(3, 0.5, np.float32), "b": np.zeros(2)}
     avgm = FedAvgM(server_momentum=0.9)
     avgm.momentum_vector = [np.ones((2, 2), np.float32), np.arange(3.0)]
-    avgm.current_arrays = _array_record({"w": np.full(3, 2.0, np.float32)})
+    avgm.current_arrays = array_record({"w": np.full(3, 2.0, np.float32)})
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.normal()  # numpy caches the second Gaussian: part of its state
     cfg = RunConfig.from_flat({"strategy": "FedAdam"})
@@ -352,7 +352,7 @@ def test_checkpoint_loads_weights_only_and_round_trips_rng_and_strategy_state(tm
     )  # fmt: skip
     phase = SimpleNamespace(masks={"arch.alpha.normal": torch.zeros(2, 3, dtype=torch.bool)},
                             last={"accuracy": np.float64(0.25), "op-probs": [[0.5, 0.5]], "genotype": {"normal": []}})  # fmt: skip
-    Experiment.save(experiment, 0, phase, 2, _array_record({"w": np.ones(3, np.float32)}), 12.5)  # the server's own save
+    Experiment.save(experiment, 0, phase, 2, array_record({"w": np.ones(3, np.float32)}), 12.5)  # the server's own save
     expected = (random.random(), float(np.random.normal()), torch.rand(3))
 
     torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)  # what load_checkpoint does

@@ -16,7 +16,8 @@ from fedmetanas_core.config import RunConfig
 from fedmetanas_core.coordinator import model_config, space_for_run
 from fedmetanas_core.data import load_dataset
 from fedmetanas_core.phases import Handoff, plan_phases
-from server_app.strategy import SearchStrategy, _array_record, build_base_strategy
+from flower_records import array_record
+from server_app.strategy import SearchStrategy, build_base_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -52,7 +53,7 @@ def test_every_strategy_aggregates_real_client_replies(method):
     flat = {**TINY, "method": method.split("-")[0]}
     cfg = RunConfig.from_flat(flat)
     phase, space = _phase(cfg, method)
-    arrays = _array_record(phase.initial_state())
+    arrays = array_record(phase.initial_state())
     round_config = {"method": cfg.method, **model_config(space), **phase.round_config(2)}
     replies_cache = {}
     for name in STRATEGIES:
@@ -73,7 +74,7 @@ def test_every_strategy_aggregates_real_client_replies(method):
                 content = train(msg, ctx).content
                 replies_cache[key] = ({k: v.numpy() for k, v in content["arrays"].items()}, content["metrics"])
             state, metrics = replies_cache[key]  # fresh records: FedMedian pops arrays out of replies
-            replies.append(Message(RecordDict({"arrays": _array_record(state), "metrics": metrics}), reply_to=msg))
+            replies.append(Message(RecordDict({"arrays": array_record(state), "metrics": metrics}), reply_to=msg))
         aggregated, _ = strategy.aggregate_train(2, replies)
         assert aggregated is not None, name
         new = {k: v.numpy() for k, v in aggregated.items()}
@@ -86,7 +87,7 @@ def test_every_strategy_aggregates_real_client_replies(method):
 def test_fedprox_proximal_term_pulls_towards_global_weights():
     cfg = RunConfig.from_flat({**TINY, "method": "fedavg", "outer-lr-w": 0.5})
     phase, space = _phase(cfg, "fedavg")
-    arrays = _array_record(phase.initial_state())
+    arrays = array_record(phase.initial_state())
     base = {"method": "fedavg", **model_config(space), **phase.round_config(1)}
     drift = {}
     for mu in (0.0, 50.0):
@@ -131,6 +132,6 @@ def test_client_evaluate_personalizes_the_deployed_network_at_its_own_step_size(
     assert personalize(cfg.replace(inner_lr_w=0.5), run_id=8) == metrics
     assert personalize(cfg.replace(personalize_lr=0.0001), run_id=9)["accuracy-after"] != metrics["accuracy-after"]
     search_config = ConfigRecord({"method": "fedmetanas", **model_config(space), **phase.round_config(2), "personalize": True})
-    search_msg = Message(RecordDict({"arrays": _array_record(phase.initial_state()), "config": search_config}), dst_node_id=11, message_type="evaluate")
+    search_msg = Message(RecordDict({"arrays": array_record(phase.initial_state()), "config": search_config}), dst_node_id=11, message_type="evaluate")
     with pytest.raises(ValueError, match="deployed"):
         evaluate(search_msg, ctx)

@@ -81,12 +81,12 @@ class SearchModel(nn.Module):
         masks = masks or {}
         name = arch_param_name("alpha", cell_type)
         alpha = self.arch.alpha[cell_type]
-        op_w = _relax_or_onehot(alpha, settings, masks.get(name), generator, exclude=self._none)
+        op_w = relax_or_onehot(alpha, settings, masks.get(name), generator, exclude=self._none)
         if self.space.input_pruning:
             coeffs = []
             for j in self.space.topology.nodes:
                 beta = self.arch.beta[f"{cell_type}-{j}"]
-                pair_w = _relax_or_onehot(beta, settings, masks.get(arch_param_name("beta", cell_type, j)), generator)
+                pair_w = relax_or_onehot(beta, settings, masks.get(arch_param_name("beta", cell_type, j)), generator)
                 coeffs.append(pair_w @ self._pair_incidence(j, pair_w.device))  # input i's share: sum of its pairs
             return torch.cat(coeffs)[:, None] * op_w
         return op_w
@@ -122,7 +122,7 @@ class SearchModel(nn.Module):
         return self.net(x, self.all_weights(settings, masks, generator))
 
 
-def _relax_or_onehot(logits, settings: RelaxSettings, mask, generator, exclude: int = -1) -> torch.Tensor:
+def relax_or_onehot(logits, settings: RelaxSettings, mask, generator, exclude: int = -1) -> torch.Tensor:
     """Relaxed weights, or at evaluation in argmax mode the one-hot choice (never ``none``)."""
     if settings.argmax:
         z = logits.detach().clone()

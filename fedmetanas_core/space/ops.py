@@ -21,13 +21,14 @@ def _scaled(out: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return out if scale is None else scale * out
 
 
-def _bn(channels: int) -> nn.BatchNorm2d:
+def batch_stats_bn(channels: int) -> nn.BatchNorm2d:
+    """BatchNorm on batch statistics only (no affine, no running stats): the DARTS search space's."""
     return nn.BatchNorm2d(channels, affine=False, track_running_stats=False)
 
 
 class ReLUConvBN(nn.Sequential):
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int):
-        super().__init__(nn.ReLU(inplace=False), nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False), _bn(c_out))
+        super().__init__(nn.ReLU(inplace=False), nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False), batch_stats_bn(c_out))
 
 
 class DilConv(nn.Sequential):
@@ -36,7 +37,7 @@ class DilConv(nn.Sequential):
             nn.ReLU(inplace=False),
             nn.Conv2d(c_in, c_in, kernel, stride, padding, dilation=dilation, groups=c_in, bias=False),
             nn.Conv2d(c_in, c_out, 1, bias=False),
-            _bn(c_out),
+            batch_stats_bn(c_out),
         )
 
     def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,7 +71,7 @@ class FactorizedReduce(nn.Module):
         self.relu = nn.ReLU(inplace=False)
         self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
         self.conv_2 = nn.Conv2d(c_in, c_out - c_out // 2, 1, stride=2, bias=False)
-        self.bn = _bn(c_out)
+        self.bn = batch_stats_bn(c_out)
 
     def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
         if not fast_path_enabled():
@@ -101,7 +102,7 @@ class Zero(nn.Module):
 class PoolBN(nn.Sequential):
     def __init__(self, kind: str, c: int, stride: int):
         pool = nn.MaxPool2d(3, stride, 1) if kind == "max" else nn.AvgPool2d(3, stride, 1, count_include_pad=False)
-        super().__init__(pool, _bn(c))
+        super().__init__(pool, batch_stats_bn(c))
 
     def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
         if not fast_path_enabled():
@@ -115,7 +116,7 @@ class PoolBN(nn.Sequential):
 
 
 # ops whose first step is ReLU(x): on the fast path a cell computes ReLU(state) once for all of them
-_TAKES_RELU = (DilConv, SepConv, FactorizedReduce)
+TAKES_RELU = (DilConv, SepConv, FactorizedReduce)
 
 
 def make_op(name: str, c: int, stride: int) -> nn.Module:

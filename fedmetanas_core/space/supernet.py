@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..names import edge_key
 from .fastpath import fast_path_enabled, to_fast_layout
 from .kernels import CatChannels
-from .ops import FactorizedReduce, ReLUConvBN, _bn, _TAKES_RELU, make_op
+from .ops import FactorizedReduce, ReLUConvBN, batch_stats_bn, TAKES_RELU, make_op
 from .topology import SpaceConfig
 
 
@@ -51,7 +51,7 @@ class CellSlot:
 def cell_plan(space: SpaceConfig) -> tuple[nn.Sequential, list[CellSlot], int]:
     """The stem, each cell's slot (channels double at reduction cells), and the head's input width."""
     c_cur = space.stem_multiplier * space.init_channels
-    stem = nn.Sequential(nn.Conv2d(space.in_channels, c_cur, 3, padding=1, bias=False), _bn(c_cur))
+    stem = nn.Sequential(nn.Conv2d(space.in_channels, c_cur, 3, padding=1, bias=False), batch_stats_bn(c_cur))
     c_pp, c_p, c = c_cur, c_cur, space.init_channels
     slots, reduction_prev = [], False
     for cell_type in space.cell_types():
@@ -126,7 +126,7 @@ class SearchCell(CellBase):
                     w = cw.scalar(e, o)
                     if isinstance(op, nn.Identity):
                         out = w * op(states[i])
-                    elif isinstance(op, _TAKES_RELU):
+                    elif isinstance(op, TAKES_RELU):
                         if i not in relus:
                             relus[i] = F.relu(states[i])
                         out = op(states[i], relu_x=relus[i], scale=w)
