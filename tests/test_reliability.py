@@ -248,14 +248,6 @@ def test_simulation_with_faulty_clients_completes_and_counts_rejections(tmp_path
 # --- (c) bad data -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_data_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    D.clear_caches()
-    yield
-    D.clear_caches()
-
-
 def make_tree(root: Path, per_class: int = 4) -> Path:
     from PIL import Image
 
