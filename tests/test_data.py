@@ -424,6 +424,7 @@ def test_batch_stream_visits_every_example_once_per_epoch():
         D.BatchStream(data, 0)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_data_module_never_imports_flwr():
     code = (
         "import sys, numpy as np; from fedmetanas_core import data; "

@@ -145,6 +145,7 @@ def test_preprocess_matches_the_training_pipeline(derived_net, digits_test, tmp_
         torch.testing.assert_close(x[0], digits_test.x[k], atol=2.5 / 255 / info["input"]["std"][0], rtol=0)
 
 
+@pytest.mark.slow  # the predict CLI in a subprocess
 def test_predict_command_in_a_fresh_process(derived_net, digits_test, tmp_path):
     run_dir = tmp_path / "run"
     digits_config(run_dir)

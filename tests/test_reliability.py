@@ -229,6 +229,7 @@ TINY_RUN = {
 }  # fmt: skip
 
 
+@pytest.mark.slow  # Flower's simulation engine (Ray)
 def test_simulation_with_faulty_clients_completes_and_counts_rejections(tmp_path):
     out = tmp_path / "run"
     run_in_process({**TINY_RUN, "results-dir": str(out)}, num_supernodes=5, faults={0: "nan", 1: "shape", 2: "exception"})

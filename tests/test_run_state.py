@@ -378,6 +378,7 @@ def test_rng_states_are_plain_data():
     assert isinstance(states["python"], list) and isinstance(states["numpy"][1], list) and isinstance(states["torch"], torch.Tensor)
 
 
+@pytest.mark.slow  # three real interpreters
 def test_stop_pids_stops_exactly_the_given_processes_and_their_tree_is_found():
     """A parent that ignores SIGTERM (its child inherits that) is killed after the grace period;
     the child is found as a descendant; an unrelated process started beside them keeps running."""
