@@ -99,7 +99,8 @@ def test_alpha_poison_keeps_weights_and_favours_parameter_free_ops(space, global
 
 def _replies(strategy, global_state, attack: str = "alpha-poison"):
     """Ten real reply Messages to the strategy's own train messages; partitions 0 and 1 poisoned."""
-    messages = list(strategy.configure_train(2, _array_record(global_state), ConfigRecord({"phase": "search"}), NodeIds(range(101, 101 + N))))
+    grid = NodeIds(range(101, 101 + N))
+    messages = list(strategy.configure_train(2, _array_record(global_state), ConfigRecord({"phase": "search"}), grid))
     assert len(messages) == N
     replies, honest_states = [], []
     for pid, msg in enumerate(messages):

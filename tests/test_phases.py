@@ -123,7 +123,8 @@ def test_client_runs_whatever_the_table_names_with_one_signature(digits_test, mo
 
     monkeypatch.setitem(LOCAL_TRAINING, ("fixed", "fedavg"), fake)
     strategy = SearchStrategy(build_base_strategy(cfg.replace(strategy="FedProx", proximal_mu=0.3)))
-    config = ConfigRecord({"method": cfg.method, **model_config(space_for_run(cfg, digits_test)), **phase.round_config(1)})
+    space = space_for_run(cfg, digits_test)
+    config = ConfigRecord({"method": cfg.method, **model_config(space), **phase.round_config(1)})
     msg = next(iter(strategy.configure_train(1, _array_record(phase.initial_state()), config, NodeIds([11, 12, 13]))))
     ctx = Context(run_id=7301, node_id=11, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(), run_config=dict(cfg))
     metrics = client.train(msg, ctx).content["metrics"]

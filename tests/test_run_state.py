@@ -134,7 +134,8 @@ def test_an_actor_serving_many_runs_keeps_a_bounded_config_cache(monkeypatch):
 
 def test_server_orders_replies_by_node_id_sized_partition_ids():
     """Error replies last, after partition ids as large as Flower's uint64 node ids."""
-    msgs = list(FedAvg(min_available_nodes=3).configure_train(1, _array_record({"w": np.zeros(2, np.float32)}), ConfigRecord({}), NodeIds([11, 12, 13])))
+    grid = NodeIds([11, 12, 13])
+    msgs = list(FedAvg(min_available_nodes=3).configure_train(1, _array_record({"w": np.zeros(2, np.float32)}), ConfigRecord({}), grid))
     pids = [2**64 - 5, 7, 2**40]
     replies = [
         Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "partition-id": pid})}), reply_to=m)

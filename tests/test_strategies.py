@@ -51,7 +51,8 @@ def test_every_strategy_aggregates_real_client_replies(method):
     replies_cache = {}
     for name in STRATEGIES:
         strategy = SearchStrategy(build_base_strategy(cfg.replace(strategy=name, proximal_mu=0.1)), cfg.alpha_aggregation, 2)
-        messages = list(strategy.configure_train(2, arrays, ConfigRecord(dict(round_config)), NodeIds([11, 12, 13, 14])))
+        grid = NodeIds([11, 12, 13, 14])
+        messages = list(strategy.configure_train(2, arrays, ConfigRecord(dict(round_config)), grid))
         assert len(messages) == 4
         sent = dict(messages[0].content["config"])
         extra = set(sent) - set(round_config) - {"server-round"}
