@@ -175,7 +175,7 @@ def fedmetanas_local_search(
     arch = {k: v.detach() for k, v in model.state_dict().items() if is_arch(k)}
     if masks_are_discrete(model.space, arch, plan.masks):
         net = DiscreteNetwork.inherit(model, derive_genotype(model.space, arch, plan.masks)).to(device).train()
-        result = _meta_train(net, net, None, data, cfg, plan, generator, device, proximal_mu, {})
+        result = meta_train(net, net, None, data, cfg, plan, generator, device, proximal_mu, {})
         loaded = model.net.load_state_dict(net.state_dict(), strict=False)  # missing: the pruned ops, expected
         if loaded.unexpected_keys:  # a renamed key would otherwise drop this round's training silently
             raise KeyError(f"derived-network weights not in the supernet: {loaded.unexpected_keys[:3]}")
@@ -183,7 +183,7 @@ def fedmetanas_local_search(
     fw = dict(settings=train_settings(cfg, plan.tau), masks=plan.masks, generator=generator)
     opt_a = None if plan.alpha_frozen else arch_optimizer(model, cfg)
     penalty = cost_penalty(cfg, plan) if opt_a is not None else None
-    return _meta_train(model, model.net, opt_a, data, cfg, plan, generator, device, proximal_mu, fw, penalty)
+    return meta_train(model, model.net, opt_a, data, cfg, plan, generator, device, proximal_mu, fw, penalty)
 
 
 def cost_penalty(cfg: RunConfig, plan: RoundPlan) -> Penalty | None:
@@ -201,7 +201,7 @@ def cost_penalty(cfg: RunConfig, plan: RoundPlan) -> Penalty | None:
     return penalty
 
 
-def _meta_train(
+def meta_train(
     module: nn.Module, weights: nn.Module, opt_a: torch.optim.Optimizer | None, data: ClientData, cfg: RunConfig,
     plan: RoundPlan, generator: torch.Generator, device: torch.device, proximal_mu: float, fw: dict,
     penalty: Penalty | None = None,

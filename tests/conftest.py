@@ -41,3 +41,29 @@ def flower_task_identity():
 
     with task_identity():
         yield
+
+
+@pytest.fixture
+def torch_seed():
+    """Each test starts from torch's global seed 0, whatever ran before it."""
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def fresh_data_caches(tmp_path, monkeypatch):
+    """No in-process data caches before or after, and never a write to the user's cache dirs."""
+    from fedmetanas_core import data as D
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    D.clear_caches()
+    yield
+    D.clear_caches()
+
+
+@pytest.fixture(scope="module")
+def digits_test():
+    """sklearn's digits test split (8x8, offline), loaded once per module."""
+    from fedmetanas_core.data import load_dataset
+
+    return load_dataset("digits")[1]

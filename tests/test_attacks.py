@@ -32,6 +32,7 @@ from fedmetanas_core.training import run_settings, space_from_config
 from server_app.app import Experiment
 from flower_records import array_record
 from server_app.strategy import SearchStrategy, build_base_strategy
+from helpers import NodeIds
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread")
 
@@ -97,14 +98,10 @@ def test_alpha_poison_keeps_weights_and_favours_parameter_free_ops(space, global
     assert parameter_free_count(_genotype(space, out).to_dict()) == {"normal": 4, "reduce": 4}
 
 
-class FakeGrid:
-    def get_node_ids(self):
-        return list(range(101, 101 + N))
-
-
 def _replies(strategy, global_state, attack: str = "alpha-poison"):
     """Ten real reply Messages to the strategy's own train messages; partitions 0 and 1 poisoned."""
-    messages = list(strategy.configure_train(2, array_record(global_state), ConfigRecord({"phase": "search"}), FakeGrid()))
+    grid = NodeIds(range(101, 101 + N))
+    messages = list(strategy.configure_train(2, array_record(global_state), ConfigRecord({"phase": "search"}), grid))
     assert len(messages) == N
     replies, honest_states = [], []
     for pid, msg in enumerate(messages):

@@ -152,11 +152,13 @@ def test_there_are_at_least_25_bad_configurations():
     assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
 
 
+@pytest.mark.slow  # the CLI in subprocesses
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_cli_rejects_bad_config_before_starting(cli_results, case):
     _assert_rejected(cli_results[case[0]], case[1])
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_cli_rejects_unimportable_strategy(cli_results):
     cli = (ROOT / "fedmetanas_core" / "cli.py").read_text()
     if "check_strategy" not in cli:

@@ -21,13 +21,7 @@ SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared/data/cifar10"
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "fox": (30, 30, 200)}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_caches(tmp_path, monkeypatch):
-    """Every test starts without in-process caches and never writes to the user's cache dirs."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    D.clear_caches()
-    yield
-    D.clear_caches()
+pytestmark = pytest.mark.usefixtures("fresh_data_caches")  # no test sees another's caches or the user's
 
 
 def make_tree(root: Path, train_per_class=4, test_per_class=2, size=(6, 6), mode="RGB") -> Path:
@@ -430,6 +424,7 @@ def test_batch_stream_visits_every_example_once_per_epoch():
         D.BatchStream(data, 0)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_data_module_never_imports_flwr():
     code = (
         "import sys, numpy as np; from fedmetanas_core import data; "

@@ -41,10 +41,10 @@ NUM_REGISTERED = 3
 ROUND_TIMEOUT = 120.0  # a safety net: rounds end with all replies, or when the dead node is marked offline
 RUN_TIMEOUT = 480  # seconds for one `flwr run --stream`, a safety net only
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     shutil.which("openssl") is None or not (BIN / "flower-superlink").exists() or not Path("/proc/self/stat").exists(),
     reason="needs openssl, Flower's executables next to this Python, and Linux /proc",
-)
+)]  # fmt: skip
 
 # Small and single-threaded: four SuperNodes, their ClientApps and the ServerApp share 2 cores.
 # Few operations = few arrays: Flower 1.42 moves every array of a message as its own object over

@@ -19,7 +19,6 @@ from PIL import Image
 
 from fedmetanas_core import export as E
 from fedmetanas_core import predict as P
-from fedmetanas_core.data import load_dataset
 from fedmetanas_core.genotype import DiscreteNetwork, SimpleCNN, derive_genotype
 from fedmetanas_core.space import SearchModel, SpaceConfig, is_arch
 
@@ -27,11 +26,6 @@ OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def digits_test():
-    return load_dataset("digits")[1]
 
 
 def tiny_space(test) -> SpaceConfig:
@@ -151,6 +145,7 @@ def test_preprocess_matches_the_training_pipeline(derived_net, digits_test, tmp_
         torch.testing.assert_close(x[0], digits_test.x[k], atol=2.5 / 255 / info["input"]["std"][0], rtol=0)
 
 
+@pytest.mark.slow  # the predict CLI in a subprocess
 def test_predict_command_in_a_fresh_process(derived_net, digits_test, tmp_path):
     run_dir = tmp_path / "run"
     digits_config(run_dir)

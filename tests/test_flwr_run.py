@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # `flwr run` and a real local SuperLink
+
 
 def _free_port() -> int:
     with socket.socket() as s:

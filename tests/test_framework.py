@@ -18,6 +18,7 @@ def test_overhead_is_what_server_and_packed_client_work_leave_of_the_round():
     assert whole_run_share(result) == pytest.approx(1.0 / 15.0)
 
 
+@pytest.mark.slow  # a child interpreter holding 200 MiB
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux /proc smaps_rollup")
 def test_tree_memory_counts_children():
     alone = tree_pss_bytes([os.getpid()])

@@ -84,6 +84,7 @@ print("PROBE " + json.dumps(seen))
 """
 
 
+@pytest.mark.slow  # the CLI in a subprocess, from an installed layout
 def test_run_finds_the_flower_app_from_the_installed_package(tmp_path):
     site, elsewhere = tmp_path / "site-packages", tmp_path / "elsewhere"
     site.mkdir(), elsewhere.mkdir()

@@ -15,7 +15,6 @@ from client_app import app as client
 from fedmetanas_core import config as C
 from fedmetanas_core.config import RunConfig
 from fedmetanas_core.coordinator import model_config, space_for_run
-from fedmetanas_core.data import load_dataset
 from fedmetanas_core.genotype import Genotype
 from fedmetanas_core.phases import PLANS, FixedPhase, Handoff, Phase, RetrainPhase, SearchPhase, plan_phases
 from fedmetanas_core.training import LOCAL_TRAINING, LocalResult, local_trainer, run_settings
@@ -23,17 +22,13 @@ from server_app.app import run_experiment
 from server_app.local_grid import LocalGrid
 from flower_records import array_record
 from server_app.strategy import SearchStrategy, build_base_strategy
+from helpers import NodeIds
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
 
 TINY = {"local-meta-iters": 1, "local-epochs": 1, "retrain-local-epochs": 2, "min-available-nodes": 3, "min-train-nodes": 2,
         "batch-size": 16, "init-channels": 4, "num-partitions": 3, "train-subset": 240, "test-subset": 120,
         "personalize-steps": 2}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")[1]
 
 
 def _plan(flat: dict, test):
@@ -54,30 +49,30 @@ def _plan(flat: dict, test):
         ({"method": "fedavg", "num-server-rounds": 6}, [(FixedPhase, "fedavg", "fixed", 6)]),
     ],
 )  # fmt: skip
-def test_planner_returns_each_methods_phases_in_order(digits, flat, expected):
-    _, phases = _plan(flat, digits)
+def test_planner_returns_each_methods_phases_in_order(digits_test, flat, expected):
+    _, phases = _plan(flat, digits_test)
     assert all(isinstance(p, Phase) for p in phases)
     assert [(type(p), p.name, p.kind, p.rounds) for p in phases] == expected
     assert set(PLANS) == set(C.METHODS)
 
 
-def test_planner_refuses_a_method_it_has_no_plan_for(digits):
+def test_planner_refuses_a_method_it_has_no_plan_for(digits_test):
     with pytest.raises(ValueError, match="phases.PLANS"):
-        plan_phases(SimpleNamespace(method="mine"), None, digits, torch.device("cpu"))
+        plan_phases(SimpleNamespace(method="mine"), None, digits_test, torch.device("cpu"))
 
 
-def test_fedavg_phase_uses_the_genotype_file(digits, tmp_path):
-    cfg, (search,) = _plan({"method": "fedmetanas"}, digits)
+def test_fedavg_phase_uses_the_genotype_file(digits_test, tmp_path):
+    cfg, (search,) = _plan({"method": "fedmetanas"}, digits_test)
     search.start(Handoff())
     search.genotype.save_yaml(tmp_path / "genotype.yaml")
-    _, (fedavg,) = _plan({"method": "fedavg", "fedavg-genotype": str(tmp_path / "genotype.yaml")}, digits)
+    _, (fedavg,) = _plan({"method": "fedavg", "fedavg-genotype": str(tmp_path / "genotype.yaml")}, digits_test)
     assert fedavg.genotype == search.genotype
     fedavg.start(Handoff())
     assert fedavg.handoff().genotype == search.genotype and fedavg.masks == {}
 
 
-def test_retraining_starts_from_the_genotype_the_search_hands_off(digits):
-    cfg, (search, retrain) = _plan({"method": "fednas", "num-server-rounds": 2, "retrain-rounds": 2}, digits)
+def test_retraining_starts_from_the_genotype_the_search_hands_off(digits_test):
+    cfg, (search, retrain) = _plan({"method": "fednas", "num-server-rounds": 2, "retrain-rounds": 2}, digits_test)
     search.start(Handoff())
     left = search.handoff()
     assert left.genotype == search.genotype and 0 <= left.results["supernet_test_accuracy"] <= 1
@@ -106,10 +101,10 @@ def test_handoff_accumulates_phase_times_and_round_trips_plain_data():
 # --- the local-training table -------------------------------------------------------------------
 
 
-def test_every_planned_phase_of_every_method_has_local_training(digits):
+def test_every_planned_phase_of_every_method_has_local_training(digits_test):
     planned = set()
     for method in C.METHODS:
-        _, phases = _plan({"method": method, "retrain-rounds": 1}, digits)
+        _, phases = _plan({"method": method, "retrain-rounds": 1}, digits_test)
         planned |= {(p.kind, method) for p in phases}
     assert planned == set(LOCAL_TRAINING)
     assert all(callable(local_trainer(kind, method)) for kind, method in planned)
@@ -117,14 +112,9 @@ def test_every_planned_phase_of_every_method_has_local_training(digits):
         local_trainer("fixed", "fedmetanas")
 
 
-class FakeGrid:
-    def get_node_ids(self):
-        return [11, 12, 13]
-
-
-def test_client_runs_whatever_the_table_names_with_one_signature(digits, monkeypatch):
+def test_client_runs_whatever_the_table_names_with_one_signature(digits_test, monkeypatch):
     """A new entry is picked up at the next round: the ClientApp only looks it up."""
-    cfg, (phase,) = _plan({"method": "fedavg", "local-epochs": 3, "outer-lr-w": 0.07}, digits)
+    cfg, (phase,) = _plan({"method": "fedavg", "local-epochs": 3, "outer-lr-w": 0.07}, digits_test)
     phase.start(Handoff())
     calls = []
 
@@ -134,8 +124,9 @@ def test_client_runs_whatever_the_table_names_with_one_signature(digits, monkeyp
 
     monkeypatch.setitem(LOCAL_TRAINING, ("fixed", "fedavg"), fake)
     strategy = SearchStrategy(build_base_strategy(cfg.replace(strategy="FedProx", proximal_mu=0.3)))
-    config = ConfigRecord({"method": cfg.method, **model_config(space_for_run(cfg, digits)), **phase.round_config(1)})
-    msg = next(iter(strategy.configure_train(1, array_record(phase.initial_state()), config, FakeGrid())))
+    space = space_for_run(cfg, digits_test)
+    config = ConfigRecord({"method": cfg.method, **model_config(space), **phase.round_config(1)})
+    msg = next(iter(strategy.configure_train(1, array_record(phase.initial_state()), config, NodeIds([11, 12, 13]))))
     ctx = Context(run_id=7301, node_id=11, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(), run_config=dict(cfg))
     metrics = client.train(msg, ctx).content["metrics"]
     assert calls == [("SimpleCNN", 3, pytest.approx(0.07), pytest.approx(0.3), True)]

@@ -28,6 +28,7 @@ from server_app.app import federation_size, run_experiment
 from server_app.local_grid import LocalGrid
 from server_app.privacy import ServerSideAdaptiveClipping, wrap_dp
 from server_app.strategy import SearchStrategy, build_base_strategy, load_strategy_state, strategy_state
+from helpers import NodeIds
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
 
@@ -138,20 +139,12 @@ def _global() -> dict[str, np.ndarray]:
     return {KEYS[0]: np.zeros((4, 3), np.float32), KEYS[1]: np.zeros((2, 4), np.float32)}
 
 
-class _Grid:
-    def __init__(self, nodes: int = 2):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(range(1, self.nodes + 1))
-
-
 @pytest.mark.parametrize("clip, expected_norm", [(1.0, 1.0), (100.0, 5.0)])
 def test_server_side_clipping_bounds_the_whole_update_weights_and_logits_together(clip, expected_norm):
     cfg = RunConfig.from_flat({**TINY, "dp": "server-fixed", "dp-noise-multiplier": 0.0, "dp-clipping-norm": clip,
                                "min-available-nodes": 1, "min-train-nodes": 1, "num-partitions": 1})  # fmt: skip
     strategy = SearchStrategy(wrap_dp(build_base_strategy(cfg), cfg, 1), "logits", 1)
-    strategy.configure_train(1, _arrays(_global()), ConfigRecord({}), _Grid())
+    strategy.configure_train(1, _arrays(_global()), ConfigRecord({}), NodeIds([1, 2]))
     update = {KEYS[0]: np.full((4, 3), 1.0), KEYS[1]: np.full((2, 4), 1.0)}  # norm sqrt(12 + 8)
     update = {k: v * 5.0 / math.sqrt(20) for k, v in update.items()}  # norm 5
     arrays, _ = strategy.aggregate_train(1, [_reply(update, reverse=True)])  # keys in another order than sent
@@ -212,7 +205,7 @@ def test_adaptive_norm_moves_towards_the_updates_unlike_flowers_own_update():
 def test_a_reply_short_skips_the_round_under_dp():
     cfg = RunConfig.from_flat({**TINY, "dp": "server-fixed", "num-partitions": 3})
     strategy = SearchStrategy(wrap_dp(build_base_strategy(cfg), cfg, 3), "logits", 1)
-    strategy.configure_train(1, _arrays(_global()), ConfigRecord({}), _Grid(3))
+    strategy.configure_train(1, _arrays(_global()), ConfigRecord({}), NodeIds([1, 2, 3]))
     arrays, _ = strategy.aggregate_train(1, [_reply(_global(), 1), _reply(_global(), 2)])  # 2 of 3
     assert arrays is None and strategy.skipped_reason.startswith("error: dp:")
 

@@ -229,6 +229,7 @@ TINY_RUN = {
 }  # fmt: skip
 
 
+@pytest.mark.slow  # Flower's simulation engine (Ray)
 def test_simulation_with_faulty_clients_completes_and_counts_rejections(tmp_path):
     out = tmp_path / "run"
     run_in_process({**TINY_RUN, "results-dir": str(out)}, num_supernodes=5, faults={0: "nan", 1: "shape", 2: "exception"})
@@ -246,14 +247,6 @@ def test_simulation_with_faulty_clients_completes_and_counts_rejections(tmp_path
 
 
 # --- (c) bad data -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fresh_data_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    D.clear_caches()
-    yield
-    D.clear_caches()
 
 
 def make_tree(root: Path, per_class: int = 4) -> Path:

@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a server process running Flower's simulation engine (Ray)
 
 CONFIG = {"num-server-rounds": 4, "local-meta-iters": 2, "min-available-nodes": 3, "warmup-rounds": 1,
           "mask-start-round": 1, "fraction-evaluate": 1.0}  # fmt: skip

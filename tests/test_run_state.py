@@ -36,13 +36,9 @@ from server_app.strategy import (
     load_strategy_state,
     strategy_state,
 )
+from helpers import NodeIds
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
-
-
-class FakeGrid:
-    def get_node_ids(self):
-        return [11, 12, 13]
 
 
 def _context(run_id: int, node_id: int, node_config: dict, run_config: dict) -> Context:
@@ -138,7 +134,8 @@ def test_an_actor_serving_many_runs_keeps_a_bounded_config_cache(monkeypatch):
 
 def test_server_orders_replies_by_node_id_sized_partition_ids():
     """Error replies last, after partition ids as large as Flower's uint64 node ids."""
-    msgs = list(FedAvg(min_available_nodes=3).configure_train(1, array_record({"w": np.zeros(2, np.float32)}), ConfigRecord({}), FakeGrid()))
+    grid = NodeIds([11, 12, 13])
+    msgs = list(FedAvg(min_available_nodes=3).configure_train(1, array_record({"w": np.zeros(2, np.float32)}), ConfigRecord({}), grid))
     pids = [2**64 - 5, 7, 2**40]
     replies = [
         Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "partition-id": pid})}), reply_to=m)
@@ -195,7 +192,7 @@ class FailingFedAvg(FedAvg):
 
 def _replies(strategy: SearchStrategy, n: int) -> list[Message]:
     arrays = array_record({"w": np.zeros(3, np.float32)})
-    msgs = list(strategy.configure_train(1, arrays, ConfigRecord({}), FakeGrid()))[:n]
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord({}), NodeIds([11, 12, 13])))[:n]
     return [
         Message(RecordDict({"arrays": array_record({"w": np.full(3, i + 1.0, np.float32)}), "metrics": MetricRecord({"num-examples": 10})}), reply_to=m)
         for i, m in enumerate(msgs)
@@ -382,6 +379,7 @@ def test_rng_states_are_plain_data():
     assert isinstance(states["python"], list) and isinstance(states["numpy"][1], list) and isinstance(states["torch"], torch.Tensor)
 
 
+@pytest.mark.slow  # three real interpreters
 def test_stop_pids_stops_exactly_the_given_processes_and_their_tree_is_found():
     """A parent that ignores SIGTERM (its child inherits that) is killed after the grace period;
     the child is found as a descendant; an unrelated process started beside them keeps running."""

@@ -2,12 +2,15 @@
 
 import json
 
+import pytest
 import torch
 
 from fedmetanas_core.data import load_dataset
 from fedmetanas_core.outputs import load_derived_model
 from fedmetanas_core.training import evaluate
 from server_app.simulation import run_in_process
+
+pytestmark = pytest.mark.slow  # Flower's simulation engine (Ray)
 
 TINY = {"num-server-rounds": 2, "local-meta-iters": 2, "min-available-nodes": 3, "warmup-rounds": 0, "mask-start-round": 1}
 

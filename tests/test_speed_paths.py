@@ -16,35 +16,22 @@ from fedmetanas_core.space import kernels
 from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
 from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient, second_order_task_gradient
 from fedmetanas_core.space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, is_arch, make_op
+from helpers import randomize_arch, tiny_space
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
 
 @pytest.fixture(autouse=True)
 def _restore_switch():
     before = S.fast_path_enabled()
-    torch.manual_seed(0)
     yield
     S.set_fast_path(before)
-
-
-def tiny_space(**kw) -> SpaceConfig:
-    base = dict(num_classes=5, in_channels=3, init_channels=4, num_cells=3, num_nodes=2)
-    base.update(kw)
-    return SpaceConfig(**base)
 
 
 def batch(n=6, size=8, seed=1, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g).to(dtype), torch.randint(0, 5, (n,), generator=g)
-
-
-def randomize_arch(model: SearchModel, scale: float, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.arch.parameters():
-            p.copy_(scale * torch.randn(p.shape, generator=g))
 
 
 def masks_for(space: SpaceConfig, model: SearchModel, seed: int) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from fedmetanas_core.data import load_dataset
 from fedmetanas_core.phases import Handoff, plan_phases
 from flower_records import array_record
 from server_app.strategy import SearchStrategy, build_base_strategy
+from helpers import NodeIds
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -27,13 +28,6 @@ TINY = {"local-meta-iters": 1, "local-epochs": 1, "min-available-nodes": 4, "min
 
 
 RUN_IDS = {"fedmetanas": 1, "fednas": 2, "fednas-retrain": 3, "fedavg": 4}  # the client caches its config per run
-
-
-class FakeGrid:
-    """Only what a strategy's configure step asks of the grid: the connected node ids."""
-
-    def get_node_ids(self):
-        return [11, 12, 13, 14]
 
 
 def _phase(cfg: RunConfig, method: str):
@@ -58,7 +52,8 @@ def test_every_strategy_aggregates_real_client_replies(method):
     replies_cache = {}
     for name in STRATEGIES:
         strategy = SearchStrategy(build_base_strategy(cfg.replace(strategy=name, proximal_mu=0.1)), cfg.alpha_aggregation, 2)
-        messages = list(strategy.configure_train(2, arrays, ConfigRecord(dict(round_config)), FakeGrid()))
+        grid = NodeIds([11, 12, 13, 14])
+        messages = list(strategy.configure_train(2, arrays, ConfigRecord(dict(round_config)), grid))
         assert len(messages) == 4
         sent = dict(messages[0].content["config"])
         extra = set(sent) - set(round_config) - {"server-round"}
@@ -92,7 +87,7 @@ def test_fedprox_proximal_term_pulls_towards_global_weights():
     drift = {}
     for mu in (0.0, 50.0):
         strategy = SearchStrategy(build_base_strategy(cfg.replace(strategy="FedProx", proximal_mu=mu)))
-        msg = list(strategy.configure_train(1, arrays, ConfigRecord(dict(base)), FakeGrid()))[0]
+        msg = list(strategy.configure_train(1, arrays, ConfigRecord(dict(base)), NodeIds([11, 12, 13, 14])))[0]
         ctx = Context(run_id=100 + int(mu), node_id=11, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(),
                       run_config=dict(cfg))  # fmt: skip
         state = train(msg, ctx).content["arrays"].to_torch_state_dict()

@@ -23,6 +23,7 @@ from server_app.strategy import SearchStrategy, build_base_strategy
 from fedmetanas_core.training import run_settings
 from server_app.local_grid import LocalGrid
 from test_phases import TINY
+from helpers import NodeIds
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
 
@@ -101,11 +102,6 @@ def _reply(node: int, state: dict[str, np.ndarray]) -> Message:
     return Message(content, reply_to=request)
 
 
-class _Grid:
-    def get_node_ids(self):
-        return [1, 2]
-
-
 @pytest.mark.parametrize("strategy", ["FedAdam", "FedAvgM"])
 def test_stateful_strategies_follow_the_shrinking_key_set(strategy):
     full = {"net.a": np.zeros(3, np.float32), "net.b": np.ones(2, np.float32), "arch.alpha.normal": np.zeros(4, np.float32)}
@@ -113,7 +109,7 @@ def test_stateful_strategies_follow_the_shrinking_key_set(strategy):
     s = SearchStrategy(build_base_strategy(cfg))
     for rnd, keys in enumerate((list(full), ["net.a", "arch.alpha.normal"]), start=1):
         sent = {k: full[k] for k in keys}
-        s.configure_train(rnd, ArrayRecord({k: Array(v) for k, v in sent.items()}), ConfigRecord({}), _Grid())
+        s.configure_train(rnd, ArrayRecord({k: Array(v) for k, v in sent.items()}), ConfigRecord({}), NodeIds([1, 2]))
         arrays, _ = s.aggregate_train(rnd, [_reply(1, {k: v + 0.5 for k, v in sent.items()}), _reply(2, sent)])
         assert arrays is not None and set(arrays.keys()) == set(keys), s.skipped_reason
         full.update({k: v.numpy() for k, v in arrays.items()})
