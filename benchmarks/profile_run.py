@@ -68,11 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=1, help="repeat the command; medians are reported")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores the simulated clients share")
     ap.add_argument("--json", type=Path, default=None, help="write every run's split here")
+    ap.add_argument("--keep", type=Path, default=None, help="keep each run's results in KEEP/run-N (else a temporary folder)")
     args = ap.parse_args(argv)
     results = []
     for i in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
-            results.append(profile(args.run_config, Path(tmp) / "run", args.cores))
+            out = args.keep / f"run-{i + 1}" if args.keep else Path(tmp) / "run"
+            results.append(profile(args.run_config, out, args.cores))
         print(f"run {i + 1}: {results[-1]['total']:.1f} s, accuracy {results[-1]['accuracy']:.4f}", flush=True)
     med = statistics.median
     print(f"\n| part | wall s (median of {len(results)}) | share |\n|---|---:|---:|")
