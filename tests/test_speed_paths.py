@@ -6,6 +6,10 @@ kernels (channels_last, oneDNN) within float tolerance."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +118,47 @@ def test_each_op_fast_equals_eager_float32(name, stride):
     torch.testing.assert_close(o1, o0, rtol=1e-4, atol=1e-4)
     for a, b in zip(g1, g0):  # float32 sums in another order: relative to the tensor's scale
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_pixel_phases_factorized_reduce_equals_eager_and_double_backward(size):
+    """The fast FactorizedReduce reads two pixel phases instead of striding; odd sizes zero-pad."""
+    op = make_op("skip_connect", 4, 2).double()
+    x0 = torch.randn(3, 4, size, size, dtype=torch.float64)
+    out = {}
+    for fast in (False, True):
+        with S.fast_path(fast):
+            x = S.to_fast_layout(x0.clone()).requires_grad_(True)
+            y = op(x)
+            out[fast] = (y, torch.autograd.grad((y * y.detach().sin()).sum(), [x, *op.parameters()]))
+    torch.testing.assert_close(out[True][0], out[False][0])
+    for a, b in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(a, b)
+    x = torch.randn(2, 2, size, size, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: kernels.PixelPhases.apply(x), (x,))
+
+
+ODD_BATCHES_ON_TWO_THREADS = """
+import torch
+from fedmetanas_core.space import RelaxSettings, SearchModel, SpaceConfig
+torch.set_num_threads(2)
+torch.manual_seed(0)
+space = SpaceConfig(num_classes=5, init_channels=4, num_cells=3, num_nodes=1, primitives=("none", "skip_connect"))
+model = SearchModel(space)  # FactorizedReduce on the reduce cells' edges and after the first reduce cell
+for n in (3, 5, 7) * 4:
+    x, y = torch.randn(n, 3, 16, 16), torch.randint(0, 5, (n,))
+    torch.nn.functional.cross_entropy(model(x, RelaxSettings(threshold=0.0)), y).backward()
+"""
+
+
+def test_fast_path_backward_survives_odd_batches_on_two_threads():
+    """oneDNN's stride-2 1x1 backward-weights kernel corrupted the heap on exactly this (FactorizedReduce
+    on channels_last, < 16 channels, odd batch, 2 threads); a crash kills the interpreter: a subprocess."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # two spinning threads on a busy box: 10x slower
+    done = subprocess.run([sys.executable, "-c", ODD_BATCHES_ON_TWO_THREADS], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
 
 
 # =============================================================================================

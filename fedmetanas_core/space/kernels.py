@@ -1,8 +1,9 @@
 """CPU kernels of the supernet's fast path (``space.fastpath``): cheaper routes to the same values.
 
 Batch-statistics BatchNorm with a folded scale, depthwise convolutions whose gradients run on
-oneDNN's fast kernels, a 3x3 average pool as a depthwise conv, and a channel concatenation that hands
-back dense gradients. Each is exact in real arithmetic and equal up to summation order in float.
+oneDNN's fast kernels, a 3x3 average pool as a depthwise conv, a channel concatenation that hands
+back dense gradients, and FactorizedReduce's two pixel phases as dense copies. Each is exact in real
+arithmetic and equal up to summation order in float.
 """
 
 from __future__ import annotations
@@ -159,6 +160,37 @@ class CatChannels(torch.autograd.Function):
             out.append(g.narrow(1, start, size).contiguous(memory_format=fmt))
             start += size
         return tuple(out)
+
+
+class PixelPhases(torch.autograd.Function):
+    """``x[..., ::2, ::2]`` and ``x[..., 1::2, 1::2]`` (zero-padded to the first's size where a size is
+    odd) as dense copies in ``x``'s memory format: FactorizedReduce's two stride-2 1x1 convs become
+    stride-1 convs of these, and the backward writes both gradients into one dense tensor.
+
+    Why not the stride-2 convs: oneDNN 3.12's jit_1x1 (avx512_core) backward-weights kernel for a
+    stride-2 1x1 conv corrupts the heap (free(): invalid size, SIGSEGV, SIGFPE) on channels_last input
+    with fewer than 16 input channels, an odd batch and an even thread count (small clients' last
+    batches). The stride-1 route is also faster: one dense input gradient, not two strided ones."""
+
+    @staticmethod
+    def forward(ctx, x):
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        ctx.shape, ctx.fmt = x.shape, fmt
+        h, w = x.shape[-2:]
+        even = x[:, :, ::2, ::2].clone(memory_format=fmt)  # a copy even where the slice is all of x (1x1)
+        if h % 2 == 0 and w % 2 == 0:
+            return even, x[:, :, 1::2, 1::2].clone(memory_format=fmt)
+        odd = torch.zeros_like(even, memory_format=fmt)  # the reference reads zero padding past the edge
+        odd[:, :, : h // 2, : w // 2] = x[:, :, 1::2, 1::2]
+        return even, odd
+
+    @staticmethod
+    def backward(ctx, g_even, g_odd):
+        h, w = ctx.shape[-2:]
+        gx = torch.empty(ctx.shape, dtype=g_even.dtype, device=g_even.device, memory_format=ctx.fmt).zero_()
+        gx[:, :, ::2, ::2] = g_even
+        gx[:, :, 1::2, 1::2] = g_odd[:, :, : h // 2, : w // 2]
+        return gx
 
 
 def apply_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fastpath import fast_path_enabled
-from .kernels import CatChannels, apply_conv, avg_pool_3x3, scaled_batch_norm
+from .kernels import CatChannels, PixelPhases, apply_conv, avg_pool_3x3, scaled_batch_norm
 
 
 def _scaled(out: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -79,13 +79,11 @@ class FactorizedReduce(nn.Module):
             shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))  # odd sizes: keep both branches the same shape
             return _scaled(self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1)), scale)
         h = relu_x if relu_x is not None else F.relu(x)
-        if h.shape[-2] % 2 == 0 and h.shape[-1] % 2 == 0:
-            # a 1x1 stride-2 conv reads every other pixel: with even sizes the padded row/column of
-            # the shifted branch is never read, so read the odd pixels directly (a quarter-size copy)
-            odd = F.conv2d(h[:, :, 1::2, 1::2], self.conv_2.weight)
-        else:
-            odd = self.conv_2(F.pad(h[:, :, 1:, 1:], (0, 1, 0, 1)))
-        return scaled_batch_norm(self.bn, CatChannels.apply(self.conv_1(h), odd), scale)
+        # a 1x1 stride-2 conv reads every other pixel: stride-1 convs of the two pixel phases compute
+        # the same and keep off oneDNN's stride-2 1x1 backward kernel (heap corruption; kernels.PixelPhases)
+        even, odd = PixelPhases.apply(h)
+        both = CatChannels.apply(F.conv2d(even, self.conv_1.weight), F.conv2d(odd, self.conv_2.weight))
+        return scaled_batch_norm(self.bn, both, scale)
 
 
 class Zero(nn.Module):
