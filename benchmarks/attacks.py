@@ -194,7 +194,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         diff = f"{100 * (r['final_test_accuracy'] - base['final_test_accuracy']):+.1f}" if base else "n/a"
         changed = changed_choices(r["genotype"], base["genotype"]) if base else "n/a"
         pf = r["parameter_free_ops"]
-        run = r["run"] if not r.get("partial_rounds") else f"{r['run']} (**unfinished: round {r['partial_rounds']} of 20**)"
+        run = (
+            r["run"]
+            if not r.get("partial_rounds")
+            else f"{r['run']} (**unfinished: round {r['partial_rounds']} of 20**)"
+        )
         lines.append(
             f"| {run} | {r['seed']} | {r['clients']} | {r['final_test_accuracy']:.4f} | {diff} | {pf['normal']} / {pf['reduce']} "
             f"| {changed} | {_mass(r)} | {_ops(r['genotype'], 'normal')} | {_ops(r['genotype'], 'reduce')} | {r['alpha_screened']} |"
@@ -221,9 +225,14 @@ def over_seeds(rows: list[dict[str, Any]]) -> str:
             continue
         rs = sorted(rs, key=lambda r: r["seed"])
         acc = [r["final_test_accuracy"] for r in rs]
-        diffs = [100 * (r["final_test_accuracy"] - clean[r["seed"]]["final_test_accuracy"]) for r in rs if r["seed"] in clean]
+        diffs = [
+            100 * (r["final_test_accuracy"] - clean[r["seed"]]["final_test_accuracy"]) for r in rs if r["seed"] in clean
+        ]
         pf = ", ".join(f"{r['parameter_free_ops']['normal']}/{r['parameter_free_ops']['reduce']}" for r in rs)
-        changed = ", ".join(str(changed_choices(r["genotype"], clean[r["seed"]]["genotype"])) if r["seed"] in clean else "n/a" for r in rs)
+        changed = ", ".join(
+            str(changed_choices(r["genotype"], clean[r["seed"]]["genotype"])) if r["seed"] in clean else "n/a"
+            for r in rs
+        )
         diff = f"{statistics.mean(diffs):+.1f} +- {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else "n/a"
         lines.append(f"| {run} | {', '.join(str(r['seed']) for r in rs)} | {statistics.mean(acc):.4f} +- {statistics.stdev(acc):.4f} "
                      f"| {diff} | {pf} | {changed} |")  # fmt: skip
@@ -245,7 +254,9 @@ def collect(out: Path, seeds: list[int], names: list[str]) -> list[dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.attacks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="benchmarks/results/attacks", help="folder for runs/, attacks.json, attacks.md")
+    parser.add_argument(
+        "--out", default="benchmarks/results/attacks", help="folder for runs/, attacks.json, attacks.md"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--only", nargs="+", default=None, help=f"run names; default all: {', '.join(RUNS)}")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, one process and one torch thread each")
@@ -270,8 +281,25 @@ def main(argv: list[str] | None = None) -> int:
             while todo and len(running) < args.jobs:
                 name, seed = todo.pop(0)
                 log = open(out / "logs" / f"seed-{seed}__{name.replace('/', '__')}.log", "w")
-                cmd = [sys.executable, "-m", "benchmarks.attacks", "--out", str(out), "--seeds", str(seed), "--run", name]
-                running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()), name, seed, time.time()))
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.attacks",
+                    "--out",
+                    str(out),
+                    "--seeds",
+                    str(seed),
+                    "--run",
+                    name,
+                ]
+                running.append(
+                    (
+                        subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()),
+                        name,
+                        seed,
+                        time.time(),
+                    )
+                )
             time.sleep(2)
             for proc, name, seed, t0 in list(running):
                 if proc.poll() is not None:

@@ -76,15 +76,32 @@ def _baseline_overrides(method: str, seed_dir: Path, seed: int, preset: Path, ov
 
 
 def run_method(
-    preset: Path, method: str, seed_dir: Path, seed: int, overrides: list[str], num_supernodes: int, baselines: bool = True
+    preset: Path,
+    method: str,
+    seed_dir: Path,
+    seed: int,
+    overrides: list[str],
+    num_supernodes: int,
+    baselines: bool = True,
 ) -> RunData:
     """``fedmetanas run`` of ``method`` into ``seed_dir / method``; a ``fedavg-*`` method runs as
     fedavg, with this comparison's fixed network when ``baselines`` (others pass theirs in ``overrides``)."""
     out = seed_dir / method
     base = method.split("-")[0] if method.startswith("fedavg") else method
     extra = _baseline_overrides(method, seed_dir, seed, preset, overrides) if baselines else []
-    cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", "--num-supernodes", str(num_supernodes), "-c", str(preset)]
-    cmd += ["-c", f'method="{base}" results-dir="{out}"'] + [x for o in [*overrides, f"seed={seed}", *extra] for x in ("-c", o)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedmetanas_core.cli",
+        "run",
+        "--num-supernodes",
+        str(num_supernodes),
+        "-c",
+        str(preset),
+    ]
+    cmd += ["-c", f'method="{base}" results-dir="{out}"'] + [
+        x for o in [*overrides, f"seed={seed}", *extra] for x in ("-c", o)
+    ]
     print("$", " ".join(cmd), flush=True)
     done = subprocess.run(cmd, cwd=ROOT)
     if done.returncode != 0:
@@ -194,7 +211,12 @@ def aggregate_rows(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, 
             mine, fednas = by.get(method), by.get("fednas")
             if mine and fednas and mine["time_to_reach_fednas_accuracy_s"] is not None:
                 ratios.append(mine["time_to_reach_fednas_accuracy_s"] / fednas["total_time_s"])
-            if mine and fednas and mine.get("images_to_reach_fednas_accuracy") is not None and fednas.get("images_total"):
+            if (
+                mine
+                and fednas
+                and mine.get("images_to_reach_fednas_accuracy") is not None
+                and fednas.get("images_total")
+            ):
                 image_ratios.append(mine["images_to_reach_fednas_accuracy"] / fednas["images_total"])
         agg["time_to_reach_over_fednas_total_mean"] = mean_std(ratios)[0]
         agg["images_to_reach_over_fednas_total_mean"] = mean_std(image_ratios)[0]
@@ -217,7 +239,11 @@ def markdown_table(rows: list[dict[str, Any]], seeds=(), split: str = "test") ->
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         n = len(r["seeds"])
-        name = r["method"] if not seeds or set(r["seeds"]) >= set(seeds) else f"{r['method']} (seeds {', '.join(map(str, r['seeds']))})"
+        name = (
+            r["method"]
+            if not seeds or set(r["seeds"]) >= set(seeds)
+            else f"{r['method']} (seeds {', '.join(map(str, r['seeds']))})"
+        )
         ratio = r.get("time_to_reach_over_fednas_total_mean")
         reach = "–" if r["time_to_reach_fednas_accuracy_s_mean"] is None else (
             f"{format_number(r['time_to_reach_fednas_accuracy_s_mean'], 0)} "
@@ -237,7 +263,13 @@ def markdown_table(rows: list[dict[str, Any]], seeds=(), split: str = "test") ->
 
 
 def compare(
-    preset: str, out: Path, overrides: list[str], num_supernodes: int, methods=METHODS, rerun: bool = True, seeds=(0,),
+    preset: str,
+    out: Path,
+    overrides: list[str],
+    num_supernodes: int,
+    methods=METHODS,
+    rerun: bool = True,
+    seeds=(0,),
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     preset_file = ROOT / "conf" / f"{preset}.toml"
@@ -294,7 +326,13 @@ def partition_name(partitioner: str, alpha: float) -> str:
 
 
 def sweep(
-    preset: str, out: Path, overrides: list[str], num_supernodes: int, methods=METHODS, rerun: bool = True, seeds=(0,),
+    preset: str,
+    out: Path,
+    overrides: list[str],
+    num_supernodes: int,
+    methods=METHODS,
+    rerun: bool = True,
+    seeds=(0,),
     partitions: tuple[str, ...] | None = None,
 ) -> dict:
     """Every partition of SWEEP (or the named ones: two shells can share a sweep, then one
@@ -323,7 +361,12 @@ def sweep(
     if partitions is not None:  # a share of the sweep: its runs are on disk, the tables come later
         return summary
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
-    atomic_write_text(out / "sweep.md", f"Final {table[0]['eval_split'] if table else 'test'} accuracy, mean ± std over seeds {', '.join(map(str, seeds))}\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(
+        out / "sweep.md",
+        f"Final {table[0]['eval_split'] if table else 'test'} accuracy, mean ± std over seeds {', '.join(map(str, seeds))}\n\n"
+        + "\n".join(lines)
+        + "\n",
+    )
     print("\n".join(lines))
     return summary
 
@@ -338,16 +381,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; every method runs on each")
     parser.add_argument("--sweep", action="store_true", help="Dirichlet 0.1 / 0.5 / 1.0 and IID, all methods")
     parser.add_argument("--partitions", default=None, help="sweep only these (e.g. dirichlet-0.1,iid); no sweep.json")
-    parser.add_argument("--tables-only", action="store_true", help="rebuild tables, JSON and plots from the runs already in --out")
+    parser.add_argument(
+        "--tables-only", action="store_true", help="rebuild tables, JSON and plots from the runs already in --out"
+    )
     args = parser.parse_args(argv)
     methods = tuple(args.methods.split(","))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    out = (args.out or ROOT / "benchmarks" / "results" / (f"{args.preset}-sweep" if args.sweep else args.preset)).resolve()
+    out = (
+        args.out or ROOT / "benchmarks" / "results" / (f"{args.preset}-sweep" if args.sweep else args.preset)
+    ).resolve()
     if "fedavg-matched" in methods and "fedmetanas" not in methods:
-        missing = list(seeds) if args.sweep else [s for s in seeds if not (out / f"seed-{s}" / "fedmetanas" / "summary.json").is_file()]
+        missing = (
+            list(seeds)
+            if args.sweep
+            else [s for s in seeds if not (out / f"seed-{s}" / "fedmetanas" / "summary.json").is_file()]
+        )
         if missing:
             parser.error("fedavg-matched matches the fedmetanas run's parameter count: include fedmetanas, or run it "
                          f"first for seed(s) {', '.join(map(str, missing))} into {out}")  # fmt: skip
@@ -355,7 +406,9 @@ def main(argv: list[str] | None = None) -> None:
         parts = tuple(args.partitions.split(",")) if args.partitions else None
         known = {partition_name(p, a) for p, a in SWEEP}
         if parts and not set(parts) <= known:
-            parser.error(f"unknown partition(s) {', '.join(sorted(set(parts) - known))}; choose from {', '.join(sorted(known))}")
+            parser.error(
+                f"unknown partition(s) {', '.join(sorted(set(parts) - known))}; choose from {', '.join(sorted(known))}"
+            )
         sweep(args.preset, out, args.run_config, args.num_supernodes, methods, not args.tables_only, seeds, parts)
     else:
         compare(args.preset, out, args.run_config, args.num_supernodes, methods, not args.tables_only, seeds)

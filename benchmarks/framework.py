@@ -82,7 +82,7 @@ class PeakMemory:
             self.peak = max(self.peak, tree_pss_bytes(self.roots()))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -112,10 +112,21 @@ def whole_run_share(result: dict[str, Any]) -> float:
 def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str, Any]:
     fraction = PER_ROUND_TRAINERS / clients
     overrides = (
-        f'num-server-rounds={rounds} fraction-train={fraction} fraction-evaluate={fraction} min-available-nodes={clients} '
+        f"num-server-rounds={rounds} fraction-train={fraction} fraction-evaluate={fraction} min-available-nodes={clients} "
         f'min-train-nodes={PER_ROUND_TRAINERS} results-dir="{out}" discrete-round=0'
     )  # fmt: skip  (discrete-round: the preset's lies beyond these few rounds; LATE sets its own)
-    cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", "--num-supernodes", str(clients), "-c", str(ROOT / "conf" / "cifar10-cpu.toml"), "-c", overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedmetanas_core.cli",
+        "run",
+        "--num-supernodes",
+        str(clients),
+        "-c",
+        str(ROOT / "conf" / "cifar10-cpu.toml"),
+        "-c",
+        overrides,
+    ]
     cmd += [x for e in extra for x in ("-c", e)]
     print("$", " ".join(cmd), flush=True)
     started = time.perf_counter()
@@ -134,7 +145,13 @@ def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str,
         "peak_pss_mib": memory.peak / 2**20,
         "actors": actors,
         "rounds": [
-            {"round": r["round"], "round_s": r["round-s"], "server_s": r.get("server-s", 0.0), "client_s_sum": r["client-s-sum"], "overhead_share": s}
+            {
+                "round": r["round"],
+                "round_s": r["round-s"],
+                "server_s": r.get("server-s", 0.0),
+                "client_s_sum": r["client-s-sum"],
+                "overhead_share": s,
+            }
             for r, s in zip(rows, shares)
         ],
         "overhead_share_after_round_1": statistics.mean(shares[1:]) if len(shares) > 1 else None,
@@ -142,7 +159,10 @@ def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str,
 
 
 def round_table(results: list[dict[str, Any]]) -> list[str]:
-    lines = ["| clients (train per round) | round | round s | server s | client s (sum / actors) | Flower + Ray share |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| clients (train per round) | round | round s | server s | client s (sum / actors) | Flower + Ray share |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for res in results:
         for r in res["rounds"]:
             lines.append(
@@ -156,10 +176,14 @@ def memory_table(results: list[dict[str, Any]]) -> list[str]:
     lines = ["| clients | peak memory (PSS, MiB) | mean Flower + Ray share, rounds 2+ |", "|---|---:|---:|"]
     for res in results:
         share = res["overhead_share_after_round_1"]
-        lines.append(f"| {res['clients']} | {res['peak_pss_mib']:.0f} | {'-' if share is None else f'{100 * share:.1f} %'} |")
+        lines.append(
+            f"| {res['clients']} | {res['peak_pss_mib']:.0f} | {'-' if share is None else f'{100 * share:.1f} %'} |"
+        )
     base = results[0]["peak_pss_mib"]
     for res in results[1:]:
-        lines.append(f"\nPeak memory, {res['clients']} vs {results[0]['clients']} simulated clients: **{res['peak_pss_mib'] / base:.2f} x**")
+        lines.append(
+            f"\nPeak memory, {res['clients']} vs {results[0]['clients']} simulated clients: **{res['peak_pss_mib'] / base:.2f} x**"
+        )
     return lines
 
 
@@ -199,7 +223,10 @@ def run(clients: list[int], rounds: int, extra: list[str], log=print) -> list[st
 
 def from_runs(dirs: list[Path], actors: int) -> list[str]:
     """The same shares for finished runs (their rounds.jsonl), e.g. a whole comparison run."""
-    lines = ["| run | rounds | Flower + Ray share, all rounds | rounds 2+ | round 1 | server share |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | rounds | Flower + Ray share, all rounds | rounds 2+ | round 1 | server share |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for d in dirs:
         rows = [json.loads(line) for line in (d / "rounds.jsonl").read_text().splitlines() if line.strip()]
         shares = overhead_shares(rows, actors)
@@ -216,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", default="10,100", help="comma-separated numbers of simulated clients")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-c", "--run-config", action="append", default=[], help="extra overrides")
-    ap.add_argument("--from-runs", nargs="*", type=Path, help="only report the shares of these finished runs' rounds.jsonl")
+    ap.add_argument(
+        "--from-runs", nargs="*", type=Path, help="only report the shares of these finished runs' rounds.jsonl"
+    )
     ap.add_argument("--actors", type=int, default=RAY_ACTORS, help="Ray actors of those runs")
     args = ap.parse_args(argv)
     if args.from_runs:

@@ -38,7 +38,9 @@ def budget_dir(budget: str) -> str:
     return budget.replace(":", "-")
 
 
-def method_overrides(method: str, budget: str, seed_dir: Path, seed: int, preset: Path, overrides: list[str]) -> list[str]:
+def method_overrides(
+    method: str, budget: str, seed_dir: Path, seed: int, preset: Path, overrides: list[str]
+) -> list[str]:
     """The run-config overrides that put ``method`` at ``budget``."""
     common = [f'budget="{budget}"', "init-channels=0"]
     if method != "fedavg-random-cell":
@@ -71,7 +73,9 @@ def run_all(args, preset: Path, budgets: list[str], seeds: list[int], methods: l
                 if (seed_dir / method / "summary.json").is_file():
                     continue  # resumable: a finished run is kept
                 extra = method_overrides(method, budget, seed_dir, seed, preset, [*partition, *args.c])
-                run_method(preset, method, seed_dir, seed, [*partition, *args.c, *extra], args.num_supernodes, baselines=False)
+                run_method(
+                    preset, method, seed_dir, seed, [*partition, *args.c, *extra], args.num_supernodes, baselines=False
+                )
 
 
 def partition_overrides(text: str) -> list[str]:
@@ -83,7 +87,9 @@ def partition_overrides(text: str) -> list[str]:
 # rows, table, plots
 
 
-def frontier_rows(out: Path, partition: str, budgets: list[str], seeds: list[int], methods: list[str]) -> list[dict[str, Any]]:
+def frontier_rows(
+    out: Path, partition: str, budgets: list[str], seeds: list[int], methods: list[str]
+) -> list[dict[str, Any]]:
     rows = []
     for budget in budgets:
         for method in methods:
@@ -137,7 +143,9 @@ def draw(rows: list[dict[str, Any]], x_key: str, xlabel: str, path: Path) -> Non
         xs, mean, std = zip(*pts)
         color = line_color(method, k)
         ax.plot(xs, mean, marker="o", color=color, label=method)
-        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color, alpha=0.2)
+        ax.fill_between(
+            xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color, alpha=0.2
+        )
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
@@ -152,7 +160,12 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], args) -> None:
     atomic_write_text(out / "frontier.json", json.dumps({**meta, "rows": rows}, indent=1))
     atomic_write_text(out / "frontier.md", f"# Frontier: {args.preset}, {args.partition}\n\n{markdown(rows)}\n")
     draw(rows, "macs_mean", "MACs of the deployed network (mean over seeds, log scale)", out / "frontier_macs.png")
-    draw(rows, "latency_ms_mean", "measured latency, ms (batch 1, one thread; mean over seeds, log scale)", out / "frontier_latency.png")
+    draw(
+        rows,
+        "latency_ms_mean",
+        "measured latency, ms (batch 1, one thread; mean over seeds, log scale)",
+        out / "frontier_latency.png",
+    )
     print(markdown(rows))
 
 

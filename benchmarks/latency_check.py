@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmetanas_core.genotype import DiscreteNetwork, random_genotype
-from fedmetanas_core.latency import PROFILE_RUNS, LatencyTable, models_latency_ms, profile_space
 from fedmetanas_core.budget import run_space
 from fedmetanas_core.cli import resolve_run_config
+from fedmetanas_core.genotype import DiscreteNetwork, random_genotype
+from fedmetanas_core.latency import PROFILE_RUNS, LatencyTable, models_latency_ms, profile_space
 
 CHECK_SEED = 500_000
 
@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             raise SystemExit(f"latency_check: {problem}")
         example = torch.randn(1, space.in_channels, *image_hw)
-        measured = models_latency_ms([DiscreteNetwork(space, g) for g in genotypes], [example] * args.cells, table.runtime, args.runs)
+        measured = models_latency_ms(
+            [DiscreteNetwork(space, g) for g in genotypes], [example] * args.cells, table.runtime, args.runs
+        )
     else:  # profiled now, the check networks timed in the same interleaved session (not fitted on)
         data = profile_space(space, image_hw, runs=args.runs, held_out=genotypes)
         measured = data.pop("held_out_ms")

@@ -34,8 +34,8 @@ from typing import Any
 
 from benchmarks.framework import PeakMemory, cmdline
 from fedmetanas_core.atomic import atomic_write_text
-from fedmetanas_core.processes import stop_pids
 from fedmetanas_core.outputs import machine_description
+from fedmetanas_core.processes import stop_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 LIGHT = "local-meta-iters=4"  # little client work per round: any cost of the population shows more
@@ -49,7 +49,11 @@ def free_port() -> int:
 
 def superlinks_of(flwr_home: Path) -> list[int]:
     """This run's local SuperLink(s): its database lives under the run's private FLWR_HOME."""
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and "flower-superlink" in (c := cmdline(int(p))) and str(flwr_home) in c]
+    return [
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit() and "flower-superlink" in (c := cmdline(int(p))) and str(flwr_home) in c
+    ]
 
 
 def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[str]) -> dict[str, Any]:
@@ -76,7 +80,9 @@ def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[s
 
         try:
             with PeakMemory(roots) as memory:
-                done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                done = subprocess.run(
+                    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                )
         finally:
             stop_pids(sorted(seen | set(superlinks_of(Path(home)))), grace_s=20)
     if done.returncode != 0:
@@ -93,7 +99,10 @@ def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[s
         "round_1_s": rows[0]["round-s"],
         "round_s_median": statistics.median(r["round-s"] for r in later),
         "server_s_median": statistics.median(r["server-s"] for r in later),
-        "rounds": [{k: r.get(k) for k in ("round", "round-s", "server-s", "client-s-sum", "replies", "bytes-sent")} for r in rows],
+        "rounds": [
+            {k: r.get(k) for k in ("round", "round-s", "server-s", "client-s-sum", "replies", "bytes-sent")}
+            for r in rows
+        ],
     }
 
 
@@ -113,7 +122,9 @@ def table(results: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--populations", default="100,1000", help="comma-separated simulated populations, the baseline first")
+    ap.add_argument(
+        "--populations", default="100,1000", help="comma-separated simulated populations, the baseline first"
+    )
     ap.add_argument("--sampled", type=int, default=30, help="clients that train per round, in every population")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "population")

@@ -116,18 +116,29 @@ def markdown(rows: list[dict[str, Any]], norms: dict[str, dict[str, float]], arg
         "|---|---|---|---|---|---|---|",
     ]
     order = {m: i for i, m in enumerate(METHODS)}
-    for r in sorted(rows, key=lambda r: (order.get(r["method"], 9), r["seed"], -1 if r["noise_multiplier"] is None else r["noise_multiplier"])):
+    for r in sorted(
+        rows,
+        key=lambda r: (
+            order.get(r["method"], 9),
+            r["seed"],
+            -1 if r["noise_multiplier"] is None else r["noise_multiplier"],
+        ),
+    ):
         z = "no DP" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:g}"
         eps = "-" if r["noise_multiplier"] is None else ("inf" if r["epsilon"] is None else f"{r['epsilon']:.1f}")
         c = "-" if r["clipping_norm"] is None else f"{r['clipping_norm']:.3g}"
         pers = "-" if r["personalized_accuracy"] is None else f"{r['personalized_accuracy']:.3f}"
-        lines.append(f"| {r['method']} | {z} | {c} | {eps} | {r['final_test_accuracy']:.3f} | {r['last5_accuracy']:.3f} | {pers} |")
+        lines.append(
+            f"| {r['method']} | {z} | {c} | {eps} | {r['final_test_accuracy']:.3f} | {r['last5_accuracy']:.3f} | {pers} |"
+        )
     lines.append("")
     lines.append("Clipping norm per method: the median of the update norms logged by its run without DP "
                  "(quartiles / max / replies): " + "; ".join(
                      f"{m}: median {v['median']:.3g} (q1 {v['q1']:.3g}, q3 {v['q3']:.3g}, max {v['max']:.3g}, {v['n']} replies)"
                      for m, v in norms.items()))  # fmt: skip
-    lines.append(f"Seeds: {', '.join(map(str, args.seeds))} ({'one seed' if len(args.seeds) == 1 else 'one row per seed above; mean and std over the seeds below'}).")
+    lines.append(
+        f"Seeds: {', '.join(map(str, args.seeds))} ({'one seed' if len(args.seeds) == 1 else 'one row per seed above; mean and std over the seeds below'})."
+    )
     summary = over_seeds(rows)
     if any(g["seeds"] > 1 for g in summary):
         lines += ["", "| method | noise multiplier z | seeds | epsilon (delta=1e-5) | final test acc (mean +- std) | last-5-rounds acc (mean +- std) |",
@@ -147,7 +158,9 @@ def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((r["method"], r["noise_multiplier"]), []).append(r)
     order = {m: i for i, m in enumerate(METHODS)}
     out = []
-    for (method, z), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), -1 if kv[0][1] is None else kv[0][1])):
+    for (method, z), rs in sorted(
+        groups.items(), key=lambda kv: (order.get(kv[0][0], 9), -1 if kv[0][1] is None else kv[0][1])
+    ):
         final = [r["final_test_accuracy"] for r in rs]
         last5 = [r["last5_accuracy"] for r in rs]
         out.append({
@@ -167,14 +180,22 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     groups = over_seeds(rows)  # mean over seeds, error bars: std
     for i, method in enumerate(METHODS):
-        dp = sorted((g for g in groups if g["method"] == method and g["epsilon"] is not None), key=lambda g: g["epsilon"])
+        dp = sorted(
+            (g for g in groups if g["method"] == method and g["epsilon"] is not None), key=lambda g: g["epsilon"]
+        )
         ref = [g for g in groups if g["method"] == method and g["noise_multiplier"] is None]
         color = f"C{i}"
         if dp:
             ax.errorbar([g["epsilon"] for g in dp], [g["final_mean"] for g in dp], yerr=[g["final_std"] for g in dp], fmt="o-",
                         color=color, capsize=3, label=f"{method} (server-side fixed clipping; {dp[0]['seeds']} seed(s))")  # fmt: skip
             for g in dp:
-                ax.annotate(f"z={g['noise_multiplier']:g}", (g["epsilon"], g["final_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    f"z={g['noise_multiplier']:g}",
+                    (g["epsilon"], g["final_mean"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
         for g in ref:
             ax.axhline(g["final_mean"], color=color, ls="--", lw=1, label=f"{method} without DP")
     ax.set_xscale("log")
@@ -233,8 +254,18 @@ def main(argv: list[str] | None = None) -> None:
             clip = clipping_norm_from(ref)["median"]
             write()
             for z in args.noise:
-                flat = {**common, "seed": seed, "dp": "server-fixed", "dp-noise-multiplier": z, "dp-clipping-norm": clip}
-                run_one(preset_config(args.preset, method, flat), args.out / f"seed-{seed}" / method / f"z{z:g}", args.clients)
+                flat = {
+                    **common,
+                    "seed": seed,
+                    "dp": "server-fixed",
+                    "dp-noise-multiplier": z,
+                    "dp-clipping-norm": clip,
+                }
+                run_one(
+                    preset_config(args.preset, method, flat),
+                    args.out / f"seed-{seed}" / method / f"z{z:g}",
+                    args.clients,
+                )
                 write()
     write()
     print((args.out / "privacy.md").read_text())

@@ -81,7 +81,9 @@ def _running_superlink_check(cluster: RayCluster, scratch: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ray_checks", description=__doc__.splitlines()[0])
-    parser.add_argument("--superlink", action="store_true", help="also check that a running SuperLink ignores RAY_ADDRESS")
+    parser.add_argument(
+        "--superlink", action="store_true", help="also check that a running SuperLink ignores RAY_ADDRESS"
+    )
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="fedmetanas-raychecks-"))
     started = time.time()
@@ -94,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         result["init_args_refused"] = attach.returncode != 0
         result["init_args_error"] = (attach.stderr.strip().splitlines() or [""])[-1]
-        os.environ["FEDMETANAS_PROBE"] = "set-in-driver-only"  # the query driver inherits it; the cluster's workers do not
+        os.environ["FEDMETANAS_PROBE"] = (
+            "set-in-driver-only"  # the query driver inherits it; the cluster's workers do not
+        )
         probe = cluster.query(PROBE)
         os.environ.pop("FEDMETANAS_PROBE")
         result["driver_cwd"] = probe["driver_cwd"]

@@ -68,7 +68,9 @@ def _toml(value: Any) -> str:
     return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
-def trial_command(preset: str, method: str, values: dict[str, Any], out: Path, overrides: list[str], clients: int) -> list[str]:
+def trial_command(
+    preset: str, method: str, values: dict[str, Any], out: Path, overrides: list[str], clients: int
+) -> list[str]:
     cmd = [sys.executable, "-m", "server_app.simulation", "--clients", str(clients), "--results-dir", str(out)]
     cmd += ["-c", str(ROOT / "conf" / f"{preset}.toml"), "-c", f'method="{method}"']
     cmd += [x for o in overrides for x in ("-c", o)]
@@ -128,7 +130,10 @@ def run_trial(trial, preset: str, method: str, out_root: Path, overrides: list[s
                     trial.report(float(rows[step]["accuracy"]), step)
                     reported = step + 1
                     if trial.should_prune():
-                        print(f"[{method} trial {trial.number}] pruned at round {step + 1}: {rows[step]['accuracy']:.4f}", flush=True)
+                        print(
+                            f"[{method} trial {trial.number}] pruned at round {step + 1}: {rows[step]['accuracy']:.4f}",
+                            flush=True,
+                        )
                         raise optuna.TrialPruned()
                 if done:
                     break
@@ -175,7 +180,10 @@ def close_interrupted_trials(study) -> list[int]:
     for number in closed:
         study.tell(number, state=optuna.trial.TrialState.FAIL)
     if closed:
-        print(f"[{study.study_name}] trial(s) {', '.join(map(str, closed))} left running by a stopped process: marked failed", flush=True)
+        print(
+            f"[{study.study_name}] trial(s) {', '.join(map(str, closed))} left running by a stopped process: marked failed",
+            flush=True,
+        )
     return closed
 
 
@@ -217,14 +225,28 @@ def report(preset: str, methods: list[str], out_root: Path, overrides: list[str]
     for method in methods:
         study = load_study(preset, method, out_root, create=False)
         keys = list(SEARCH_SPACES[method])
-        lines += [f"## {method}", "", "Ranges: " + ", ".join(f"`{k}` {_describe(SEARCH_SPACES[method][k])}" for k in keys), ""]
-        lines += ["| trial | state | " + " | ".join(keys) + " | validation acc | s |", "|---|---|" + "---|" * (len(keys) + 2)]
+        lines += [
+            f"## {method}",
+            "",
+            "Ranges: " + ", ".join(f"`{k}` {_describe(SEARCH_SPACES[method][k])}" for k in keys),
+            "",
+        ]
+        lines += [
+            "| trial | state | " + " | ".join(keys) + " | validation acc | s |",
+            "|---|---|" + "---|" * (len(keys) + 2),
+        ]
         for t in study.trials:
-            value = t.value if t.value is not None else (max(t.intermediate_values.values()) if t.intermediate_values else None)
+            value = (
+                t.value
+                if t.value is not None
+                else (max(t.intermediate_values.values()) if t.intermediate_values else None)
+            )
             shown = f"{value:.4f}" if value is not None else "-"
             if t.state == optuna.trial.TrialState.PRUNED:
                 shown = f"pruned at round {max(t.intermediate_values) + 1}" if t.intermediate_values else "pruned"
-            params = " | ".join(f"{t.params[k]:.4g}" if isinstance(t.params.get(k), float) else str(t.params.get(k, "-")) for k in keys)
+            params = " | ".join(
+                f"{t.params[k]:.4g}" if isinstance(t.params.get(k), float) else str(t.params.get(k, "-")) for k in keys
+            )
             secs = t.user_attrs.get("total_time_s")
             lines.append(f"| {t.number} | {t.state.name.lower()} | {params} | {shown} | {secs:.0f} |" if secs else
                          f"| {t.number} | {t.state.name.lower()} | {params} | {shown} | - |")  # fmt: skip

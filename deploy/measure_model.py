@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from fedmetanas_core.export import ONNX_FILE, export_model, measure_latency_ms
-from fedmetanas_core.predict import EXPORT_JSON, TORCHSCRIPT_FILE, load_exported
 from fedmetanas_core.outputs import MODEL_FILE, load_derived_model, machine_description
+from fedmetanas_core.predict import EXPORT_JSON, TORCHSCRIPT_FILE, load_exported
 
 
 def _test_set(run_dir: Path):

@@ -28,9 +28,10 @@ import platform
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -156,7 +157,9 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def models_latency_ms(modules: list[nn.Module], examples: list[torch.Tensor], runtime: str, runs: int = 200) -> list[float]:
+def models_latency_ms(
+    modules: list[nn.Module], examples: list[torch.Tensor], runtime: str, runs: int = 200
+) -> list[float]:
     """Median latency of each module on its example (batch 1, deployed), timed interleaved."""
     with one_thread():
         calls = [deployed_call(m, x, runtime) for m, x in zip(modules, examples)]
@@ -196,8 +199,13 @@ def intercept(short: float, long: float) -> float:
 
 
 def profile_space(
-    space: SpaceConfig, image_hw: tuple[int, int], runtime: str | None = None, runs: int = PROFILE_RUNS,
-    calibration_cells: int = 8, progress: Callable[[str], None] | None = None, held_out: list | None = None,
+    space: SpaceConfig,
+    image_hw: tuple[int, int],
+    runtime: str | None = None,
+    runs: int = PROFILE_RUNS,
+    calibration_cells: int = 8,
+    progress: Callable[[str], None] | None = None,
+    held_out: list | None = None,
 ) -> dict[str, Any]:
     """Time every op of ``space`` at its shapes and the shared part; the table as plain values.
 
@@ -229,7 +237,13 @@ def profile_space(
     ops = {s.key(): max(0.0, t - overhead) for s, t in zip(shapes, times[2 : 2 + len(shapes)])}
     first = 2 + len(shapes)
     wholes, held_out_ms = times[first : first + len(calibration)], times[first + len(calibration) :]
-    raw = {"format": TABLE_FORMAT, "fixed_ms": 0.0, "op_scale": 1.0, "ops": ops, "space": space_signature(space, image_hw)}
+    raw = {
+        "format": TABLE_FORMAT,
+        "fixed_ms": 0.0,
+        "op_scale": 1.0,
+        "ops": ops,
+        "space": space_signature(space, image_hw),
+    }
     in_ops = LatencyTable(raw).cost_model(space, image_hw)
     sums = [in_ops.genotype_cost(g) for g in calibration]
     scale, fixed = _line(sums, wholes)
@@ -247,7 +261,12 @@ def profile_space(
         "overhead_ms": overhead,
         "fixed_ms": fixed,
         "op_scale": scale,
-        "calibration": {"networks": len(calibration), "seed": CALIBRATION_SEED, "sum_ops_ms": sums, "measured_ms": wholes},
+        "calibration": {
+            "networks": len(calibration),
+            "seed": CALIBRATION_SEED,
+            "sum_ops_ms": sums,
+            "measured_ms": wholes,
+        },
         "ops": ops,
         **({"held_out_ms": held_out_ms} if held_out else {}),
     }
@@ -274,7 +293,7 @@ class LatencyTable:
         self.data, self.source = data, source
 
     @classmethod
-    def load(cls, path: str | Path) -> "LatencyTable":
+    def load(cls, path: str | Path) -> LatencyTable:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -319,7 +338,12 @@ def calibration_genotypes(space: SpaceConfig, cells: int) -> list:
 
 
 def latency_against_table(
-    net: nn.Module, table: LatencyTable, space: SpaceConfig, image_hw: tuple[int, int], runtime: str, runs: int = PROFILE_RUNS
+    net: nn.Module,
+    table: LatencyTable,
+    space: SpaceConfig,
+    image_hw: tuple[int, int],
+    runtime: str,
+    runs: int = PROFILE_RUNS,
 ) -> dict[str, float]:
     """``net``'s latency now, and at the speed the machine had when ``table`` was measured: the
     table's calibration networks are timed again in the same interleaved session, and their median

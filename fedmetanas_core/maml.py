@@ -7,8 +7,8 @@ the graph and makes "second order" first order).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,9 @@ class InnerLoop:
     adapt_arch: bool = True  # False while alphas are frozen (warm-up)
 
 
-def loss_on(model: torch.nn.Module, params: Params, batch: Batch, penalty: Penalty | None = None, **forward_kwargs) -> torch.Tensor:
+def loss_on(
+    model: torch.nn.Module, params: Params, batch: Batch, penalty: Penalty | None = None, **forward_kwargs
+) -> torch.Tensor:
     """Cross-entropy on ``batch`` at ``params``, plus ``penalty(params)`` (a budget's cost term of the
     architecture logits: the task learner and the meta learner see the same objective)."""
     x, y = batch

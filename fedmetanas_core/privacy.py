@@ -14,8 +14,9 @@ DP-FedAvg accounting; Flower samples exactly ``m`` without replacement). ``q = 1
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -20,15 +20,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from flower_records import array_record, numpy_state
-from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.budget import cost_report
+from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.coordinator import ProgressClock, fmt_duration, image_hw, model_config, space_for_run
 from fedmetanas_core.data import DataSpec, load_test_set
 from fedmetanas_core.genotype import Genotype, SimpleCNN, count_parameters
-from fedmetanas_core.phases import Handoff, Phase, plan_phases
-from fedmetanas_core.privacy import make_accountant
-from fedmetanas_core.run_data import validation_set
 from fedmetanas_core.outputs import (
     RunRecorder,
     config_differences,
@@ -40,7 +36,13 @@ from fedmetanas_core.outputs import (
     set_rng_states,
     truncate_rounds,
 )
+from fedmetanas_core.phases import Handoff, Phase, plan_phases
+from fedmetanas_core.privacy import make_accountant
+from fedmetanas_core.run_data import validation_set
 from fedmetanas_core.training import evaluate, resolve_device, run_settings
+from flower_records import array_record, numpy_state
+from server_app.exchange import send_and_receive
+from server_app.privacy import current_clipping_norm, wrap_dp
 from server_app.strategy import (
     SearchStrategy,
     alpha_defence_args,
@@ -49,8 +51,6 @@ from server_app.strategy import (
     load_strategy_state,
     strategy_state,
 )
-from server_app.exchange import send_and_receive
-from server_app.privacy import current_clipping_norm, wrap_dp
 from server_app.summary import (
     accuracy_fields,
     communication_fields,
@@ -103,7 +103,9 @@ def _answered(replies: list[Message]) -> bool:
     return any(not m.has_error() for m in replies)
 
 
-def federation_size(grid: Grid, cfg: RunConfig, settle_s: float = 2.0, limit_s: float = 30.0, wait_s: float | None = None) -> int:
+def federation_size(
+    grid: Grid, cfg: RunConfig, settle_s: float = 2.0, limit_s: float = 30.0, wait_s: float | None = None
+) -> int:
     """The number of clients DP samples from: num-partitions when set, otherwise the connected
     nodes once at least min-available-nodes are there and the count stopped changing for
     ``settle_s``, or ``limit_s`` after there were enough (nodes register one by one; set
@@ -198,7 +200,9 @@ class Experiment:
         try:
             ck = load_checkpoint(self.recorder.dir)
         except Exception as exc:  # e.g. written by a version that pickled numpy arrays
-            raise ConfigError("resume", True, f"checkpoint.pt in {self.recorder.dir} cannot be loaded: {type(exc).__name__}") from None
+            raise ConfigError(
+                "resume", True, f"checkpoint.pt in {self.recorder.dir} cannot be loaded: {type(exc).__name__}"
+            ) from None
         if ck is None:
             raise ConfigError("resume", True, f"no checkpoint.pt in results-dir {self.recorder.dir}")
         changed = config_differences(ck["config"], dict(self.cfg))
@@ -340,7 +344,13 @@ class Experiment:
             return []
         width = {"cnn-channels": final_net.channels} if isinstance(final_net, SimpleCNN) else {}  # a budget may size it
         config = ConfigRecord(
-            {**self.base_config, "phase": "fixed", "genotype": genotype.to_json() if genotype is not None else "", "personalize": True, **width}
+            {
+                **self.base_config,
+                "phase": "fixed",
+                "genotype": genotype.to_json() if genotype is not None else "",
+                "personalize": True,
+                **width,
+            }
         )
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in final_net.state_dict().items()})
         messages = self.strategy.configure_evaluate(rounds, arrays, config, self.grid)

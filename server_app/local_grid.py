@@ -9,8 +9,9 @@ Outside a Flower runtime a ``Message`` needs a task identity: ``task_identity()`
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 

@@ -27,7 +27,6 @@ def skipped_rounds(rows: list[dict[str, Any]]) -> dict[str, int]:
     return {"skipped_rounds": len(skipped), "skipped_rounds_error": len(errors)}
 
 
-
 def run_fields(cfg: RunConfig, exp: Experiment) -> dict[str, Any]:
     """What ran: method, data, and rounds (the first phase's, then those of the phases after it:
     FedNAS's retraining)."""
@@ -37,8 +36,10 @@ def run_fields(cfg: RunConfig, exp: Experiment) -> dict[str, Any]:
         "dataset": cfg.dataset,
         "num_clients": len(exp.nodes_seen),
         "partitioner": {
-            "name": cfg.partitioner, "dirichlet_alpha": cfg.dirichlet_alpha,
-            "classes_per_client": cfg.classes_per_client, "shards_per_client": cfg.shards_per_client,
+            "name": cfg.partitioner,
+            "dirichlet_alpha": cfg.dirichlet_alpha,
+            "classes_per_client": cfg.classes_per_client,
+            "shards_per_client": cfg.shards_per_client,
         },  # fmt: skip
         "rounds": exp.phases[0].rounds,
         "retrain_rounds": sum(p.rounds for p in exp.phases[1:]),
@@ -67,7 +68,9 @@ def privacy_fields(cfg: RunConfig, exp: Experiment) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def accuracy_fields(final_eval: dict[str, float], carried: Handoff, clients: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
+def accuracy_fields(
+    final_eval: dict[str, float], carried: Handoff, clients: list[dict[str, Any]], cfg: RunConfig
+) -> dict[str, Any]:
     """The deployed network on the global test set and, personalized, on every client's own."""
     before = [c["accuracy-before"] for c in clients]
     after = [c["accuracy-after"] for c in clients]

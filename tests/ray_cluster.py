@@ -137,7 +137,9 @@ class RayCluster:
         """Run ``code`` in a short-lived driver attached to this cluster; it must print one JSON
         value last. A separate process keeps ``ray.init`` out of the test process."""
         script = "import json, ray\nray.init(address=%r, logging_level='ERROR', log_to_driver=False)\n" % self.address
-        done = subprocess.run([sys.executable, "-c", script + code], capture_output=True, text=True, env=self._env(), timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "-c", script + code], capture_output=True, text=True, env=self._env(), timeout=timeout
+        )
         self.track()
         if done.returncode != 0:
             raise RuntimeError(f"driver failed: {done.stderr[-2000:]}")

@@ -10,7 +10,6 @@ import torch
 from fedmetanas_core.aggregation import reply_problem, transform_logits, weighted_average
 from fedmetanas_core.space import is_arch
 
-
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
 
@@ -52,8 +51,12 @@ def test_transform_logits():
             np.testing.assert_allclose(c[k].mean(-1), 0, atol=1e-6)
             np.testing.assert_allclose(np.log(np.exp(ls[k].astype(np.float64)).sum(-1)), 0, atol=1e-6)
             # same distribution as the raw logits
-            np.testing.assert_allclose(torch.softmax(torch.from_numpy(c[k]), -1).numpy(),
-                                       torch.softmax(torch.from_numpy(s[k]), -1).numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                torch.softmax(torch.from_numpy(c[k]), -1).numpy(),
+                torch.softmax(torch.from_numpy(s[k]), -1).numpy(),
+                rtol=1e-5,
+                atol=1e-6,
+            )
         else:
             np.testing.assert_array_equal(c[k], s[k])
             np.testing.assert_array_equal(ls[k], s[k])

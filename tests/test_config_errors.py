@@ -112,7 +112,7 @@ def _scratch(root: Path) -> Path:
     stub_bin = root / "bin"
     stub_bin.mkdir()
     stub = stub_bin / "flwr"
-    stub.write_text(f"#!/bin/sh\necho {STUB_MARKER} \"$@\"\nexit 3\n")
+    stub.write_text(f'#!/bin/sh\necho {STUB_MARKER} "$@"\nexit 3\n')
     stub.chmod(stub.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return root
 
@@ -185,7 +185,9 @@ def test_good_paths_pass(tmp_path):
     RunConfig.from_flat({"strategy": "Krum", "min-available-nodes": 3})
     RunConfig.from_flat({"strategy": "Bulyan", "num-malicious-nodes": 1, "min-available-nodes": 7})
     RunConfig.from_flat({"strategy": "FedTrimmedAvg", "min-available-nodes": 5})
-    RunConfig.from_flat({"strategy": "MultiKrum", "num-malicious-nodes": 1, "min-available-nodes": 5, "num-nodes-to-select": 4})
+    RunConfig.from_flat(
+        {"strategy": "MultiKrum", "num-malicious-nodes": 1, "min-available-nodes": 5, "num-nodes-to-select": 4}
+    )
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
@@ -200,7 +202,12 @@ def test_unwritable_results_dir_is_rejected_even_for_root(results_dir):
 def test_strategy_names_in_any_case_become_flowers_names():
     from server_app.strategy import build_base_strategy
 
-    for given, canonical in (("krum", "Krum"), ("fedavg", "FedAvg"), ("FEDADAM", "FedAdam"), ("MultiKrum", "MultiKrum")):
+    for given, canonical in (
+        ("krum", "Krum"),
+        ("fedavg", "FedAvg"),
+        ("FEDADAM", "FedAdam"),
+        ("MultiKrum", "MultiKrum"),
+    ):
         cfg = RunConfig.from_flat({"strategy": given, "min-available-nodes": 5})
         assert cfg.strategy == canonical
         assert type(build_base_strategy(cfg)).__name__ == canonical
@@ -222,7 +229,10 @@ def test_config_error_survives_pickling():
 
 def test_node_config_valid_is_normalised(tmp_path):
     assert validate_node_config({"partition-id": 0, "num-partitions": 1}) == {"partition-id": 0, "num-partitions": 1}
-    assert validate_node_config({"partition-id": "3", "num-partitions": 10.0}) == {"partition-id": 3, "num-partitions": 10}
+    assert validate_node_config({"partition-id": "3", "num-partitions": 10.0}) == {
+        "partition-id": 3,
+        "num-partitions": 10,
+    }
     assert validate_node_config({"data-dir": str(tmp_path)}) == {"data-dir": str(tmp_path)}
     assert validate_node_config({}) == {}
     assert validate_node_config({"something-else": 1}) == {"something-else": 1}
@@ -262,4 +272,6 @@ def test_node_config_against_the_run_config(tmp_path):
     with pytest.raises(ConfigError, match="'partition-id'"):
         validate_node_config({"partition-id": 4, "num-partitions": 10}, RunConfig.from_flat({"num-partitions": 4}))
     with pytest.raises(ConfigError, match="train/"):
-        validate_node_config({"data-dir": str(tmp_path)}, RunConfig.from_flat({"dataset": "imagefolder"}, check_paths=False))
+        validate_node_config(
+            {"data-dir": str(tmp_path)}, RunConfig.from_flat({"dataset": "imagefolder"}, check_paths=False)
+        )

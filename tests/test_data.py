@@ -322,7 +322,10 @@ def test_split_partition_tiny_partitions():
 
 def test_client_data_partitions_only_the_global_train_split():
     train, _ = D.load_dataset("digits")
-    clients = [D.load_client_data(D.DataSpec(partitioner="iid", seed=1, partition_id=pid, num_partitions=5)) for pid in range(5)]
+    clients = [
+        D.load_client_data(D.DataSpec(partitioner="iid", seed=1, partition_id=pid, num_partitions=5))
+        for pid in range(5)
+    ]
     assert sum(len(c.train) + len(c.query) + len(c.test) for c in clients) == len(train)
     c = clients[2]
     assert c.partition_id == 2 and c.train.classes == train.classes
@@ -394,7 +397,9 @@ def test_spec_fields_are_named_and_defaulted_like_the_run_config():
 def test_query_and_local_test_fractions_of_the_spec_decide_the_splits():
     sizes = {}
     for q, t in ((0.2, 0.2), (0.3, 0.2), (0.2, 0.1)):
-        c = D.load_client_data(D.DataSpec(partitioner="iid", query_fraction=q, local_test_fraction=t, partition_id=0, num_partitions=2))
+        c = D.load_client_data(
+            D.DataSpec(partitioner="iid", query_fraction=q, local_test_fraction=t, partition_id=0, num_partitions=2)
+        )
         sizes[q, t] = (len(c.train), len(c.query), len(c.test))
     assert len(set(sizes.values())) == 3
     assert sizes[0.3, 0.2][1] > sizes[0.2, 0.2][1] and sizes[0.2, 0.1][2] < sizes[0.2, 0.2][2]

@@ -175,9 +175,22 @@ class Federation:
         )
         # register the public keys of SuperNodes 0..2 (concurrently: each CLI call costs ~1.5 s)
         registrations = [
-            subprocess.Popen([str(BIN / "flwr"), "supernode", "register", str(self.certs / "supernodes" / f"node_{i}.pub"),
-                              CONNECTION, "--format", "json"], env=self.env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=self.base)  # fmt: skip
+            subprocess.Popen(
+                [
+                    str(BIN / "flwr"),
+                    "supernode",
+                    "register",
+                    str(self.certs / "supernodes" / f"node_{i}.pub"),
+                    CONNECTION,
+                    "--format",
+                    "json",
+                ],
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=self.base,
+            )  # fmt: skip
             for i in range(NUM_REGISTERED)
         ]
         try:
@@ -336,5 +349,7 @@ def test_killed_supernode_does_not_stop_the_run(federation: Federation):
     assert (results / "summary.json").is_file() and (results / "genotype.yaml").is_file()
     # the SuperLink has marked the killed node offline by the end (heartbeats stopped)
     assert len(fed.online_nodes()) == NUM_REGISTERED - 1
-    print(f"run with a killed SuperNode finished {time.monotonic() - t_kill:.0f} s after the kill; "
-          f"round seconds {[round(r['round-s'], 1) for r in rounds]}")
+    print(
+        f"run with a killed SuperNode finished {time.monotonic() - t_kill:.0f} s after the kill; "
+        f"round seconds {[round(r['round-s'], 1) for r in rounds]}"
+    )

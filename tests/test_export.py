@@ -29,8 +29,15 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_space(test) -> SpaceConfig:
-    return SpaceConfig(num_classes=test.num_classes, in_channels=test.in_channels, init_channels=4,
-                       num_cells=2, num_nodes=2, stem_multiplier=2, primitives=OPS)
+    return SpaceConfig(
+        num_classes=test.num_classes,
+        in_channels=test.in_channels,
+        init_channels=4,
+        num_cells=2,
+        num_nodes=2,
+        stem_multiplier=2,
+        primitives=OPS,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +56,9 @@ def derived_net(digits_test):
 def digits_config(path: Path) -> None:
     """The run config the ServerApp writes first; export uses it to recompute the normalisation."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(yaml.safe_dump({"dataset": "digits", "data-dir": "", "image-size": 0,
-                                                      "test-subset": 0, "seed": 0}))
+    (path / "config.yaml").write_text(
+        yaml.safe_dump({"dataset": "digits", "data-dir": "", "image-size": 0, "test-subset": 0, "seed": 0})
+    )
 
 
 def test_calibrated_batchnorm_reproduces_batch_statistics_and_is_batch_independent(derived_net, digits_test):

@@ -12,7 +12,9 @@ def _run(path, acc, macs, params, latency, within=True):
     (path / "config.yaml").write_text("method: fedmetanas\n")
     (path / "rounds.jsonl").write_text(json.dumps({"phase": "search", "round": 1, "accuracy": acc}) + "\n")
     cost = {"macs": macs, "params": params, "latency_ms": latency, "within_budget": within, "init_channels": 3}
-    (path / "summary.json").write_text(json.dumps({"final_test_accuracy": acc, "cost": cost, "images_per_client_round": 10.0}))
+    (path / "summary.json").write_text(
+        json.dumps({"final_test_accuracy": acc, "cost": cost, "images_per_client_round": 10.0})
+    )
 
 
 def test_rows_average_each_method_over_its_finished_seeds(tmp_path):
@@ -48,4 +50,7 @@ def test_random_cells_are_drawn_within_the_budget(tmp_path):
     space, image_hw = run_space(cfg)
     genotype = Genotype.load_yaml(tmp_path / "random-cell-genotype.yaml")
     assert cost_model(cfg, space, image_hw).genotype_cost(genotype) <= 30000
-    assert method_overrides("fedmetanas", "macs:30000", tmp_path, 1, preset, []) == ['budget="macs:30000"', "init-channels=0"]
+    assert method_overrides("fedmetanas", "macs:30000", tmp_path, 1, preset, []) == [
+        'budget="macs:30000"',
+        "init-channels=0",
+    ]

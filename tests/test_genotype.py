@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import SMALL_OPS, arch_state, randomize_arch, tiny_space
 
 from fedmetanas_core.genotype import Genotype, derive_genotype
 from fedmetanas_core.space import CELL_TYPES, SearchModel
-
-from helpers import SMALL_OPS, arch_state, randomize_arch, tiny_space
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
@@ -35,8 +34,13 @@ def test_derive_genotype_ranks_edges_by_probability_not_raw_logits():
     assert dict((s, op) for op, s in g.normal[1]) == {1: "skip_connect", 2: "sep_conv_3x3"}
 
 
-@pytest.mark.parametrize("ops", [("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3"),
-                                 ("max_pool_3x3", "skip_connect", "none", "sep_conv_3x3")])
+@pytest.mark.parametrize(
+    "ops",
+    [
+        ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3"),
+        ("max_pool_3x3", "skip_connect", "none", "sep_conv_3x3"),
+    ],
+)
 def test_derive_genotype_never_picks_none(ops):
     space = tiny_space(primitives=ops, input_pruning=False)
     none = ops.index("none")

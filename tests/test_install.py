@@ -171,12 +171,17 @@ def stop_superlink():
             pid = todo.pop()
             if pid not in pids and pid != os.getpid():
                 pids.append(pid)
-                todo += [int(c) for c in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+                todo += [
+                    int(c)
+                    for c in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+                ]
         stop_pids(pids, grace_s=10)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SLOW, reason="builds the wheel and runs it from a fresh venv (~2 min); set FEDMETANAS_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    not SLOW, reason="builds the wheel and runs it from a fresh venv (~2 min); set FEDMETANAS_SLOW_TESTS=1"
+)
 def test_the_installed_wheel_checks_and_runs_outside_the_source_tree(tmp_path, stop_superlink):
     if not sys.platform.startswith("linux"):
         pytest.skip("venv layout and process tracking assume Linux")
@@ -188,7 +193,9 @@ def test_the_installed_wheel_checks_and_runs_outside_the_source_tree(tmp_path, s
     elsewhere.mkdir()
     ports, home = PortPool(), tmp_path / "flwr-home"
     parent_bin = str(Path(sys.executable).parent)
-    path = os.pathsep.join([str(venv / "bin")] + [p for p in os.environ.get("PATH", "").split(os.pathsep) if p != parent_bin])
+    path = os.pathsep.join(
+        [str(venv / "bin")] + [p for p in os.environ.get("PATH", "").split(os.pathsep) if p != parent_bin]
+    )
     env = _clean_env(
         PATH=path, FLWR_HOME=str(home),
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(ports.one()), FLWR_LOCAL_CONTROL_API_PORT=str(ports.one()),
@@ -204,7 +211,9 @@ def test_the_installed_wheel_checks_and_runs_outside_the_source_tree(tmp_path, s
         assert Path(file).is_relative_to(venv), file  # the wheel's copy, not a checkout
 
     fedmetanas = str(venv / "bin" / "fedmetanas")
-    check = subprocess.run([fedmetanas, "check", "-c", "seed=3"], capture_output=True, text=True, cwd=elsewhere, env=env, timeout=300)
+    check = subprocess.run(
+        [fedmetanas, "check", "-c", "seed=3"], capture_output=True, text=True, cwd=elsewhere, env=env, timeout=300
+    )
     assert check.returncode == 0 and "run config OK" in check.stdout, check.stdout + check.stderr
 
     out = tmp_path / "out"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import arch_state, mask_space, randomize_arch, tiny_space, x_batch
 
 from fedmetanas_core.aggregation import arch_statistics, keep_budget, update_masks
 from fedmetanas_core.config import ConfigError, RunConfig
@@ -12,8 +13,6 @@ from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
 from fedmetanas_core.relaxation import probabilities
 from fedmetanas_core.space import RelaxSettings, SearchModel
 from fedmetanas_core.training import space_from_config
-
-from helpers import arch_state, mask_space, randomize_arch, tiny_space, x_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
@@ -129,7 +128,12 @@ def test_discrete_supernet_is_the_derived_network():
     net = DiscreteNetwork.inherit(model, derive_genotype(space, arch_state(model), masks))
     x = x_batch()
     with torch.no_grad():
-        noisy = model(x, RelaxSettings(tau=0.7, mode="gumbel-soft", noise=True, threshold=0.01), masks, torch.Generator().manual_seed(0))
+        noisy = model(
+            x,
+            RelaxSettings(tau=0.7, mode="gumbel-soft", noise=True, threshold=0.01),
+            masks,
+            torch.Generator().manual_seed(0),
+        )
         torch.testing.assert_close(noisy, net(x), rtol=1e-5, atol=1e-5)
 
 

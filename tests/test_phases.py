@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
+from helpers import NodeIds
 
 from client_app import app as client
 from fedmetanas_core import config as C
@@ -18,11 +19,10 @@ from fedmetanas_core.coordinator import model_config, space_for_run
 from fedmetanas_core.genotype import Genotype
 from fedmetanas_core.phases import PLANS, FixedPhase, Handoff, Phase, RetrainPhase, SearchPhase, plan_phases
 from fedmetanas_core.training import LOCAL_TRAINING, LocalResult, local_trainer, run_settings
+from flower_records import array_record
 from server_app.app import run_experiment
 from server_app.local_grid import LocalGrid
-from flower_records import array_record
 from server_app.strategy import SearchStrategy, build_base_strategy
-from helpers import NodeIds
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
 
@@ -119,7 +119,9 @@ def test_client_runs_whatever_the_table_names_with_one_signature(digits_test, mo
     calls = []
 
     def fake(model, data, cfg, plan, generator, device, proximal_mu):
-        calls.append((type(model).__name__, plan.local_epochs, plan.lr_w, proximal_mu, isinstance(generator, torch.Generator)))
+        calls.append(
+            (type(model).__name__, plan.local_epochs, plan.lr_w, proximal_mu, isinstance(generator, torch.Generator))
+        )
         return LocalResult(num_examples=len(data.pool), train_loss=0.25, steps=7, images=11)
 
     monkeypatch.setitem(LOCAL_TRAINING, ("fixed", "fedavg"), fake)
@@ -127,7 +129,13 @@ def test_client_runs_whatever_the_table_names_with_one_signature(digits_test, mo
     space = space_for_run(cfg, digits_test)
     config = ConfigRecord({"method": cfg.method, **model_config(space), **phase.round_config(1)})
     msg = next(iter(strategy.configure_train(1, array_record(phase.initial_state()), config, NodeIds([11, 12, 13]))))
-    ctx = Context(run_id=7301, node_id=11, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(), run_config=dict(cfg))
+    ctx = Context(
+        run_id=7301,
+        node_id=11,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config=dict(cfg),
+    )
     metrics = client.train(msg, ctx).content["metrics"]
     assert calls == [("SimpleCNN", 3, pytest.approx(0.07), pytest.approx(0.3), True)]
     assert (metrics["steps"], metrics["images"], metrics["train-loss"]) == (7, 11, 0.25)

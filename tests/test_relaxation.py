@@ -8,7 +8,6 @@ import torch
 
 from fedmetanas_core.relaxation import TemperatureSchedule, probabilities, relax
 
-
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
 

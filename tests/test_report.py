@@ -202,7 +202,13 @@ def test_one_failing_figure_does_not_stop_the_others(run: Path, monkeypatch):
 def test_fixed_network_run_skips_search_figures_without_errors(run: Path):
     _edit_summary(run, method="fedavg", genotype=None, supernet_test_accuracy=None)
     (run / "genotype.yaml").unlink()
-    _write_rows(run, [{"phase": "fedavg", "round": i, "tau": 1.0, "accuracy": 0.1 * i, "loss": 2 - 0.1 * i, "elapsed-s": 2.0 * i} for i in range(1, 5)])
+    _write_rows(
+        run,
+        [
+            {"phase": "fedavg", "round": i, "tau": 1.0, "accuracy": 0.1 * i, "loss": 2 - 0.1 * i, "elapsed-s": 2.0 * i}
+            for i in range(1, 5)
+        ],
+    )
     result = R.render_run_figures(run)
     assert {p.name for p in result.written} == {"accuracy_vs_round.png", "accuracy_vs_time.png", "personalization.png"}
     assert set(result.skipped) == set(R.FIGURES) - {p.name for p in result.written}

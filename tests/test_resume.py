@@ -57,7 +57,9 @@ def test_resume_after_kill_loses_nothing_and_matches_uninterrupted_run(tmp_path)
     assert not (resumed / "summary.json").exists()
 
     for config in ({**CONFIG, "resume": True, "results-dir": str(resumed)}, {**CONFIG, "results-dir": str(reference)}):
-        done = subprocess.run([sys.executable, "-c", RUN, json.dumps(config)], capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-c", RUN, json.dumps(config)], capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stderr[-2000:]
 
     rounds = _rounds(resumed)

@@ -3,12 +3,12 @@ rounds' reasons and its checkpoint (issue 13). Unit tests: no Flower run, no sim
 
 from __future__ import annotations
 
-from collections import OrderedDict
 import json
 import random
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,6 +16,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
+from helpers import NodeIds
 from PIL import Image
 
 from client_app.app import in_run_settings, node_data
@@ -24,19 +25,18 @@ from fedmetanas_core import data as D
 from fedmetanas_core.config import RunConfig, defaults
 from fedmetanas_core.outputs import CHECKPOINT_FILE, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from fedmetanas_core.phases import Handoff
-from fedmetanas_core.space import fast_path_enabled
 from fedmetanas_core.seeding import make_generator
+from fedmetanas_core.space import fast_path_enabled
 from fedmetanas_core.training import run_settings
 from flower_records import array_record
 from server_app.app import Experiment, client_order
-from server_app.summary import skipped_rounds
 from server_app.strategy import (
     TOO_FEW_REPLIES,
     SearchStrategy,
     load_strategy_state,
     strategy_state,
 )
-from helpers import NodeIds
+from server_app.summary import skipped_rounds
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -104,7 +104,9 @@ def test_an_actor_serving_a_large_population_keeps_a_bounded_data_cache(monkeypa
     monkeypatch.setattr(client_app, "_DATA", OrderedDict())
     monkeypatch.setattr(client_app, "CLIENT_DATA_CACHE", 3)
     loads = []
-    monkeypatch.setattr(client_app, "load_client_data", lambda spec: loads.append(spec.partition_id) or SimpleNamespace(spec=spec))
+    monkeypatch.setattr(
+        client_app, "load_client_data", lambda spec: loads.append(spec.partition_id) or SimpleNamespace(spec=spec)
+    )
     cfg = RunConfig.from_flat({"dataset": "digits", "num-partitions": 1000}, check_paths=False)
     for pid in (0, 1, 2, 0, 3, 0, 1):  # 1 is the least recently used when 3 arrives
         node_data(cfg, {"partition-id": pid})
@@ -121,7 +123,11 @@ def test_an_actor_serving_many_runs_keeps_a_bounded_config_cache(monkeypatch):
     monkeypatch.setattr(client_app, "RUN_CONFIG_CACHE", 3, raising=False)
     validated = []
     real = RunConfig.from_flat.__func__
-    monkeypatch.setattr(RunConfig, "from_flat", classmethod(lambda cls, flat, **kw: validated.append(flat["seed"]) or real(cls, flat, **kw)))
+    monkeypatch.setattr(
+        RunConfig,
+        "from_flat",
+        classmethod(lambda cls, flat, **kw: validated.append(flat["seed"]) or real(cls, flat, **kw)),
+    )
 
     def context(run_id: int) -> Context:
         return Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config={"seed": run_id})
@@ -135,7 +141,11 @@ def test_an_actor_serving_many_runs_keeps_a_bounded_config_cache(monkeypatch):
 def test_server_orders_replies_by_node_id_sized_partition_ids():
     """Error replies last, after partition ids as large as Flower's uint64 node ids."""
     grid = NodeIds([11, 12, 13])
-    msgs = list(FedAvg(min_available_nodes=3).configure_train(1, array_record({"w": np.zeros(2, np.float32)}), ConfigRecord({}), grid))
+    msgs = list(
+        FedAvg(min_available_nodes=3).configure_train(
+            1, array_record({"w": np.zeros(2, np.float32)}), ConfigRecord({}), grid
+        )
+    )
     pids = [2**64 - 5, 7, 2**40]
     replies = [
         Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "partition-id": pid})}), reply_to=m)
@@ -300,7 +310,9 @@ def test_cli_finds_the_run_id_whatever_flower_says_to_people(tmp_path, monkeypat
     monkeypatch.setattr(FakeFlwrRun, "colour", colour)
     monkeypatch.setattr(FakeFlwrRun, "calls", [])
     monkeypatch.setattr(subprocess, "Popen", FakeFlwrRun)
-    monkeypatch.setattr(cli, "_run_status", lambda connection, run_id, env: asked.append(run_id) or "finished:completed")
+    monkeypatch.setattr(
+        cli, "_run_status", lambda connection, run_id, env: asked.append(run_id) or "finished:completed"
+    )
     assert cli.main(["run", "-c", f'results-dir="{out}"']) == 0, capsys.readouterr()
     assert asked == ["7"]
     assert "[search 1/1]" in capsys.readouterr().out  # the run's log reached the terminal
@@ -321,7 +333,9 @@ def test_parse_run_id_reads_flowers_json_only():
 def test_cli_defaults_come_from_the_config_module_not_pyproject(tmp_path, monkeypatch, capsys):
     seen = []
     real = RunConfig.from_flat.__func__
-    monkeypatch.setattr(RunConfig, "from_flat", classmethod(lambda cls, flat, **kw: seen.append(dict(flat)) or real(cls, flat, **kw)))
+    monkeypatch.setattr(
+        RunConfig, "from_flat", classmethod(lambda cls, flat, **kw: seen.append(dict(flat)) or real(cls, flat, **kw))
+    )
     monkeypatch.setattr(cli, "SOURCE_ROOT", tmp_path)  # no checkout and no packaged pyproject.toml
     monkeypatch.setattr(cli, "PACKAGED_PYPROJECT", tmp_path / "missing" / "pyproject.toml")
     assert cli.main(["check"]) == 0
@@ -365,18 +379,30 @@ def test_checkpoint_loads_weights_only_and_round_trips_rng_and_strategy_state(tm
     load_strategy_state(fresh, ck["strategy"])
     for moment in ("m_t", "v_t"):
         got, want = getattr(fresh, moment), getattr(adam, moment)
-        assert set(got) == set(want) and all(isinstance(v, np.ndarray) and v.dtype == want[k].dtype and np.array_equal(v, want[k]) for k, v in got.items())
+        assert set(got) == set(want) and all(
+            isinstance(v, np.ndarray) and v.dtype == want[k].dtype and np.array_equal(v, want[k])
+            for k, v in got.items()
+        )
     save_checkpoint(tmp_path, {"strategy": strategy_state(avgm)})
     fresh_m = FedAvgM(server_momentum=0.9)
     load_strategy_state(fresh_m, load_checkpoint(tmp_path)["strategy"])
-    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(fresh_m.momentum_vector, avgm.momentum_vector, strict=True))
-    assert isinstance(fresh_m.current_arrays, ArrayRecord) and np.array_equal(fresh_m.current_arrays["w"].numpy(), np.full(3, 2.0))
+    assert all(
+        np.array_equal(a, b) and a.dtype == b.dtype
+        for a, b in zip(fresh_m.momentum_vector, avgm.momentum_vector, strict=True)
+    )
+    assert isinstance(fresh_m.current_arrays, ArrayRecord) and np.array_equal(
+        fresh_m.current_arrays["w"].numpy(), np.full(3, 2.0)
+    )
     assert strategy_state(FedAvg()) == {}
 
 
 def test_rng_states_are_plain_data():
     states = rng_states()
-    assert isinstance(states["python"], list) and isinstance(states["numpy"][1], list) and isinstance(states["torch"], torch.Tensor)
+    assert (
+        isinstance(states["python"], list)
+        and isinstance(states["numpy"][1], list)
+        and isinstance(states["torch"], torch.Tensor)
+    )
 
 
 @pytest.mark.slow  # three real interpreters

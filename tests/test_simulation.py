@@ -12,7 +12,13 @@ from server_app.simulation import run_in_process
 
 pytestmark = pytest.mark.slow  # Flower's simulation engine (Ray)
 
-TINY = {"num-server-rounds": 2, "local-meta-iters": 2, "min-available-nodes": 3, "warmup-rounds": 0, "mask-start-round": 1}
+TINY = {
+    "num-server-rounds": 2,
+    "local-meta-iters": 2,
+    "min-available-nodes": 3,
+    "warmup-rounds": 0,
+    "mask-start-round": 1,
+}
 
 
 def test_two_round_simulation_writes_every_output(tmp_path):

@@ -10,14 +10,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fedmetanas_core import space as S
-from fedmetanas_core.space import kernels
-from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
-from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient, second_order_task_gradient
-from fedmetanas_core.space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, is_arch, make_op
 from helpers import randomize_arch, tiny_space
 
+from fedmetanas_core import space as S
+from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
+from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient, second_order_task_gradient
+from fedmetanas_core.space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, is_arch, kernels, make_op
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
@@ -52,7 +50,9 @@ def task_gradient(model, fast: bool, order: int = 1, seed: int = 0, dtype=torch.
         inner = InnerLoop(1, 0.1, 0.05)
         fn = second_order_task_gradient if order == 2 else fomaml_task_gradient
         generator = torch.Generator().manual_seed(seed)
-        grads, loss = fn(model, params, batch(seed=1, dtype=dtype), batch(seed=2, dtype=dtype), inner, generator=generator, **fw)
+        grads, loss = fn(
+            model, params, batch(seed=1, dtype=dtype), batch(seed=2, dtype=dtype), inner, generator=generator, **fw
+        )
     return grads, loss
 
 
@@ -94,7 +94,10 @@ def test_depthwise_conv_double_backward(k, d, s):
     assert torch.autograd.gradgradcheck(lambda x, w: kernels._DepthwiseConv.apply(x, w, s, p, d), (x, w))
 
 
-@pytest.mark.parametrize("name", ["max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"])
+@pytest.mark.parametrize(
+    "name",
+    ["max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"],
+)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_each_op_fast_equals_eager_float32(name, stride):
     op = make_op(name, 8, stride)
@@ -120,7 +123,9 @@ def test_each_op_fast_equals_eager_float32(name, stride):
 # The whole supernet: same function, same gradients, same generator draws
 
 
-@pytest.mark.parametrize("mode,masked", [("gumbel-soft", False), ("gumbel-soft", True), ("gumbel-hard", False), ("softmax", True)])
+@pytest.mark.parametrize(
+    "mode,masked", [("gumbel-soft", False), ("gumbel-soft", True), ("gumbel-hard", False), ("softmax", True)]
+)
 def test_fast_path_task_gradient_equals_eager_float64(mode, masked):
     space = tiny_space()
     model = SearchModel(space).double()
@@ -181,7 +186,9 @@ def test_discrete_network_fast_equals_eager():
     space = tiny_space()
     model = SearchModel(space)
     randomize_arch(model, 2.0, seed=1)
-    net = DiscreteNetwork.inherit(model, derive_genotype(space, {k: v for k, v in model.state_dict().items() if is_arch(k)}))
+    net = DiscreteNetwork.inherit(
+        model, derive_genotype(space, {k: v for k, v in model.state_dict().items() if is_arch(k)})
+    )
     x, y = batch()
     out = {}
     for fast in (False, True):
@@ -213,7 +220,11 @@ def test_fast_backward_hands_every_op_a_dense_channels_last_gradient():
 
     def hook(mod, inp, out):
         if isinstance(out, torch.Tensor) and out.requires_grad and out.dim() == 4:
-            out.register_hook(lambda g, name=type(mod).__name__: seen.append((name, g.is_contiguous(memory_format=torch.channels_last))))
+            out.register_hook(
+                lambda g, name=type(mod).__name__: seen.append(
+                    (name, g.is_contiguous(memory_format=torch.channels_last))
+                )
+            )
 
     handles = [m.register_forward_hook(hook) for m in model.net.cells.modules() if not isinstance(m, S.SearchCell)]
     x, y = batch()

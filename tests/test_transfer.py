@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.app import MessageType
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from helpers import NodeIds
+from test_phases import TINY
 
 from client_app.app import load_received
 from fedmetanas_core.aggregation import update_masks
@@ -17,13 +18,11 @@ from fedmetanas_core.config import RunConfig
 from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
 from fedmetanas_core.names import NET_PREFIX, arch_param_name
 from fedmetanas_core.space import SearchModel, SpaceConfig
+from fedmetanas_core.training import run_settings
 from fedmetanas_core.transfer import live_edges, live_keys
 from server_app.app import run_experiment
-from server_app.strategy import SearchStrategy, build_base_strategy
-from fedmetanas_core.training import run_settings
 from server_app.local_grid import LocalGrid
-from test_phases import TINY
-from helpers import NodeIds
+from server_app.strategy import SearchStrategy, build_base_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
 
@@ -104,7 +103,11 @@ def _reply(node: int, state: dict[str, np.ndarray]) -> Message:
 
 @pytest.mark.parametrize("strategy", ["FedAdam", "FedAvgM"])
 def test_stateful_strategies_follow_the_shrinking_key_set(strategy):
-    full = {"net.a": np.zeros(3, np.float32), "net.b": np.ones(2, np.float32), "arch.alpha.normal": np.zeros(4, np.float32)}
+    full = {
+        "net.a": np.zeros(3, np.float32),
+        "net.b": np.ones(2, np.float32),
+        "arch.alpha.normal": np.zeros(4, np.float32),
+    }
     cfg = RunConfig.from_flat({"strategy": strategy, "server-momentum": 0.9}, check_paths=False)
     s = SearchStrategy(build_base_strategy(cfg))
     for rnd, keys in enumerate((list(full), ["net.a", "arch.alpha.normal"]), start=1):

@@ -50,8 +50,9 @@ def split_partition(
             f"re-samples until every partition has that many), lower num-partitions, or use "
             f"partitioner='iid'."
         )
-    train, query, test = _random_split(indices, (query_fraction, test_fraction),
-                                       ("query-fraction", "local-test-fraction"), seed, partition_id)
+    train, query, test = _random_split(
+        indices, (query_fraction, test_fraction), ("query-fraction", "local-test-fraction"), seed, partition_id
+    )
     return train, query, test
 
 

@@ -63,7 +63,15 @@ def draw_alpha_heatmap(data: RunData, path: Path, cell_type: str) -> None:
             for e in range(n_edges):
                 for o in range(n_ops):
                     v = m[e, o]
-                    ax.text(o, e, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 * vmax else "black")
+                    ax.text(
+                        o,
+                        e,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if v < 0.6 * vmax else "black",
+                    )
         if i == picks[-1]:
             from matplotlib.patches import Rectangle
 
@@ -77,7 +85,9 @@ def draw_alpha_heatmap(data: RunData, path: Path, cell_type: str) -> None:
     save_figure(fig, path)
 
 
-def _chosen_cells(genotype: dict | None, cell_type: str, edges: list[str], primitives: list[str]) -> list[tuple[int, int]]:
+def _chosen_cells(
+    genotype: dict | None, cell_type: str, edges: list[str], primitives: list[str]
+) -> list[tuple[int, int]]:
     out = []
     try:
         for k, node in enumerate((genotype or {}).get(cell_type) or []):
@@ -121,7 +131,18 @@ def draw_cell(data: RunData, path: Path, cell_type: str) -> None:
     ax.set_xlim(-0.9, pos[out_id][0] + 0.9)
     ax.set_ylim(-2.6, 2.6)
     ops = sorted({str(c["op"]) for node in nodes for c in node})
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+    palette = [
+        "tab:blue",
+        "tab:orange",
+        "tab:green",
+        "tab:red",
+        "tab:purple",
+        "tab:brown",
+        "tab:pink",
+        "tab:olive",
+        "tab:cyan",
+        "tab:gray",
+    ]
     colors = {op: palette[i % len(palette)] for i, op in enumerate(ops)}
     box = dict(boxstyle="round,pad=0.4", lw=1.2)
     for i, (x, y) in pos.items():
@@ -162,5 +183,7 @@ def draw_cell(data: RunData, path: Path, cell_type: str) -> None:
         span = pos[out_id][0] - pos[k + 2][0]
         rad = 0.0 if k == n - 1 else 2 * (0.3 + 0.12 * (n - 2 - k)) / span  # below the line
         arrow(k + 2, out_id, rad, "0.6", lw=1, ls="--", zorder=1)
-    fig.suptitle(f"{run_title(data)}: derived {cell_type} cell ({n} nodes; dashed: concatenation into the output)", fontsize=11)
+    fig.suptitle(
+        f"{run_title(data)}: derived {cell_type} cell ({n} nodes; dashed: concatenation into the output)", fontsize=11
+    )
     save_figure(fig, path)

@@ -68,7 +68,10 @@ def _run_labels(rows: list[ComparisonRow]) -> list[str]:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.method] = counts.get(r.method, 0) + 1
-    return [r.method if counts[r.method] == 1 or r.results_dir is None else f"{r.method} ({r.results_dir.name})" for r in rows]
+    return [
+        r.method if counts[r.method] == 1 or r.results_dir is None else f"{r.method} ({r.results_dir.name})"
+        for r in rows
+    ]
 
 
 def _comparison_figure(rows: list[ComparisonRow], path: Path, title: str) -> None:
@@ -115,7 +118,16 @@ def write_comparison_report(rows: list[ComparisonRow], out: str | Path, meta: di
         lines.append(f"- **dataset**: {', '.join(datasets)}")
     lines.append("")
     show_ttr = any("time_to_reach_fednas_accuracy_s" in r.values for r in rows)
-    head = ["Run", "Method", "Final acc.", "Supernet acc.", "Personalized acc.", "Search time", "Retrain time", "Total time"]
+    head = [
+        "Run",
+        "Method",
+        "Final acc.",
+        "Supernet acc.",
+        "Personalized acc.",
+        "Search time",
+        "Retrain time",
+        "Total time",
+    ]
     head += ["Time to FedNAS acc."] if show_ttr else []
     head += ["Params"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -140,7 +152,12 @@ def write_comparison_report(rows: list[ComparisonRow], out: str | Path, meta: di
     fig_path = out.parent / COMPARISON_FIGURE
     try:
         _comparison_figure(rows, fig_path, f"{title}: test accuracy over wall-clock time")
-        lines += ["## Test accuracy over wall-clock time", "", f"![test accuracy over wall-clock time]({md_link(fig_path, out.parent)})", ""]
+        lines += [
+            "## Test accuracy over wall-clock time",
+            "",
+            f"![test accuracy over wall-clock time]({md_link(fig_path, out.parent)})",
+            "",
+        ]
     except Exception as exc:
         logger.warning("comparison figure failed: %s: %s", type(exc).__name__, exc)
         lines += [f"Comparison figure not drawn: {md_escape(f'{type(exc).__name__}: {exc}')}", ""]
@@ -149,7 +166,9 @@ def write_comparison_report(rows: list[ComparisonRow], out: str | Path, meta: di
         if r.results_dir is None:
             lines.append(f"- {md_escape(label)}: no results directory")
             continue
-        figs = [n for n in ("accuracy_vs_round.png", "cell_normal.png", "cell_reduce.png") if (r.results_dir / n).exists()]
+        figs = [
+            n for n in ("accuracy_vs_round.png", "cell_normal.png", "cell_reduce.png") if (r.results_dir / n).exists()
+        ]
         links = ", ".join(f"[{n}]({md_link(r.results_dir / n, out.parent)})" for n in figs)
         report = r.results_dir / REPORT_FILE
         head_link = f"[{md_escape(label)}]({md_link(report, out.parent)})" if report.exists() else md_escape(label)

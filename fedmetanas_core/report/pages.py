@@ -90,7 +90,12 @@ def write_run_report(results_dir: str | Path, refresh: bool = False) -> Path:
         out += [f"Problems found while drawing (from `{ERRORS_FILE}`):", ""]
         out += [f"- `{k}`: {md_escape(v)}" for k, v in errors.items()] + [""]
     if data.rounds:
-        out += ["## Rounds", "", "| Phase | Round | tau | Test acc. | Supernet acc. | Test loss | Elapsed |", "|---|---|---|---|---|---|---|"]
+        out += [
+            "## Rounds",
+            "",
+            "| Phase | Round | tau | Test acc. | Supernet acc. | Test loss | Elapsed |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for p in series(data.rounds):
             tau = number(p.get("tau"))
             out.append(

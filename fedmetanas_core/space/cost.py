@@ -19,8 +19,8 @@ weights. Latency comes from a measured table (``latency_table``). ``none`` costs
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -135,7 +135,9 @@ class CostModel:
 
     def __post_init__(self) -> None:
         # [pairs, inputs] per node, made once: the expected cost runs in every architecture step
-        self._incidence = {j: CellTopology(self.num_nodes).pair_incidence(j) for j in CellTopology(self.num_nodes).nodes}
+        self._incidence = {
+            j: CellTopology(self.num_nodes).pair_incidence(j) for j in CellTopology(self.num_nodes).nodes
+        }
 
     def to_json(self) -> str:
         return json.dumps({
@@ -144,10 +146,12 @@ class CostModel:
         })  # fmt: skip
 
     @classmethod
-    def from_json(cls, text: str) -> "CostModel":
+    def from_json(cls, text: str) -> CostModel:
         d = json.loads(text)
         edge = {t: torch.tensor(v, dtype=torch.float32) for t, v in d["edge"].items()}
-        return cls(d["kind"], float(d["fixed"]), edge, bool(d["input_pruning"]), int(d["num_nodes"]), tuple(d["primitives"]))
+        return cls(
+            d["kind"], float(d["fixed"]), edge, bool(d["input_pruning"]), int(d["num_nodes"]), tuple(d["primitives"])
+        )
 
     def edge_index(self, node: int, src: int) -> int:
         return sum(range(2, node)) + src  # nodes 2.. have 2, 3, ... incoming edges, in topology order
@@ -230,7 +234,7 @@ def build_cost_model(
 def fixed_macs_and_params(space: SpaceConfig, image_hw: tuple[int, int]) -> tuple[float, float]:
     """MACs and parameters of what every network of the space runs whatever its cells pick: the
     stem, each cell's two input preprocessings, the classifier."""
-    from .supernet import cell_plan, CellBase
+    from .supernet import CellBase, cell_plan
 
     stem, slots, c_out = cell_plan(space)
     h, w = image_hw
