@@ -72,8 +72,14 @@ def run_config(overrides: dict[str, Any], seed: int, results_dir: Path) -> tuple
     """The flat run config of one grid run and its number of clients."""
     over = dict(overrides)
     clients = int(over.pop("_clients", CLIENTS))
-    flat = {**over, "seed": seed, "num-partitions": clients, "min-available-nodes": clients,
-            "torch-threads": 1, "results-dir": str(results_dir.resolve())}  # fmt: skip
+    flat = {
+        **over,
+        "seed": seed,
+        "num-partitions": clients,
+        "min-available-nodes": clients,
+        "torch-threads": 1,
+        "results-dir": str(results_dir.resolve()),
+    }
     return flat, clients
 
 
@@ -109,8 +115,13 @@ def partial_summary(folder: Path, rounds: list[dict[str, Any]]) -> dict[str, Any
     space = space_from_config(cfg, 10, 1)  # digits: 10 classes, 1 channel
     arch = {k: torch.as_tensor(v) for k, v in ck["arrays"].items() if k.startswith("arch.")}
     done = [r for r in rounds if r["round"] <= ck["round"]]
-    return {"final_test_accuracy": done[-1]["accuracy"], "genotype": derive_genotype(space, arch, ck["masks"]).to_dict(),
-            "rejected_replies": sum(r["rejected"] for r in done), "total_time_s": None, "partial_rounds": ck["round"]}  # fmt: skip
+    return {
+        "final_test_accuracy": done[-1]["accuracy"],
+        "genotype": derive_genotype(space, arch, ck["masks"]).to_dict(),
+        "rejected_replies": sum(r["rejected"] for r in done),
+        "total_time_s": None,
+        "partial_rounds": ck["round"],
+    }
 
 
 def row(name: str, seed: int, folder: Path) -> dict[str, Any]:
@@ -188,7 +199,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| run (attack / strategy + alpha defence) | seed | clients | final test acc. | vs attack-free (points) | parameter-free ops normal / reduce (of 4) | choices changed vs attack-free (of 8) | parameter-free softmax mass when the cell is decided (attack-free: see its row) | normal cell | reduce cell | alpha-screened replies |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for r in rows:
         base = clean.get(r["seed"])
         diff = f"{100 * (r['final_test_accuracy'] - base['final_test_accuracy']):+.1f}" if base else "n/a"
@@ -219,7 +230,7 @@ def over_seeds(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| run | seeds | final test acc. (mean +- std) | vs attack-free, same seed (points, mean +- std) | parameter-free ops normal / reduce, per seed | choices changed vs attack-free, per seed |",
         "|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for run, rs in by_run.items():
         if len(rs) < 2:
             continue
@@ -234,8 +245,10 @@ def over_seeds(rows: list[dict[str, Any]]) -> str:
             for r in rs
         )
         diff = f"{statistics.mean(diffs):+.1f} +- {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else "n/a"
-        lines.append(f"| {run} | {', '.join(str(r['seed']) for r in rs)} | {statistics.mean(acc):.4f} +- {statistics.stdev(acc):.4f} "
-                     f"| {diff} | {pf} | {changed} |")  # fmt: skip
+        lines.append(
+            f"| {run} | {', '.join(str(r['seed']) for r in rs)} | {statistics.mean(acc):.4f} +- {statistics.stdev(acc):.4f} "
+            f"| {diff} | {pf} | {changed} |"
+        )
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
@@ -273,8 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         run_one(args.run, args.seeds[0], out)
         return 0
     if not args.table_only:
-        todo = [(n, s) for s in args.seeds for n in names
-                if not (out / "runs" / f"seed-{s}" / n.replace("/", "__") / "summary.json").is_file()]  # fmt: skip
+        todo = [
+            (n, s)
+            for s in args.seeds
+            for n in names
+            if not (out / "runs" / f"seed-{s}" / n.replace("/", "__") / "summary.json").is_file()
+        ]
         running: list[tuple[subprocess.Popen, str, int, float]] = []
         (out / "logs").mkdir(parents=True, exist_ok=True)
         while todo or running:

@@ -130,8 +130,10 @@ def budget(cfg: dict[str, Any]) -> str:
         text = f"{rounds} rounds x {cfg['local-meta-iters']} meta-steps ({cfg['inner-steps']} inner)"
         return text + (f", discrete from round {cfg['discrete-round']}" if cfg.get("discrete-round") else "") + schedule
     if cfg["method"] == "fednas":
-        return (f"search {rounds} rounds x {cfg['local-epochs']} epoch(s), "
-                f"retrain {cfg['retrain-rounds']} rounds x {cfg['retrain-local-epochs']} epoch(s)") + schedule  # fmt: skip
+        return (
+            f"search {rounds} rounds x {cfg['local-epochs']} epoch(s), "
+            f"retrain {cfg['retrain-rounds']} rounds x {cfg['retrain-local-epochs']} epoch(s)"
+        ) + schedule
     return f"{rounds} rounds x {cfg['local-epochs']} epoch(s)" + schedule
 
 
@@ -188,11 +190,21 @@ def comparison_rows(runs: dict[str, RunData]) -> list[dict[str, Any]]:
 # over seeds
 
 AVERAGED = (
-    "final_test_accuracy", "last_rounds_mean_accuracy", "personalized_accuracy", "personalized_accuracy_before",
-    "total_time_s", "search_time_s", "retrain_time_s", "time_to_reach_fednas_accuracy_s", "params",
-    "mb_sent_received", "steps_per_client_round", "images_per_client_round", "images_to_reach_fednas_accuracy",
+    "final_test_accuracy",
+    "last_rounds_mean_accuracy",
+    "personalized_accuracy",
+    "personalized_accuracy_before",
+    "total_time_s",
+    "search_time_s",
+    "retrain_time_s",
+    "time_to_reach_fednas_accuracy_s",
+    "params",
+    "mb_sent_received",
+    "steps_per_client_round",
+    "images_per_client_round",
+    "images_to_reach_fednas_accuracy",
     "images_total",
-)  # fmt: skip
+)
 
 
 def aggregate_rows(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -233,9 +245,11 @@ def markdown_table(rows: list[dict[str, Any]], seeds=(), split: str = "test") ->
     """The aggregated rows: mean ± std over the seeds; accuracies with 4 decimals, seconds as whole
     numbers, missing figures as "–" (``report.format``). A method with fewer of ``seeds`` than the
     others names its own."""
-    head = (f"| method | budget | final {split} acc | mean acc, last 5 rounds | personalized acc (before → after) | total s "
-            "| s to reach FedNAS acc (x FedNAS time; seeds) | params | MB sent + received | steps / client / round "
-            "| images / client / round | images / client to reach FedNAS acc (x FedNAS's) |")  # fmt: skip
+    head = (
+        f"| method | budget | final {split} acc | mean acc, last 5 rounds | personalized acc (before → after) | total s "
+        "| s to reach FedNAS acc (x FedNAS time; seeds) | params | MB sent + received | steps / client / round "
+        "| images / client / round | images / client to reach FedNAS acc (x FedNAS's) |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         n = len(r["seeds"])
@@ -245,14 +259,20 @@ def markdown_table(rows: list[dict[str, Any]], seeds=(), split: str = "test") ->
             else f"{r['method']} (seeds {', '.join(map(str, r['seeds']))})"
         )
         ratio = r.get("time_to_reach_over_fednas_total_mean")
-        reach = "–" if r["time_to_reach_fednas_accuracy_s_mean"] is None else (
-            f"{format_number(r['time_to_reach_fednas_accuracy_s_mean'], 0)} "
-            f"({format_number(ratio, 2)} x; {r['reached_fednas_accuracy']}/{n})"
-        )  # fmt: skip
+        reach = (
+            "–"
+            if r["time_to_reach_fednas_accuracy_s_mean"] is None
+            else (
+                f"{format_number(r['time_to_reach_fednas_accuracy_s_mean'], 0)} "
+                f"({format_number(ratio, 2)} x; {r['reached_fednas_accuracy']}/{n})"
+            )
+        )
         image_ratio = r.get("images_to_reach_over_fednas_total_mean")
-        images = "–" if r.get("images_to_reach_fednas_accuracy_mean") is None else (
-            f"{format_number(r['images_to_reach_fednas_accuracy_mean'], 0)} ({format_number(image_ratio, 2)} x)"
-        )  # fmt: skip
+        images = (
+            "–"
+            if r.get("images_to_reach_fednas_accuracy_mean") is None
+            else (f"{format_number(r['images_to_reach_fednas_accuracy_mean'], 0)} ({format_number(image_ratio, 2)} x)")
+        )
         lines.append(
             f"| {name} | {r['budget']} | {_pm(r, 'final_test_accuracy')} | {_pm(r, 'last_rounds_mean_accuracy')} "
             f"| {format_number(r['personalized_accuracy_before_mean'])} → {format_number(r['personalized_accuracy_mean'])} "
@@ -293,16 +313,26 @@ def compare(
     per_seed = {seed: comparison_rows(seed_runs) for seed, seed_runs in runs.items() if seed_runs}
     rows = aggregate_rows(per_seed)
     result = {
-        "preset": preset, "machine": machine_description(), "overrides": overrides, "seeds": list(seeds),
-        "eval_split": split, "rows": rows, "per_seed": {str(k): v for k, v in per_seed.items()}, "left_out": left_out,
-    }  # fmt: skip
+        "preset": preset,
+        "machine": machine_description(),
+        "overrides": overrides,
+        "seeds": list(seeds),
+        "eval_split": split,
+        "rows": rows,
+        "per_seed": {str(k): v for k, v in per_seed.items()},
+        "left_out": left_out,
+    }
     atomic_write_text(out / "comparison.json", json.dumps(result, indent=2))
     seeds_text = ", ".join(map(str, seeds))
     missing = f"\n\nNot finished, left out: {', '.join(left_out)}." if left_out else ""
-    scored = "" if split == "test" else (
-        ". Accuracies are on the validation split (the clients' local test splits, carved from their "
-        "training data), not the test set"
-    )  # fmt: skip
+    scored = (
+        ""
+        if split == "test"
+        else (
+            ". Accuracies are on the validation split (the clients' local test splits, carved from their "
+            "training data), not the test set"
+        )
+    )
     atomic_write_text(
         out / "comparison.md",
         f"Preset `{preset}`, seeds {seeds_text}, on {result['machine']}{scored}{missing}\n\n{markdown_table(rows, seeds, split)}\n",
@@ -348,15 +378,22 @@ def sweep(
         by = {r["method"]: r for r in result["rows"]}
         lines.append(f"| {name} | " + " | ".join(_pm(by[m], "final_test_accuracy") for m in methods) + " |")
         for r in result["rows"]:
-            table.append({
-                "partition": name, "method": r["method"], "seeds": r["seeds"], "eval_split": result["eval_split"],
-                "final_test_accuracy_mean": r["final_test_accuracy_mean"], "final_test_accuracy_std": r["final_test_accuracy_std"],
-                "personalized_accuracy_mean": r["personalized_accuracy_mean"],
-                "personalized_accuracy_before_mean": r["personalized_accuracy_before_mean"],
-                "total_time_s_mean": r["total_time_s_mean"], "params_mean": r["params_mean"],
-                "steps_per_client_round_mean": r["steps_per_client_round_mean"],
-                "images_per_client_round_mean": r["images_per_client_round_mean"],
-            })  # fmt: skip
+            table.append(
+                {
+                    "partition": name,
+                    "method": r["method"],
+                    "seeds": r["seeds"],
+                    "eval_split": result["eval_split"],
+                    "final_test_accuracy_mean": r["final_test_accuracy_mean"],
+                    "final_test_accuracy_std": r["final_test_accuracy_std"],
+                    "personalized_accuracy_mean": r["personalized_accuracy_mean"],
+                    "personalized_accuracy_before_mean": r["personalized_accuracy_before_mean"],
+                    "total_time_s_mean": r["total_time_s_mean"],
+                    "params_mean": r["params_mean"],
+                    "steps_per_client_round_mean": r["steps_per_client_round_mean"],
+                    "images_per_client_round_mean": r["images_per_client_round_mean"],
+                }
+            )
     summary = {"preset": preset, "machine": machine_description(), "seeds": list(seeds), "rows": table}
     if partitions is not None:  # a share of the sweep: its runs are on disk, the tables come later
         return summary
@@ -400,8 +437,10 @@ def main(argv: list[str] | None = None) -> None:
             else [s for s in seeds if not (out / f"seed-{s}" / "fedmetanas" / "summary.json").is_file()]
         )
         if missing:
-            parser.error("fedavg-matched matches the fedmetanas run's parameter count: include fedmetanas, or run it "
-                         f"first for seed(s) {', '.join(map(str, missing))} into {out}")  # fmt: skip
+            parser.error(
+                "fedavg-matched matches the fedmetanas run's parameter count: include fedmetanas, or run it "
+                f"first for seed(s) {', '.join(map(str, missing))} into {out}"
+            )
     if args.sweep:
         parts = tuple(args.partitions.split(",")) if args.partitions else None
         known = {partition_name(p, a) for p, a in SWEEP}

@@ -114,7 +114,7 @@ def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str,
     overrides = (
         f"num-server-rounds={rounds} fraction-train={fraction} fraction-evaluate={fraction} min-available-nodes={clients} "
         f'min-train-nodes={PER_ROUND_TRAINERS} results-dir="{out}" discrete-round=0'
-    )  # fmt: skip  (discrete-round: the preset's lies beyond these few rounds; LATE sets its own)
+    )  # discrete-round=0: the preset's lies beyond these few rounds; LATE sets its own
     cmd = [
         sys.executable,
         "-m",
@@ -233,8 +233,10 @@ def from_runs(dirs: list[Path], actors: int) -> list[str]:
         result = {"rounds": [{"round_s": r["round-s"], "overhead_share": sh} for r, sh in zip(rows, shares)]}
         later = {"rounds": result["rounds"][1:]} if len(rows) > 1 else result
         server = sum(r.get("server-s", 0.0) for r in rows) / sum(r["round-s"] for r in rows)
-        lines.append(f"| `{d}` | {len(rows)} | {100 * whole_run_share(result):.1f} % | {100 * whole_run_share(later):.1f} % "
-                     f"| {100 * shares[0]:.1f} % | {100 * server:.1f} % |")  # fmt: skip
+        lines.append(
+            f"| `{d}` | {len(rows)} | {100 * whole_run_share(result):.1f} % | {100 * whole_run_share(later):.1f} % "
+            f"| {100 * shares[0]:.1f} % | {100 * server:.1f} % |"
+        )
     return lines
 
 

@@ -100,7 +100,10 @@ def frontier_rows(
             costs = [r.summary.get("cost") or {} for _, r in done]
             acc = [r.summary["final_test_accuracy"] for _, r in done]
             row = {
-                "method": method, "partition": partition, "budget": budget, "seeds": [s for s, _ in done],
+                "method": method,
+                "partition": partition,
+                "budget": budget,
+                "seeds": [s for s, _ in done],
                 "macs_mean": mean_std(c.get("macs") for c in costs)[0],
                 "macs_std": mean_std(c.get("macs") for c in costs)[1],
                 "params_mean": mean_std(c.get("params") for c in costs)[0],
@@ -112,7 +115,7 @@ def frontier_rows(
                 "init_channels": [c.get("init_channels") for c in costs],
                 "images_per_client_round_mean": mean_std(r.summary.get("images_per_client_round") for _, r in done)[0],
                 "total_time_s_mean": mean_std(r.summary.get("total_time_s") for _, r in done)[0],
-            }  # fmt: skip
+            }
             rows.append(row)
     return rows
 
@@ -125,8 +128,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         acc = f"{r['final_test_accuracy_mean']:.4f} ± {r['final_test_accuracy_std']:.4f}"
         lat = "-" if r["latency_ms_mean"] is None else f"{r['latency_ms_mean']:.4f}"
-        lines.append(f"| {r['budget']} | {r['method']} | {len(r['seeds'])} | {r['macs_mean']:,.0f} | {r['params_mean']:,.0f} | "
-                     f"{lat} | {acc} | {'yes' if r['within_budget'] else 'NO'} |")  # fmt: skip
+        lines.append(
+            f"| {r['budget']} | {r['method']} | {len(r['seeds'])} | {r['macs_mean']:,.0f} | {r['params_mean']:,.0f} | "
+            f"{lat} | {acc} | {'yes' if r['within_budget'] else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
@@ -136,8 +141,11 @@ def draw(rows: list[dict[str, Any]], x_key: str, xlabel: str, path: Path) -> Non
     fig = new_figure(COMPARISON_FIGURE)
     ax = fig.subplots()
     for k, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        pts = sorted((r[x_key], r["final_test_accuracy_mean"], r["final_test_accuracy_std"] or 0.0)
-                     for r in rows if r["method"] == method and r[x_key] is not None)  # fmt: skip
+        pts = sorted(
+            (r[x_key], r["final_test_accuracy_mean"], r["final_test_accuracy_std"] or 0.0)
+            for r in rows
+            if r["method"] == method and r[x_key] is not None
+        )
         if not pts:
             continue
         xs, mean, std = zip(*pts)

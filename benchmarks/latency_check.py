@@ -47,9 +47,12 @@ def check(table: LatencyTable, space, image_hw, genotypes: list, measured: list[
     meas = [r["measured_ms"] for r in rows]
     errors = [abs(p - m) / m for p, m in zip(pred, meas)]
     return {
-        "cells": len(rows), "spearman": spearman(pred, meas), "median_relative_error": statistics.median(errors),
-        "max_relative_error": max(errors), "rows": rows,
-    }  # fmt: skip
+        "cells": len(rows),
+        "spearman": spearman(pred, meas),
+        "median_relative_error": statistics.median(errors),
+        "max_relative_error": max(errors),
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,11 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         measured = data.pop("held_out_ms")
         table = LatencyTable(data)
     result = check(table, space, image_hw, genotypes, measured)
-    result.update({"runtime": table.data["runtime"], "machine": f"{platform.machine()} {platform.processor()}",
-                   "space": table.data["space"], "table": table.data})  # fmt: skip
-    print(f"{cfg.dataset} {image_hw[0]}x{image_hw[1]}, {args.cells} random cells, {table.data['runtime']}: "
-          f"Spearman {result['spearman']:.3f}, median error {100 * result['median_relative_error']:.1f} %, "
-          f"max {100 * result['max_relative_error']:.1f} %")  # fmt: skip
+    result.update(
+        {
+            "runtime": table.data["runtime"],
+            "machine": f"{platform.machine()} {platform.processor()}",
+            "space": table.data["space"],
+            "table": table.data,
+        }
+    )
+    print(
+        f"{cfg.dataset} {image_hw[0]}x{image_hw[1]}, {args.cells} random cells, {table.data['runtime']}: "
+        f"Spearman {result['spearman']:.3f}, median error {100 * result['median_relative_error']:.1f} %, "
+        f"max {100 * result['max_relative_error']:.1f} %"
+    )
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

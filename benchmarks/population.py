@@ -63,12 +63,28 @@ def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[s
         f"min-train-nodes={sampled} min-available-nodes={population} num-server-rounds={rounds} "
         f'train-subset=0 results-dir="{out}"'
     )
-    cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", "--num-supernodes", str(population),
-           "-c", str(ROOT / "conf" / "cifar10-cpu.toml"), "-c", overrides, "-c", LIGHT]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedmetanas_core.cli",
+        "run",
+        "--num-supernodes",
+        str(population),
+        "-c",
+        str(ROOT / "conf" / "cifar10-cpu.toml"),
+        "-c",
+        overrides,
+        "-c",
+        LIGHT,
+    ]
     cmd += [x for e in extra for x in ("-c", e)]
     with tempfile.TemporaryDirectory(prefix="fmn-pop-") as home:
-        env = {**os.environ, "FLWR_HOME": home, "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-               "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}  # fmt: skip
+        env = {
+            **os.environ,
+            "FLWR_HOME": home,
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        }
         print("$", " ".join(cmd), flush=True)
         started = time.perf_counter()
         seen: set[int] = set()

@@ -101,13 +101,19 @@ def row(method: str, seed: int, z: float | None, summary: dict[str, Any], out: P
     accs = [r["accuracy"] for r in rounds(out) if r.get("accuracy") is not None]
     dp = summary.get("dp") or {}
     return {
-        "method": method, "seed": seed, "noise_multiplier": z, "epsilon": summary.get("dp_epsilon"),
-        "delta": dp.get("delta"), "clipping_norm": dp.get("clipping_norm"), "releases": dp.get("releases"),
+        "method": method,
+        "seed": seed,
+        "noise_multiplier": z,
+        "epsilon": summary.get("dp_epsilon"),
+        "delta": dp.get("delta"),
+        "clipping_norm": dp.get("clipping_norm"),
+        "releases": dp.get("releases"),
         "final_test_accuracy": summary["final_test_accuracy"],
         "last5_accuracy": statistics.fmean(accs[-LAST_ROUNDS:]) if accs else None,
         "personalized_accuracy": summary.get("personalized_accuracy"),
-        "total_time_s": summary.get("total_time_s"), "results_dir": str(out),
-    }  # fmt: skip
+        "total_time_s": summary.get("total_time_s"),
+        "results_dir": str(out),
+    }
 
 
 def markdown(rows: list[dict[str, Any]], norms: dict[str, dict[str, float]], args) -> str:
@@ -132,22 +138,31 @@ def markdown(rows: list[dict[str, Any]], norms: dict[str, dict[str, float]], arg
             f"| {r['method']} | {z} | {c} | {eps} | {r['final_test_accuracy']:.3f} | {r['last5_accuracy']:.3f} | {pers} |"
         )
     lines.append("")
-    lines.append("Clipping norm per method: the median of the update norms logged by its run without DP "
-                 "(quartiles / max / replies): " + "; ".join(
-                     f"{m}: median {v['median']:.3g} (q1 {v['q1']:.3g}, q3 {v['q3']:.3g}, max {v['max']:.3g}, {v['n']} replies)"
-                     for m, v in norms.items()))  # fmt: skip
+    lines.append(
+        "Clipping norm per method: the median of the update norms logged by its run without DP "
+        "(quartiles / max / replies): "
+        + "; ".join(
+            f"{m}: median {v['median']:.3g} (q1 {v['q1']:.3g}, q3 {v['q3']:.3g}, max {v['max']:.3g}, {v['n']} replies)"
+            for m, v in norms.items()
+        )
+    )
     lines.append(
         f"Seeds: {', '.join(map(str, args.seeds))} ({'one seed' if len(args.seeds) == 1 else 'one row per seed above; mean and std over the seeds below'})."
     )
     summary = over_seeds(rows)
     if any(g["seeds"] > 1 for g in summary):
-        lines += ["", "| method | noise multiplier z | seeds | epsilon (delta=1e-5) | final test acc (mean +- std) | last-5-rounds acc (mean +- std) |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "| method | noise multiplier z | seeds | epsilon (delta=1e-5) | final test acc (mean +- std) | last-5-rounds acc (mean +- std) |",
+            "|---|---|---|---|---|---|",
+        ]
         for g in summary:
             z = "no DP" if g["noise_multiplier"] is None else f"{g['noise_multiplier']:g}"
             eps = "-" if g["epsilon"] is None else f"{g['epsilon']:.1f}"
-            lines.append(f"| {g['method']} | {z} | {g['seeds']} | {eps} | {g['final_mean']:.3f} +- {g['final_std']:.3f} "
-                         f"| {g['last5_mean']:.3f} +- {g['last5_std']:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {g['method']} | {z} | {g['seeds']} | {eps} | {g['final_mean']:.3f} +- {g['final_std']:.3f} "
+                f"| {g['last5_mean']:.3f} +- {g['last5_std']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -163,11 +178,18 @@ def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ):
         final = [r["final_test_accuracy"] for r in rs]
         last5 = [r["last5_accuracy"] for r in rs]
-        out.append({
-            "method": method, "noise_multiplier": z, "seeds": len(rs), "epsilon": rs[0]["epsilon"] if z is not None else None,
-            "final_mean": statistics.fmean(final), "final_std": statistics.stdev(final) if len(rs) > 1 else 0.0,
-            "last5_mean": statistics.fmean(last5), "last5_std": statistics.stdev(last5) if len(rs) > 1 else 0.0,
-        })  # fmt: skip
+        out.append(
+            {
+                "method": method,
+                "noise_multiplier": z,
+                "seeds": len(rs),
+                "epsilon": rs[0]["epsilon"] if z is not None else None,
+                "final_mean": statistics.fmean(final),
+                "final_std": statistics.stdev(final) if len(rs) > 1 else 0.0,
+                "last5_mean": statistics.fmean(last5),
+                "last5_std": statistics.stdev(last5) if len(rs) > 1 else 0.0,
+            }
+        )
     return out
 
 
@@ -186,8 +208,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ref = [g for g in groups if g["method"] == method and g["noise_multiplier"] is None]
         color = f"C{i}"
         if dp:
-            ax.errorbar([g["epsilon"] for g in dp], [g["final_mean"] for g in dp], yerr=[g["final_std"] for g in dp], fmt="o-",
-                        color=color, capsize=3, label=f"{method} (server-side fixed clipping; {dp[0]['seeds']} seed(s))")  # fmt: skip
+            ax.errorbar(
+                [g["epsilon"] for g in dp],
+                [g["final_mean"] for g in dp],
+                yerr=[g["final_std"] for g in dp],
+                fmt="o-",
+                color=color,
+                capsize=3,
+                label=f"{method} (server-side fixed clipping; {dp[0]['seeds']} seed(s))",
+            )
             for g in dp:
                 ax.annotate(
                     f"z={g['noise_multiplier']:g}",
@@ -235,13 +264,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "privacy")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    common = {"num-partitions": args.clients, "min-available-nodes": args.clients, "min-train-nodes": args.clients,
-              "tensorboard": False, "dp-delta": args.delta}  # fmt: skip
+    common = {
+        "num-partitions": args.clients,
+        "min-available-nodes": args.clients,
+        "min-train-nodes": args.clients,
+        "tensorboard": False,
+        "dp-delta": args.delta,
+    }
 
     def write() -> None:
         rows, norms = collect(args.out, args.seeds)
-        payload = {"preset": args.preset, "clients": args.clients, "seeds": args.seeds, "noise": args.noise,
-                   "dp": "server-fixed", "clipping_norms": norms, "rows": rows, "machine": machine_description()}  # fmt: skip
+        payload = {
+            "preset": args.preset,
+            "clients": args.clients,
+            "seeds": args.seeds,
+            "noise": args.noise,
+            "dp": "server-fixed",
+            "clipping_norms": norms,
+            "rows": rows,
+            "machine": machine_description(),
+        }
         atomic_write_text(args.out / "privacy.json", json.dumps(payload, indent=2) + "\n")
         atomic_write_text(args.out / "privacy.md", markdown(rows, norms, args))
         plot(rows, args.out / "privacy_accuracy_vs_epsilon.png")

@@ -147,10 +147,11 @@ def check_feasible(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int]
     cheapest, dearest = model.extremes()
     if not budget.fits(cheapest):
         raise ConfigError(
-            "budget", cfg.budget,
+            "budget",
+            cfg.budget,
             f"no network of this space fits: the cheapest cell costs {cheapest:.6g} {budget.kind} "
             f"(space from {cheapest:.6g} to {dearest:.6g}; init-channels {space.init_channels})",
-        )  # fmt: skip
+        )
     return model
 
 
@@ -421,8 +422,12 @@ def cost_report(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], n
     # a latency budget's table fixes the runtime, and its networks are timed beside this one
     table = LatencyTable.load(cfg.latency_table) if budget is not None and budget.kind == "latency-ms" else None
     runtime = table.runtime if table is not None else default_runtime()
-    report: dict[str, Any] = {"budget": budget.describe() if budget else None, "init_channels": space.init_channels,
-                              "macs": macs, "params": params}  # fmt: skip
+    report: dict[str, Any] = {
+        "budget": budget.describe() if budget else None,
+        "init_channels": space.init_channels,
+        "macs": macs,
+        "params": params,
+    }
     try:  # reported, never fatal: the numeric results matter more
         if table is not None:  # comparable with the budget on a drifting machine
             report.update(latency_against_table(net, table, space, image_hw, runtime))

@@ -150,10 +150,12 @@ def check_flags(args: argparse.Namespace) -> None:
                 raise ConfigError(var, port, "must be a port number (environment variable)", source="env")
             if port and _listening(int(port)):
                 raise ConfigError(
-                    "--ray-address", args.ray_address,
+                    "--ray-address",
+                    args.ray_address,
                     f"{var}={port} is in use (a running SuperLink keeps its own environment and would not "
-                    f"use the Ray cluster); unset it to get free ports", source="flag",
-                )  # fmt: skip
+                    f"use the Ray cluster); unset it to get free ports",
+                    source="flag",
+                )
 
 
 def _listening(port: int) -> bool:
@@ -179,9 +181,12 @@ class PrivateSuperLink:
         http = env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT") or str(_free_port())
         control = env.get("FLWR_LOCAL_CONTROL_API_PORT") or str(_free_port())
         self.env = {
-            **env, "FLWR_HOME": str(self.home), "RAY_ADDRESS": ray_address,
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": http, "FLWR_LOCAL_CONTROL_API_PORT": control,
-        }  # fmt: skip
+            **env,
+            "FLWR_HOME": str(self.home),
+            "RAY_ADDRESS": ray_address,
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": http,
+            "FLWR_LOCAL_CONTROL_API_PORT": control,
+        }
 
     def _pids(self) -> list[int]:
         """The SuperLink (its command line holds our private FLWR_HOME) and its descendants."""
@@ -321,8 +326,10 @@ def profile_command(cfg: RunConfig, args: argparse.Namespace) -> int:
     space, image_hw = run_space(cfg)
     runtime = args.runtime or default_runtime()
     args.runs = args.runs or PROFILE_RUNS
-    print(f"fedmetanas: profiling {len(space.primitives)} ops of the {cfg.dataset} space at {image_hw[0]}x{image_hw[1]} "
-          f"(init-channels {space.init_channels}) with {runtime}, batch 1, one thread, median of {args.runs} runs")  # fmt: skip
+    print(
+        f"fedmetanas: profiling {len(space.primitives)} ops of the {cfg.dataset} space at {image_hw[0]}x{image_hw[1]} "
+        f"(init-channels {space.init_channels}) with {runtime}, batch 1, one thread, median of {args.runs} runs"
+    )
     table = LatencyTable(profile_space(space, image_hw, runtime, args.runs, progress=print))
     table.save(args.out)
     print(
@@ -339,13 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--num-supernodes", type=int, default=10, help="simulated clients (local simulation)")
     run.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per simulated client (integer)")
     run.add_argument(
-        "--gpus-per-client", type=float, default=None,
+        "--gpus-per-client",
+        type=float,
+        default=None,
         help="Ray GPUs per simulated client, > 0; a fraction shares a GPU (0.25: four clients per GPU)",
-    )  # fmt: skip
+    )
     run.add_argument(
-        "--ray-address", default=None,
+        "--ray-address",
+        default=None,
         help="run the simulation on this existing Ray cluster: HOST:PORT on a cluster node, ray://HOST:PORT from outside (docs/scale.md)",
-    )  # fmt: skip
+    )
     run.add_argument("--connection", default="local", help="SuperLink connection in $FLWR_HOME/config.toml")
     run.add_argument(
         "--app",
@@ -421,11 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     private = PrivateSuperLink(args.ray_address, env) if args.ray_address else None
     if private:
         env = private.env
-        print(f"fedmetanas: simulation on the Ray cluster at {args.ray_address}, through a private local SuperLink "
-              f"(127.0.0.1:{env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}, FLWR_HOME={private.home})")  # fmt: skip
+        print(
+            f"fedmetanas: simulation on the Ray cluster at {args.ray_address}, through a private local SuperLink "
+            f"(127.0.0.1:{env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}, FLWR_HOME={private.home})"
+        )
     elif os.environ.get("RAY_ADDRESS"):
-        print(f"fedmetanas: note: RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set; a local SuperLink started now attaches "
-              f"its simulation to that Ray cluster, one already running does not (use --ray-address)")  # fmt: skip
+        print(
+            f"fedmetanas: note: RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set; a local SuperLink started now attaches "
+            f"its simulation to that Ray cluster, one already running does not (use --ray-address)"
+        )
     rc = 1
     try:
         rc = _stream_and_check(cmd, env, args.connection, results_dir)

@@ -31,7 +31,7 @@ from .config_keys import (  # noqa: F401 (re-exported: the table's names are par
     markdown_table,
     parse_budget,
     toml_table,
-)  # fmt: skip
+)
 from .privacy import DPConfigError, check_dp
 
 
@@ -82,7 +82,7 @@ class RunConfig(Mapping[str, Any]):
         if self.method == "fedmetanas" and self.discrete_round and not self.warmup_rounds < self.discrete_round:
             raise ConfigError(
                 "discrete-round", self.discrete_round, f"must be 0 or after the warm-up ({self.warmup_rounds} rounds)"
-            )  # fmt: skip
+            )
         if self.lr_min > self.outer_lr_w:
             raise ConfigError("lr-min", self.lr_min, f"must be <= outer-lr-w ({self.outer_lr_w})")
         if self.tau_max < self.tau_min:
@@ -103,9 +103,10 @@ class RunConfig(Mapping[str, Any]):
             )
         if 0 < self.num_partitions < self.min_available_nodes:
             raise ConfigError(
-                "num-partitions", self.num_partitions,
+                "num-partitions",
+                self.num_partitions,
                 f"must be 0 (one partition per node) or >= min-available-nodes ({self.min_available_nodes})",
-            )  # fmt: skip
+            )
         self._check_budget()
         self._check_strategy_nodes()
         self.check_dp(self.num_partitions or None)
@@ -131,26 +132,30 @@ class RunConfig(Mapping[str, Any]):
         n, f, name = self.min_available_nodes, self.num_malicious_nodes, self.strategy
         if name in ("Krum", "MultiKrum") and not n > 2 * f + 2:
             raise ConfigError(
-                "min-available-nodes", n,
+                "min-available-nodes",
+                n,
                 f"strategy {name} with num-malicious-nodes={f} needs more than 2*f+2 = {2 * f + 2} nodes",
-            )  # fmt: skip
+            )
         if name == "MultiKrum" and self.num_nodes_to_select > n - f:
             raise ConfigError(
-                "num-nodes-to-select", self.num_nodes_to_select,
+                "num-nodes-to-select",
+                self.num_nodes_to_select,
                 f"MultiKrum needs num-nodes-to-select <= min-available-nodes - num-malicious-nodes ({n} - {f} = {n - f})",
-            )  # fmt: skip
+            )
         if name == "Bulyan" and n < 4 * f + 3:
             raise ConfigError(
-                "min-available-nodes", n,
+                "min-available-nodes",
+                n,
                 f"strategy Bulyan with num-malicious-nodes={f} needs at least 4*f+3 = {4 * f + 3} nodes",
-            )  # fmt: skip
+            )
         if name == "FedTrimmedAvg" and int(self.trim_beta * n) < 1:
             need = math.ceil(1 / self.trim_beta - 1e-9) if self.trim_beta > 0 else "infinitely many"
             raise ConfigError(
-                "min-available-nodes", n,
+                "min-available-nodes",
+                n,
                 f"FedTrimmedAvg with trim-beta={self.trim_beta} trims nothing with fewer than {need} nodes "
                 f"(raise min-available-nodes or trim-beta, or use FedAvg)",
-            )  # fmt: skip
+            )
 
     def _check_attack(self) -> None:
         """An attack needs its attackers; ids must exist when the partitions are known."""

@@ -22,9 +22,18 @@ PARTITIONERS = ("iid", "dirichlet", "pathological", "shard")
 CORRUPT_IMAGE_POLICIES = ("fail", "skip")
 BUDGET_PENALTIES = ("target", "hinge")
 STRATEGIES = (
-    "FedAvg", "FedAvgM", "FedProx", "FedAdagrad", "FedAdam", "FedYogi",
-    "FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan",
-)  # fmt: skip
+    "FedAvg",
+    "FedAvgM",
+    "FedProx",
+    "FedAdagrad",
+    "FedAdam",
+    "FedYogi",
+    "FedMedian",
+    "FedTrimmedAvg",
+    "Krum",
+    "MultiKrum",
+    "Bulyan",
+)
 
 
 class ConfigError(ValueError):

@@ -242,9 +242,15 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, (example,), str(path), dynamo=False, input_names=["image"], output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-            )  # fmt: skip
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=17,
+            )
         import onnx
         from onnx.reference import ReferenceEvaluator
 

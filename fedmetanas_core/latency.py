@@ -216,8 +216,10 @@ def profile_space(
 
     runtime = runtime or default_runtime()
     torch.manual_seed(0)
-    shapes = sorted({s for _, rows in edge_shapes(space, image_hw) for row in rows for s in row if s.op != "none"},
-                    key=lambda s: s.key())  # fmt: skip
+    shapes = sorted(
+        {s for _, rows in edge_shapes(space, image_hw) for row in rows for s in row if s.op != "none"},
+        key=lambda s: s.key(),
+    )
     # the sum of op entries misses what only whole networks have (adds, concatenations, memory
     # traffic between ops): fit whole = fixed + scale * sum(ops) on calibration networks, the
     # all-skip skeleton and random cells drawn from seeds that no check uses

@@ -224,9 +224,12 @@ class SearchPhase(Phase):
         }
         edges = [edge_key(j, i) for j, i in self.space.topology.edges]
         return {
-            "op-probs": probs, "alpha-logits": logits, "primitives": list(self.space.primitives), "edges": edges,
+            "op-probs": probs,
+            "alpha-logits": logits,
+            "primitives": list(self.space.primitives),
+            "edges": edges,
             "cell-decided": self.is_discrete(),
-        }  # fmt: skip
+        }
 
     def restore(self, state: State, masks: dict[str, torch.Tensor], last: dict[str, Any]) -> None:
         load_arrays(self.model, state)
@@ -259,9 +262,16 @@ class FixedPhase(Phase):
     kind = "fixed"
 
     def __init__(
-        self, cfg: RunConfig, space: SpaceConfig, test: ImageData, device: torch.device, rounds: int, name: str,
-        genotype: Genotype | None = None, local_epochs: int | None = None,
-    ):  # fmt: skip
+        self,
+        cfg: RunConfig,
+        space: SpaceConfig,
+        test: ImageData,
+        device: torch.device,
+        rounds: int,
+        name: str,
+        genotype: Genotype | None = None,
+        local_epochs: int | None = None,
+    ):
         super().__init__(name, rounds)
         self.cfg, self.space, self.test, self.device, self.genotype = cfg, space, test, device, genotype
         self.local_epochs = cfg.local_epochs if local_epochs is None else local_epochs

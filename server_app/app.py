@@ -129,10 +129,11 @@ def federation_size(
             enough_since = None
             if t - start >= wait_s:
                 raise ConfigError(
-                    "min-available-nodes", cfg.min_available_nodes,
+                    "min-available-nodes",
+                    cfg.min_available_nodes,
                     f"only {count} node(s) connected within {wait_s:g} s (round-timeout); DP accounting needs the "
                     f"federation's size: start more nodes, lower min-available-nodes, or set num-partitions",
-                )  # fmt: skip
+                )
         time.sleep(0.2)
 
 
@@ -218,9 +219,11 @@ class Experiment:
         if self.population is not None:
             base = wrap_dp(base, cfg, self.population)
         strategy = SearchStrategy(
-            base, cfg.alpha_aggregation if search else "logits", cfg.min_train_nodes,
+            base,
+            cfg.alpha_aggregation if search else "logits",
+            cfg.min_train_nodes,
             **(alpha_defence_args(cfg) if search else {}),
-        )  # fmt: skip
+        )
         self.strategy = strategy
         phase.start(self.carried)
         arrays = array_record(phase.initial_state())
@@ -304,10 +307,16 @@ class Experiment:
         log(
             INFO,
             "[%s %d/%d] tau %.3f | test acc %.4f%s | elapsed %s | remaining ~%s%s",
-            phase.name, rnd, phase.rounds, metrics.get("tau", 1.0), acc, extra,
-            fmt_duration(elapsed), fmt_duration(remaining),
+            phase.name,
+            rnd,
+            phase.rounds,
+            metrics.get("tau", 1.0),
+            acc,
+            extra,
+            fmt_duration(elapsed),
+            fmt_duration(remaining),
             f" | {len(strategy.rejected)} replies rejected" if strategy.rejected else "",
-        )  # fmt: skip
+        )
         return arrays
 
     @staticmethod
@@ -400,8 +409,13 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     exp.recorder.save_model(final_net, exp.space, genotype)
     exp.recorder.write_summary(summary)
     _after_run(exp.recorder.dir, final_net, exp.test, summary["cost"])
-    log(INFO, "final test accuracy %.4f (supernet %s) | personalized %s", final_eval["accuracy"],
-        summary["supernet_test_accuracy"], summary["personalized_accuracy"])  # fmt: skip
+    log(
+        INFO,
+        "final test accuracy %.4f (supernet %s) | personalized %s",
+        final_eval["accuracy"],
+        summary["supernet_test_accuracy"],
+        summary["personalized_accuracy"],
+    )
     log(INFO, "Results written to %s", exp.recorder.dir)
     return exp.recorder.dir
 

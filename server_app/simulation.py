@@ -61,9 +61,12 @@ client_app = ClientApp()
 
 def _with_config(context: Context) -> Context:
     return Context(
-        run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
-        state=context.state, run_config=_run_config(),
-    )  # fmt: skip
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config,
+        state=context.state,
+        run_config=_run_config(),
+    )
 
 
 def _fault(context: Context) -> str | None:
@@ -91,10 +94,12 @@ def corrupt_reply(reply: Message, kind: str, request: Message) -> Message:
         state = {k: v * 1e6 for k, v in state.items()}
     else:
         raise ValueError(f"unknown fault kind {kind!r}; one of {', '.join(FAULT_KINDS)}")
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()}),
-        "metrics": reply.content["metrics"],
-    })  # fmt: skip
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()}),
+            "metrics": reply.content["metrics"],
+        }
+    )
     return Message(content, reply_to=request)
 
 
@@ -207,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     if skipped:  # e.g. the simulation's workers were killed: the accuracy is not a fair measurement
-        print(f"simulation: warning: {skipped} of {len(rounds)} rounds were skipped (too few usable replies); "
-              f"see rejected-reasons in rounds.jsonl", file=sys.stderr)  # fmt: skip
+        print(
+            f"simulation: warning: {skipped} of {len(rounds)} rounds were skipped (too few usable replies); "
+            f"see rejected-reasons in rounds.jsonl",
+            file=sys.stderr,
+        )
         return 3
     return 0
 

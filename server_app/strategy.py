@@ -223,9 +223,14 @@ class SearchStrategy(Strategy):
     """Delegates sampling and aggregation to ``base``; never lets a faulty reply reach the model."""
 
     def __init__(
-        self, base: Strategy, alpha_aggregation: str = "logits", min_replies: int = 1,
-        alpha_defence: str = "none", trim_beta: float = 0.2, screen_factor: float = 3.0,
-    ):  # fmt: skip
+        self,
+        base: Strategy,
+        alpha_aggregation: str = "logits",
+        min_replies: int = 1,
+        alpha_defence: str = "none",
+        trim_beta: float = 0.2,
+        screen_factor: float = 3.0,
+    ):
         self.base = base
         self.dp = _is_dp_wrapper(base)  # replies get unit weights, the reference's key order, a full count
         self.update_norms: list[tuple[float, float]] = []  # (all arrays, logits only) per usable reply, last round
@@ -242,8 +247,13 @@ class SearchStrategy(Strategy):
         self.evaluate_replies: list[dict] = []  # per-client metrics of the last evaluate round
 
     def summary(self) -> None:
-        log(INFO, "\t├──> SearchStrategy around %s (alpha aggregation: %s, alpha defence: %s)",
-            type(self.base).__name__, self.alpha_aggregation, self.alpha_defence)  # fmt: skip
+        log(
+            INFO,
+            "\t├──> SearchStrategy around %s (alpha aggregation: %s, alpha defence: %s)",
+            type(self.base).__name__,
+            self.alpha_aggregation,
+            self.alpha_defence,
+        )
         self.base.summary()
 
     def configure_train(
@@ -372,10 +382,13 @@ class SearchStrategy(Strategy):
     def _arch_replies(good: list[Message]) -> list[tuple[int, dict[str, np.ndarray], float]]:
         """(node id, architecture logits, num-examples) of each usable reply."""
         return [
-            (m.metadata.src_node_id, {k: v.numpy().copy() for k, v in m.content["arrays"].items() if is_arch(k)},
-             float(m.content["metrics"]["num-examples"]))
+            (
+                m.metadata.src_node_id,
+                {k: v.numpy().copy() for k, v in m.content["arrays"].items() if is_arch(k)},
+                float(m.content["metrics"]["num-examples"]),
+            )
             for m in good
-        ]  # fmt: skip
+        ]
 
     def _defend_alphas(
         self, server_round: int, replies: list[tuple[int, dict[str, np.ndarray], float]], arrays: ArrayRecord

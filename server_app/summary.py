@@ -40,7 +40,7 @@ def run_fields(cfg: RunConfig, exp: Experiment) -> dict[str, Any]:
             "dirichlet_alpha": cfg.dirichlet_alpha,
             "classes_per_client": cfg.classes_per_client,
             "shards_per_client": cfg.shards_per_client,
-        },  # fmt: skip
+        },
         "rounds": exp.phases[0].rounds,
         "retrain_rounds": sum(p.rounds for p in exp.phases[1:]),
     }
@@ -54,18 +54,24 @@ def privacy_fields(cfg: RunConfig, exp: Experiment) -> dict[str, Any]:
     strategy = getattr(exp, "strategy", None)
     return {
         "dp": {
-            "mode": cfg.dp, "noise_multiplier": cfg.dp_noise_multiplier, "effective_noise_multiplier": acc.noise_multiplier,
+            "mode": cfg.dp,
+            "noise_multiplier": cfg.dp_noise_multiplier,
+            "effective_noise_multiplier": acc.noise_multiplier,
             "clipping_norm": cfg.dp_clipping_norm,
             "final_clipping_norm": current_clipping_norm(strategy.base) if strategy is not None else None,
-            "delta": acc.delta, "epsilon": acc.epsilon(), "releases": acc.releases,
-            "population": acc.population, "sampled_clients": acc.sample_size, "sampling_rate": acc.sampling_rate,
+            "delta": acc.delta,
+            "epsilon": acc.epsilon(),
+            "releases": acc.releases,
+            "population": acc.population,
+            "sampled_clients": acc.sample_size,
+            "sampling_rate": acc.sampling_rate,
             "amplification": acc.amplified and acc.sampling_rate < 1,
             "accountant": "dp-accounting RdpAccountant (client-level, add-or-remove-one)",
             "clipped_together": "weights and architecture logits, one L2 norm",
             "strategy_is_mean": cfg.strategy in MEAN_STRATEGIES or cfg.dp == "local",
         },
         "dp_epsilon": acc.epsilon(),
-    }  # fmt: skip
+    }
 
 
 def accuracy_fields(

@@ -27,9 +27,13 @@ from fedmetanas_core.processes import process_table
 
 # ports a node opens besides its worker-port range (the head adds --port and --ray-client-server-port)
 NODE_PORT_FLAGS = (
-    "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
-)  # fmt: skip
+    "--node-manager-port",
+    "--object-manager-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+)
 WORKER_PORTS_PER_NODE = 16
 
 
@@ -109,8 +113,12 @@ class RayCluster:
         out = open(Path(self.temp_dir) / log, "w")  # noqa: SIM115 (closed with the process)
         proc = subprocess.Popen(
             [sys.executable, "-m", "ray.scripts.scripts", "start", *args],
-            stdout=out, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True, cwd=self.temp_dir,
-        )  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=self._env(),
+            start_new_session=True,
+            cwd=self.temp_dir,
+        )
         self.procs.append(proc)
         return proc
 

@@ -208,9 +208,22 @@ def test_attack_keys_are_validated():
         assert err.value.key == key, flat
 
 
-TINY = {"num-server-rounds": 1, "local-meta-iters": 1, "batch-size": 16, "init-channels": 4, "num-partitions": 4,
-        "min-available-nodes": 4, "train-subset": 240, "test-subset": 120, "personalize-steps": 1, "fraction-evaluate": 0.0,
-        "attack": "alpha-poison", "attack-clients": "0", "attack-scale": 5.0, "checkpoint": False}  # fmt: skip
+TINY = {
+    "num-server-rounds": 1,
+    "local-meta-iters": 1,
+    "batch-size": 16,
+    "init-channels": 4,
+    "num-partitions": 4,
+    "min-available-nodes": 4,
+    "train-subset": 240,
+    "test-subset": 120,
+    "personalize-steps": 1,
+    "fraction-evaluate": 0.0,
+    "attack": "alpha-poison",
+    "attack-clients": "0",
+    "attack-scale": 5.0,
+    "checkpoint": False,
+}
 
 
 @pytest.mark.parametrize("defence", ["none", "median"])

@@ -14,11 +14,20 @@ def summary(method: str, accs: list[float], step_s: float, config: dict, retrain
     rounds = [{"accuracy": a, "elapsed-s": step_s * (i + 1)} for i, a in enumerate(accs)]
     total = step_s * len(accs)
     return {
-        "final_test_accuracy": accs[-1], "supernet_test_accuracy": None, "search_time_s": total - retrain_s,
-        "retrain_time_s": retrain_s, "total_time_s": total, "personalized_accuracy": 0.5,
-        "personalized_accuracy_before": 0.4, "params": 10, "rounds": len(accs), "retrain_rounds": 0,
-        "results_dir": f"/tmp/{method}", "rounds_log": rounds, "config": {"method": method, **config},
-    }  # fmt: skip
+        "final_test_accuracy": accs[-1],
+        "supernet_test_accuracy": None,
+        "search_time_s": total - retrain_s,
+        "retrain_time_s": retrain_s,
+        "total_time_s": total,
+        "personalized_accuracy": 0.5,
+        "personalized_accuracy_before": 0.4,
+        "params": 10,
+        "rounds": len(accs),
+        "retrain_rounds": 0,
+        "results_dir": f"/tmp/{method}",
+        "rounds_log": rounds,
+        "config": {"method": method, **config},
+    }
 
 
 def as_run(s: dict) -> RunData:
@@ -43,8 +52,11 @@ def test_time_to_reach_is_the_first_round_at_or_above_the_target():
 
 
 def test_images_to_reach_count_every_round_up_to_the_target():
-    rounds = [{"accuracy": 0.2, "client-images-mean": 100.0}, {"accuracy": 0.31, "client-images-mean": 50.0},
-              {"accuracy": 0.29, "client-images-mean": 70.0}]  # fmt: skip
+    rounds = [
+        {"accuracy": 0.2, "client-images-mean": 100.0},
+        {"accuracy": 0.31, "client-images-mean": 50.0},
+        {"accuracy": 0.29, "client-images-mean": 70.0},
+    ]
     assert images_to_reach(rounds, 0.3) == 150.0
     assert images_to_reach(rounds, 0.4) is None
     assert images_to_reach(rounds) == 220.0  # the whole run

@@ -72,7 +72,11 @@ CASES = [
     ("partitions-below-nodes", "num-partitions", "num-partitions=2 min-available-nodes=4 min-train-nodes=2"),
     ("krum-too-few-nodes", "min-available-nodes", 'strategy="Krum" num-malicious-nodes=1 min-available-nodes=4'),
     ("krum-default-two-nodes", "min-available-nodes", 'strategy="Krum"'),
-    ("multikrum-selects-too-many", "num-nodes-to-select", 'strategy="MultiKrum" num-malicious-nodes=1 min-available-nodes=5 num-nodes-to-select=5'),
+    (
+        "multikrum-selects-too-many",
+        "num-nodes-to-select",
+        'strategy="MultiKrum" num-malicious-nodes=1 min-available-nodes=5 num-nodes-to-select=5',
+    ),
     ("bulyan-too-few-nodes", "min-available-nodes", 'strategy="Bulyan" num-malicious-nodes=1 min-available-nodes=6'),
     ("trimmedavg-trims-nothing", "min-available-nodes", 'strategy="FedTrimmedAvg" min-available-nodes=4'),
     ("trim-beta-half", "trim-beta", 'strategy="FedTrimmedAvg" trim-beta=0.5 min-available-nodes=10'),
@@ -85,7 +89,11 @@ CASES = [
     ("zero-dp-clip-lr", "dp-clip-lr", "dp-clip-lr=0.0"),
     ("negative-dp-count-stddev", "dp-clipped-count-stddev", "dp-clipped-count-stddev=-1.0"),
     # 12 sampled clients a round, 10 simulated (the CLI's --num-supernodes): would wait forever
-    ("dp-samples-more-than-federation", "min-train-nodes", 'dp="client-fixed" min-available-nodes=12 min-train-nodes=12'),
+    (
+        "dp-samples-more-than-federation",
+        "min-train-nodes",
+        'dp="client-fixed" min-available-nodes=12 min-train-nodes=12',
+    ),
     # adaptive clipping with 10 clients: z must be < 2 x (10 / 20)
     ("dp-adaptive-noise-too-high", "dp-noise-multiplier", 'dp="client-adaptive" dp-noise-multiplier=1.0'),
     ("dp-with-log-softmax-alphas", "alpha-aggregation", 'dp="server-fixed" alpha-aggregation="log-softmax"'),
@@ -93,12 +101,16 @@ CASES = [
     ("attack-without-attackers", "attack-clients", 'attack="sign-flip"'),
     ("attack-clients-not-ids", "attack-clients", 'attack="sign-flip" attack-clients="0,x"'),
     ("attack-clients-repeat", "attack-clients", 'attack="sign-flip" attack-clients="1,1"'),
-    ("attack-client-beyond-partitions", "attack-clients", 'attack="alpha-poison" attack-clients="0,10" num-partitions=10 min-available-nodes=10'),
+    (
+        "attack-client-beyond-partitions",
+        "attack-clients",
+        'attack="alpha-poison" attack-clients="0,10" num-partitions=10 min-available-nodes=10',
+    ),
     ("zero-attack-scale", "attack-scale", "attack-scale=0.0"),
     ("unknown-alpha-defence", "alpha-defence", 'alpha-defence="mean"'),
     ("alpha-screen-factor-below-one", "alpha-screen-factor", "alpha-screen-factor=0.5"),
     ("alpha-defence-with-dp", "alpha-defence", 'alpha-defence="median" dp="server-fixed"'),
-]  # fmt: skip
+]
 
 # Needs server_app.strategy.check_strategy wired into the CLI (config.py never imports flwr).
 IMPORT_CASE = ("strategy-import-fails", "strategy", 'strategy="no_such_package.module:MyStrategy"')
@@ -125,8 +137,12 @@ def _run_cli(root: Path, case: tuple[str, str, str]) -> subprocess.CompletedProc
     env = {**os.environ, "PATH": f"{root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(
         [sys.executable, "-m", "fedmetanas_core.cli", "run", "--app", str(ROOT), "-c", overrides],
-        capture_output=True, text=True, env=env, cwd=root, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +193,13 @@ def test_good_paths_pass(tmp_path):
     tree = tmp_path / "tree"
     for split in ("train", "test"):
         (tree / split / "cat").mkdir(parents=True)
-    cfg = RunConfig.from_flat({
-        "dataset": "imagefolder", "data-dir": str(tree), "results-dir": str(tmp_path / "new" / "deeper"),
-    })  # fmt: skip
+    cfg = RunConfig.from_flat(
+        {
+            "dataset": "imagefolder",
+            "data-dir": str(tree),
+            "results-dir": str(tmp_path / "new" / "deeper"),
+        }
+    )
     assert cfg.data_dir == str(tree)
     RunConfig.from_flat({"dataset": "mnist", "data-dir": str(tmp_path / "will-be-made")})
     RunConfig.from_flat({"strategy": "Krum", "min-available-nodes": 3})

@@ -24,7 +24,7 @@ from fedmetanas_core.budget import (
     network_cost,
     sized_space,
     uniform_expected_cost,
-)  # fmt: skip
+)
 from fedmetanas_core.cli import main as cli_main
 from fedmetanas_core.config import ConfigError, RunConfig, defaults
 from fedmetanas_core.coordinator import plan_from_config, plan_to_config
@@ -46,9 +46,14 @@ from fedmetanas_core.training import RoundPlan, fedmetanas_local_search, fednas_
 
 SPACES = [
     (SpaceConfig(10, 1, 8, 2, 2), (8, 8)),  # the default run's
-    (SpaceConfig(10, 3, 8, 3, 2, primitives=("skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")), (16, 16)),
+    (
+        SpaceConfig(
+            10, 3, 8, 3, 2, primitives=("skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+        ),
+        (16, 16),
+    ),
     (SpaceConfig(10, 1, 6, 5, 3), (7, 7)),  # odd sizes, two reduction cells
-]  # fmt: skip
+]
 
 
 def _arch(model: SearchModel) -> dict[str, torch.Tensor]:
@@ -218,8 +223,17 @@ def test_the_cost_term_pulls_the_expected_cost_to_the_budget(method, single_thre
     model = counted_cost_model(space, (8, 8), "macs")
     start = uniform_expected_cost(model)
     low = model.extremes()[0]
-    base = {**defaults(), "method": method, "local-meta-iters": 4, "batch-size": 16, "warmup-rounds": 0, "discrete-round": 0,
-            "outer-lr-alpha": 0.1, "init-channels": 4, "input-pruning": True}  # fmt: skip
+    base = {
+        **defaults(),
+        "method": method,
+        "local-meta-iters": 4,
+        "batch-size": 16,
+        "warmup-rounds": 0,
+        "discrete-round": 0,
+        "outer-lr-alpha": 0.1,
+        "init-channels": 4,
+        "input-pruning": True,
+    }
     after = {}
     for budget in ("", f"macs:{low:.0f}"):
         cfg = RunConfig.from_flat({**base, "budget": budget, "budget-weight": 50.0})
@@ -322,9 +336,23 @@ def test_budget_penalties():
 
 # --- a whole run under a budget: the real ServerApp loop and ClientApp, in process -------------------
 
-RUN = {"local-meta-iters": 2, "local-epochs": 1, "retrain-local-epochs": 1, "min-available-nodes": 3, "min-train-nodes": 2,
-       "batch-size": 16, "num-partitions": 3, "train-subset": 300, "test-subset": 120, "personalize-steps": 1,
-       "num-server-rounds": 4, "warmup-rounds": 1, "discrete-round": 3, "retrain-rounds": 1, "checkpoint": False}  # fmt: skip
+RUN = {
+    "local-meta-iters": 2,
+    "local-epochs": 1,
+    "retrain-local-epochs": 1,
+    "min-available-nodes": 3,
+    "min-train-nodes": 2,
+    "batch-size": 16,
+    "num-partitions": 3,
+    "train-subset": 300,
+    "test-subset": 120,
+    "personalize-steps": 1,
+    "num-server-rounds": 4,
+    "warmup-rounds": 1,
+    "discrete-round": 3,
+    "retrain-rounds": 1,
+    "checkpoint": False,
+}
 
 
 BUDGETED_RUNS = [
@@ -381,8 +409,15 @@ def test_a_run_with_a_latency_budget_uses_the_table(tmp_path, flower_task_identi
     low, high = table.cost_model(space, image_hw).extremes()
     limit = low + 0.3 * (high - low)
     out = tmp_path / "run"
-    cfg = RunConfig.from_flat({**defaults(), **RUN, "budget": f"latency-ms:{limit}", "latency-table": str(tmp_path / "table.json"),
-                               "results-dir": str(out)})  # fmt: skip
+    cfg = RunConfig.from_flat(
+        {
+            **defaults(),
+            **RUN,
+            "budget": f"latency-ms:{limit}",
+            "latency-table": str(tmp_path / "table.json"),
+            "results-dir": str(out),
+        }
+    )
     with run_settings(cfg, 1):
         run_experiment(LocalGrid(9200, dict(cfg), 3), cfg)
     cost = json.loads((out / "summary.json").read_text())["cost"]

@@ -346,11 +346,23 @@ def test_own_data_uses_the_local_test_folder(tmp_path):
 NOT_CLIENT_DATA = ("batch-size", "eval-batch-size", "eval-split")
 # a valid other value for every run-config key that decides a client's data
 OTHER_VALUE = {
-    "dataset": "mnist", "data-dir": "/elsewhere", "hf-dataset": "user/images", "num-partitions": 7,
-    "partitioner": "iid", "dirichlet-alpha": 0.1, "classes-per-client": 3, "shards-per-client": 3,
-    "min-partition-size": 20, "query-fraction": 0.3, "local-test-fraction": 0.1, "image-size": 16,
-    "train-subset": 100, "test-subset": 50, "on-corrupt-image": "skip", "seed": 5,
-}  # fmt: skip
+    "dataset": "mnist",
+    "data-dir": "/elsewhere",
+    "hf-dataset": "user/images",
+    "num-partitions": 7,
+    "partitioner": "iid",
+    "dirichlet-alpha": 0.1,
+    "classes-per-client": 3,
+    "shards-per-client": 3,
+    "min-partition-size": 20,
+    "query-fraction": 0.3,
+    "local-test-fraction": 0.1,
+    "image-size": 16,
+    "train-subset": 100,
+    "test-subset": 50,
+    "on-corrupt-image": "skip",
+    "seed": 5,
+}
 
 
 def _client_data_keys() -> set[str]:

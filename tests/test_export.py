@@ -162,10 +162,20 @@ def test_predict_command_in_a_fresh_process(derived_net, digits_test, tmp_path):
     (tmp_path / "images" / "notes.txt").write_text("not an image")
 
     proc = subprocess.run(
-        [sys.executable, "-m", "fedmetanas_core.predict", str(run_dir / P.TORCHSCRIPT_FILE), str(tmp_path / "images"),
-         "--classes-from", str(run_dir)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedmetanas_core.predict",
+            str(run_dir / P.TORCHSCRIPT_FILE),
+            str(tmp_path / "images"),
+            "--classes-from",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == len(images)

@@ -30,8 +30,17 @@ def test_rows_average_each_method_over_its_finished_seeds(tmp_path):
     assert by["fedmetanas"]["final_test_accuracy_std"] == pytest.approx(0.05)
     assert by["fedmetanas"]["macs_mean"] == 41000 and by["fedmetanas"]["within_budget"] is True
     assert by["fedavg-cnn"]["within_budget"] is False
-    for key in ("method", "partition", "budget", "seeds", "macs_mean", "params_mean", "latency_ms_mean",
-                "final_test_accuracy_mean", "final_test_accuracy_std"):  # fmt: skip
+    for key in (
+        "method",
+        "partition",
+        "budget",
+        "seeds",
+        "macs_mean",
+        "params_mean",
+        "latency_ms_mean",
+        "final_test_accuracy_mean",
+        "final_test_accuracy_std",
+    ):
         assert key in by["fedmetanas"]
     table = markdown(rows)
     assert "0.8500 ± 0.0500" in table and "| NO |" in table

@@ -278,8 +278,20 @@ def test_learning_rate_schedule_cosine_per_stage_and_sent_each_round():
     assert cosine(1) == pytest.approx(0.1) and cosine(5) == pytest.approx(0.001) and cosine(3) == pytest.approx(0.0505)
     assert all(cosine(r) > cosine(r + 1) for r in range(1, 5))
     assert LearningRateSchedule(0.1, 0.0, 5)(4) == 0.1  # constant
-    cfg = RunConfig.from_flat({"method": "fednas", "num-server-rounds": 4, "retrain-rounds": 3, "lr-schedule": "cosine",
-                               "outer-lr-w": 0.1, "lr-min": 0.01, "num-cells": 3, "num-nodes": 2, "init-channels": 4}, check_paths=False)  # fmt: skip
+    cfg = RunConfig.from_flat(
+        {
+            "method": "fednas",
+            "num-server-rounds": 4,
+            "retrain-rounds": 3,
+            "lr-schedule": "cosine",
+            "outer-lr-w": 0.1,
+            "lr-min": 0.01,
+            "num-cells": 3,
+            "num-nodes": 2,
+            "init-channels": 4,
+        },
+        check_paths=False,
+    )
     test = ImageData(torch.randn(4, 3, 8, 8), torch.arange(4) % 2, ("a", "b"))
     space = space_from_config(cfg, 2, 3)
     search = SearchPhase(cfg, space, test, torch.device("cpu"), cfg.num_server_rounds)

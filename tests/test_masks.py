@@ -144,8 +144,17 @@ def test_discrete_round_anneals_and_prunes_by_that_round():
     from fedmetanas_core.data import ImageData
     from fedmetanas_core.phases import Handoff, SearchPhase
 
-    cfg = RunConfig.from_flat({"num-server-rounds": 10, "warmup-rounds": 2, "discrete-round": 6, "num-cells": 3,
-                               "num-nodes": 2, "init-channels": 4}, check_paths=False)  # fmt: skip
+    cfg = RunConfig.from_flat(
+        {
+            "num-server-rounds": 10,
+            "warmup-rounds": 2,
+            "discrete-round": 6,
+            "num-cells": 3,
+            "num-nodes": 2,
+            "init-channels": 4,
+        },
+        check_paths=False,
+    )
     test = ImageData(torch.randn(4, 3, 8, 8), torch.arange(4) % 2, ("a", "b"))
     phase = SearchPhase(cfg, space_from_config(cfg, 2, 3), test, torch.device("cpu"), cfg.num_server_rounds)
     phase.start(Handoff())

@@ -26,9 +26,19 @@ from server_app.strategy import SearchStrategy, build_base_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
 
-TINY = {"local-meta-iters": 1, "local-epochs": 1, "retrain-local-epochs": 2, "min-available-nodes": 3, "min-train-nodes": 2,
-        "batch-size": 16, "init-channels": 4, "num-partitions": 3, "train-subset": 240, "test-subset": 120,
-        "personalize-steps": 2}  # fmt: skip
+TINY = {
+    "local-meta-iters": 1,
+    "local-epochs": 1,
+    "retrain-local-epochs": 2,
+    "min-available-nodes": 3,
+    "min-train-nodes": 2,
+    "batch-size": 16,
+    "init-channels": 4,
+    "num-partitions": 3,
+    "train-subset": 240,
+    "test-subset": 120,
+    "personalize-steps": 2,
+}
 
 
 def _plan(flat: dict, test):
@@ -43,12 +53,14 @@ def _plan(flat: dict, test):
     "flat, expected",
     [
         ({"method": "fedmetanas", "num-server-rounds": 5}, [(SearchPhase, "search", "search", 5)]),
-        ({"method": "fednas", "num-server-rounds": 4, "retrain-rounds": 3},
-         [(SearchPhase, "search", "search", 4), (RetrainPhase, "retrain", "fixed", 3)]),
+        (
+            {"method": "fednas", "num-server-rounds": 4, "retrain-rounds": 3},
+            [(SearchPhase, "search", "search", 4), (RetrainPhase, "retrain", "fixed", 3)],
+        ),
         ({"method": "fednas", "num-server-rounds": 4, "retrain-rounds": 0}, [(SearchPhase, "search", "search", 4)]),
         ({"method": "fedavg", "num-server-rounds": 6}, [(FixedPhase, "fedavg", "fixed", 6)]),
     ],
-)  # fmt: skip
+)
 def test_planner_returns_each_methods_phases_in_order(digits_test, flat, expected):
     _, phases = _plan(flat, digits_test)
     assert all(isinstance(p, Phase) for p in phases)
@@ -179,8 +191,17 @@ def test_fednas_resumed_inside_retraining_matches_the_uninterrupted_run(tmp_path
     with run_settings(cfg):
         run_experiment(CrashingGrid(7403, dict(cfg)), cfg)
     want, got = (json.loads((d / "summary.json").read_text()) for d in (reference, resumed))
-    keys = ("genotype", "final_test_accuracy", "supernet_test_accuracy", "supernet_params", "personalized_accuracy",
-            "params", "rounds", "retrain_rounds", "steps_per_client_round")  # fmt: skip
+    keys = (
+        "genotype",
+        "final_test_accuracy",
+        "supernet_test_accuracy",
+        "supernet_params",
+        "personalized_accuracy",
+        "params",
+        "rounds",
+        "retrain_rounds",
+        "steps_per_client_round",
+    )
     assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
     assert got["resumed"] is True and got["search_time_s"] > 0 and got["retrain_time_s"] > 0
     rows = [json.loads(line) for line in (resumed / "rounds.jsonl").read_text().splitlines()]

@@ -32,10 +32,24 @@ from server_app.strategy import SearchStrategy, build_base_strategy, load_strate
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
 
-TINY = {"local-meta-iters": 1, "local-epochs": 1, "min-available-nodes": 3, "min-train-nodes": 3, "batch-size": 16,
-        "init-channels": 4, "num-partitions": 3, "train-subset": 240, "test-subset": 120, "personalize-steps": 1,
-        "num-server-rounds": 2, "fraction-evaluate": 0.0, "tensorboard": False, "checkpoint": False,
-        "dp-noise-multiplier": 0.5, "dp-clipping-norm": 2.0}  # fmt: skip
+TINY = {
+    "local-meta-iters": 1,
+    "local-epochs": 1,
+    "min-available-nodes": 3,
+    "min-train-nodes": 3,
+    "batch-size": 16,
+    "init-channels": 4,
+    "num-partitions": 3,
+    "train-subset": 240,
+    "test-subset": 120,
+    "personalize-steps": 1,
+    "num-server-rounds": 2,
+    "fraction-evaluate": 0.0,
+    "tensorboard": False,
+    "checkpoint": False,
+    "dp-noise-multiplier": 0.5,
+    "dp-clipping-norm": 2.0,
+}
 
 
 def _run(tmp_path, name: str, **flat) -> tuple[dict, list[dict]]:
@@ -154,8 +168,17 @@ def _global() -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("clip, expected_norm", [(1.0, 1.0), (100.0, 5.0)])
 def test_server_side_clipping_bounds_the_whole_update_weights_and_logits_together(clip, expected_norm):
-    cfg = RunConfig.from_flat({**TINY, "dp": "server-fixed", "dp-noise-multiplier": 0.0, "dp-clipping-norm": clip,
-                               "min-available-nodes": 1, "min-train-nodes": 1, "num-partitions": 1})  # fmt: skip
+    cfg = RunConfig.from_flat(
+        {
+            **TINY,
+            "dp": "server-fixed",
+            "dp-noise-multiplier": 0.0,
+            "dp-clipping-norm": clip,
+            "min-available-nodes": 1,
+            "min-train-nodes": 1,
+            "num-partitions": 1,
+        }
+    )
     strategy = SearchStrategy(wrap_dp(build_base_strategy(cfg), cfg, 1), "logits", 1)
     strategy.configure_train(1, _arrays(_global()), ConfigRecord({}), NodeIds([1, 2]))
     update = {KEYS[0]: np.full((4, 3), 1.0), KEYS[1]: np.full((2, 4), 1.0)}  # norm sqrt(12 + 8)
@@ -245,8 +268,15 @@ def test_dp_strategy_state_survives_a_checkpoint():
 def test_the_server_refuses_a_dp_config_for_the_federation_it_finds(tmp_path):
     """num-partitions unset: the population is the connected nodes (3); adaptive clipping then needs
     z < 2 x 3/20 = 0.3. Refused before any data is loaded."""
-    cfg = RunConfig.from_flat({**TINY, "num-partitions": 0, "dp": "client-adaptive", "dp-noise-multiplier": 0.5,
-                               "results-dir": str(tmp_path / "refused")})  # fmt: skip
+    cfg = RunConfig.from_flat(
+        {
+            **TINY,
+            "num-partitions": 0,
+            "dp": "client-adaptive",
+            "dp-noise-multiplier": 0.5,
+            "results-dir": str(tmp_path / "refused"),
+        }
+    )
     with pytest.raises(ConfigError, match="'dp-noise-multiplier'"):
         run_experiment(LocalGrid(996, dict(cfg), 3), cfg)
 

@@ -111,7 +111,7 @@ def test_ray_address_reaches_a_private_superlink_and_gpus_the_federation_config(
         f'results-dir="{tmp_path}"',
     ]
     assert cli.main(args) == 1  # the recorder "fails", so the private FLWR_HOME is kept for its log
-    (cmd, env), = RecordingFlwrRun.calls  # fmt: skip
+    ((cmd, env),) = RecordingFlwrRun.calls
     federation = cmd[cmd.index("--federation-config") + 1]
     assert "client-resources-num-gpus=0.25" in federation and "init-args" not in federation
     assert env["RAY_ADDRESS"] == "ray://10.0.0.1:10001"
@@ -123,7 +123,7 @@ def test_ray_address_reaches_a_private_superlink_and_gpus_the_federation_config(
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     RecordingFlwrRun.calls = []
     assert cli.main(["run", "-c", f'results-dir="{tmp_path}"']) == 1
-    (cmd, env), = RecordingFlwrRun.calls  # fmt: skip
+    ((cmd, env),) = RecordingFlwrRun.calls
     assert "RAY_ADDRESS" not in env and env.get("FLWR_HOME") == os.environ.get("FLWR_HOME")
     assert "num-gpus" not in cmd[cmd.index("--federation-config") + 1]
 

@@ -232,11 +232,22 @@ def test_check_strategy(tmp_path):
 # --- (b) one real simulation ------------------------------------------------------------------
 
 TINY_RUN = {
-    "num-server-rounds": 2, "local-meta-iters": 2, "min-available-nodes": 5, "min-train-nodes": 2,
-    "fraction-evaluate": 0.0, "num-cells": 2, "num-nodes": 2, "init-channels": 4, "stem-multiplier": 1,
-    "primitives": "none,max_pool_3x3,skip_connect,sep_conv_3x3", "batch-size": 16, "partitioner": "iid",
-    "train-subset": 400, "test-subset": 100, "checkpoint": False,
-}  # fmt: skip
+    "num-server-rounds": 2,
+    "local-meta-iters": 2,
+    "min-available-nodes": 5,
+    "min-train-nodes": 2,
+    "fraction-evaluate": 0.0,
+    "num-cells": 2,
+    "num-nodes": 2,
+    "init-channels": 4,
+    "stem-multiplier": 1,
+    "primitives": "none,max_pool_3x3,skip_connect,sep_conv_3x3",
+    "batch-size": 16,
+    "partitioner": "iid",
+    "train-subset": 400,
+    "test-subset": 100,
+    "checkpoint": False,
+}
 
 
 @pytest.mark.slow  # Flower's simulation engine (Ray)

@@ -204,9 +204,17 @@ def _replies(strategy: SearchStrategy, n: int) -> list[Message]:
     arrays = array_record({"w": np.zeros(3, np.float32)})
     msgs = list(strategy.configure_train(1, arrays, ConfigRecord({}), NodeIds([11, 12, 13])))[:n]
     return [
-        Message(RecordDict({"arrays": array_record({"w": np.full(3, i + 1.0, np.float32)}), "metrics": MetricRecord({"num-examples": 10})}), reply_to=m)
+        Message(
+            RecordDict(
+                {
+                    "arrays": array_record({"w": np.full(3, i + 1.0, np.float32)}),
+                    "metrics": MetricRecord({"num-examples": 10}),
+                }
+            ),
+            reply_to=m,
+        )
         for i, m in enumerate(msgs)
-    ]  # fmt: skip
+    ]
 
 
 def test_aggregate_train_tells_errors_from_too_few_replies():
@@ -266,9 +274,16 @@ class FakeFlwrRun:
         if cmd[1] == "log":
             lines = ["INFO :      Starting logstream for run_id `7`\n", "[search 1/1] ...\n"]
         elif "--format" in cmd and cmd[cmd.index("--format") + 1] == "json":
-            payload = {"success": True, "run-id": "7", "federation-id": "", "fab-id": "fedmetanas/fedmetanas",
-                       "fab-name": "fedmetanas", "fab-version": "0.1.0", "fab-hash": "0123abcd",
-                       "fab-filename": "fedmetanas.fedmetanas.0-1-0.0123abcd.fab"}  # fmt: skip
+            payload = {
+                "success": True,
+                "run-id": "7",
+                "federation-id": "",
+                "fab-id": "fedmetanas/fedmetanas",
+                "fab-name": "fedmetanas",
+                "fab-version": "0.1.0",
+                "fab-hash": "0123abcd",
+                "fab-filename": "fedmetanas.fedmetanas.0-1-0.0123abcd.fab",
+            }
             lines = _flower_json(payload, self.colour).splitlines(keepends=True)
         else:
             lines = [self.human]
@@ -357,12 +372,19 @@ def test_checkpoint_loads_weights_only_and_round_trips_rng_and_strategy_state(tm
     np.random.normal()  # numpy caches the second Gaussian: part of its state
     cfg = RunConfig.from_flat({"strategy": "FedAdam"})
     experiment = SimpleNamespace(
-        recorder=SimpleNamespace(dir=tmp_path), cfg=cfg, strategy=SimpleNamespace(base=adam),
-        done=[("search", 1), ("search", 2)], nodes_seen={2**64 - 1, 5}, rejected_total=1, accountant=None,
+        recorder=SimpleNamespace(dir=tmp_path),
+        cfg=cfg,
+        strategy=SimpleNamespace(base=adam),
+        done=[("search", 1), ("search", 2)],
+        nodes_seen={2**64 - 1, 5},
+        rejected_total=1,
+        accountant=None,
         carried=Handoff(None, {"supernet_test_accuracy": np.float64(0.5), "supernet_params": 7}, [3.5]),
-    )  # fmt: skip
-    phase = SimpleNamespace(masks={"arch.alpha.normal": torch.zeros(2, 3, dtype=torch.bool)},
-                            last={"accuracy": np.float64(0.25), "op-probs": [[0.5, 0.5]], "genotype": {"normal": []}})  # fmt: skip
+    )
+    phase = SimpleNamespace(
+        masks={"arch.alpha.normal": torch.zeros(2, 3, dtype=torch.bool)},
+        last={"accuracy": np.float64(0.25), "op-probs": [[0.5, 0.5]], "genotype": {"normal": []}},
+    )
     Experiment.save(experiment, 0, phase, 2, array_record({"w": np.ones(3, np.float32)}), 12.5)  # the server's own save
     expected = (random.random(), float(np.random.normal()), torch.rand(3))
 
@@ -411,8 +433,10 @@ def test_stop_pids_stops_exactly_the_given_processes_and_their_tree_is_found():
     the child is found as a descendant; an unrelated process started beside them keeps running."""
     from fedmetanas_core.processes import alive, descendants, stop_pids
 
-    stubborn = "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
-               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"  # fmt: skip
+    stubborn = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    )
     parent = subprocess.Popen([sys.executable, "-c", stubborn])
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

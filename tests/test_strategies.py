@@ -23,8 +23,16 @@ from server_app.strategy import SearchStrategy, build_base_strategy
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 STRATEGIES = ("FedAvg", "FedAdam", "FedProx", "FedMedian", "Krum")
-TINY = {"local-meta-iters": 1, "local-epochs": 1, "min-available-nodes": 4, "min-train-nodes": 2, "batch-size": 16,
-        "init-channels": 4, "num-partitions": 4, "train-subset": 400}  # fmt: skip
+TINY = {
+    "local-meta-iters": 1,
+    "local-epochs": 1,
+    "min-available-nodes": 4,
+    "min-train-nodes": 2,
+    "batch-size": 16,
+    "init-channels": 4,
+    "num-partitions": 4,
+    "train-subset": 400,
+}
 
 
 RUN_IDS = {"fedmetanas": 1, "fednas": 2, "fednas-retrain": 3, "fedavg": 4}  # the client caches its config per run
@@ -66,8 +74,13 @@ def test_every_strategy_aggregates_real_client_replies(method):
         for pid, msg in enumerate(messages):
             key = (pid, sent.get("proximal-mu", 0.0))
             if key not in replies_cache:
-                ctx = Context(run_id=RUN_IDS[method], node_id=msg.metadata.dst_node_id, node_config={"partition-id": pid, "num-partitions": 4},
-                              state=RecordDict(), run_config=dict(RunConfig.from_flat(flat)))  # fmt: skip
+                ctx = Context(
+                    run_id=RUN_IDS[method],
+                    node_id=msg.metadata.dst_node_id,
+                    node_config={"partition-id": pid, "num-partitions": 4},
+                    state=RecordDict(),
+                    run_config=dict(RunConfig.from_flat(flat)),
+                )
                 content = train(msg, ctx).content
                 replies_cache[key] = ({k: v.numpy() for k, v in content["arrays"].items()}, content["metrics"])
             state, metrics = replies_cache[key]  # fresh records: FedMedian pops arrays out of replies
@@ -90,8 +103,13 @@ def test_fedprox_proximal_term_pulls_towards_global_weights():
     for mu in (0.0, 50.0):
         strategy = SearchStrategy(build_base_strategy(cfg.replace(strategy="FedProx", proximal_mu=mu)))
         msg = list(strategy.configure_train(1, arrays, ConfigRecord(dict(base)), NodeIds([11, 12, 13, 14])))[0]
-        ctx = Context(run_id=100 + int(mu), node_id=11, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(),
-                      run_config=dict(cfg))  # fmt: skip
+        ctx = Context(
+            run_id=100 + int(mu),
+            node_id=11,
+            node_config={"partition-id": 0, "num-partitions": 4},
+            state=RecordDict(),
+            run_config=dict(cfg),
+        )
         state = train(msg, ctx).content["arrays"].to_torch_state_dict()
         drift[mu] = sum(float((state[k] - torch.from_numpy(v.numpy())).norm()) for k, v in arrays.items())
     assert drift[50.0] < 0.5 * drift[0.0]

@@ -96,8 +96,9 @@ def test_client_loads_the_live_part_and_refuses_a_different_key_set():
 
 def _reply(node: int, state: dict[str, np.ndarray]) -> Message:
     request = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in state.items()}),
-                          "metrics": MetricRecord({"num-examples": 10})})  # fmt: skip
+    content = RecordDict(
+        {"arrays": ArrayRecord({k: Array(v) for k, v in state.items()}), "metrics": MetricRecord({"num-examples": 10})}
+    )
     return Message(content, reply_to=request)
 
 
@@ -119,8 +120,17 @@ def test_stateful_strategies_follow_the_shrinking_key_set(strategy):
 
 
 def _run(tmp_path, run_id: int, **flat):
-    flat = {**TINY, "num-server-rounds": 4, "warmup-rounds": 1, "mask-start-round": 2, "discrete-round": 3,
-            "tensorboard": False, "deterministic": True, "results-dir": str(tmp_path / f"run{run_id}"), **flat}  # fmt: skip
+    flat = {
+        **TINY,
+        "num-server-rounds": 4,
+        "warmup-rounds": 1,
+        "mask-start-round": 2,
+        "discrete-round": 3,
+        "tensorboard": False,
+        "deterministic": True,
+        "results-dir": str(tmp_path / f"run{run_id}"),
+        **flat,
+    }
     cfg = RunConfig.from_flat(flat)
     with run_settings(cfg):
         out = run_experiment(LocalGrid(run_id, dict(cfg), 3), cfg)

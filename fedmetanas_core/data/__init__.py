@@ -25,10 +25,25 @@ from .sources import load_dataset, load_splits
 from .spec import DataSpec
 
 __all__ = [
-    "CACHE_DIRNAME", "CACHE_DIR_ENV", "CORRUPT_IMAGE_POLICIES", "DATASETS", "PARTITIONERS", "BatchStream",
-    "ClientData", "DataError", "DataSpec", "ImageData", "batches", "clear_caches", "load_client_data",
-    "load_dataset", "load_splits", "load_test_set", "partition_indices", "split_partition",
-]  # fmt: skip
+    "CACHE_DIRNAME",
+    "CACHE_DIR_ENV",
+    "CORRUPT_IMAGE_POLICIES",
+    "DATASETS",
+    "PARTITIONERS",
+    "BatchStream",
+    "ClientData",
+    "DataError",
+    "DataSpec",
+    "ImageData",
+    "batches",
+    "clear_caches",
+    "load_client_data",
+    "load_dataset",
+    "load_splits",
+    "load_test_set",
+    "partition_indices",
+    "split_partition",
+]
 
 
 def clear_caches() -> None:

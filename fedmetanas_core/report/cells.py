@@ -156,9 +156,15 @@ def draw_cell(data: RunData, path: Path, cell_type: str) -> None:
         ax.text(x, y, label, ha="center", va="center", fontsize=13, bbox=style, zorder=3)
 
     def arrow(src: int, dst: int, rad: float, color, **style) -> None:
-        ax.annotate("", xy=pos[dst], xytext=pos[src], zorder=style.pop("zorder", 2),
-                    arrowprops=dict(arrowstyle="-|>", color=color, shrinkA=16, shrinkB=16,
-                                    connectionstyle=f"arc3,rad={rad}", **style))  # fmt: skip
+        ax.annotate(
+            "",
+            xy=pos[dst],
+            xytext=pos[src],
+            zorder=style.pop("zorder", 2),
+            arrowprops=dict(
+                arrowstyle="-|>", color=color, shrinkA=16, shrinkB=16, connectionstyle=f"arc3,rad={rad}", **style
+            ),
+        )
 
     for k, node in enumerate(nodes):
         dst = k + 2
@@ -177,8 +183,17 @@ def draw_cell(data: RunData, path: Path, cell_type: str) -> None:
             # Input edges: label nearer the target, so labels of one input's fan do not collide.
             t = min(0.7, max(0.5, 1 - 1.5 / math.dist(pos[src], pos[dst]))) if src < 2 else 0.5
             mx, my = _arc_point(pos[src], pos[dst], rad, t)
-            ax.text(mx, my, op, ha="center", va="center", fontsize=8, color=colors[op],
-                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85), zorder=4)  # fmt: skip
+            ax.text(
+                mx,
+                my,
+                op,
+                ha="center",
+                va="center",
+                fontsize=8,
+                color=colors[op],
+                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85),
+                zorder=4,
+            )
     for k in range(n):
         span = pos[out_id][0] - pos[k + 2][0]
         rad = 0.0 if k == n - 1 else 2 * (0.3 + 0.12 * (n - 2 - k)) / span  # below the line

@@ -70,7 +70,7 @@ def write_run_report(results_dir: str | Path, refresh: bool = False) -> Path:
         ("Rounds", rounds),
         ("Seed", s.get("seed", (data.config or {}).get("seed", "–"))),
         ("Machine", s.get("machine", "–")),
-    ]  # fmt: skip
+    ]
     out += [f"- **{k}**: {md_escape(v)}" for k, v in meta]
     out += ["", "## Results", ""]
     if data.summary is None:
@@ -104,8 +104,18 @@ def write_run_report(results_dir: str | Path, refresh: bool = False) -> Path:
             )
         out.append("")
     if data.config:
-        out += ["## Configuration", "", "<details><summary>config.yaml</summary>", "", "```yaml",
-                yaml.safe_dump(data.config, sort_keys=True).rstrip(), "```", "", "</details>", ""]  # fmt: skip
+        out += [
+            "## Configuration",
+            "",
+            "<details><summary>config.yaml</summary>",
+            "",
+            "```yaml",
+            yaml.safe_dump(data.config, sort_keys=True).rstrip(),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     if s.get("versions"):
         out += ["## Software", "", ", ".join(f"{k} {v}" for k, v in s["versions"].items()), ""]
     path = d / REPORT_FILE

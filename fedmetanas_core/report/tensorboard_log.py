@@ -25,9 +25,14 @@ def tensorboard_available() -> bool:
 
 
 _TB_GROUPS = {
-    "accuracy": "test", "loss": "test", "supernet-accuracy": "supernet", "supernet-loss": "supernet",
-    "round-s": "time", "client-s-max": "time", "elapsed-s": "time",
-}  # fmt: skip
+    "accuracy": "test",
+    "loss": "test",
+    "supernet-accuracy": "supernet",
+    "supernet-loss": "supernet",
+    "round-s": "time",
+    "client-s-max": "time",
+    "elapsed-s": "time",
+}
 
 
 class TensorBoardLogger:

@@ -140,10 +140,16 @@ class CostModel:
         }
 
     def to_json(self) -> str:
-        return json.dumps({
-            "kind": self.kind, "fixed": self.fixed, "edge": {t: v.tolist() for t, v in self.edge.items()},
-            "input_pruning": self.input_pruning, "num_nodes": self.num_nodes, "primitives": list(self.primitives),
-        })  # fmt: skip
+        return json.dumps(
+            {
+                "kind": self.kind,
+                "fixed": self.fixed,
+                "edge": {t: v.tolist() for t, v in self.edge.items()},
+                "input_pruning": self.input_pruning,
+                "num_nodes": self.num_nodes,
+                "primitives": list(self.primitives),
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> CostModel:
