@@ -184,8 +184,8 @@ def changed_choices(genotype: dict, reference: dict) -> int:
     return sum(
         a != b
         for cell in reference
-        for node_a, node_b in zip(genotype[cell], reference[cell])
-        for a, b in zip(node_a, node_b)
+        for node_a, node_b in zip(genotype[cell], reference[cell], strict=False)
+        for a, b in zip(node_a, node_b, strict=False)
     )
 
 
@@ -197,7 +197,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """One line per run; accuracy and genotype against the attack-free FedAvg run of the same seed."""
     clean = {r["seed"]: r for r in rows if r["run"] == "clean/FedAvg"}
     lines = [
-        "| run (attack / strategy + alpha defence) | seed | clients | final test acc. | vs attack-free (points) | parameter-free ops normal / reduce (of 4) | choices changed vs attack-free (of 8) | parameter-free softmax mass when the cell is decided (attack-free: see its row) | normal cell | reduce cell | alpha-screened replies |",
+        "| run (attack / strategy + alpha defence) | seed | clients | final test acc. | vs attack-free (points) | "
+        "parameter-free ops normal / reduce (of 4) | choices changed vs attack-free (of 8) | parameter-free "
+        "softmax mass when the cell is decided (attack-free: see its row) | normal cell | reduce cell | "
+        "alpha-screened replies |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -211,8 +214,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             else f"{r['run']} (**unfinished: round {r['partial_rounds']} of 20**)"
         )
         lines.append(
-            f"| {run} | {r['seed']} | {r['clients']} | {r['final_test_accuracy']:.4f} | {diff} | {pf['normal']} / {pf['reduce']} "
-            f"| {changed} | {_mass(r)} | {_ops(r['genotype'], 'normal')} | {_ops(r['genotype'], 'reduce')} | {r['alpha_screened']} |"
+            f"| {run} | {r['seed']} | {r['clients']} | {r['final_test_accuracy']:.4f} | {diff} | {pf['normal']} / "
+            f"{pf['reduce']} "
+            f"| {changed} | {_mass(r)} | {_ops(r['genotype'], 'normal')} | {_ops(r['genotype'], 'reduce')} | "
+            f"{r['alpha_screened']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -228,7 +233,8 @@ def over_seeds(rows: list[dict[str, Any]]) -> str:
         if not r.get("partial_rounds"):
             by_run.setdefault(r["run"], []).append(r)
     lines = [
-        "| run | seeds | final test acc. (mean +- std) | vs attack-free, same seed (points, mean +- std) | parameter-free ops normal / reduce, per seed | choices changed vs attack-free, per seed |",
+        "| run | seeds | final test acc. (mean +- std) | vs attack-free, same seed (points, mean +- std) | "
+        "parameter-free ops normal / reduce, per seed | choices changed vs attack-free, per seed |",
         "|---|---|---|---|---|---|",
     ]
     for run, rs in by_run.items():
@@ -246,7 +252,8 @@ def over_seeds(rows: list[dict[str, Any]]) -> str:
         )
         diff = f"{statistics.mean(diffs):+.1f} +- {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else "n/a"
         lines.append(
-            f"| {run} | {', '.join(str(r['seed']) for r in rs)} | {statistics.mean(acc):.4f} +- {statistics.stdev(acc):.4f} "
+            f"| {run} | {', '.join(str(r['seed']) for r in rs)} | {statistics.mean(acc):.4f} +- "
+            f"{statistics.stdev(acc):.4f} "
             f"| {diff} | {pf} | {changed} |"
         )
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""

@@ -1,7 +1,8 @@
 """A run's compute bound: its counted FLOPs over the FLOP rate this CPU sustains on the same ops.
 
     python -m benchmarks.bound                                   # the default run (digits), 6 rounds
-    python -m benchmarks.bound -c conf/cifar10-cpu.toml --rounds 8 --timing benchmarks/results/cifar10-cpu-tuned/seed-0/fedmetanas/rounds.jsonl
+    python -m benchmarks.bound -c conf/cifar10-cpu.toml --rounds 8 \\
+        --timing benchmarks/results/cifar10-cpu-tuned/seed-0/fedmetanas/rounds.jsonl
 
 1. **Count.** The preset runs in this process through ``LocalGrid`` (the real ServerApp loop and
    ClientApp) for ``--rounds`` rounds. Every client's local training runs under a dispatch mode that

@@ -218,7 +218,7 @@ def aggregate_rows(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, 
         agg.update(over_seeds(rows, AVERAGED))
         agg["reached_fednas_accuracy"] = sum(r["time_to_reach_fednas_accuracy_s"] is not None for r in rows)
         ratios, image_ratios = [], []
-        for seed, seed_rows in per_seed.items():
+        for _seed, seed_rows in per_seed.items():
             by = {r["method"]: r for r in seed_rows}
             mine, fednas = by.get(method), by.get("fednas")
             if mine and fednas and mine["time_to_reach_fednas_accuracy_s"] is not None:
@@ -246,7 +246,8 @@ def markdown_table(rows: list[dict[str, Any]], seeds=(), split: str = "test") ->
     numbers, missing figures as "–" (``report.format``). A method with fewer of ``seeds`` than the
     others names its own."""
     head = (
-        f"| method | budget | final {split} acc | mean acc, last 5 rounds | personalized acc (before → after) | total s "
+        f"| method | budget | final {split} acc | mean acc, last 5 rounds | personalized acc (before → after) | "
+        f"total s "
         "| s to reach FedNAS acc (x FedNAS time; seeds) | params | MB sent + received | steps / client / round "
         "| images / client / round | images / client to reach FedNAS acc (x FedNAS's) |"
     )
@@ -275,9 +276,12 @@ def markdown_table(rows: list[dict[str, Any]], seeds=(), split: str = "test") ->
         )
         lines.append(
             f"| {name} | {r['budget']} | {_pm(r, 'final_test_accuracy')} | {_pm(r, 'last_rounds_mean_accuracy')} "
-            f"| {format_number(r['personalized_accuracy_before_mean'])} → {format_number(r['personalized_accuracy_mean'])} "
+            f"| {format_number(r['personalized_accuracy_before_mean'])} → "
+            f"{format_number(r['personalized_accuracy_mean'])} "
             f"| {format_number(r['total_time_s_mean'], 0)} | {reach} | {format_number(r['params_mean'], 0)} "
-            f"| {format_number(r.get('mb_sent_received_mean'), 2)} | {format_number(r['steps_per_client_round_mean'], 1)} | {format_number(r['images_per_client_round_mean'], 0)} | {images} |"
+            f"| {format_number(r.get('mb_sent_received_mean'), 2)} | "
+            f"{format_number(r['steps_per_client_round_mean'], 1)} | "
+            f"{format_number(r['images_per_client_round_mean'], 0)} | {images} |"
         )
     return "\n".join(lines)
 
@@ -335,7 +339,8 @@ def compare(
     )
     atomic_write_text(
         out / "comparison.md",
-        f"Preset `{preset}`, seeds {seeds_text}, on {result['machine']}{scored}{missing}\n\n{markdown_table(rows, seeds, split)}\n",
+        f"Preset `{preset}`, seeds {seeds_text}, on "
+        f"{result['machine']}{scored}{missing}\n\n{markdown_table(rows, seeds, split)}\n",
     )
     by_method = {m: [seed_runs[m] for seed_runs in runs.values() if m in seed_runs] for m in methods}
     draw_accuracy_over_seeds(by_method, out / COMPARISON_FIGURE)
@@ -400,9 +405,8 @@ def sweep(
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
     atomic_write_text(
         out / "sweep.md",
-        f"Final {table[0]['eval_split'] if table else 'test'} accuracy, mean ± std over seeds {', '.join(map(str, seeds))}\n\n"
-        + "\n".join(lines)
-        + "\n",
+        f"Final {table[0]['eval_split'] if table else 'test'} accuracy, mean ± std over seeds "
+        f"{', '.join(map(str, seeds))}\n\n" + "\n".join(lines) + "\n",
     )
     print("\n".join(lines))
     return summary

@@ -112,7 +112,8 @@ def whole_run_share(result: dict[str, Any]) -> float:
 def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str, Any]:
     fraction = PER_ROUND_TRAINERS / clients
     overrides = (
-        f"num-server-rounds={rounds} fraction-train={fraction} fraction-evaluate={fraction} min-available-nodes={clients} "
+        f"num-server-rounds={rounds} fraction-train={fraction} fraction-evaluate={fraction} "
+        f"min-available-nodes={clients} "
         f'min-train-nodes={PER_ROUND_TRAINERS} results-dir="{out}" discrete-round=0'
     )  # discrete-round=0: the preset's lies beyond these few rounds; LATE sets its own
     cmd = [
@@ -152,7 +153,7 @@ def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str,
                 "client_s_sum": r["client-s-sum"],
                 "overhead_share": s,
             }
-            for r, s in zip(rows, shares)
+            for r, s in zip(rows, shares, strict=False)
         ],
         "overhead_share_after_round_1": statistics.mean(shares[1:]) if len(shares) > 1 else None,
     }
@@ -182,7 +183,8 @@ def memory_table(results: list[dict[str, Any]]) -> list[str]:
     base = results[0]["peak_pss_mib"]
     for res in results[1:]:
         lines.append(
-            f"\nPeak memory, {res['clients']} vs {results[0]['clients']} simulated clients: **{res['peak_pss_mib'] / base:.2f} x**"
+            f"\nPeak memory, {res['clients']} vs {results[0]['clients']} simulated clients: "
+            f"**{res['peak_pss_mib'] / base:.2f} x**"
         )
     return lines
 
@@ -200,7 +202,8 @@ def run(clients: list[int], rounds: int, extra: list[str], log=print) -> list[st
         log(f"[framework] {clients[0]} simulated clients, {rounds} rounds, discrete cell from round 2 ...")
         late = measure(clients[0], rounds, Path(tmp) / "late", extra + [LATE])
     lines = [
-        f"### Flower + Ray: `cifar10-cpu`, real `flwr run` simulations ({rounds} rounds, {PER_ROUND_TRAINERS} clients train per round)",
+        f"### Flower + Ray: `cifar10-cpu`, real `flwr run` simulations ({rounds} rounds, {PER_ROUND_TRAINERS} "
+        f"clients train per round)",
         "",
         "Early rounds (the preset's warm-up: every op of the supernet runs):",
         "",
@@ -208,11 +211,13 @@ def run(clients: list[int], rounds: int, extra: list[str], log=print) -> list[st
         "",
         *memory_table(results),
         "",
-        f"Late rounds (`{LATE}`: from round 2 on the supernet is the discrete cell, the cheapest client work per round):",
+        f"Late rounds (`{LATE}`: from round 2 on the supernet is the discrete cell, the cheapest client work per "
+        f"round):",
         "",
         *round_table([late]),
         "",
-        f"Share of all {rounds} rounds' wall time (round 1 included: Ray actors start and every client loads its data): "
+        f"Share of all {rounds} rounds' wall time (round 1 included: Ray actors start and every client loads its "
+        f"data): "
         + ", ".join(f"{r['clients']} clients {100 * whole_run_share(r):.1f} %" for r in results)
         + f"; late rounds, {late['clients']} clients {100 * whole_run_share(late):.1f} %.",
         "",
@@ -230,7 +235,9 @@ def from_runs(dirs: list[Path], actors: int) -> list[str]:
     for d in dirs:
         rows = [json.loads(line) for line in (d / "rounds.jsonl").read_text().splitlines() if line.strip()]
         shares = overhead_shares(rows, actors)
-        result = {"rounds": [{"round_s": r["round-s"], "overhead_share": sh} for r, sh in zip(rows, shares)]}
+        result = {
+            "rounds": [{"round_s": r["round-s"], "overhead_share": sh} for r, sh in zip(rows, shares, strict=False)]
+        }
         later = {"rounds": result["rounds"][1:]} if len(rows) > 1 else result
         server = sum(r.get("server-s", 0.0) for r in rows) / sum(r["round-s"] for r in rows)
         lines.append(

@@ -148,11 +148,15 @@ def draw(rows: list[dict[str, Any]], x_key: str, xlabel: str, path: Path) -> Non
         )
         if not pts:
             continue
-        xs, mean, std = zip(*pts)
+        xs, mean, std = zip(*pts, strict=False)
         color = line_color(method, k)
         ax.plot(xs, mean, marker="o", color=color, label=method)
         ax.fill_between(
-            xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color, alpha=0.2
+            xs,
+            [m - s for m, s in zip(mean, std, strict=False)],
+            [m + s for m, s in zip(mean, std, strict=False)],
+            color=color,
+            alpha=0.2,
         )
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)

@@ -7,8 +7,8 @@ from seeds no table calibrates on, exports each whole network (calibrated BatchN
 thread, the table's runtime) and compares the table's prediction with its measured median latency:
 Spearman rank correlation and median relative error. When it profiles, the check networks are timed
 in the same interleaved session as the table's ops (not fitted on): on a shared machine whose speed
-drifts by up to 2x between sessions a few seconds apart, that is what keeps the comparison fair. Writes ``latency_check.json`` (every cell's
-prediction and measurement) and prints one line.
+drifts by up to 2x between sessions a few seconds apart, that is what keeps the comparison fair.
+Writes ``latency_check.json`` (every cell's prediction and measurement) and prints one line.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ def check(table: LatencyTable, space, image_hw, genotypes: list, measured: list[
     cost = table.cost_model(space, image_hw)
     rows = [
         {"seed": CHECK_SEED + k, "genotype": g.to_dict(), "predicted_ms": cost.genotype_cost(g), "measured_ms": m}
-        for k, (g, m) in enumerate(zip(genotypes, measured))
+        for k, (g, m) in enumerate(zip(genotypes, measured, strict=False))
     ]
     pred = [r["predicted_ms"] for r in rows]
     meas = [r["measured_ms"] for r in rows]
-    errors = [abs(p - m) / m for p, m in zip(pred, meas)]
+    errors = [abs(p - m) / m for p, m in zip(pred, meas, strict=False)]
     return {
         "cells": len(rows),
         "spearman": spearman(pred, meas),

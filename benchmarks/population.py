@@ -125,13 +125,16 @@ def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[s
 def table(results: list[dict[str, Any]]) -> list[str]:
     base = results[0]
     lines = [
-        "| population | clients per round | round 1 s | round s (median, rounds 2+) | server s (median, rounds 2+) | peak PSS MiB | round time vs first | peak memory vs first |",
+        "| population | clients per round | round 1 s | round s (median, rounds 2+) | server s (median, rounds 2+) "
+        "| peak PSS MiB | round time vs first | peak memory vs first |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r['population']} | {r['sampled_per_round']} | {r['round_1_s']:.1f} | {r['round_s_median']:.1f} | {r['server_s_median']:.2f} "
-            f"| {r['peak_pss_mib']:.0f} | {r['round_s_median'] / base['round_s_median']:.2f} x | {r['peak_pss_mib'] / base['peak_pss_mib']:.2f} x |"
+            f"| {r['population']} | {r['sampled_per_round']} | {r['round_1_s']:.1f} | {r['round_s_median']:.1f} | "
+            f"{r['server_s_median']:.2f} "
+            f"| {r['peak_pss_mib']:.0f} | {r['round_s_median'] / base['round_s_median']:.2f} x | "
+            f"{r['peak_pss_mib'] / base['peak_pss_mib']:.2f} x |"
         )
     return lines
 

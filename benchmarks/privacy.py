@@ -118,7 +118,8 @@ def row(method: str, seed: int, z: float | None, summary: dict[str, Any], out: P
 
 def markdown(rows: list[dict[str, Any]], norms: dict[str, dict[str, float]], args) -> str:
     lines = [
-        "| method | noise multiplier z | clipping norm C | epsilon (delta=1e-5) | final test acc | last-5-rounds acc | personalized acc |",
+        "| method | noise multiplier z | clipping norm C | epsilon (delta=1e-5) | final test acc | last-5-rounds "
+        "acc | personalized acc |",
         "|---|---|---|---|---|---|---|",
     ]
     order = {m: i for i, m in enumerate(METHODS)}
@@ -135,7 +136,8 @@ def markdown(rows: list[dict[str, Any]], norms: dict[str, dict[str, float]], arg
         c = "-" if r["clipping_norm"] is None else f"{r['clipping_norm']:.3g}"
         pers = "-" if r["personalized_accuracy"] is None else f"{r['personalized_accuracy']:.3f}"
         lines.append(
-            f"| {r['method']} | {z} | {c} | {eps} | {r['final_test_accuracy']:.3f} | {r['last5_accuracy']:.3f} | {pers} |"
+            f"| {r['method']} | {z} | {c} | {eps} | {r['final_test_accuracy']:.3f} | {r['last5_accuracy']:.3f} | "
+            f"{pers} |"
         )
     lines.append("")
     lines.append(
@@ -147,13 +149,15 @@ def markdown(rows: list[dict[str, Any]], norms: dict[str, dict[str, float]], arg
         )
     )
     lines.append(
-        f"Seeds: {', '.join(map(str, args.seeds))} ({'one seed' if len(args.seeds) == 1 else 'one row per seed above; mean and std over the seeds below'})."
+        f"Seeds: {', '.join(map(str, args.seeds))} "
+        f"({'one seed' if len(args.seeds) == 1 else 'one row per seed above; mean and std over the seeds below'})."
     )
     summary = over_seeds(rows)
     if any(g["seeds"] > 1 for g in summary):
         lines += [
             "",
-            "| method | noise multiplier z | seeds | epsilon (delta=1e-5) | final test acc (mean +- std) | last-5-rounds acc (mean +- std) |",
+            "| method | noise multiplier z | seeds | epsilon (delta=1e-5) | final test acc (mean +- std) | "
+            "last-5-rounds acc (mean +- std) |",
             "|---|---|---|---|---|---|",
         ]
         for g in summary:

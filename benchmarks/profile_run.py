@@ -58,7 +58,7 @@ def profile(items: list[str], out: Path, cores: int) -> dict:
         "round 1 from the first step": rows[0]["round-s"] - rows[0]["first-client-start-s"],
     }
     phases: dict[str, dict[str, float]] = {}
-    for previous, r in zip(rows, rows[1:]):
+    for previous, r in zip(rows, rows[1:], strict=False):
         p = phases.setdefault(phase_of(previous), {"rounds": 0, "wall": 0.0, "client": 0.0, "server": 0.0})
         p["rounds"] += 1
         p["wall"] += r["round-s"]

@@ -277,7 +277,8 @@ def run_space(name: str, device: torch.device, reps: int, log) -> list[str]:
         warmup=0,
     )
     log(
-        f"  local step (wall s, cpu s): eager {fmt(r['eager'])}; fast {fmt(r['fast'])}; gumbel-hard fast {fmt(r['hard'])}"
+        f"  local step (wall s, cpu s): eager {fmt(r['eager'])}; fast {fmt(r['fast'])}; gumbel-hard fast "
+        f"{fmt(r['hard'])}"
     )
     e, f, h = r["eager"], r["fast"], r["hard"]
 
@@ -308,10 +309,11 @@ def run_space(name: str, device: torch.device, reps: int, log) -> list[str]:
         + (f" {ms(e[1])} | 1 |" if cpu else ""),
         f"| **fast path**, gumbel-soft, tau={tau0:g} (target <= 0.4) | {ms(f[0])} | **{ratio(f[0], e[0])}** |"
         + (f" {ms(f[1])} | **{ratio(f[1], e[1])}** |" if cpu else ""),
-        f"| fast path, *gumbel-hard* (straight-through: a different relaxation; runs only the sampled op and pair) | {ms(h[0])} | {ratio(h[0], e[0])} |"
-        + (f" {ms(h[1])} | {ratio(h[1], e[1])} |" if cpu else ""),
+        f"| fast path, *gumbel-hard* (straight-through: a different relaxation; runs only the sampled op and pair) "
+        f"| {ms(h[0])} | {ratio(h[0], e[0])} |" + (f" {ms(h[1])} | {ratio(h[1], e[1])} |" if cpu else ""),
         "",
-        f"Settled (late rounds: one op per edge and one pair per node dominate, masks prune the rest, tau={tau1:g} with Gumbel noise), fast path:",
+        f"Settled (late rounds: one op per edge and one pair per node dominate, masks prune the rest, tau={tau1:g} "
+        f"with Gumbel noise), fast path:",
         "",
         "| | settled supernet ms | derived discrete network ms | supernet / discrete (wall) |"
         + (" supernet CPU ms | discrete CPU ms | supernet / discrete (CPU) |" if cpu else ""),
@@ -339,7 +341,8 @@ def run_space(name: str, device: torch.device, reps: int, log) -> list[str]:
         warmup=2,
     )
     lines += [
-        f"Per op, one edge ({cfg.batch_size}x{sp.init_channels}x{image}x{image}, stride 1, times its mixing weight), forward+backward:",
+        f"Per op, one edge ({cfg.batch_size}x{sp.init_channels}x{image}x{image}, stride 1, times its mixing "
+        f"weight), forward+backward:",
         "",
         "| op | eager ms | fast ms | fast / eager |"
         + (" eager CPU ms | fast CPU ms | fast / eager (CPU) |" if on_cpu else ""),
@@ -367,12 +370,14 @@ def machine(device: torch.device) -> list[str]:
         pass
     out = [
         f"- machine: {os.cpu_count()} CPU cores, {model}, {platform.system()} {platform.machine()}",
-        f"- torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), oneDNN {'on' if torch.backends.mkldnn.is_available() else 'off'}",
+        f"- torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), oneDNN "
+        f"{'on' if torch.backends.mkldnn.is_available() else 'off'}",
         f"- device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
     ]
     try:
         out.append(
-            f"- load average at start: {', '.join(f'{v:.1f}' for v in os.getloadavg())} (other jobs on the machine slow both paths alike; CPU-time columns are steadier)"
+            f"- load average at start: {', '.join(f'{v:.1f}' for v in os.getloadavg())} (other jobs on the machine "
+            f"slow both paths alike; CPU-time columns are steadier)"
         )
     except OSError:
         pass

@@ -182,7 +182,8 @@ def close_interrupted_trials(study) -> list[int]:
         study.tell(number, state=optuna.trial.TrialState.FAIL)
     if closed:
         print(
-            f"[{study.study_name}] trial(s) {', '.join(map(str, closed))} left running by a stopped process: marked failed",
+            f"[{study.study_name}] trial(s) {', '.join(map(str, closed))} left running by a stopped process: "
+            f"marked failed",
             flush=True,
         )
     return closed
@@ -203,7 +204,7 @@ def tune(preset: str, methods: list[str], trials: int, out_root: Path, overrides
         todo = trials - len(finished_trials(study))
         if todo > 0:
             study.optimize(
-                lambda t: run_trial(t, preset, method, out_root, overrides, clients),
+                lambda t, method=method: run_trial(t, preset, method, out_root, overrides, clients),
                 n_trials=todo,
                 catch=(RuntimeError,),
             )

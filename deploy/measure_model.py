@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     print()
     print(
-        f"Test accuracy: run (batch-statistics BN, summary.json) {summary.get('final_test_accuracy', float('nan')):.4f}; "
+        f"Test accuracy: run (batch-statistics BN, summary.json) "
+        f"{summary.get('final_test_accuracy', float('nan')):.4f}; "
         f"calibrated export {acc['test']:.4f} on all {acc['test_images']} test images, {acc['heldout']:.4f} on the "
         f"{acc['heldout_images']} not used for calibration; ONNX: {info['onnx']}"
     )

@@ -29,7 +29,7 @@ def weighted_average(states: list[State], weights: list[float]) -> State:
     out = {}
     for key in states[0]:
         acc = np.zeros_like(states[0][key], dtype=np.float64)
-        for s, w in zip(states, weights):
+        for s, w in zip(states, weights, strict=False):
             acc += (w / total) * s[key].astype(np.float64)
         out[key] = acc.astype(states[0][key].dtype)
     return out

@@ -213,7 +213,7 @@ def most_likely_within(
     if best is None:
         return None
     cells: dict[str, list] = {t: [] for t in CELL_TYPES}
-    for (cell_type, _, _), opt in zip(groups, best[1]):
+    for (cell_type, _, _), opt in zip(groups, best[1], strict=False):
         cells[cell_type].append(opt.choice)
     return Genotype(**{t: tuple(cells[t]) for t in CELL_TYPES})
 
@@ -273,7 +273,7 @@ def choice_masks(space: SpaceConfig, genotype: Genotype, arch: dict[str, torch.T
         name = arch_param_name("alpha", cell_type)
         rows = torch.full((arch[name].shape[0],), -1, dtype=torch.long)
         e0 = 0
-        for j, node in zip(space.topology.nodes, genotype.cell(cell_type)):
+        for j, node in zip(space.topology.nodes, genotype.cell(cell_type), strict=False):
             for op, src in node:
                 rows[e0 + src] = space.primitives.index(op)
             if space.input_pruning:

@@ -333,7 +333,8 @@ def profile_command(cfg: RunConfig, args: argparse.Namespace) -> int:
     table = LatencyTable(profile_space(space, image_hw, runtime, args.runs, progress=print))
     table.save(args.out)
     print(
-        f'fedmetanas: wrote {args.out}; pass it as -c \'latency-table="{Path(args.out).resolve()}" budget="latency-ms:..."\''
+        f'fedmetanas: wrote {args.out}; pass it as -c \'latency-table="{Path(args.out).resolve()}" '
+        f'budget="latency-ms:..."\''
     )
     return 0
 
@@ -354,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--ray-address",
         default=None,
-        help="run the simulation on this existing Ray cluster: HOST:PORT on a cluster node, ray://HOST:PORT from outside (docs/scale.md)",
+        help="run the simulation on this existing Ray cluster: HOST:PORT on a cluster node, ray://HOST:PORT from "
+        "outside (docs/scale.md)",
     )
     run.add_argument("--connection", default="local", help="SuperLink connection in $FLWR_HOME/config.toml")
     run.add_argument(
@@ -515,7 +517,8 @@ def _stream_and_check(cmd: list[str], env: dict[str, str], connection: str, resu
         print(f"fedmetanas: run {run_id}: {problem}", file=sys.stderr)
         return 1
     print(
-        f"fedmetanas: run {run_id} {status}: final test accuracy {result['final_test_accuracy']:.4f}; results in {results_dir}"
+        f"fedmetanas: run {run_id} {status}: final test accuracy {result['final_test_accuracy']:.4f}; results in "
+        f"{results_dir}"
     )
     return 0
 

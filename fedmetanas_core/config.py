@@ -140,7 +140,8 @@ class RunConfig(Mapping[str, Any]):
             raise ConfigError(
                 "num-nodes-to-select",
                 self.num_nodes_to_select,
-                f"MultiKrum needs num-nodes-to-select <= min-available-nodes - num-malicious-nodes ({n} - {f} = {n - f})",
+                f"MultiKrum needs num-nodes-to-select <= min-available-nodes - num-malicious-nodes ({n} - {f} = "
+                f"{n - f})",
             )
         if name == "Bulyan" and n < 4 * f + 3:
             raise ConfigError(

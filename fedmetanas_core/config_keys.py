@@ -202,7 +202,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "transfer",
         "live",
-        "live | full: once the server's masks drop an op, its weights are neither sent nor returned (live) or still travel (full)",
+        "live | full: once the server's masks drop an op, its weights are neither sent nor returned (live) or "
+        "still travel (full)",
         _choice(("live", "full")),
     ),
     # --- data
@@ -236,7 +237,9 @@ KEYS: tuple[Key, ...] = (
     Key(
         "query-source",
         "train",
-        "FedMetaNAS meta-step query batches: query-split (held-out, DARTS-style validation) | train (further train-split minibatches, disjoint from the support batch, as MAML in FL: every training example then trains the weights)",
+        "FedMetaNAS meta-step query batches: query-split (held-out, DARTS-style validation) | train (further "
+        "train-split minibatches, disjoint from the support batch, as MAML in FL: every training example then "
+        "trains the weights)",
         _choice(("query-split", "train")),
         "meta",
     ),
@@ -260,7 +263,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "eval-split",
         "test",
-        "test | validation: what the server evaluates every round; validation = the union of the clients' local test splits, carved from the training data (for tuning: never the test set; needs num-partitions)",
+        "test | validation: what the server evaluates every round; validation = the union of the clients' local "
+        "test splits, carved from the training data (for tuning: never the test set; needs num-partitions)",
         _choice(("test", "validation")),
         "data",
     ),
@@ -279,7 +283,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "init-channels",
         8,
-        "channels of the first cell; 0 = sized to the budget (the widest space whose expected cost under uniform op and pair probabilities fits it)",
+        "channels of the first cell; 0 = sized to the budget (the widest space whose expected cost under uniform "
+        "op and pair probabilities fits it)",
         _at_least(0),
         "space",
     ),
@@ -296,7 +301,9 @@ KEYS: tuple[Key, ...] = (
     Key(
         "budget",
         "",
-        "'' = none; KIND:LIMIT limits the derived network, KIND macs | params | latency-ms (needs latency-table), e.g. \"macs:200000\"; the expected cost enters the architecture loss (every method's search) and derivation keeps the most likely cell within it",
+        "'' = none; KIND:LIMIT limits the derived network, KIND macs | params | latency-ms (needs latency-table), "
+        'e.g. "macs:200000"; the expected cost enters the architecture loss (every method\'s search) and '
+        "derivation keeps the most likely cell within it",
         _budget,
         "budget",
     ),
@@ -304,7 +311,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "budget-penalty",
         "target",
-        "target: weight x |E[cost] / limit - 1| (spend the budget, TuNAS) | hinge: weight x max(0, E[cost] / limit - 1)",
+        "target: weight x |E[cost] / limit - 1| (spend the budget, TuNAS) | "
+        "hinge: weight x max(0, E[cost] / limit - 1)",
         _choice(BUDGET_PENALTIES),
         "budget",
     ),
@@ -357,7 +365,9 @@ KEYS: tuple[Key, ...] = (
     Key(
         "discrete-round",
         4,
-        "FedMetaNAS: the round by which tau reaches tau-min and soft pruning leaves one op per edge and one input pair per node; later rounds train the discrete cell (past num-server-rounds: the last round; 0 = never force: threshold masks only, tau anneals over all rounds)",
+        "FedMetaNAS: the round by which tau reaches tau-min and soft pruning leaves one op per edge and one input "
+        "pair per node; later rounds train the discrete cell (past num-server-rounds: the last round; 0 = never "
+        "force: threshold masks only, tau anneals over all rounds)",
         _at_least(0),
         "relaxation",
     ),
@@ -375,7 +385,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "inner-lr-w",
         0.0269,
-        "task-learner step size for weights (well below outer-lr-w: the meta objective is the loss after this step, and the global model is deployed as it is)",
+        "task-learner step size for weights (well below outer-lr-w: the meta objective is the loss after this "
+        "step, and the global model is deployed as it is)",
         _positive,
         "meta",
     ),
@@ -390,7 +401,9 @@ KEYS: tuple[Key, ...] = (
     Key(
         "lr-schedule",
         "constant",
-        "constant | cosine: the weights' learning rate over each stage's rounds (FedMetaNAS's run, FedNAS's search and retraining, FedAvg's run), from outer-lr-w down to lr-min in the last round; sent by the server every round",
+        "constant | cosine: the weights' learning rate over each stage's rounds (FedMetaNAS's run, FedNAS's search "
+        "and retraining, FedAvg's run), from outer-lr-w down to lr-min in the last round; sent by the server every "
+        "round",
         _choice(("constant", "cosine")),
         "optim",
     ),
@@ -407,7 +420,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "alpha-weight-decay",
         0.0,
-        "Adam weight decay for alphas/betas (coupled L2: once alpha gradients vanish near tau-min it pulls every logit to 0 and erases the architecture)",
+        "Adam weight decay for alphas/betas (coupled L2: once alpha gradients vanish near tau-min it pulls every "
+        "logit to 0 and erases the architecture)",
         _at_least(0),
         "optim",
     ),
@@ -466,7 +480,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "dp",
         "none",
-        "none | server-fixed | server-adaptive | client-fixed | client-adaptive | local: wrap the strategy in Flower's DP (client-*: the ClientApp clips; local: LocalDpMod noises each reply)",
+        "none | server-fixed | server-adaptive | client-fixed | client-adaptive | local: wrap the strategy in "
+        "Flower's DP (client-*: the ClientApp clips; local: LocalDpMod noises each reply)",
         _choice(DP_MODES),
         "privacy",
     ),
@@ -490,7 +505,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "dp-target-quantile",
         0.5,
-        "adaptive clipping: the quantile of update norms the clipping norm tracks (share of updates left unclipped; Andrew et al.'s gamma)",
+        "adaptive clipping: the quantile of update norms the clipping norm tracks (share of updates left "
+        "unclipped; Andrew et al.'s gamma)",
         _unit,
         "privacy",
     ),
@@ -506,7 +522,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "attack",
         "none",
-        "none | sign-flip (the update of every array reversed and scaled) | alpha-poison (alphas pushed towards skip/pooling, weights honest): what the attack-clients send instead of their honest reply",
+        "none | sign-flip (the update of every array reversed and scaled) | alpha-poison (alphas pushed towards "
+        "skip/pooling, weights honest): what the attack-clients send instead of their honest reply",
         _choice(ATTACKS),
         "attack",
     ),
@@ -527,7 +544,9 @@ KEYS: tuple[Key, ...] = (
     Key(
         "alpha-defence",
         "none",
-        "none | median | trimmed-mean (cuts trim-beta at each end) | norm-screen: architecture logits aggregated robustly per element, whatever strategy aggregates the weights; update-screen: replies whose weight or logit update is an outlier are left out entirely",
+        "none | median | trimmed-mean (cuts trim-beta at each end) | norm-screen: architecture logits aggregated "
+        "robustly per element, whatever strategy aggregates the weights; update-screen: replies whose weight or "
+        "logit update is an outlier are left out entirely",
         _choice(ALPHA_DEFENCES),
         "attack",
     ),

@@ -41,7 +41,9 @@ from .space import SpaceConfig, make_op
 from .space.cost import CostModel, OpShape, build_cost_model, edge_shapes
 
 TABLE_FORMAT = 1
-PROFILE_RUNS = 1500  # per model: 150 interleaved blocks of 10 (8x8 ops take microseconds; 600 gave Spearman 0.87-0.91 on digits, 1500 0.93-0.95)
+# per model: 150 interleaved blocks of 10 (8x8 ops take microseconds; 600 gave Spearman 0.87-0.91 on digits,
+# 1500 0.93-0.95)
+PROFILE_RUNS = 1500
 CALIBRATION_SEED = 900_000  # random cells that calibrate a table; checks draw theirs elsewhere
 RUNTIMES = ("onnxruntime", "torch")
 
@@ -162,7 +164,7 @@ def models_latency_ms(
 ) -> list[float]:
     """Median latency of each module on its example (batch 1, deployed), timed interleaved."""
     with one_thread():
-        calls = [deployed_call(m, x, runtime) for m, x in zip(modules, examples)]
+        calls = [deployed_call(m, x, runtime) for m, x in zip(modules, examples, strict=False)]
         return time_calls_ms(calls, runs)
 
 
@@ -236,7 +238,7 @@ def profile_space(
         progress(f"timing {len(shapes)} ops and {len(calibration) + len(held_out)} whole networks, interleaved")
     times = models_latency_ms(modules, examples, runtime, runs)
     overhead = intercept(times[0], times[1])
-    ops = {s.key(): max(0.0, t - overhead) for s, t in zip(shapes, times[2 : 2 + len(shapes)])}
+    ops = {s.key(): max(0.0, t - overhead) for s, t in zip(shapes, times[2 : 2 + len(shapes)], strict=False)}
     first = 2 + len(shapes)
     wholes, held_out_ms = times[first : first + len(calibration)], times[first + len(calibration) :]
     raw = {
@@ -280,7 +282,7 @@ def _line(x: list[float], y: list[float]) -> tuple[float, float]:
     n = len(x)
     mx, my = sum(x) / n, sum(y) / n
     var = sum((a - mx) ** 2 for a in x)
-    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / var if var > 0 else 1.0
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=False)) / var if var > 0 else 1.0
     if slope <= 0:
         slope = 1.0
     return slope, max(0.0, my - slope * mx)
@@ -316,7 +318,10 @@ class LatencyTable:
         have = self.data["space"]
         diff = [k for k in want if have.get(k) != want[k]]
         if diff:
-            return f"measured for another space ({', '.join(f'{k} {have.get(k)} != {want[k]}' for k in diff[:3])}); run `fedmetanas profile` for this one"
+            return (
+                f"measured for another space ({', '.join(f'{k} {have.get(k)} != {want[k]}' for k in diff[:3])}); "
+                "run `fedmetanas profile` for this one"
+            )
         return None
 
     def op_ms(self, shape: OpShape) -> float:
@@ -358,5 +363,5 @@ def latency_against_table(
     example = torch.randn(1, space.in_channels, *image_hw)
     modules = [net, *(DiscreteNetwork(space, g) for g in genotypes)]
     times = models_latency_ms(modules, [example] * len(modules), runtime, runs)
-    ratio = statistics.median(now / old for now, old in zip(times[1:], then))
+    ratio = statistics.median(now / old for now, old in zip(times[1:], then, strict=False))
     return {"latency_ms": times[0], "machine_speed_vs_table": ratio, "latency_ms_at_table_speed": times[0] / ratio}

@@ -62,7 +62,7 @@ def inner_adapt(
         loss = loss_on(model, current, batch, penalty if inner.adapt_arch else None, **forward_kwargs)
         grads = torch.autograd.grad(loss, [current[k] for k in names], create_graph=create_graph, allow_unused=True)
         updated = dict(current)
-        for name, grad in zip(names, grads):
+        for name, grad in zip(names, grads, strict=False):
             if grad is None:
                 continue
             lr = inner.lr_alpha if is_arch(name) else inner.lr_w
@@ -94,7 +94,7 @@ def _gradients(loss: torch.Tensor, params: Params) -> Params:
     """d loss / d params, zeros for the parameters the loss does not reach."""
     names = list(params)
     grads = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True)
-    return {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads)}
+    return {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads, strict=False)}
 
 
 def reptile_task_delta(

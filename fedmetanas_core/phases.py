@@ -68,7 +68,8 @@ class Phase(ABC):
     """One stage of a run: its rounds, the state it starts from, each round's config, what it does
     with an aggregate, what it leaves for the next phase, and its final network."""
 
-    kind: str  # "search" (clients get the supernet) or "fixed" (a discrete network): with the method, the LOCAL_TRAINING key
+    # "search" (clients get the supernet) or "fixed" (a discrete network): with the method, the LOCAL_TRAINING key
+    kind: str
 
     def __init__(self, name: str, rounds: int):
         self.name = name  # rounds.jsonl's "phase", and a seed stream of its initial model

@@ -95,7 +95,7 @@ def check_dp(cfg: Mapping[str, Any], population: int | None) -> None:
                 "dp-noise-multiplier",
                 cfg["dp-noise-multiplier"],
                 f"adaptive clipping needs dp-noise-multiplier < 2 x dp-clipped-count-stddev = {2 * sb:g} "
-                f"({'m/20 with m = ' + str(m) + ' sampled clients' if not cfg['dp-clipped-count-stddev'] else 'as set'}); "
+                f"({f'm/20 with m = {m} sampled clients' if not cfg['dp-clipped-count-stddev'] else 'as set'}); "
                 "raise dp-clipped-count-stddev or lower the noise",
             )
 

@@ -31,7 +31,7 @@ def live_edges(space: SpaceConfig, masks: Mapping[str, torch.Tensor], cell_type:
     for e, (j, i) in enumerate(topo.edges):
         pair_mask = masks.get(arch_param_name("beta", cell_type, j)) if space.input_pruning else None
         fed = pair_mask is None or any(
-            bool(keep) and i in pair for keep, pair in zip(pair_mask.tolist(), topo.pairs(j))
+            bool(keep) and i in pair for keep, pair in zip(pair_mask.tolist(), topo.pairs(j), strict=False)
         )
         ops = [p for o, p in enumerate(space.primitives) if p != "none" and (op_mask is None or bool(op_mask[e, o]))]
         live[edge_key(j, i)] = ops if fed else []

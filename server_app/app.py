@@ -262,7 +262,7 @@ class Experiment:
         self.rejected_total += len(strategy.rejected)
         if self.accountant is not None and (aggregated is not None if cfg.dp != "local" else _answered(replies)):
             self.accountant.release()  # local DP: every reply the server saw was a release
-        norms, arch_norms = zip(*strategy.update_norms) if strategy.update_norms else ((), ())
+        norms, arch_norms = zip(*strategy.update_norms, strict=False) if strategy.update_norms else ((), ())
         elapsed, remaining = self.clock.tick()
         row = {
             "phase": phase.name,

@@ -298,7 +298,7 @@ class SearchStrategy(Strategy):
         keysets = [frozenset(m.content["metrics"].keys()) for m in good]
         if len(set(keysets)) > 1:
             common = Counter(keysets).most_common(1)[0][0]
-            for msg, keys in zip(list(good), keysets):
+            for msg, keys in zip(list(good), keysets, strict=False):
                 if keys != common:
                     reject(msg, f"metric keys {sorted(keys)} differ from the other replies' {sorted(common)}")
                     good.remove(msg)

@@ -144,7 +144,7 @@ class RayCluster:
     def query(self, code: str, timeout: float = 60.0) -> object:
         """Run ``code`` in a short-lived driver attached to this cluster; it must print one JSON
         value last. A separate process keeps ``ray.init`` out of the test process."""
-        script = "import json, ray\nray.init(address=%r, logging_level='ERROR', log_to_driver=False)\n" % self.address
+        script = f"import json, ray\nray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False)\n"
         done = subprocess.run(
             [sys.executable, "-c", script + code], capture_output=True, text=True, env=self._env(), timeout=timeout
         )
@@ -188,8 +188,11 @@ class RayCluster:
 
     def actors(self, class_name: str = "ClientAppActor") -> list[dict]:
         """Ray's actor table (alive and dead), read through the GCS: no dashboard needed."""
-        code = "print(json.dumps([a for a in ray._private.state.actors().values() if a['ActorClassName'] == %r], default=str))"
-        return self.query(code % class_name)
+        code = (
+            "print(json.dumps([a for a in ray._private.state.actors().values() "
+            f"if a['ActorClassName'] == {class_name!r}], default=str))"
+        )
+        return self.query(code)
 
     def node_ids(self) -> set[str]:
         return {n["NodeID"] for n in self.alive_nodes()}

@@ -25,10 +25,10 @@ def test_weighted_average_is_sample_weighted_mean_of_weights_and_logits():
     n = [10, 30, 60]
     avg = weighted_average(states, n)
     for k in states[0]:
-        want = sum(ni * s[k].astype(np.float64) for ni, s in zip(n, states)) / sum(n)
+        want = sum(ni * s[k].astype(np.float64) for ni, s in zip(n, states, strict=False)) / sum(n)
         np.testing.assert_allclose(avg[k], want, rtol=1e-6, atol=1e-6)
         assert avg[k].dtype == states[0][k].dtype
-    for s, c in zip(states, copies):
+    for s, c in zip(states, copies, strict=False):
         for k in s:
             np.testing.assert_array_equal(s[k], c[k])
     # not the plain mean

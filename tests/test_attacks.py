@@ -228,8 +228,9 @@ TINY = {
 
 @pytest.mark.parametrize("defence", ["none", "median"])
 def test_a_real_run_with_one_alpha_poisoner(tmp_path, defence):
-    """The real server round (``Experiment.run_phase``) and ClientApp. Round 1 is the warm-up (honest alphas frozen), so FedAvg's logits move only by the poisoner's
-    share; the median of 3 unchanged and 1 poisoned reply is the unchanged logits."""
+    """The real server round (``Experiment.run_phase``) and ClientApp. Round 1 is the warm-up (honest
+    alphas frozen), so FedAvg's logits move only by the poisoner's share; the median of 3 unchanged
+    and 1 poisoned reply is the unchanged logits."""
     cfg = RunConfig.from_flat({**TINY, "alpha-defence": defence, "results-dir": str(tmp_path)})
     with run_settings(cfg, 1):  # the phase's round only: export and figures are not under test
         exp = Experiment(LocalGrid(8800 + len(defence), dict(cfg), 4), cfg)

@@ -151,7 +151,7 @@ def cli_results(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     cases = CASES + [IMPORT_CASE]
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda c: _run_cli(root, c), cases))
-    return {case[0]: result for case, result in zip(cases, results)}
+    return {case[0]: result for case, result in zip(cases, results, strict=False)}
 
 
 def _assert_rejected(result: subprocess.CompletedProcess, key: str) -> None:

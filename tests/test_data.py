@@ -256,8 +256,8 @@ def test_partitions_are_deterministic_disjoint_and_seeded(digit_labels, partitio
     again = D.partition_indices(digit_labels, 10, partitioner, seed=1)
     other = D.partition_indices(digit_labels, 10, partitioner, seed=2)
     assert len(parts) == 10 and all(len(p) > 0 for p in parts)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
-    assert any(not np.array_equal(a, b) for a, b in zip(parts, other))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=False))
+    assert any(not np.array_equal(a, b) for a, b in zip(parts, other, strict=False))
     everything = np.concatenate(parts)
     assert len(np.unique(everything)) == len(everything)  # disjoint
     assert all(p.dtype == np.int64 and np.all(np.diff(p) > 0) for p in parts)  # sorted
@@ -307,7 +307,7 @@ def test_split_partition_is_disjoint_and_deterministic():
     assert (len(train), len(query), len(test)) == (60, 20, 20)
     assert np.array_equal(np.sort(np.concatenate([train, query, test])), indices)
     again = D.split_partition(indices, seed=7, partition_id=3)
-    assert all(np.array_equal(a, b) for a, b in zip((train, query, test), again))
+    assert all(np.array_equal(a, b) for a, b in zip((train, query, test), again, strict=False))
     other = D.split_partition(indices, seed=7, partition_id=4)
     assert not np.array_equal(test, other[2])
 

@@ -62,7 +62,8 @@ def test_fedmetanas_run_completes_and_fails_loudly(flower_env, tmp_path):
     bad.write_text("normal: [[{op: sep_conv_3x3}]]\n")  # no 'input', no 'reduce'
     failed = _fedmetanas_run(
         flower_env,
-        f'method="fedavg" fedavg-genotype="{bad}" num-server-rounds=1 min-available-nodes=3 results-dir="{tmp_path / "fail"}"',
+        f'method="fedavg" fedavg-genotype="{bad}" num-server-rounds=1 min-available-nodes=3 '
+        f'results-dir="{tmp_path / "fail"}"',
     )
     assert failed.returncode != 0
     assert "did not complete" in failed.stderr

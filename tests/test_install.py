@@ -236,7 +236,8 @@ def test_the_installed_wheel_checks_and_runs_outside_the_source_tree(tmp_path, s
         [
             str(venv / "bin" / "python"),
             "-c",
-            "import json, fedmetanas_core, server_app, client_app; print(json.dumps([m.__file__ for m in (fedmetanas_core, server_app, client_app)]))",
+            "import json, fedmetanas_core, server_app, client_app; print(json.dumps([m.__file__ for m in "
+            "(fedmetanas_core, server_app, client_app)]))",
         ],
         capture_output=True,
         text=True,

@@ -48,7 +48,7 @@ def manual_adapt(model, params, support, steps, lr_w, lr_a, adapt_arch=True):
         loss = F.cross_entropy(functional_call(model, leaves, (support[0],)), support[1])
         grads = torch.autograd.grad(loss, list(leaves.values()))
         new = {}
-        for (k, v), gr in zip(leaves.items(), grads):
+        for (k, v), gr in zip(leaves.items(), grads, strict=False):
             if is_arch(k):
                 new[k] = v.detach() - lr_a * gr if adapt_arch else v.detach()
             else:
@@ -65,7 +65,7 @@ def test_fomaml_gradient_is_query_gradient_at_adapted_params():
     adapted = manual_adapt(model, params, support, 3, 0.3, 0.7)
     leaves = {k: v.requires_grad_(True) for k, v in adapted.items()}
     q = F.cross_entropy(functional_call(model, leaves, (query[0],)), query[1])
-    ref = dict(zip(leaves, torch.autograd.grad(q, list(leaves.values()))))
+    ref = dict(zip(leaves, torch.autograd.grad(q, list(leaves.values())), strict=False))
     assert set(grads) == {"w", "arch.b"}
     for k in ref:
         torch.testing.assert_close(grads[k], ref[k])
@@ -163,10 +163,10 @@ def test_fomaml_on_search_model_matches_manual_one_step():
     gs = torch.autograd.grad(ls, list(leaves.values()))
     adapted = {
         k: (v.detach() - (0.3 if is_arch(k) else 0.1) * gr).requires_grad_(True)
-        for (k, v), gr in zip(leaves.items(), gs)
+        for (k, v), gr in zip(leaves.items(), gs, strict=False)
     }
     lq = F.cross_entropy(functional_call(model, adapted, (query[0],), fw), query[1])
-    ref = dict(zip(adapted, torch.autograd.grad(lq, list(adapted.values()))))
+    ref = dict(zip(adapted, torch.autograd.grad(lq, list(adapted.values())), strict=False))
     assert any(k.startswith("arch.alpha") for k in grads) and any(k.startswith("arch.beta") for k in grads)
     for k in ref:
         torch.testing.assert_close(grads[k], ref[k], rtol=1e-4, atol=1e-6)

@@ -57,7 +57,7 @@ def reply(node: int, state: dict[str, np.ndarray], n: int, **metrics) -> Message
 def good_replies() -> tuple[list[Message], list[dict[str, np.ndarray]], list[int]]:
     states = [{k: v + 0.1 * (i + 1) for k, v in GLOBAL.items()} for i in range(3)]
     sizes = [10, 20, 30]
-    return [reply(i + 1, s, n) for i, (s, n) in enumerate(zip(states, sizes))], states, sizes
+    return [reply(i + 1, s, n) for i, (s, n) in enumerate(zip(states, sizes, strict=False))], states, sizes
 
 
 def faulty_reply(kind: str, node: int = 99) -> Message:
@@ -75,7 +75,7 @@ def strategy(min_replies: int = 2, base=None) -> SearchStrategy:
 
 def weighted_mean(states, sizes):
     total = sum(sizes)
-    return {k: sum(s[k].astype(np.float64) * n / total for s, n in zip(states, sizes)) for k in states[0]}
+    return {k: sum(s[k].astype(np.float64) * n / total for s, n in zip(states, sizes, strict=False)) for k in states[0]}
 
 
 REASONS = {
@@ -196,7 +196,8 @@ def test_corrupt_reply_kinds_and_fault_parsing():
 
 def test_client_error_reason_is_shortened_to_its_gist():
     ray_style = (
-        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1)\n"
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
+        "(pid=1)\n"
         '  File "x.py", line 1, in f\n    raise\nflwr.clientapp.client_app.ClientAppException: \n'
         "Exception ClientAppException occurred. Message: partition 3 has 2 example(s) but needs at least 3'>"
     )

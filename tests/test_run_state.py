@@ -149,7 +149,7 @@ def test_server_orders_replies_by_node_id_sized_partition_ids():
     pids = [2**64 - 5, 7, 2**40]
     replies = [
         Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "partition-id": pid})}), reply_to=m)
-        for pid, m in zip(pids, msgs)
+        for pid, m in zip(pids, msgs, strict=False)
     ]
     error = Message(Error(code=0, reason="client failed"), reply_to=msgs[0])
     ordered = sorted([error, *replies], key=client_order)

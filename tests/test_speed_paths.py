@@ -81,7 +81,7 @@ def test_depthwise_conv_gradients_equal_autograd(k, d, s, size):
     out = kernels._DepthwiseConv.apply(x, w, s, p, d)
     torch.testing.assert_close(out, F.conv2d(x, w, None, s, p, d, c))
     got = torch.autograd.grad(out, (x, w), g)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
@@ -115,7 +115,7 @@ def test_each_op_fast_equals_eager_float32(name, stride):
             results.append((out.detach().contiguous(), [g.contiguous() for g in grads]))
     (o0, g0), (o1, g1) = results
     torch.testing.assert_close(o1, o0, rtol=1e-4, atol=1e-4)
-    for a, b in zip(g1, g0):  # float32 sums in another order: relative to the tensor's scale
+    for a, b in zip(g1, g0, strict=False):  # float32 sums in another order: relative to the tensor's scale
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
 
 
@@ -167,7 +167,7 @@ def test_fast_and_eager_run_the_same_ops_and_draw_the_same_noise():
     for fast in (False, True):
         calls = []
         handles = [
-            op.register_forward_hook(lambda m, i, o, key=(ci, key, name): calls.append(key))
+            op.register_forward_hook(lambda m, i, o, key=(ci, key, name), calls=calls: calls.append(key))
             for ci, cell in enumerate(model.net.cells)
             for key, edge in cell.edges.items()
             for name, op in edge.ops.items()
@@ -221,7 +221,7 @@ def test_fast_backward_hands_every_op_a_dense_channels_last_gradient():
     def hook(mod, inp, out):
         if isinstance(out, torch.Tensor) and out.requires_grad and out.dim() == 4:
             out.register_hook(
-                lambda g, name=type(mod).__name__: seen.append(
+                lambda g, name=type(mod).__name__: seen.append(  # noqa: B008 (binds this module's name now, on purpose)
                     (name, g.is_contiguous(memory_format=torch.channels_last))
                 )
             )

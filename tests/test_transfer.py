@@ -148,7 +148,9 @@ def test_live_transfer_gives_the_full_transfers_result_and_ships_the_derived_net
     for rows in (live_rows, full_rows):
         assert all(r["bytes-received"] == r["bytes-sent"] for r in rows)  # replies carry what was sent
     derived_bytes = 4 * live["params"]
-    decided = [b for a, b in zip(live_rows, live_rows[1:]) if a["cell-decided"]]  # rounds sent under discrete masks
+    decided = [
+        b for a, b in zip(live_rows, live_rows[1:], strict=False) if a["cell-decided"]
+    ]  # rounds sent under discrete masks
     assert decided, "the run never reached a discrete cell"
     for r in decided:
         assert r["bytes-sent"] / r["replies"] <= 1.25 * derived_bytes

@@ -65,7 +65,7 @@ def _random_split(
 ) -> list[np.ndarray]:
     """[rest, part_1, ...]: part_k gets round(n * fractions[k]) examples, at least 1, and the rest at
     least 1, trimming the largest parts when n is too small for the requested fractions."""
-    for setting, fraction in zip(settings, fractions):
+    for setting, fraction in zip(settings, fractions, strict=False):
         if not 0.0 <= fraction < 1.0:
             raise DataError(f"{setting} must be in [0, 1); got {fraction}")
     if sum(fractions) >= 1.0:

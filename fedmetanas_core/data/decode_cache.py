@@ -121,7 +121,7 @@ def _decode_images(
     keep = np.zeros(len(sources), dtype=bool)
     skipped: list[str] = []
     all_gray = True
-    for i, (src, name) in enumerate(zip(sources, names)):
+    for i, (src, name) in enumerate(zip(sources, names, strict=False)):
         try:
             with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
                 all_gray = all_gray and img.mode in ("1", "L")

@@ -52,7 +52,7 @@ def draw_alpha_heatmap(data: RunData, path: Path, cell_type: str) -> None:
     axes = fig.subplots(1, len(mats), sharey=True, squeeze=False)[0]
     annotate = n_edges * n_ops <= 120
     im = None
-    for ax, i, m in zip(axes, picks, mats):
+    for ax, i, m in zip(axes, picks, mats, strict=False):
         r = rows[i]
         im = ax.imshow(m, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto")
         ax.set_xticks(range(n_ops), primitives, rotation=60, ha="right", fontsize=8)

@@ -29,7 +29,8 @@ def _is_comparison_json(path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fedmetanas_core.report",
-        description="Markdown report (and figures) per run directory; with several runs or a comparison.json, also a comparison page.",
+        description="Markdown report (and figures) per run directory; with several runs or a comparison.json, also "
+        "a comparison page.",
     )
     parser.add_argument(
         "runs", nargs="+", type=Path, help="results directories, or a comparison.json from a comparison benchmark"

@@ -75,7 +75,7 @@ def _run_labels(rows: list[ComparisonRow]) -> list[str]:
 
 
 def _comparison_figure(rows: list[ComparisonRow], path: Path, title: str) -> None:
-    plotted = [(lbl, r) for lbl, r in zip(_run_labels(rows), rows) if r.data and r.data.rounds]
+    plotted = [(lbl, r) for lbl, r in zip(_run_labels(rows), rows, strict=False) if r.data and r.data.rounds]
     if not plotted:
         raise ValueError("no run has readable rounds")
     all_pts = [p for _, r in plotted for p in series(r.data.rounds)]
@@ -145,7 +145,7 @@ def write_comparison_report(rows: list[ComparisonRow], out: str | Path, meta: di
     head += ["Time to FedNAS acc."] if show_ttr else []
     head += ["Params"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, r in zip(_run_labels(rows), rows):
+    for label, r in zip(_run_labels(rows), rows, strict=False):
         v = r.values
         run = md_escape(r.results_dir.name if r.results_dir else label)
         if r.results_dir is not None and (r.results_dir / REPORT_FILE).exists():
@@ -185,7 +185,7 @@ def write_comparison_report(rows: list[ComparisonRow], out: str | Path, meta: di
         logger.warning("comparison figure failed: %s: %s", type(exc).__name__, exc)
         lines += [f"Comparison figure not drawn: {md_escape(f'{type(exc).__name__}: {exc}')}", ""]
     lines += ["## Runs", ""]
-    for label, r in zip(_run_labels(rows), rows):
+    for label, r in zip(_run_labels(rows), rows, strict=False):
         if r.results_dir is None:
             lines.append(f"- {md_escape(label)}: no results directory")
             continue

@@ -109,7 +109,7 @@ def draw_temperature(data: RunData, path: Path) -> None:
     ent = [k for k in ("alpha-entropy-normal", "alpha-entropy-reduce") if any(k in p for p in pts)]
     if ent:
         ax2 = ax.twinx()
-        for k, color in zip(ent, ("tab:purple", "tab:brown")):
+        for k, color in zip(ent, ("tab:purple", "tab:brown"), strict=False):
             ax2.plot(xs, [number(p.get(k)) for p in pts], "^--", ms=3, color=color, alpha=0.7, label=k)
         ax2.set_ylabel("mean op-distribution entropy (nats)")
         ax2.set_ylim(bottom=0)

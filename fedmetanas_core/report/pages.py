@@ -99,8 +99,10 @@ def write_run_report(results_dir: str | Path, refresh: bool = False) -> Path:
         for p in series(data.rounds):
             tau = number(p.get("tau"))
             out.append(
-                f"| {p['phase']} | {p['round']} | {'–' if math.isnan(tau) else f'{tau:.3f}'} | {format_accuracy(p.get('accuracy'))} "
-                f"| {format_accuracy(p.get('supernet-accuracy'))} | {format_number(p.get('loss'))} | {format_seconds(p['time'])} |"
+                f"| {p['phase']} | {p['round']} | {'–' if math.isnan(tau) else f'{tau:.3f}'} | "
+                f"{format_accuracy(p.get('accuracy'))} "
+                f"| {format_accuracy(p.get('supernet-accuracy'))} | {format_number(p.get('loss'))} | "
+                f"{format_seconds(p['time'])} |"
             )
         out.append("")
     if data.config:

@@ -69,7 +69,7 @@ def edge_shapes(space: SpaceConfig, image_hw: tuple[int, int]) -> list[tuple[str
 
     _, slots, _ = cell_plan(space)
     out = []
-    for slot, (h, w) in zip(slots, slot_resolutions(space, image_hw)):
+    for slot, (h, w) in zip(slots, slot_resolutions(space, image_hw), strict=False):
         rows = []
         for _, i in space.topology.edges:
             stride = 2 if slot.reduction and i < 2 else 1
@@ -249,7 +249,7 @@ def fixed_macs_and_params(space: SpaceConfig, image_hw: tuple[int, int]) -> tupl
     params = sum(p.numel() for p in stem.parameters())
     sizes = slot_resolutions(space, image_hw)
     prev_sizes = [image_hw, image_hw]  # (s0, s1) resolutions entering each cell
-    for slot, size in zip(slots, sizes):
+    for slot, size in zip(slots, sizes, strict=False):
         base = CellBase(slot.c_pp, slot.c_p, slot.c, slot.reduction, slot.reduction_prev)
         s0 = torch.zeros(1, slot.c_pp, *prev_sizes[0])
         s1 = torch.zeros(1, slot.c_p, *prev_sizes[1])

@@ -167,7 +167,7 @@ class CatChannels(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         out, start = [], 0
-        for size, fmt in zip(ctx.sizes, ctx.formats):
+        for size, fmt in zip(ctx.sizes, ctx.formats, strict=False):
             out.append(g.narrow(1, start, size).contiguous(memory_format=fmt))
             start += size
         return tuple(out)

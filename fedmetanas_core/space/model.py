@@ -118,7 +118,7 @@ class SearchModel(nn.Module):
         keep = torch.stack([self._keep(w.detach(), settings.threshold) for w in weights.values()]).cpu()
         return {
             t: CellWeights(w, [row.nonzero().flatten().tolist() for row in k])
-            for (t, w), k in zip(weights.items(), keep)
+            for (t, w), k in zip(weights.items(), keep, strict=False)
         }
 
     def forward(self, x, settings: RelaxSettings, masks=None, generator=None) -> torch.Tensor:
