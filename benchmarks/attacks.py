@@ -72,8 +72,14 @@ def run_config(overrides: dict[str, Any], seed: int, results_dir: Path) -> tuple
     """The flat run config of one grid run and its number of clients."""
     over = dict(overrides)
     clients = int(over.pop("_clients", CLIENTS))
-    flat = {**over, "seed": seed, "num-partitions": clients, "min-available-nodes": clients,
-            "torch-threads": 1, "results-dir": str(results_dir.resolve())}  # fmt: skip
+    flat = {
+        **over,
+        "seed": seed,
+        "num-partitions": clients,
+        "min-available-nodes": clients,
+        "torch-threads": 1,
+        "results-dir": str(results_dir.resolve()),
+    }
     return flat, clients
 
 
@@ -109,8 +115,13 @@ def partial_summary(folder: Path, rounds: list[dict[str, Any]]) -> dict[str, Any
     space = space_from_config(cfg, 10, 1)  # digits: 10 classes, 1 channel
     arch = {k: torch.as_tensor(v) for k, v in ck["arrays"].items() if k.startswith("arch.")}
     done = [r for r in rounds if r["round"] <= ck["round"]]
-    return {"final_test_accuracy": done[-1]["accuracy"], "genotype": derive_genotype(space, arch, ck["masks"]).to_dict(),
-            "rejected_replies": sum(r["rejected"] for r in done), "total_time_s": None, "partial_rounds": ck["round"]}  # fmt: skip
+    return {
+        "final_test_accuracy": done[-1]["accuracy"],
+        "genotype": derive_genotype(space, arch, ck["masks"]).to_dict(),
+        "rejected_replies": sum(r["rejected"] for r in done),
+        "total_time_s": None,
+        "partial_rounds": ck["round"],
+    }
 
 
 def row(name: str, seed: int, folder: Path) -> dict[str, Any]:
@@ -173,8 +184,8 @@ def changed_choices(genotype: dict, reference: dict) -> int:
     return sum(
         a != b
         for cell in reference
-        for node_a, node_b in zip(genotype[cell], reference[cell])
-        for a, b in zip(node_a, node_b)
+        for node_a, node_b in zip(genotype[cell], reference[cell], strict=False)
+        for a, b in zip(node_a, node_b, strict=False)
     )
 
 
@@ -186,18 +197,27 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """One line per run; accuracy and genotype against the attack-free FedAvg run of the same seed."""
     clean = {r["seed"]: r for r in rows if r["run"] == "clean/FedAvg"}
     lines = [
-        "| run (attack / strategy + alpha defence) | seed | clients | final test acc. | vs attack-free (points) | parameter-free ops normal / reduce (of 4) | choices changed vs attack-free (of 8) | parameter-free softmax mass when the cell is decided (attack-free: see its row) | normal cell | reduce cell | alpha-screened replies |",
+        "| run (attack / strategy + alpha defence) | seed | clients | final test acc. | vs attack-free (points) | "
+        "parameter-free ops normal / reduce (of 4) | choices changed vs attack-free (of 8) | parameter-free "
+        "softmax mass when the cell is decided (attack-free: see its row) | normal cell | reduce cell | "
+        "alpha-screened replies |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for r in rows:
         base = clean.get(r["seed"])
         diff = f"{100 * (r['final_test_accuracy'] - base['final_test_accuracy']):+.1f}" if base else "n/a"
         changed = changed_choices(r["genotype"], base["genotype"]) if base else "n/a"
         pf = r["parameter_free_ops"]
-        run = r["run"] if not r.get("partial_rounds") else f"{r['run']} (**unfinished: round {r['partial_rounds']} of 20**)"
+        run = (
+            r["run"]
+            if not r.get("partial_rounds")
+            else f"{r['run']} (**unfinished: round {r['partial_rounds']} of 20**)"
+        )
         lines.append(
-            f"| {run} | {r['seed']} | {r['clients']} | {r['final_test_accuracy']:.4f} | {diff} | {pf['normal']} / {pf['reduce']} "
-            f"| {changed} | {_mass(r)} | {_ops(r['genotype'], 'normal')} | {_ops(r['genotype'], 'reduce')} | {r['alpha_screened']} |"
+            f"| {run} | {r['seed']} | {r['clients']} | {r['final_test_accuracy']:.4f} | {diff} | {pf['normal']} / "
+            f"{pf['reduce']} "
+            f"| {changed} | {_mass(r)} | {_ops(r['genotype'], 'normal')} | {_ops(r['genotype'], 'reduce')} | "
+            f"{r['alpha_screened']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -213,20 +233,29 @@ def over_seeds(rows: list[dict[str, Any]]) -> str:
         if not r.get("partial_rounds"):
             by_run.setdefault(r["run"], []).append(r)
     lines = [
-        "| run | seeds | final test acc. (mean +- std) | vs attack-free, same seed (points, mean +- std) | parameter-free ops normal / reduce, per seed | choices changed vs attack-free, per seed |",
+        "| run | seeds | final test acc. (mean +- std) | vs attack-free, same seed (points, mean +- std) | "
+        "parameter-free ops normal / reduce, per seed | choices changed vs attack-free, per seed |",
         "|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for run, rs in by_run.items():
         if len(rs) < 2:
             continue
         rs = sorted(rs, key=lambda r: r["seed"])
         acc = [r["final_test_accuracy"] for r in rs]
-        diffs = [100 * (r["final_test_accuracy"] - clean[r["seed"]]["final_test_accuracy"]) for r in rs if r["seed"] in clean]
+        diffs = [
+            100 * (r["final_test_accuracy"] - clean[r["seed"]]["final_test_accuracy"]) for r in rs if r["seed"] in clean
+        ]
         pf = ", ".join(f"{r['parameter_free_ops']['normal']}/{r['parameter_free_ops']['reduce']}" for r in rs)
-        changed = ", ".join(str(changed_choices(r["genotype"], clean[r["seed"]]["genotype"])) if r["seed"] in clean else "n/a" for r in rs)
+        changed = ", ".join(
+            str(changed_choices(r["genotype"], clean[r["seed"]]["genotype"])) if r["seed"] in clean else "n/a"
+            for r in rs
+        )
         diff = f"{statistics.mean(diffs):+.1f} +- {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else "n/a"
-        lines.append(f"| {run} | {', '.join(str(r['seed']) for r in rs)} | {statistics.mean(acc):.4f} +- {statistics.stdev(acc):.4f} "
-                     f"| {diff} | {pf} | {changed} |")  # fmt: skip
+        lines.append(
+            f"| {run} | {', '.join(str(r['seed']) for r in rs)} | {statistics.mean(acc):.4f} +- "
+            f"{statistics.stdev(acc):.4f} "
+            f"| {diff} | {pf} | {changed} |"
+        )
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
@@ -245,7 +274,9 @@ def collect(out: Path, seeds: list[int], names: list[str]) -> list[dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.attacks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="benchmarks/results/attacks", help="folder for runs/, attacks.json, attacks.md")
+    parser.add_argument(
+        "--out", default="benchmarks/results/attacks", help="folder for runs/, attacks.json, attacks.md"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--only", nargs="+", default=None, help=f"run names; default all: {', '.join(RUNS)}")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, one process and one torch thread each")
@@ -262,16 +293,37 @@ def main(argv: list[str] | None = None) -> int:
         run_one(args.run, args.seeds[0], out)
         return 0
     if not args.table_only:
-        todo = [(n, s) for s in args.seeds for n in names
-                if not (out / "runs" / f"seed-{s}" / n.replace("/", "__") / "summary.json").is_file()]  # fmt: skip
+        todo = [
+            (n, s)
+            for s in args.seeds
+            for n in names
+            if not (out / "runs" / f"seed-{s}" / n.replace("/", "__") / "summary.json").is_file()
+        ]
         running: list[tuple[subprocess.Popen, str, int, float]] = []
         (out / "logs").mkdir(parents=True, exist_ok=True)
         while todo or running:
             while todo and len(running) < args.jobs:
                 name, seed = todo.pop(0)
                 log = open(out / "logs" / f"seed-{seed}__{name.replace('/', '__')}.log", "w")
-                cmd = [sys.executable, "-m", "benchmarks.attacks", "--out", str(out), "--seeds", str(seed), "--run", name]
-                running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()), name, seed, time.time()))
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.attacks",
+                    "--out",
+                    str(out),
+                    "--seeds",
+                    str(seed),
+                    "--run",
+                    name,
+                ]
+                running.append(
+                    (
+                        subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()),
+                        name,
+                        seed,
+                        time.time(),
+                    )
+                )
             time.sleep(2)
             for proc, name, seed, t0 in list(running):
                 if proc.poll() is not None:

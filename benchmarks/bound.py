@@ -1,7 +1,8 @@
 """A run's compute bound: its counted FLOPs over the FLOP rate this CPU sustains on the same ops.
 
     python -m benchmarks.bound                                   # the default run (digits), 6 rounds
-    python -m benchmarks.bound -c conf/cifar10-cpu.toml --rounds 8 --timing benchmarks/results/cifar10-cpu-tuned/seed-0/fedmetanas/rounds.jsonl
+    python -m benchmarks.bound -c conf/cifar10-cpu.toml --rounds 8 \\
+        --timing benchmarks/results/cifar10-cpu-tuned/seed-0/fedmetanas/rounds.jsonl
 
 1. **Count.** The preset runs in this process through ``LocalGrid`` (the real ServerApp loop and
    ClientApp) for ``--rounds`` rounds. Every client's local training runs under a dispatch mode that
@@ -147,7 +148,9 @@ def record_run(items: list[str], rounds: int, clients: int) -> list[dict]:
     client.local_trainer = recording_trainer
     try:
         with tempfile.TemporaryDirectory() as out:
-            inprocess.run([*items, f"num-server-rounds={rounds}", "torch-threads=1", "checkpoint=false"], clients, Path(out))
+            inprocess.run(
+                [*items, f"num-server-rounds={rounds}", "torch-threads=1", "checkpoint=false"], clients, Path(out)
+            )
     finally:
         client.local_trainer = original
     return [{"round": r, "calls": per_round[r]} for r in sorted(per_round)]
@@ -178,7 +181,9 @@ def save_calls(rows: list[dict], path: Path) -> None:
             return {"t": [enc(v) for v in x]}
         return x
 
-    data = [{"round": r["round"], "calls": [[str(f), enc(spec), n] for (f, spec), n in r["calls"].items()]} for r in rows]
+    data = [
+        {"round": r["round"], "calls": [[str(f), enc(spec), n] for (f, spec), n in r["calls"].items()]} for r in rows
+    ]
     path.write_text(json.dumps(data))
 
 
@@ -196,7 +201,9 @@ def load_calls(path: Path) -> list[dict]:
 
     rows = []
     for r in json.loads(path.read_text()):
-        rows.append({"round": r["round"], "calls": collections.Counter({(op(f), dec(spec)): n for f, spec, n in r["calls"]})})
+        rows.append(
+            {"round": r["round"], "calls": collections.Counter({(op(f), dec(spec)): n for f, spec, n in r["calls"]})}
+        )
     return rows
 
 
@@ -216,18 +223,30 @@ def bound_table(rows: list[dict], measured: dict[int, dict], cores: int) -> tupl
         m = measured.get(r["round"], {})
         round_s, client_s = m.get("round-s"), (m.get("client-s-sum") or 0) / cores if m else None
         phase = phase_of(measured.get(r["round"] - 1, {}))
-        row = {"round": r["round"], "phase": phase, "gflop": flops / 1e9, "bound_run_shapes_s": at_shapes,
-               "bound_sustained_s": sustained, "round_s": round_s, "client_s_per_core": client_s}
+        row = {
+            "round": r["round"],
+            "phase": phase,
+            "gflop": flops / 1e9,
+            "bound_run_shapes_s": at_shapes,
+            "bound_sustained_s": sustained,
+            "round_s": round_s,
+            "client_s_per_core": client_s,
+        }
         out.append(row)
         ratio = f"{round_s / sustained:.1f}x" if round_s else "-"
-        lines.append(f"| {r['round']} | {phase} | {flops / 1e9:.1f} | {at_shapes:.2f} | {sustained:.2f} | "
-                     f"{round_s if round_s is None else f'{round_s:.2f}'} | "
-                     f"{client_s if client_s is None else f'{client_s:.2f}'} | {ratio} |")
+        lines.append(
+            f"| {r['round']} | {phase} | {flops / 1e9:.1f} | {at_shapes:.2f} | {sustained:.2f} | "
+            f"{round_s if round_s is None else f'{round_s:.2f}'} | "
+            f"{client_s if client_s is None else f'{client_s:.2f}'} | {ratio} |"
+        )
     rate_run = sum(v[0] for v in table.values()) / sum(v[1] for v in table.values())
     rate_big = sum(v[2] for v in table.values()) / sum(v[3] for v in table.values())
-    lines += ["", f"Distinct counted calls: {len(table)}. One core sustains {rate_big / 1e9:.1f} GFLOP/s on them at "
-              f"{SCALE}x the batch and {rate_run / 1e9:.1f} GFLOP/s at the run's shapes (FLOP-weighted, each distinct call "
-              f"once); the bound divides by {cores} cores (one simulated client per core)."]
+    lines += [
+        "",
+        f"Distinct counted calls: {len(table)}. One core sustains {rate_big / 1e9:.1f} GFLOP/s on them at "
+        f"{SCALE}x the batch and {rate_run / 1e9:.1f} GFLOP/s at the run's shapes (FLOP-weighted, each distinct call "
+        f"once); the bound divides by {cores} cores (one simulated client per core).",
+    ]
     return lines, out
 
 
@@ -237,11 +256,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--timing", type=Path, default=ROOT / "benchmarks/results/default-run/seed-0/rounds.jsonl",
-                    help="rounds.jsonl of a real flwr run of the same settings")
+    ap.add_argument(
+        "--timing",
+        type=Path,
+        default=ROOT / "benchmarks/results/default-run/seed-0/rounds.jsonl",
+        help="rounds.jsonl of a real flwr run of the same settings",
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the table and rows here (.md and .json)")
-    ap.add_argument("--calls", type=Path, default=None,
-                    help="the recorded calls: read from here when the file exists (only the rates are measured), else written")
+    ap.add_argument(
+        "--calls",
+        type=Path,
+        default=None,
+        help="the recorded calls: read from here when the file exists (only the rates are measured), else written",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.calls and args.calls.is_file():

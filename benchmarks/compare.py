@@ -76,15 +76,32 @@ def _baseline_overrides(method: str, seed_dir: Path, seed: int, preset: Path, ov
 
 
 def run_method(
-    preset: Path, method: str, seed_dir: Path, seed: int, overrides: list[str], num_supernodes: int, baselines: bool = True
+    preset: Path,
+    method: str,
+    seed_dir: Path,
+    seed: int,
+    overrides: list[str],
+    num_supernodes: int,
+    baselines: bool = True,
 ) -> RunData:
     """``fedmetanas run`` of ``method`` into ``seed_dir / method``; a ``fedavg-*`` method runs as
     fedavg, with this comparison's fixed network when ``baselines`` (others pass theirs in ``overrides``)."""
     out = seed_dir / method
     base = method.split("-")[0] if method.startswith("fedavg") else method
     extra = _baseline_overrides(method, seed_dir, seed, preset, overrides) if baselines else []
-    cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", "--num-supernodes", str(num_supernodes), "-c", str(preset)]
-    cmd += ["-c", f'method="{base}" results-dir="{out}"'] + [x for o in [*overrides, f"seed={seed}", *extra] for x in ("-c", o)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedmetanas_core.cli",
+        "run",
+        "--num-supernodes",
+        str(num_supernodes),
+        "-c",
+        str(preset),
+    ]
+    cmd += ["-c", f'method="{base}" results-dir="{out}"'] + [
+        x for o in [*overrides, f"seed={seed}", *extra] for x in ("-c", o)
+    ]
     print("$", " ".join(cmd), flush=True)
     done = subprocess.run(cmd, cwd=ROOT)
     if done.returncode != 0:
@@ -113,8 +130,10 @@ def budget(cfg: dict[str, Any]) -> str:
         text = f"{rounds} rounds x {cfg['local-meta-iters']} meta-steps ({cfg['inner-steps']} inner)"
         return text + (f", discrete from round {cfg['discrete-round']}" if cfg.get("discrete-round") else "") + schedule
     if cfg["method"] == "fednas":
-        return (f"search {rounds} rounds x {cfg['local-epochs']} epoch(s), "
-                f"retrain {cfg['retrain-rounds']} rounds x {cfg['retrain-local-epochs']} epoch(s)") + schedule  # fmt: skip
+        return (
+            f"search {rounds} rounds x {cfg['local-epochs']} epoch(s), "
+            f"retrain {cfg['retrain-rounds']} rounds x {cfg['retrain-local-epochs']} epoch(s)"
+        ) + schedule
     return f"{rounds} rounds x {cfg['local-epochs']} epoch(s)" + schedule
 
 
@@ -171,11 +190,21 @@ def comparison_rows(runs: dict[str, RunData]) -> list[dict[str, Any]]:
 # over seeds
 
 AVERAGED = (
-    "final_test_accuracy", "last_rounds_mean_accuracy", "personalized_accuracy", "personalized_accuracy_before",
-    "total_time_s", "search_time_s", "retrain_time_s", "time_to_reach_fednas_accuracy_s", "params",
-    "mb_sent_received", "steps_per_client_round", "images_per_client_round", "images_to_reach_fednas_accuracy",
+    "final_test_accuracy",
+    "last_rounds_mean_accuracy",
+    "personalized_accuracy",
+    "personalized_accuracy_before",
+    "total_time_s",
+    "search_time_s",
+    "retrain_time_s",
+    "time_to_reach_fednas_accuracy_s",
+    "params",
+    "mb_sent_received",
+    "steps_per_client_round",
+    "images_per_client_round",
+    "images_to_reach_fednas_accuracy",
     "images_total",
-)  # fmt: skip
+)
 
 
 def aggregate_rows(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -189,12 +218,17 @@ def aggregate_rows(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, 
         agg.update(over_seeds(rows, AVERAGED))
         agg["reached_fednas_accuracy"] = sum(r["time_to_reach_fednas_accuracy_s"] is not None for r in rows)
         ratios, image_ratios = [], []
-        for seed, seed_rows in per_seed.items():
+        for _seed, seed_rows in per_seed.items():
             by = {r["method"]: r for r in seed_rows}
             mine, fednas = by.get(method), by.get("fednas")
             if mine and fednas and mine["time_to_reach_fednas_accuracy_s"] is not None:
                 ratios.append(mine["time_to_reach_fednas_accuracy_s"] / fednas["total_time_s"])
-            if mine and fednas and mine.get("images_to_reach_fednas_accuracy") is not None and fednas.get("images_total"):
+            if (
+                mine
+                and fednas
+                and mine.get("images_to_reach_fednas_accuracy") is not None
+                and fednas.get("images_total")
+            ):
                 image_ratios.append(mine["images_to_reach_fednas_accuracy"] / fednas["images_total"])
         agg["time_to_reach_over_fednas_total_mean"] = mean_std(ratios)[0]
         agg["images_to_reach_over_fednas_total_mean"] = mean_std(image_ratios)[0]
@@ -211,33 +245,55 @@ def markdown_table(rows: list[dict[str, Any]], seeds=(), split: str = "test") ->
     """The aggregated rows: mean ± std over the seeds; accuracies with 4 decimals, seconds as whole
     numbers, missing figures as "–" (``report.format``). A method with fewer of ``seeds`` than the
     others names its own."""
-    head = (f"| method | budget | final {split} acc | mean acc, last 5 rounds | personalized acc (before → after) | total s "
-            "| s to reach FedNAS acc (x FedNAS time; seeds) | params | MB sent + received | steps / client / round "
-            "| images / client / round | images / client to reach FedNAS acc (x FedNAS's) |")  # fmt: skip
+    head = (
+        f"| method | budget | final {split} acc | mean acc, last 5 rounds | personalized acc (before → after) | "
+        f"total s "
+        "| s to reach FedNAS acc (x FedNAS time; seeds) | params | MB sent + received | steps / client / round "
+        "| images / client / round | images / client to reach FedNAS acc (x FedNAS's) |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         n = len(r["seeds"])
-        name = r["method"] if not seeds or set(r["seeds"]) >= set(seeds) else f"{r['method']} (seeds {', '.join(map(str, r['seeds']))})"
+        name = (
+            r["method"]
+            if not seeds or set(r["seeds"]) >= set(seeds)
+            else f"{r['method']} (seeds {', '.join(map(str, r['seeds']))})"
+        )
         ratio = r.get("time_to_reach_over_fednas_total_mean")
-        reach = "–" if r["time_to_reach_fednas_accuracy_s_mean"] is None else (
-            f"{format_number(r['time_to_reach_fednas_accuracy_s_mean'], 0)} "
-            f"({format_number(ratio, 2)} x; {r['reached_fednas_accuracy']}/{n})"
-        )  # fmt: skip
+        reach = (
+            "–"
+            if r["time_to_reach_fednas_accuracy_s_mean"] is None
+            else (
+                f"{format_number(r['time_to_reach_fednas_accuracy_s_mean'], 0)} "
+                f"({format_number(ratio, 2)} x; {r['reached_fednas_accuracy']}/{n})"
+            )
+        )
         image_ratio = r.get("images_to_reach_over_fednas_total_mean")
-        images = "–" if r.get("images_to_reach_fednas_accuracy_mean") is None else (
-            f"{format_number(r['images_to_reach_fednas_accuracy_mean'], 0)} ({format_number(image_ratio, 2)} x)"
-        )  # fmt: skip
+        images = (
+            "–"
+            if r.get("images_to_reach_fednas_accuracy_mean") is None
+            else (f"{format_number(r['images_to_reach_fednas_accuracy_mean'], 0)} ({format_number(image_ratio, 2)} x)")
+        )
         lines.append(
             f"| {name} | {r['budget']} | {_pm(r, 'final_test_accuracy')} | {_pm(r, 'last_rounds_mean_accuracy')} "
-            f"| {format_number(r['personalized_accuracy_before_mean'])} → {format_number(r['personalized_accuracy_mean'])} "
+            f"| {format_number(r['personalized_accuracy_before_mean'])} → "
+            f"{format_number(r['personalized_accuracy_mean'])} "
             f"| {format_number(r['total_time_s_mean'], 0)} | {reach} | {format_number(r['params_mean'], 0)} "
-            f"| {format_number(r.get('mb_sent_received_mean'), 2)} | {format_number(r['steps_per_client_round_mean'], 1)} | {format_number(r['images_per_client_round_mean'], 0)} | {images} |"
+            f"| {format_number(r.get('mb_sent_received_mean'), 2)} | "
+            f"{format_number(r['steps_per_client_round_mean'], 1)} | "
+            f"{format_number(r['images_per_client_round_mean'], 0)} | {images} |"
         )
     return "\n".join(lines)
 
 
 def compare(
-    preset: str, out: Path, overrides: list[str], num_supernodes: int, methods=METHODS, rerun: bool = True, seeds=(0,),
+    preset: str,
+    out: Path,
+    overrides: list[str],
+    num_supernodes: int,
+    methods=METHODS,
+    rerun: bool = True,
+    seeds=(0,),
 ) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     preset_file = ROOT / "conf" / f"{preset}.toml"
@@ -261,19 +317,30 @@ def compare(
     per_seed = {seed: comparison_rows(seed_runs) for seed, seed_runs in runs.items() if seed_runs}
     rows = aggregate_rows(per_seed)
     result = {
-        "preset": preset, "machine": machine_description(), "overrides": overrides, "seeds": list(seeds),
-        "eval_split": split, "rows": rows, "per_seed": {str(k): v for k, v in per_seed.items()}, "left_out": left_out,
-    }  # fmt: skip
+        "preset": preset,
+        "machine": machine_description(),
+        "overrides": overrides,
+        "seeds": list(seeds),
+        "eval_split": split,
+        "rows": rows,
+        "per_seed": {str(k): v for k, v in per_seed.items()},
+        "left_out": left_out,
+    }
     atomic_write_text(out / "comparison.json", json.dumps(result, indent=2))
     seeds_text = ", ".join(map(str, seeds))
     missing = f"\n\nNot finished, left out: {', '.join(left_out)}." if left_out else ""
-    scored = "" if split == "test" else (
-        ". Accuracies are on the validation split (the clients' local test splits, carved from their "
-        "training data), not the test set"
-    )  # fmt: skip
+    scored = (
+        ""
+        if split == "test"
+        else (
+            ". Accuracies are on the validation split (the clients' local test splits, carved from their "
+            "training data), not the test set"
+        )
+    )
     atomic_write_text(
         out / "comparison.md",
-        f"Preset `{preset}`, seeds {seeds_text}, on {result['machine']}{scored}{missing}\n\n{markdown_table(rows, seeds, split)}\n",
+        f"Preset `{preset}`, seeds {seeds_text}, on "
+        f"{result['machine']}{scored}{missing}\n\n{markdown_table(rows, seeds, split)}\n",
     )
     by_method = {m: [seed_runs[m] for seed_runs in runs.values() if m in seed_runs] for m in methods}
     draw_accuracy_over_seeds(by_method, out / COMPARISON_FIGURE)
@@ -294,7 +361,13 @@ def partition_name(partitioner: str, alpha: float) -> str:
 
 
 def sweep(
-    preset: str, out: Path, overrides: list[str], num_supernodes: int, methods=METHODS, rerun: bool = True, seeds=(0,),
+    preset: str,
+    out: Path,
+    overrides: list[str],
+    num_supernodes: int,
+    methods=METHODS,
+    rerun: bool = True,
+    seeds=(0,),
     partitions: tuple[str, ...] | None = None,
 ) -> dict:
     """Every partition of SWEEP (or the named ones: two shells can share a sweep, then one
@@ -310,20 +383,31 @@ def sweep(
         by = {r["method"]: r for r in result["rows"]}
         lines.append(f"| {name} | " + " | ".join(_pm(by[m], "final_test_accuracy") for m in methods) + " |")
         for r in result["rows"]:
-            table.append({
-                "partition": name, "method": r["method"], "seeds": r["seeds"], "eval_split": result["eval_split"],
-                "final_test_accuracy_mean": r["final_test_accuracy_mean"], "final_test_accuracy_std": r["final_test_accuracy_std"],
-                "personalized_accuracy_mean": r["personalized_accuracy_mean"],
-                "personalized_accuracy_before_mean": r["personalized_accuracy_before_mean"],
-                "total_time_s_mean": r["total_time_s_mean"], "params_mean": r["params_mean"],
-                "steps_per_client_round_mean": r["steps_per_client_round_mean"],
-                "images_per_client_round_mean": r["images_per_client_round_mean"],
-            })  # fmt: skip
+            table.append(
+                {
+                    "partition": name,
+                    "method": r["method"],
+                    "seeds": r["seeds"],
+                    "eval_split": result["eval_split"],
+                    "final_test_accuracy_mean": r["final_test_accuracy_mean"],
+                    "final_test_accuracy_std": r["final_test_accuracy_std"],
+                    "personalized_accuracy_mean": r["personalized_accuracy_mean"],
+                    "personalized_accuracy_before_mean": r["personalized_accuracy_before_mean"],
+                    "total_time_s_mean": r["total_time_s_mean"],
+                    "params_mean": r["params_mean"],
+                    "steps_per_client_round_mean": r["steps_per_client_round_mean"],
+                    "images_per_client_round_mean": r["images_per_client_round_mean"],
+                }
+            )
     summary = {"preset": preset, "machine": machine_description(), "seeds": list(seeds), "rows": table}
     if partitions is not None:  # a share of the sweep: its runs are on disk, the tables come later
         return summary
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
-    atomic_write_text(out / "sweep.md", f"Final {table[0]['eval_split'] if table else 'test'} accuracy, mean ± std over seeds {', '.join(map(str, seeds))}\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(
+        out / "sweep.md",
+        f"Final {table[0]['eval_split'] if table else 'test'} accuracy, mean ± std over seeds "
+        f"{', '.join(map(str, seeds))}\n\n" + "\n".join(lines) + "\n",
+    )
     print("\n".join(lines))
     return summary
 
@@ -338,24 +422,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; every method runs on each")
     parser.add_argument("--sweep", action="store_true", help="Dirichlet 0.1 / 0.5 / 1.0 and IID, all methods")
     parser.add_argument("--partitions", default=None, help="sweep only these (e.g. dirichlet-0.1,iid); no sweep.json")
-    parser.add_argument("--tables-only", action="store_true", help="rebuild tables, JSON and plots from the runs already in --out")
+    parser.add_argument(
+        "--tables-only", action="store_true", help="rebuild tables, JSON and plots from the runs already in --out"
+    )
     args = parser.parse_args(argv)
     methods = tuple(args.methods.split(","))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    out = (args.out or ROOT / "benchmarks" / "results" / (f"{args.preset}-sweep" if args.sweep else args.preset)).resolve()
+    out = (
+        args.out or ROOT / "benchmarks" / "results" / (f"{args.preset}-sweep" if args.sweep else args.preset)
+    ).resolve()
     if "fedavg-matched" in methods and "fedmetanas" not in methods:
-        missing = list(seeds) if args.sweep else [s for s in seeds if not (out / f"seed-{s}" / "fedmetanas" / "summary.json").is_file()]
+        missing = (
+            list(seeds)
+            if args.sweep
+            else [s for s in seeds if not (out / f"seed-{s}" / "fedmetanas" / "summary.json").is_file()]
+        )
         if missing:
-            parser.error("fedavg-matched matches the fedmetanas run's parameter count: include fedmetanas, or run it "
-                         f"first for seed(s) {', '.join(map(str, missing))} into {out}")  # fmt: skip
+            parser.error(
+                "fedavg-matched matches the fedmetanas run's parameter count: include fedmetanas, or run it "
+                f"first for seed(s) {', '.join(map(str, missing))} into {out}"
+            )
     if args.sweep:
         parts = tuple(args.partitions.split(",")) if args.partitions else None
         known = {partition_name(p, a) for p, a in SWEEP}
         if parts and not set(parts) <= known:
-            parser.error(f"unknown partition(s) {', '.join(sorted(set(parts) - known))}; choose from {', '.join(sorted(known))}")
+            parser.error(
+                f"unknown partition(s) {', '.join(sorted(set(parts) - known))}; choose from {', '.join(sorted(known))}"
+            )
         sweep(args.preset, out, args.run_config, args.num_supernodes, methods, not args.tables_only, seeds, parts)
     else:
         compare(args.preset, out, args.run_config, args.num_supernodes, methods, not args.tables_only, seeds)

@@ -82,7 +82,7 @@ class PeakMemory:
             self.peak = max(self.peak, tree_pss_bytes(self.roots()))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -112,10 +112,22 @@ def whole_run_share(result: dict[str, Any]) -> float:
 def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str, Any]:
     fraction = PER_ROUND_TRAINERS / clients
     overrides = (
-        f'num-server-rounds={rounds} fraction-train={fraction} fraction-evaluate={fraction} min-available-nodes={clients} '
+        f"num-server-rounds={rounds} fraction-train={fraction} fraction-evaluate={fraction} "
+        f"min-available-nodes={clients} "
         f'min-train-nodes={PER_ROUND_TRAINERS} results-dir="{out}" discrete-round=0'
-    )  # fmt: skip  (discrete-round: the preset's lies beyond these few rounds; LATE sets its own)
-    cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", "--num-supernodes", str(clients), "-c", str(ROOT / "conf" / "cifar10-cpu.toml"), "-c", overrides]
+    )  # discrete-round=0: the preset's lies beyond these few rounds; LATE sets its own
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedmetanas_core.cli",
+        "run",
+        "--num-supernodes",
+        str(clients),
+        "-c",
+        str(ROOT / "conf" / "cifar10-cpu.toml"),
+        "-c",
+        overrides,
+    ]
     cmd += [x for e in extra for x in ("-c", e)]
     print("$", " ".join(cmd), flush=True)
     started = time.perf_counter()
@@ -134,15 +146,24 @@ def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str,
         "peak_pss_mib": memory.peak / 2**20,
         "actors": actors,
         "rounds": [
-            {"round": r["round"], "round_s": r["round-s"], "server_s": r.get("server-s", 0.0), "client_s_sum": r["client-s-sum"], "overhead_share": s}
-            for r, s in zip(rows, shares)
+            {
+                "round": r["round"],
+                "round_s": r["round-s"],
+                "server_s": r.get("server-s", 0.0),
+                "client_s_sum": r["client-s-sum"],
+                "overhead_share": s,
+            }
+            for r, s in zip(rows, shares, strict=False)
         ],
         "overhead_share_after_round_1": statistics.mean(shares[1:]) if len(shares) > 1 else None,
     }
 
 
 def round_table(results: list[dict[str, Any]]) -> list[str]:
-    lines = ["| clients (train per round) | round | round s | server s | client s (sum / actors) | Flower + Ray share |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| clients (train per round) | round | round s | server s | client s (sum / actors) | Flower + Ray share |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for res in results:
         for r in res["rounds"]:
             lines.append(
@@ -156,10 +177,15 @@ def memory_table(results: list[dict[str, Any]]) -> list[str]:
     lines = ["| clients | peak memory (PSS, MiB) | mean Flower + Ray share, rounds 2+ |", "|---|---:|---:|"]
     for res in results:
         share = res["overhead_share_after_round_1"]
-        lines.append(f"| {res['clients']} | {res['peak_pss_mib']:.0f} | {'-' if share is None else f'{100 * share:.1f} %'} |")
+        lines.append(
+            f"| {res['clients']} | {res['peak_pss_mib']:.0f} | {'-' if share is None else f'{100 * share:.1f} %'} |"
+        )
     base = results[0]["peak_pss_mib"]
     for res in results[1:]:
-        lines.append(f"\nPeak memory, {res['clients']} vs {results[0]['clients']} simulated clients: **{res['peak_pss_mib'] / base:.2f} x**")
+        lines.append(
+            f"\nPeak memory, {res['clients']} vs {results[0]['clients']} simulated clients: "
+            f"**{res['peak_pss_mib'] / base:.2f} x**"
+        )
     return lines
 
 
@@ -176,7 +202,8 @@ def run(clients: list[int], rounds: int, extra: list[str], log=print) -> list[st
         log(f"[framework] {clients[0]} simulated clients, {rounds} rounds, discrete cell from round 2 ...")
         late = measure(clients[0], rounds, Path(tmp) / "late", extra + [LATE])
     lines = [
-        f"### Flower + Ray: `cifar10-cpu`, real `flwr run` simulations ({rounds} rounds, {PER_ROUND_TRAINERS} clients train per round)",
+        f"### Flower + Ray: `cifar10-cpu`, real `flwr run` simulations ({rounds} rounds, {PER_ROUND_TRAINERS} "
+        f"clients train per round)",
         "",
         "Early rounds (the preset's warm-up: every op of the supernet runs):",
         "",
@@ -184,11 +211,13 @@ def run(clients: list[int], rounds: int, extra: list[str], log=print) -> list[st
         "",
         *memory_table(results),
         "",
-        f"Late rounds (`{LATE}`: from round 2 on the supernet is the discrete cell, the cheapest client work per round):",
+        f"Late rounds (`{LATE}`: from round 2 on the supernet is the discrete cell, the cheapest client work per "
+        f"round):",
         "",
         *round_table([late]),
         "",
-        f"Share of all {rounds} rounds' wall time (round 1 included: Ray actors start and every client loads its data): "
+        f"Share of all {rounds} rounds' wall time (round 1 included: Ray actors start and every client loads its "
+        f"data): "
         + ", ".join(f"{r['clients']} clients {100 * whole_run_share(r):.1f} %" for r in results)
         + f"; late rounds, {late['clients']} clients {100 * whole_run_share(late):.1f} %.",
         "",
@@ -199,15 +228,22 @@ def run(clients: list[int], rounds: int, extra: list[str], log=print) -> list[st
 
 def from_runs(dirs: list[Path], actors: int) -> list[str]:
     """The same shares for finished runs (their rounds.jsonl), e.g. a whole comparison run."""
-    lines = ["| run | rounds | Flower + Ray share, all rounds | rounds 2+ | round 1 | server share |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | rounds | Flower + Ray share, all rounds | rounds 2+ | round 1 | server share |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for d in dirs:
         rows = [json.loads(line) for line in (d / "rounds.jsonl").read_text().splitlines() if line.strip()]
         shares = overhead_shares(rows, actors)
-        result = {"rounds": [{"round_s": r["round-s"], "overhead_share": sh} for r, sh in zip(rows, shares)]}
+        result = {
+            "rounds": [{"round_s": r["round-s"], "overhead_share": sh} for r, sh in zip(rows, shares, strict=False)]
+        }
         later = {"rounds": result["rounds"][1:]} if len(rows) > 1 else result
         server = sum(r.get("server-s", 0.0) for r in rows) / sum(r["round-s"] for r in rows)
-        lines.append(f"| `{d}` | {len(rows)} | {100 * whole_run_share(result):.1f} % | {100 * whole_run_share(later):.1f} % "
-                     f"| {100 * shares[0]:.1f} % | {100 * server:.1f} % |")  # fmt: skip
+        lines.append(
+            f"| `{d}` | {len(rows)} | {100 * whole_run_share(result):.1f} % | {100 * whole_run_share(later):.1f} % "
+            f"| {100 * shares[0]:.1f} % | {100 * server:.1f} % |"
+        )
     return lines
 
 
@@ -216,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", default="10,100", help="comma-separated numbers of simulated clients")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-c", "--run-config", action="append", default=[], help="extra overrides")
-    ap.add_argument("--from-runs", nargs="*", type=Path, help="only report the shares of these finished runs' rounds.jsonl")
+    ap.add_argument(
+        "--from-runs", nargs="*", type=Path, help="only report the shares of these finished runs' rounds.jsonl"
+    )
     ap.add_argument("--actors", type=int, default=RAY_ACTORS, help="Ray actors of those runs")
     args = ap.parse_args(argv)
     if args.from_runs:

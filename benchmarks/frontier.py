@@ -38,7 +38,9 @@ def budget_dir(budget: str) -> str:
     return budget.replace(":", "-")
 
 
-def method_overrides(method: str, budget: str, seed_dir: Path, seed: int, preset: Path, overrides: list[str]) -> list[str]:
+def method_overrides(
+    method: str, budget: str, seed_dir: Path, seed: int, preset: Path, overrides: list[str]
+) -> list[str]:
     """The run-config overrides that put ``method`` at ``budget``."""
     common = [f'budget="{budget}"', "init-channels=0"]
     if method != "fedavg-random-cell":
@@ -71,7 +73,9 @@ def run_all(args, preset: Path, budgets: list[str], seeds: list[int], methods: l
                 if (seed_dir / method / "summary.json").is_file():
                     continue  # resumable: a finished run is kept
                 extra = method_overrides(method, budget, seed_dir, seed, preset, [*partition, *args.c])
-                run_method(preset, method, seed_dir, seed, [*partition, *args.c, *extra], args.num_supernodes, baselines=False)
+                run_method(
+                    preset, method, seed_dir, seed, [*partition, *args.c, *extra], args.num_supernodes, baselines=False
+                )
 
 
 def partition_overrides(text: str) -> list[str]:
@@ -83,7 +87,9 @@ def partition_overrides(text: str) -> list[str]:
 # rows, table, plots
 
 
-def frontier_rows(out: Path, partition: str, budgets: list[str], seeds: list[int], methods: list[str]) -> list[dict[str, Any]]:
+def frontier_rows(
+    out: Path, partition: str, budgets: list[str], seeds: list[int], methods: list[str]
+) -> list[dict[str, Any]]:
     rows = []
     for budget in budgets:
         for method in methods:
@@ -94,7 +100,10 @@ def frontier_rows(out: Path, partition: str, budgets: list[str], seeds: list[int
             costs = [r.summary.get("cost") or {} for _, r in done]
             acc = [r.summary["final_test_accuracy"] for _, r in done]
             row = {
-                "method": method, "partition": partition, "budget": budget, "seeds": [s for s, _ in done],
+                "method": method,
+                "partition": partition,
+                "budget": budget,
+                "seeds": [s for s, _ in done],
                 "macs_mean": mean_std(c.get("macs") for c in costs)[0],
                 "macs_std": mean_std(c.get("macs") for c in costs)[1],
                 "params_mean": mean_std(c.get("params") for c in costs)[0],
@@ -106,7 +115,7 @@ def frontier_rows(out: Path, partition: str, budgets: list[str], seeds: list[int
                 "init_channels": [c.get("init_channels") for c in costs],
                 "images_per_client_round_mean": mean_std(r.summary.get("images_per_client_round") for _, r in done)[0],
                 "total_time_s_mean": mean_std(r.summary.get("total_time_s") for _, r in done)[0],
-            }  # fmt: skip
+            }
             rows.append(row)
     return rows
 
@@ -119,8 +128,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         acc = f"{r['final_test_accuracy_mean']:.4f} ± {r['final_test_accuracy_std']:.4f}"
         lat = "-" if r["latency_ms_mean"] is None else f"{r['latency_ms_mean']:.4f}"
-        lines.append(f"| {r['budget']} | {r['method']} | {len(r['seeds'])} | {r['macs_mean']:,.0f} | {r['params_mean']:,.0f} | "
-                     f"{lat} | {acc} | {'yes' if r['within_budget'] else 'NO'} |")  # fmt: skip
+        lines.append(
+            f"| {r['budget']} | {r['method']} | {len(r['seeds'])} | {r['macs_mean']:,.0f} | {r['params_mean']:,.0f} | "
+            f"{lat} | {acc} | {'yes' if r['within_budget'] else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
@@ -130,14 +141,23 @@ def draw(rows: list[dict[str, Any]], x_key: str, xlabel: str, path: Path) -> Non
     fig = new_figure(COMPARISON_FIGURE)
     ax = fig.subplots()
     for k, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        pts = sorted((r[x_key], r["final_test_accuracy_mean"], r["final_test_accuracy_std"] or 0.0)
-                     for r in rows if r["method"] == method and r[x_key] is not None)  # fmt: skip
+        pts = sorted(
+            (r[x_key], r["final_test_accuracy_mean"], r["final_test_accuracy_std"] or 0.0)
+            for r in rows
+            if r["method"] == method and r[x_key] is not None
+        )
         if not pts:
             continue
-        xs, mean, std = zip(*pts)
+        xs, mean, std = zip(*pts, strict=False)
         color = line_color(method, k)
         ax.plot(xs, mean, marker="o", color=color, label=method)
-        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color, alpha=0.2)
+        ax.fill_between(
+            xs,
+            [m - s for m, s in zip(mean, std, strict=False)],
+            [m + s for m, s in zip(mean, std, strict=False)],
+            color=color,
+            alpha=0.2,
+        )
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
@@ -152,7 +172,12 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], args) -> None:
     atomic_write_text(out / "frontier.json", json.dumps({**meta, "rows": rows}, indent=1))
     atomic_write_text(out / "frontier.md", f"# Frontier: {args.preset}, {args.partition}\n\n{markdown(rows)}\n")
     draw(rows, "macs_mean", "MACs of the deployed network (mean over seeds, log scale)", out / "frontier_macs.png")
-    draw(rows, "latency_ms_mean", "measured latency, ms (batch 1, one thread; mean over seeds, log scale)", out / "frontier_latency.png")
+    draw(
+        rows,
+        "latency_ms_mean",
+        "measured latency, ms (batch 1, one thread; mean over seeds, log scale)",
+        out / "frontier_latency.png",
+    )
     print(markdown(rows))
 
 

@@ -23,8 +23,14 @@ def run(items: list[str], clients: int, results_dir: Path, run_id: int = 1) -> d
     from server_app.app import run_experiment
     from server_app.local_grid import LocalGrid, task_identity
 
-    overrides, cfg = resolve_run_config([*items, f"results-dir={json.dumps(str(results_dir))}",
-                                         f"num-partitions={clients}", f"min-available-nodes={clients}"])
+    overrides, cfg = resolve_run_config(
+        [
+            *items,
+            f"results-dir={json.dumps(str(results_dir))}",
+            f"num-partitions={clients}",
+            f"min-available-nodes={clients}",
+        ]
+    )
     started = time.time()
     with task_identity(), run_settings(cfg):
         run_experiment(LocalGrid(run_id, dict(cfg), clients), cfg)
@@ -38,7 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-c", "--run-config", action="append", default=[], help="preset file or 'key=value ...'")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--results-dir", type=Path, required=True)
-    parser.add_argument("--run-id", type=int, default=1, help="distinct per run in one process (clients cache configs by it)")
+    parser.add_argument(
+        "--run-id", type=int, default=1, help="distinct per run in one process (clients cache configs by it)"
+    )
     args = parser.parse_args(argv)
     summary = run(args.run_config, args.clients, args.results_dir, args.run_id)
     keys = ("method", "final_test_accuracy", "params", "inprocess_wall_s", "device")

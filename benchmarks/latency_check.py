@@ -7,8 +7,8 @@ from seeds no table calibrates on, exports each whole network (calibrated BatchN
 thread, the table's runtime) and compares the table's prediction with its measured median latency:
 Spearman rank correlation and median relative error. When it profiles, the check networks are timed
 in the same interleaved session as the table's ops (not fitted on): on a shared machine whose speed
-drifts by up to 2x between sessions a few seconds apart, that is what keeps the comparison fair. Writes ``latency_check.json`` (every cell's
-prediction and measurement) and prints one line.
+drifts by up to 2x between sessions a few seconds apart, that is what keeps the comparison fair.
+Writes ``latency_check.json`` (every cell's prediction and measurement) and prints one line.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmetanas_core.genotype import DiscreteNetwork, random_genotype
-from fedmetanas_core.latency import PROFILE_RUNS, LatencyTable, models_latency_ms, profile_space
 from fedmetanas_core.budget import run_space
 from fedmetanas_core.cli import resolve_run_config
+from fedmetanas_core.genotype import DiscreteNetwork, random_genotype
+from fedmetanas_core.latency import PROFILE_RUNS, LatencyTable, models_latency_ms, profile_space
 
 CHECK_SEED = 500_000
 
@@ -41,15 +41,18 @@ def check(table: LatencyTable, space, image_hw, genotypes: list, measured: list[
     cost = table.cost_model(space, image_hw)
     rows = [
         {"seed": CHECK_SEED + k, "genotype": g.to_dict(), "predicted_ms": cost.genotype_cost(g), "measured_ms": m}
-        for k, (g, m) in enumerate(zip(genotypes, measured))
+        for k, (g, m) in enumerate(zip(genotypes, measured, strict=False))
     ]
     pred = [r["predicted_ms"] for r in rows]
     meas = [r["measured_ms"] for r in rows]
-    errors = [abs(p - m) / m for p, m in zip(pred, meas)]
+    errors = [abs(p - m) / m for p, m in zip(pred, meas, strict=False)]
     return {
-        "cells": len(rows), "spearman": spearman(pred, meas), "median_relative_error": statistics.median(errors),
-        "max_relative_error": max(errors), "rows": rows,
-    }  # fmt: skip
+        "cells": len(rows),
+        "spearman": spearman(pred, meas),
+        "median_relative_error": statistics.median(errors),
+        "max_relative_error": max(errors),
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,17 +72,27 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             raise SystemExit(f"latency_check: {problem}")
         example = torch.randn(1, space.in_channels, *image_hw)
-        measured = models_latency_ms([DiscreteNetwork(space, g) for g in genotypes], [example] * args.cells, table.runtime, args.runs)
+        measured = models_latency_ms(
+            [DiscreteNetwork(space, g) for g in genotypes], [example] * args.cells, table.runtime, args.runs
+        )
     else:  # profiled now, the check networks timed in the same interleaved session (not fitted on)
         data = profile_space(space, image_hw, runs=args.runs, held_out=genotypes)
         measured = data.pop("held_out_ms")
         table = LatencyTable(data)
     result = check(table, space, image_hw, genotypes, measured)
-    result.update({"runtime": table.data["runtime"], "machine": f"{platform.machine()} {platform.processor()}",
-                   "space": table.data["space"], "table": table.data})  # fmt: skip
-    print(f"{cfg.dataset} {image_hw[0]}x{image_hw[1]}, {args.cells} random cells, {table.data['runtime']}: "
-          f"Spearman {result['spearman']:.3f}, median error {100 * result['median_relative_error']:.1f} %, "
-          f"max {100 * result['max_relative_error']:.1f} %")  # fmt: skip
+    result.update(
+        {
+            "runtime": table.data["runtime"],
+            "machine": f"{platform.machine()} {platform.processor()}",
+            "space": table.data["space"],
+            "table": table.data,
+        }
+    )
+    print(
+        f"{cfg.dataset} {image_hw[0]}x{image_hw[1]}, {args.cells} random cells, {table.data['runtime']}: "
+        f"Spearman {result['spearman']:.3f}, median error {100 * result['median_relative_error']:.1f} %, "
+        f"max {100 * result['max_relative_error']:.1f} %"
+    )
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

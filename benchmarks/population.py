@@ -34,8 +34,8 @@ from typing import Any
 
 from benchmarks.framework import PeakMemory, cmdline
 from fedmetanas_core.atomic import atomic_write_text
-from fedmetanas_core.processes import stop_pids
 from fedmetanas_core.outputs import machine_description
+from fedmetanas_core.processes import stop_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 LIGHT = "local-meta-iters=4"  # little client work per round: any cost of the population shows more
@@ -49,7 +49,11 @@ def free_port() -> int:
 
 def superlinks_of(flwr_home: Path) -> list[int]:
     """This run's local SuperLink(s): its database lives under the run's private FLWR_HOME."""
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and "flower-superlink" in (c := cmdline(int(p))) and str(flwr_home) in c]
+    return [
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit() and "flower-superlink" in (c := cmdline(int(p))) and str(flwr_home) in c
+    ]
 
 
 def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[str]) -> dict[str, Any]:
@@ -59,12 +63,28 @@ def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[s
         f"min-train-nodes={sampled} min-available-nodes={population} num-server-rounds={rounds} "
         f'train-subset=0 results-dir="{out}"'
     )
-    cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", "--num-supernodes", str(population),
-           "-c", str(ROOT / "conf" / "cifar10-cpu.toml"), "-c", overrides, "-c", LIGHT]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedmetanas_core.cli",
+        "run",
+        "--num-supernodes",
+        str(population),
+        "-c",
+        str(ROOT / "conf" / "cifar10-cpu.toml"),
+        "-c",
+        overrides,
+        "-c",
+        LIGHT,
+    ]
     cmd += [x for e in extra for x in ("-c", e)]
     with tempfile.TemporaryDirectory(prefix="fmn-pop-") as home:
-        env = {**os.environ, "FLWR_HOME": home, "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-               "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}  # fmt: skip
+        env = {
+            **os.environ,
+            "FLWR_HOME": home,
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        }
         print("$", " ".join(cmd), flush=True)
         started = time.perf_counter()
         seen: set[int] = set()
@@ -76,7 +96,9 @@ def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[s
 
         try:
             with PeakMemory(roots) as memory:
-                done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                done = subprocess.run(
+                    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                )
         finally:
             stop_pids(sorted(seen | set(superlinks_of(Path(home)))), grace_s=20)
     if done.returncode != 0:
@@ -93,27 +115,35 @@ def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[s
         "round_1_s": rows[0]["round-s"],
         "round_s_median": statistics.median(r["round-s"] for r in later),
         "server_s_median": statistics.median(r["server-s"] for r in later),
-        "rounds": [{k: r.get(k) for k in ("round", "round-s", "server-s", "client-s-sum", "replies", "bytes-sent")} for r in rows],
+        "rounds": [
+            {k: r.get(k) for k in ("round", "round-s", "server-s", "client-s-sum", "replies", "bytes-sent")}
+            for r in rows
+        ],
     }
 
 
 def table(results: list[dict[str, Any]]) -> list[str]:
     base = results[0]
     lines = [
-        "| population | clients per round | round 1 s | round s (median, rounds 2+) | server s (median, rounds 2+) | peak PSS MiB | round time vs first | peak memory vs first |",
+        "| population | clients per round | round 1 s | round s (median, rounds 2+) | server s (median, rounds 2+) "
+        "| peak PSS MiB | round time vs first | peak memory vs first |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r['population']} | {r['sampled_per_round']} | {r['round_1_s']:.1f} | {r['round_s_median']:.1f} | {r['server_s_median']:.2f} "
-            f"| {r['peak_pss_mib']:.0f} | {r['round_s_median'] / base['round_s_median']:.2f} x | {r['peak_pss_mib'] / base['peak_pss_mib']:.2f} x |"
+            f"| {r['population']} | {r['sampled_per_round']} | {r['round_1_s']:.1f} | {r['round_s_median']:.1f} | "
+            f"{r['server_s_median']:.2f} "
+            f"| {r['peak_pss_mib']:.0f} | {r['round_s_median'] / base['round_s_median']:.2f} x | "
+            f"{r['peak_pss_mib'] / base['peak_pss_mib']:.2f} x |"
         )
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--populations", default="100,1000", help="comma-separated simulated populations, the baseline first")
+    ap.add_argument(
+        "--populations", default="100,1000", help="comma-separated simulated populations, the baseline first"
+    )
     ap.add_argument("--sampled", type=int, default=30, help="clients that train per round, in every population")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "population")

@@ -101,42 +101,72 @@ def row(method: str, seed: int, z: float | None, summary: dict[str, Any], out: P
     accs = [r["accuracy"] for r in rounds(out) if r.get("accuracy") is not None]
     dp = summary.get("dp") or {}
     return {
-        "method": method, "seed": seed, "noise_multiplier": z, "epsilon": summary.get("dp_epsilon"),
-        "delta": dp.get("delta"), "clipping_norm": dp.get("clipping_norm"), "releases": dp.get("releases"),
+        "method": method,
+        "seed": seed,
+        "noise_multiplier": z,
+        "epsilon": summary.get("dp_epsilon"),
+        "delta": dp.get("delta"),
+        "clipping_norm": dp.get("clipping_norm"),
+        "releases": dp.get("releases"),
         "final_test_accuracy": summary["final_test_accuracy"],
         "last5_accuracy": statistics.fmean(accs[-LAST_ROUNDS:]) if accs else None,
         "personalized_accuracy": summary.get("personalized_accuracy"),
-        "total_time_s": summary.get("total_time_s"), "results_dir": str(out),
-    }  # fmt: skip
+        "total_time_s": summary.get("total_time_s"),
+        "results_dir": str(out),
+    }
 
 
 def markdown(rows: list[dict[str, Any]], norms: dict[str, dict[str, float]], args) -> str:
     lines = [
-        "| method | noise multiplier z | clipping norm C | epsilon (delta=1e-5) | final test acc | last-5-rounds acc | personalized acc |",
+        "| method | noise multiplier z | clipping norm C | epsilon (delta=1e-5) | final test acc | last-5-rounds "
+        "acc | personalized acc |",
         "|---|---|---|---|---|---|---|",
     ]
     order = {m: i for i, m in enumerate(METHODS)}
-    for r in sorted(rows, key=lambda r: (order.get(r["method"], 9), r["seed"], -1 if r["noise_multiplier"] is None else r["noise_multiplier"])):
+    for r in sorted(
+        rows,
+        key=lambda r: (
+            order.get(r["method"], 9),
+            r["seed"],
+            -1 if r["noise_multiplier"] is None else r["noise_multiplier"],
+        ),
+    ):
         z = "no DP" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:g}"
         eps = "-" if r["noise_multiplier"] is None else ("inf" if r["epsilon"] is None else f"{r['epsilon']:.1f}")
         c = "-" if r["clipping_norm"] is None else f"{r['clipping_norm']:.3g}"
         pers = "-" if r["personalized_accuracy"] is None else f"{r['personalized_accuracy']:.3f}"
-        lines.append(f"| {r['method']} | {z} | {c} | {eps} | {r['final_test_accuracy']:.3f} | {r['last5_accuracy']:.3f} | {pers} |")
+        lines.append(
+            f"| {r['method']} | {z} | {c} | {eps} | {r['final_test_accuracy']:.3f} | {r['last5_accuracy']:.3f} | "
+            f"{pers} |"
+        )
     lines.append("")
-    lines.append("Clipping norm per method: the median of the update norms logged by its run without DP "
-                 "(quartiles / max / replies): " + "; ".join(
-                     f"{m}: median {v['median']:.3g} (q1 {v['q1']:.3g}, q3 {v['q3']:.3g}, max {v['max']:.3g}, {v['n']} replies)"
-                     for m, v in norms.items()))  # fmt: skip
-    lines.append(f"Seeds: {', '.join(map(str, args.seeds))} ({'one seed' if len(args.seeds) == 1 else 'one row per seed above; mean and std over the seeds below'}).")
+    lines.append(
+        "Clipping norm per method: the median of the update norms logged by its run without DP "
+        "(quartiles / max / replies): "
+        + "; ".join(
+            f"{m}: median {v['median']:.3g} (q1 {v['q1']:.3g}, q3 {v['q3']:.3g}, max {v['max']:.3g}, {v['n']} replies)"
+            for m, v in norms.items()
+        )
+    )
+    lines.append(
+        f"Seeds: {', '.join(map(str, args.seeds))} "
+        f"({'one seed' if len(args.seeds) == 1 else 'one row per seed above; mean and std over the seeds below'})."
+    )
     summary = over_seeds(rows)
     if any(g["seeds"] > 1 for g in summary):
-        lines += ["", "| method | noise multiplier z | seeds | epsilon (delta=1e-5) | final test acc (mean +- std) | last-5-rounds acc (mean +- std) |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "| method | noise multiplier z | seeds | epsilon (delta=1e-5) | final test acc (mean +- std) | "
+            "last-5-rounds acc (mean +- std) |",
+            "|---|---|---|---|---|---|",
+        ]
         for g in summary:
             z = "no DP" if g["noise_multiplier"] is None else f"{g['noise_multiplier']:g}"
             eps = "-" if g["epsilon"] is None else f"{g['epsilon']:.1f}"
-            lines.append(f"| {g['method']} | {z} | {g['seeds']} | {eps} | {g['final_mean']:.3f} +- {g['final_std']:.3f} "
-                         f"| {g['last5_mean']:.3f} +- {g['last5_std']:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {g['method']} | {z} | {g['seeds']} | {eps} | {g['final_mean']:.3f} +- {g['final_std']:.3f} "
+                f"| {g['last5_mean']:.3f} +- {g['last5_std']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -147,14 +177,23 @@ def over_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((r["method"], r["noise_multiplier"]), []).append(r)
     order = {m: i for i, m in enumerate(METHODS)}
     out = []
-    for (method, z), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), -1 if kv[0][1] is None else kv[0][1])):
+    for (method, z), rs in sorted(
+        groups.items(), key=lambda kv: (order.get(kv[0][0], 9), -1 if kv[0][1] is None else kv[0][1])
+    ):
         final = [r["final_test_accuracy"] for r in rs]
         last5 = [r["last5_accuracy"] for r in rs]
-        out.append({
-            "method": method, "noise_multiplier": z, "seeds": len(rs), "epsilon": rs[0]["epsilon"] if z is not None else None,
-            "final_mean": statistics.fmean(final), "final_std": statistics.stdev(final) if len(rs) > 1 else 0.0,
-            "last5_mean": statistics.fmean(last5), "last5_std": statistics.stdev(last5) if len(rs) > 1 else 0.0,
-        })  # fmt: skip
+        out.append(
+            {
+                "method": method,
+                "noise_multiplier": z,
+                "seeds": len(rs),
+                "epsilon": rs[0]["epsilon"] if z is not None else None,
+                "final_mean": statistics.fmean(final),
+                "final_std": statistics.stdev(final) if len(rs) > 1 else 0.0,
+                "last5_mean": statistics.fmean(last5),
+                "last5_std": statistics.stdev(last5) if len(rs) > 1 else 0.0,
+            }
+        )
     return out
 
 
@@ -167,14 +206,29 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     groups = over_seeds(rows)  # mean over seeds, error bars: std
     for i, method in enumerate(METHODS):
-        dp = sorted((g for g in groups if g["method"] == method and g["epsilon"] is not None), key=lambda g: g["epsilon"])
+        dp = sorted(
+            (g for g in groups if g["method"] == method and g["epsilon"] is not None), key=lambda g: g["epsilon"]
+        )
         ref = [g for g in groups if g["method"] == method and g["noise_multiplier"] is None]
         color = f"C{i}"
         if dp:
-            ax.errorbar([g["epsilon"] for g in dp], [g["final_mean"] for g in dp], yerr=[g["final_std"] for g in dp], fmt="o-",
-                        color=color, capsize=3, label=f"{method} (server-side fixed clipping; {dp[0]['seeds']} seed(s))")  # fmt: skip
+            ax.errorbar(
+                [g["epsilon"] for g in dp],
+                [g["final_mean"] for g in dp],
+                yerr=[g["final_std"] for g in dp],
+                fmt="o-",
+                color=color,
+                capsize=3,
+                label=f"{method} (server-side fixed clipping; {dp[0]['seeds']} seed(s))",
+            )
             for g in dp:
-                ax.annotate(f"z={g['noise_multiplier']:g}", (g["epsilon"], g["final_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    f"z={g['noise_multiplier']:g}",
+                    (g["epsilon"], g["final_mean"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
         for g in ref:
             ax.axhline(g["final_mean"], color=color, ls="--", lw=1, label=f"{method} without DP")
     ax.set_xscale("log")
@@ -214,13 +268,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "privacy")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    common = {"num-partitions": args.clients, "min-available-nodes": args.clients, "min-train-nodes": args.clients,
-              "tensorboard": False, "dp-delta": args.delta}  # fmt: skip
+    common = {
+        "num-partitions": args.clients,
+        "min-available-nodes": args.clients,
+        "min-train-nodes": args.clients,
+        "tensorboard": False,
+        "dp-delta": args.delta,
+    }
 
     def write() -> None:
         rows, norms = collect(args.out, args.seeds)
-        payload = {"preset": args.preset, "clients": args.clients, "seeds": args.seeds, "noise": args.noise,
-                   "dp": "server-fixed", "clipping_norms": norms, "rows": rows, "machine": machine_description()}  # fmt: skip
+        payload = {
+            "preset": args.preset,
+            "clients": args.clients,
+            "seeds": args.seeds,
+            "noise": args.noise,
+            "dp": "server-fixed",
+            "clipping_norms": norms,
+            "rows": rows,
+            "machine": machine_description(),
+        }
         atomic_write_text(args.out / "privacy.json", json.dumps(payload, indent=2) + "\n")
         atomic_write_text(args.out / "privacy.md", markdown(rows, norms, args))
         plot(rows, args.out / "privacy_accuracy_vs_epsilon.png")
@@ -233,8 +300,18 @@ def main(argv: list[str] | None = None) -> None:
             clip = clipping_norm_from(ref)["median"]
             write()
             for z in args.noise:
-                flat = {**common, "seed": seed, "dp": "server-fixed", "dp-noise-multiplier": z, "dp-clipping-norm": clip}
-                run_one(preset_config(args.preset, method, flat), args.out / f"seed-{seed}" / method / f"z{z:g}", args.clients)
+                flat = {
+                    **common,
+                    "seed": seed,
+                    "dp": "server-fixed",
+                    "dp-noise-multiplier": z,
+                    "dp-clipping-norm": clip,
+                }
+                run_one(
+                    preset_config(args.preset, method, flat),
+                    args.out / f"seed-{seed}" / method / f"z{z:g}",
+                    args.clients,
+                )
                 write()
     write()
     print((args.out / "privacy.md").read_text())

@@ -24,8 +24,11 @@ def main(root: Path) -> None:
             arch = statistics.median(r["update-norm-arch-mean"] for r in search)
             genotype = json.loads((run.parent / "summary.json").read_text())["genotype"]
             cell = [[f"{e['op']}<-{e['input']}" for e in node] for node in genotype["normal"]] if genotype else None
-            print(f"{method:10s} {run.parent.name:6s} {len(search):2d} search rounds with moving logits: median update norm "
-                  f"{total:.3f}, logits alone {arch:.3f} ({arch / total:.0%}); normal cell {cell}")  # fmt: skip
+            print(
+                f"{method:10s} {run.parent.name:6s} {len(search):2d} search rounds with moving logits: median "
+                f"update norm "
+                f"{total:.3f}, logits alone {arch:.3f} ({arch / total:.0%}); normal cell {cell}"
+            )
 
 
 if __name__ == "__main__":

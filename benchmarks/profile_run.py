@@ -34,11 +34,16 @@ from benchmarks.bound import phase_of
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
-
 def profile(items: list[str], out: Path, cores: int) -> dict:
-    cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", *sum((["-c", i] for i in items), []),
-           "-c", f"results-dir={json.dumps(str(out))}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedmetanas_core.cli",
+        "run",
+        *sum((["-c", i] for i in items), []),
+        "-c",
+        f"results-dir={json.dumps(str(out))}",
+    ]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     t_exit = time.time()
@@ -48,9 +53,12 @@ def profile(items: list[str], out: Path, cores: int) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     first_step = rows[0]["round-started-at"] + rows[0]["first-client-start-s"]
     last_end = rows[-1]["round-started-at"] + rows[-1]["round-s"]
-    parts = {"start-up": first_step - t0, "round 1 from the first step": rows[0]["round-s"] - rows[0]["first-client-start-s"]}
+    parts = {
+        "start-up": first_step - t0,
+        "round 1 from the first step": rows[0]["round-s"] - rows[0]["first-client-start-s"],
+    }
     phases: dict[str, dict[str, float]] = {}
-    for previous, r in zip(rows, rows[1:]):
+    for previous, r in zip(rows, rows[1:], strict=False):
         p = phases.setdefault(phase_of(previous), {"rounds": 0, "wall": 0.0, "client": 0.0, "server": 0.0})
         p["rounds"] += 1
         p["wall"] += r["round-s"]
@@ -58,8 +66,13 @@ def profile(items: list[str], out: Path, cores: int) -> dict:
         p["server"] += r["server-s"]
     parts.update({f"rounds 2+: {k}": v["wall"] for k, v in phases.items()})
     parts["end of run"] = t_exit - last_end
-    return {"total": t_exit - t0, "parts": parts, "phases": phases, "accuracy": summary["final_test_accuracy"],
-            "round1": {k: rows[0][k] for k in ("round-s", "client-s-sum", "server-s", "first-client-start-s")}}
+    return {
+        "total": t_exit - t0,
+        "parts": parts,
+        "phases": phases,
+        "accuracy": summary["final_test_accuracy"],
+        "round1": {k: rows[0][k] for k in ("round-s", "client-s-sum", "server-s", "first-client-start-s")},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=1, help="repeat the command; medians are reported")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores the simulated clients share")
     ap.add_argument("--json", type=Path, default=None, help="write every run's split here")
-    ap.add_argument("--keep", type=Path, default=None, help="keep each run's results in KEEP/run-N (else a temporary folder)")
+    ap.add_argument(
+        "--keep", type=Path, default=None, help="keep each run's results in KEEP/run-N (else a temporary folder)"
+    )
     args = ap.parse_args(argv)
     results = []
     for i in range(args.runs):
@@ -83,12 +98,18 @@ def main(argv: list[str] | None = None) -> None:
         v = med(r["parts"].get(k, 0.0) for r in results)
         print(f"| {k} | {v:.1f} | {100 * v / total:.0f} % |")
     print(f"| **whole command** | **{total:.1f}** | |")
-    print("\n| rounds 2+ by phase | rounds | wall s | client work per core s | server s | rest (Flower, Ray, waiting) s |")
+    print(
+        "\n| rounds 2+ by phase | rounds | wall s | client work per core s | server s | rest (Flower, Ray, waiting) s |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for k in results[0]["phases"]:
-        p = {f: med(r["phases"].get(k, {}).get(f, 0.0) for r in results) for f in ("rounds", "wall", "client", "server")}
-        print(f"| {k} | {p['rounds']:.0f} | {p['wall']:.1f} | {p['client']:.1f} | {p['server']:.1f} | "
-              f"{p['wall'] - p['client'] - p['server']:.1f} |")
+        p = {
+            f: med(r["phases"].get(k, {}).get(f, 0.0) for r in results) for f in ("rounds", "wall", "client", "server")
+        }
+        print(
+            f"| {k} | {p['rounds']:.0f} | {p['wall']:.1f} | {p['client']:.1f} | {p['server']:.1f} | "
+            f"{p['wall'] - p['client'] - p['server']:.1f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 

@@ -52,21 +52,38 @@ def _running_superlink_check(cluster: RayCluster, scratch: Path) -> dict:
     """Start a local SuperLink without RAY_ADDRESS (``flwr ls`` does), then ``flwr run`` with it."""
     home = scratch / "flwr-home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_HOME", "FLWR_LOCAL_", "RAY_ADDRESS"))}
-    env.update({
-        "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(cluster.ports.one()), "FLWR_LOCAL_CONTROL_API_PORT": str(cluster.ports.one()),
-        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
-    })  # fmt: skip
+    env.update(
+        {
+            "FLWR_HOME": str(home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(cluster.ports.one()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(cluster.ports.one()),
+            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+        }
+    )
     before = {a["ActorID"] for a in cluster.actors()}
     try:
         subprocess.run(["flwr", "ls"], capture_output=True, text=True, env=env, cwd=scratch, timeout=120)
         env["RAY_ADDRESS"] = cluster.address
         started = time.time()
         done = subprocess.run(
-            ["flwr", "run", str(ROOT), "local", "--stream", "--federation-config", "num-supernodes=2 client-resources-num-cpus=1",
-             "--run-config", f'{TINY} results-dir="{scratch / "out"}"'],
-            capture_output=True, text=True, env=env, cwd=scratch, timeout=900,
-        )  # fmt: skip
+            [
+                "flwr",
+                "run",
+                str(ROOT),
+                "local",
+                "--stream",
+                "--federation-config",
+                "num-supernodes=2 client-resources-num-cpus=1",
+                "--run-config",
+                f'{TINY} results-dir="{scratch / "out"}"',
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=scratch,
+            timeout=900,
+        )
         new = [a for a in cluster.actors() if a["ActorID"] not in before]
         return {
             "running_superlink_run_completed": (scratch / "out" / "summary.json").is_file(),
@@ -81,7 +98,9 @@ def _running_superlink_check(cluster: RayCluster, scratch: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ray_checks", description=__doc__.splitlines()[0])
-    parser.add_argument("--superlink", action="store_true", help="also check that a running SuperLink ignores RAY_ADDRESS")
+    parser.add_argument(
+        "--superlink", action="store_true", help="also check that a running SuperLink ignores RAY_ADDRESS"
+    )
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="fedmetanas-raychecks-"))
     started = time.time()
@@ -90,11 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         attach = subprocess.run(
             [sys.executable, "-c", f"import ray; ray.init(address={cluster.address!r}, num_cpus=1)"],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         result["init_args_refused"] = attach.returncode != 0
         result["init_args_error"] = (attach.stderr.strip().splitlines() or [""])[-1]
-        os.environ["FEDMETANAS_PROBE"] = "set-in-driver-only"  # the query driver inherits it; the cluster's workers do not
+        os.environ["FEDMETANAS_PROBE"] = (
+            "set-in-driver-only"  # the query driver inherits it; the cluster's workers do not
+        )
         probe = cluster.query(PROBE)
         os.environ.pop("FEDMETANAS_PROBE")
         result["driver_cwd"] = probe["driver_cwd"]

@@ -32,8 +32,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,9 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
 
-def interleaved(timer: Timer, fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, tuple[float, float]]:
+def interleaved(
+    timer: Timer, fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1
+) -> dict[str, tuple[float, float]]:
     """Median (wall, cpu) per label; repetitions interleaved, the order rotating each round."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -117,7 +119,9 @@ class Bench:
         b = cfg.batch_size
 
         def batch():
-            return torch.randn(b, 3, image, image, generator=g).to(device), torch.randint(0, 10, (b,), generator=g).to(device)
+            return torch.randn(b, 3, image, image, generator=g).to(device), torch.randint(0, 10, (b,), generator=g).to(
+                device
+            )
 
         self.support, self.query = batch(), batch()
         self.image = image
@@ -140,7 +144,9 @@ class Bench:
             model = self.model
             fw = dict(settings=train_settings(cfg, tau), masks=self.masks, generator=torch.Generator().manual_seed(7))
             opt_w, opt_a = meta_optimizers(model, cfg)
-            grads, loss = fomaml_task_gradient(model, dict(model.named_parameters()), self.support, self.query, inner, **fw)
+            grads, loss = fomaml_task_gradient(
+                model, dict(model.named_parameters()), self.support, self.query, inner, **fw
+            )
             for name, p in model.named_parameters():
                 p.grad = grads[name]
             torch.nn.utils.clip_grad_norm_(model.net.parameters(), cfg.grad_clip)
@@ -216,7 +222,11 @@ def op_pass(name: str, c: int, size: int, batch: int, device: torch.device, fast
     with S.fast_path(fast):
         x = S.to_fast_layout(torch.randn(batch, c, size, size, device=device)).requires_grad_(True)
     w = torch.tensor(0.3, device=device, requires_grad=True)
-    grad = S.to_fast_layout(torch.randn(batch, c, size, size, device=device)) if fast else torch.randn(batch, c, size, size, device=device)
+    grad = (
+        S.to_fast_layout(torch.randn(batch, c, size, size, device=device))
+        if fast
+        else torch.randn(batch, c, size, size, device=device)
+    )
 
     def run() -> None:
         with S.fast_path(fast):
@@ -266,7 +276,10 @@ def run_space(name: str, device: torch.device, reps: int, log) -> list[str]:
         reps,
         warmup=0,
     )
-    log(f"  local step (wall s, cpu s): eager {fmt(r['eager'])}; fast {fmt(r['fast'])}; gumbel-hard fast {fmt(r['hard'])}")
+    log(
+        f"  local step (wall s, cpu s): eager {fmt(r['eager'])}; fast {fmt(r['fast'])}; gumbel-hard fast "
+        f"{fmt(r['hard'])}"
+    )
     e, f, h = r["eager"], r["fast"], r["hard"]
 
     # 2. settled: late-round state against the derived discrete network (fast path)
@@ -289,38 +302,58 @@ def run_space(name: str, device: torch.device, reps: int, log) -> list[str]:
     cpu = on_cpu  # process CPU time is meaningful on CPU only
     lines = [head, ""]
     lines += [
-        "| local search step (2 forward+backward + meta step) | wall ms | fast / eager (wall) |" + (" CPU ms | fast / eager (CPU) |" if cpu else ""),
+        "| local search step (2 forward+backward + meta step) | wall ms | fast / eager (wall) |"
+        + (" CPU ms | fast / eager (CPU) |" if cpu else ""),
         "|---|---:|---:|" + ("---:|---:|" if cpu else ""),
-        f"| eager reference path, gumbel-soft, tau={tau0:g} (every op runs) | {ms(e[0])} | 1 |" + (f" {ms(e[1])} | 1 |" if cpu else ""),
-        f"| **fast path**, gumbel-soft, tau={tau0:g} (target <= 0.4) | {ms(f[0])} | **{ratio(f[0], e[0])}** |" + (f" {ms(f[1])} | **{ratio(f[1], e[1])}** |" if cpu else ""),
-        f"| fast path, *gumbel-hard* (straight-through: a different relaxation; runs only the sampled op and pair) | {ms(h[0])} | {ratio(h[0], e[0])} |"
-        + (f" {ms(h[1])} | {ratio(h[1], e[1])} |" if cpu else ""),
+        f"| eager reference path, gumbel-soft, tau={tau0:g} (every op runs) | {ms(e[0])} | 1 |"
+        + (f" {ms(e[1])} | 1 |" if cpu else ""),
+        f"| **fast path**, gumbel-soft, tau={tau0:g} (target <= 0.4) | {ms(f[0])} | **{ratio(f[0], e[0])}** |"
+        + (f" {ms(f[1])} | **{ratio(f[1], e[1])}** |" if cpu else ""),
+        f"| fast path, *gumbel-hard* (straight-through: a different relaxation; runs only the sampled op and pair) "
+        f"| {ms(h[0])} | {ratio(h[0], e[0])} |" + (f" {ms(h[1])} | {ratio(h[1], e[1])} |" if cpu else ""),
         "",
-        f"Settled (late rounds: one op per edge and one pair per node dominate, masks prune the rest, tau={tau1:g} with Gumbel noise), fast path:",
+        f"Settled (late rounds: one op per edge and one pair per node dominate, masks prune the rest, tau={tau1:g} "
+        f"with Gumbel noise), fast path:",
         "",
-        "| | settled supernet ms | derived discrete network ms | supernet / discrete (wall) |" + (" supernet CPU ms | discrete CPU ms | supernet / discrete (CPU) |" if cpu else ""),
+        "| | settled supernet ms | derived discrete network ms | supernet / discrete (wall) |"
+        + (" supernet CPU ms | discrete CPU ms | supernet / discrete (CPU) |" if cpu else ""),
         "|---|---:|---:|---:|" + ("---:|---:|---:|" if cpu else ""),
     ]
-    for label, a, b in (("local search step (MAML, InnerLoop(1), meta step)", s["step"], s["disc-step"]), ("one forward+backward", s["pass"], s["disc-pass"])):
-        lines.append(f"| {label} | {ms(a[0])} | {ms(b[0])} | **{ratio(a[0], b[0])}** |" + (f" {ms(a[1])} | {ms(b[1])} | **{ratio(a[1], b[1])}** |" if cpu else ""))
+    for label, a, b in (
+        ("local search step (MAML, InnerLoop(1), meta step)", s["step"], s["disc-step"]),
+        ("one forward+backward", s["pass"], s["disc-pass"]),
+    ):
+        lines.append(
+            f"| {label} | {ms(a[0])} | {ms(b[0])} | **{ratio(a[0], b[0])}** |"
+            + (f" {ms(a[1])} | {ms(b[1])} | **{ratio(a[1], b[1])}** |" if cpu else "")
+        )
     lines.append("")
 
     # 3. per op: one edge at the first cell's channels and resolution, stride 1
     per_op = interleaved(
         timer,
-        {f"{op}/{fast}": op_pass(op, sp.init_channels, image, cfg.batch_size, device, fast) for op in OPS for fast in (False, True)},
+        {
+            f"{op}/{fast}": op_pass(op, sp.init_channels, image, cfg.batch_size, device, fast)
+            for op in OPS
+            for fast in (False, True)
+        },
         5,
         warmup=2,
     )
     lines += [
-        f"Per op, one edge ({cfg.batch_size}x{sp.init_channels}x{image}x{image}, stride 1, times its mixing weight), forward+backward:",
+        f"Per op, one edge ({cfg.batch_size}x{sp.init_channels}x{image}x{image}, stride 1, times its mixing "
+        f"weight), forward+backward:",
         "",
-        "| op | eager ms | fast ms | fast / eager |" + (" eager CPU ms | fast CPU ms | fast / eager (CPU) |" if on_cpu else ""),
+        "| op | eager ms | fast ms | fast / eager |"
+        + (" eager CPU ms | fast CPU ms | fast / eager (CPU) |" if on_cpu else ""),
         "|---|---:|---:|---:|" + ("---:|---:|---:|" if on_cpu else ""),
     ]
     for op in OPS:
         e, f = per_op[f"{op}/False"], per_op[f"{op}/True"]
-        lines.append(f"| {op} | {ms(e[0])} | {ms(f[0])} | {ratio(f[0], e[0])} |" + (f" {ms(e[1])} | {ms(f[1])} | {ratio(f[1], e[1])} |" if on_cpu else ""))
+        lines.append(
+            f"| {op} | {ms(e[0])} | {ms(f[0])} | {ratio(f[0], e[0])} |"
+            + (f" {ms(e[1])} | {ms(f[1])} | {ratio(f[1], e[1])} |" if on_cpu else "")
+        )
     lines.append("")
     log("\n".join(lines))
     return lines
@@ -337,11 +370,15 @@ def machine(device: torch.device) -> list[str]:
         pass
     out = [
         f"- machine: {os.cpu_count()} CPU cores, {model}, {platform.system()} {platform.machine()}",
-        f"- torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), oneDNN {'on' if torch.backends.mkldnn.is_available() else 'off'}",
+        f"- torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), oneDNN "
+        f"{'on' if torch.backends.mkldnn.is_available() else 'off'}",
         f"- device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
     ]
     try:
-        out.append(f"- load average at start: {', '.join(f'{v:.1f}' for v in os.getloadavg())} (other jobs on the machine slow both paths alike; CPU-time columns are steadier)")
+        out.append(
+            f"- load average at start: {', '.join(f'{v:.1f}' for v in os.getloadavg())} (other jobs on the machine "
+            f"slow both paths alike; CPU-time columns are steadier)"
+        )
     except OSError:
         pass
     return out
@@ -401,10 +438,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spaces", default="paper,cifar10-cpu", help="comma-separated: paper, cifar10-cpu")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = as simulated clients run; 0 = torch default)")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions of the big space's steps (the small space uses max(reps, 5))")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "speed-fast-path.md"), help="Markdown report ('' = print only)")
-    ap.add_argument("--flower-clients", default="10,100", help="simulated clients for the flwr run measurements ('' = skip them)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1 = as simulated clients run; 0 = torch default)",
+    )
+    ap.add_argument(
+        "--reps", type=int, default=3, help="repetitions of the big space's steps (the small space uses max(reps, 5))"
+    )
+    ap.add_argument(
+        "--out", default=str(ROOT / "docs" / "speed-fast-path.md"), help="Markdown report ('' = print only)"
+    )
+    ap.add_argument(
+        "--flower-clients", default="10,100", help="simulated clients for the flwr run measurements ('' = skip them)"
+    )
     ap.add_argument("--flower-rounds", type=int, default=3, help="rounds of each flwr run measurement")
     args = ap.parse_args(argv)
     if args.threads > 0:
@@ -417,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, flush=True)
 
-    command = "python -m benchmarks.speed" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = "python -m benchmarks.speed" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
+    )
     lines = [
         "# Search speed: eager reference path vs fast path",
         "",

@@ -68,7 +68,9 @@ def _toml(value: Any) -> str:
     return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
-def trial_command(preset: str, method: str, values: dict[str, Any], out: Path, overrides: list[str], clients: int) -> list[str]:
+def trial_command(
+    preset: str, method: str, values: dict[str, Any], out: Path, overrides: list[str], clients: int
+) -> list[str]:
     cmd = [sys.executable, "-m", "server_app.simulation", "--clients", str(clients), "--results-dir", str(out)]
     cmd += ["-c", str(ROOT / "conf" / f"{preset}.toml"), "-c", f'method="{method}"']
     cmd += [x for o in overrides for x in ("-c", o)]
@@ -128,7 +130,10 @@ def run_trial(trial, preset: str, method: str, out_root: Path, overrides: list[s
                     trial.report(float(rows[step]["accuracy"]), step)
                     reported = step + 1
                     if trial.should_prune():
-                        print(f"[{method} trial {trial.number}] pruned at round {step + 1}: {rows[step]['accuracy']:.4f}", flush=True)
+                        print(
+                            f"[{method} trial {trial.number}] pruned at round {step + 1}: {rows[step]['accuracy']:.4f}",
+                            flush=True,
+                        )
                         raise optuna.TrialPruned()
                 if done:
                     break
@@ -160,8 +165,9 @@ def load_study(preset: str, method: str, out_root: Path, create: bool = True):
     sampler = optuna.samplers.TPESampler(seed=known.get(name, 0), n_startup_trials=3)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=4)
     if create:
-        return optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                   sampler=sampler, pruner=pruner, load_if_exists=True)  # fmt: skip
+        return optuna.create_study(
+            study_name=name, storage=storage, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
+        )
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
 
 
@@ -175,7 +181,11 @@ def close_interrupted_trials(study) -> list[int]:
     for number in closed:
         study.tell(number, state=optuna.trial.TrialState.FAIL)
     if closed:
-        print(f"[{study.study_name}] trial(s) {', '.join(map(str, closed))} left running by a stopped process: marked failed", flush=True)
+        print(
+            f"[{study.study_name}] trial(s) {', '.join(map(str, closed))} left running by a stopped process: "
+            f"marked failed",
+            flush=True,
+        )
     return closed
 
 
@@ -193,8 +203,11 @@ def tune(preset: str, methods: list[str], trials: int, out_root: Path, overrides
         close_interrupted_trials(study)
         todo = trials - len(finished_trials(study))
         if todo > 0:
-            study.optimize(lambda t: run_trial(t, preset, method, out_root, overrides, clients), n_trials=todo,
-                           catch=(RuntimeError,))  # fmt: skip
+            study.optimize(
+                lambda t, method=method: run_trial(t, preset, method, out_root, overrides, clients),
+                n_trials=todo,
+                catch=(RuntimeError,),
+            )
 
 
 def _describe(spec: tuple) -> str:
@@ -206,39 +219,71 @@ def _describe(spec: tuple) -> str:
 def report(preset: str, methods: list[str], out_root: Path, overrides: list[str]) -> dict[str, Any]:
     import optuna
 
-    lines = [f"# Tuning on `{preset}`", "",
-             f"`python -m benchmarks.tune --preset {preset}" + "".join(f" -c '{o}'" for o in overrides) + "` "
-             f"(TPE sampler, median pruner; this page written with Optuna {optuna.__version__}; studies in "
-             f"`benchmarks/results/tune/{preset}.db`). Objective: the deployed model's mean accuracy over the "
-             f"last {LAST_ROUNDS} rounds on the validation split (the clients' local test splits, carved "
-             f"from the training data; the test set is never used). The seconds column is each trial's "
-             f"wall-clock time on a machine that was often shared with other jobs.", ""]  # fmt: skip
+    lines = [
+        f"# Tuning on `{preset}`",
+        "",
+        f"`python -m benchmarks.tune --preset {preset}" + "".join(f" -c '{o}'" for o in overrides) + "` "
+        f"(TPE sampler, median pruner; this page written with Optuna {optuna.__version__}; studies in "
+        f"`benchmarks/results/tune/{preset}.db`). Objective: the deployed model's mean accuracy over the "
+        f"last {LAST_ROUNDS} rounds on the validation split (the clients' local test splits, carved "
+        f"from the training data; the test set is never used). The seconds column is each trial's "
+        f"wall-clock time on a machine that was often shared with other jobs.",
+        "",
+    ]
     best_all = {}
     for method in methods:
         study = load_study(preset, method, out_root, create=False)
         keys = list(SEARCH_SPACES[method])
-        lines += [f"## {method}", "", "Ranges: " + ", ".join(f"`{k}` {_describe(SEARCH_SPACES[method][k])}" for k in keys), ""]
-        lines += ["| trial | state | " + " | ".join(keys) + " | validation acc | s |", "|---|---|" + "---|" * (len(keys) + 2)]
+        lines += [
+            f"## {method}",
+            "",
+            "Ranges: " + ", ".join(f"`{k}` {_describe(SEARCH_SPACES[method][k])}" for k in keys),
+            "",
+        ]
+        lines += [
+            "| trial | state | " + " | ".join(keys) + " | validation acc | s |",
+            "|---|---|" + "---|" * (len(keys) + 2),
+        ]
         for t in study.trials:
-            value = t.value if t.value is not None else (max(t.intermediate_values.values()) if t.intermediate_values else None)
+            value = (
+                t.value
+                if t.value is not None
+                else (max(t.intermediate_values.values()) if t.intermediate_values else None)
+            )
             shown = f"{value:.4f}" if value is not None else "-"
             if t.state == optuna.trial.TrialState.PRUNED:
                 shown = f"pruned at round {max(t.intermediate_values) + 1}" if t.intermediate_values else "pruned"
-            params = " | ".join(f"{t.params[k]:.4g}" if isinstance(t.params.get(k), float) else str(t.params.get(k, "-")) for k in keys)
+            params = " | ".join(
+                f"{t.params[k]:.4g}" if isinstance(t.params.get(k), float) else str(t.params.get(k, "-")) for k in keys
+            )
             secs = t.user_attrs.get("total_time_s")
-            lines.append(f"| {t.number} | {t.state.name.lower()} | {params} | {shown} | {secs:.0f} |" if secs else
-                         f"| {t.number} | {t.state.name.lower()} | {params} | {shown} | - |")  # fmt: skip
+            lines.append(
+                f"| {t.number} | {t.state.name.lower()} | {params} | {shown} | {secs:.0f} |"
+                if secs
+                else f"| {t.number} | {t.state.name.lower()} | {params} | {shown} | - |"
+            )
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         finished = finished_trials(study)
         failed = len(study.trials) - len(finished)
-        lines += ["", f"{len(finished)} finished trials (complete or pruned: the budget every method gets)"
-                  + (f"; {failed} that did not finish (a run stopped from outside: machine shut down or stopped "
-                     "by hand) count for nothing and are shown for the record." if failed else ".")]  # fmt: skip
+        lines += [
+            "",
+            f"{len(finished)} finished trials (complete or pruned: the budget every method gets)"
+            + (
+                f"; {failed} that did not finish (a run stopped from outside: machine shut down or stopped "
+                "by hand) count for nothing and are shown for the record."
+                if failed
+                else "."
+            ),
+        ]
         if complete:
             best = max(complete, key=lambda t: t.value)
             best_all[method] = {"trial": best.number, "value": best.value, "params": best.params}
-            lines += ["", f"Best: trial {best.number}, validation accuracy {best.value:.4f}: "
-                      + ", ".join(f"`{k} = {_toml(v)}`" for k, v in best.params.items()), ""]  # fmt: skip
+            lines += [
+                "",
+                f"Best: trial {best.number}, validation accuracy {best.value:.4f}: "
+                + ", ".join(f"`{k} = {_toml(v)}`" for k, v in best.params.items()),
+                "",
+            ]
     (out_root / f"{preset}-best.json").write_text(json.dumps(best_all, indent=2))
     docs = ROOT / "docs" / f"tuning-{preset}.md"
     docs.write_text("\n".join(lines) + "\n")

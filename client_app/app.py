@@ -13,25 +13,26 @@ import functools
 import os
 import time
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
 
-from flower_records import array_record, numpy_state
 from fedmetanas_core.attacks import parse_attack_clients, poison
 from fedmetanas_core.config import RunConfig
-from fedmetanas_core.node_config import validate_node_config
-from fedmetanas_core.privacy import local_reply_epsilon
 from fedmetanas_core.coordinator import plan_from_config
 from fedmetanas_core.data import ClientData, DataSpec, load_client_data
 from fedmetanas_core.genotype import Genotype, build_fixed_network
-from fedmetanas_core.space import SearchModel
+from fedmetanas_core.node_config import validate_node_config
+from fedmetanas_core.privacy import local_reply_epsilon
 from fedmetanas_core.seeding import make_generator
-from fedmetanas_core.transfer import live_keys
+from fedmetanas_core.space import SearchModel
 from fedmetanas_core.training import local_trainer, personalize_fixed, resolve_device, run_settings, space_from_config
+from fedmetanas_core.transfer import live_keys
+from flower_records import array_record, numpy_state
 
 app = ClientApp()
 
@@ -94,14 +95,18 @@ def build_model(cfg: RunConfig, config: dict[str, Any], device: torch.device) ->
     return build_fixed_network(space, genotype, int(config.get("cnn-channels", cfg.fedavg_channels))).to(device)
 
 
-def load_received(model: torch.nn.Module, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], transfer: str) -> None:
+def load_received(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], transfer: str
+) -> None:
     """Load what the server sent: a supernet under live transfer lacks exactly the ops its masks
     drop (``transfer.live_keys``); anything else means server and client disagree, and is refused."""
     names = list(model.state_dict())
     expected = live_keys(model.space, names, masks) if isinstance(model, SearchModel) and transfer == "live" else names
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state))[:3], sorted(set(state) - set(expected))[:3]
-        raise ValueError(f"the arrays sent do not match the round's live weights (missing {missing}, unexpected {extra})")
+        raise ValueError(
+            f"the arrays sent do not match the round's live weights (missing {missing}, unexpected {extra})"
+        )
     model.load_state_dict(state, strict=len(expected) == len(names))
 
 
@@ -195,4 +200,3 @@ def evaluate(msg: Message, context: Context) -> Message:
     result = personalize_fixed(model, data, cfg, generator, device)
     metrics = MetricRecord({"num-examples": len(data.test), "partition-id": data.partition_id, **result})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-

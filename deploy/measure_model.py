@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from fedmetanas_core.export import ONNX_FILE, export_model, measure_latency_ms
-from fedmetanas_core.predict import EXPORT_JSON, TORCHSCRIPT_FILE, load_exported
 from fedmetanas_core.outputs import MODEL_FILE, load_derived_model, machine_description
+from fedmetanas_core.predict import EXPORT_JSON, TORCHSCRIPT_FILE, load_exported
 
 
 def _test_set(run_dir: Path):
@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_dir: Path = args.run_dir
     if not (run_dir / MODEL_FILE).is_file() or not (run_dir / "config.yaml").is_file():
-        print(f"measure_model.py: {run_dir} has no {MODEL_FILE} and config.yaml (a run's results directory?)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"measure_model.py: {run_dir} has no {MODEL_FILE} and config.yaml (a run's results directory?)",
+            file=sys.stderr,
+        )
         return 2
     torch.set_num_threads(args.threads)
     cfg, test = _test_set(run_dir)
@@ -91,32 +93,46 @@ def main(argv: list[str] | None = None) -> int:
 
         supernet = SearchModel(derived.space).eval()
         settings = RelaxSettings(tau=0.1, mode="softmax", noise=False)
-        rows.append((
-            "supernet (SearchModel, relaxed softmax tau=0.1, eager)",
-            sum(p.numel() for p in supernet.net.parameters()),  # as summary.json: weights, not the arch logits
-            f"{_fmt_bytes(_saved_bytes(supernet))} (state_dict, not saved by runs)",
-            _latency(lambda x: supernet(x, settings), example, args.runs),
-        ))  # fmt: skip
-    rows.append((
-        f"derived network ({type(derived).__name__}, eager, batch-statistics BN)",
-        sum(p.numel() for p in derived.parameters()),
-        f"{_fmt_bytes((run_dir / MODEL_FILE).stat().st_size)} ({MODEL_FILE})",
-        _latency(derived, example, args.runs),
-    ))  # fmt: skip
-    rows.append((
-        "derived network, calibrated BN, TorchScript",
-        info["parameters"],
-        f"{_fmt_bytes((run_dir / TORCHSCRIPT_FILE).stat().st_size)} ({TORCHSCRIPT_FILE})",
-        _latency(traced, example, args.runs),
-    ))  # fmt: skip
+        rows.append(
+            (
+                "supernet (SearchModel, relaxed softmax tau=0.1, eager)",
+                sum(p.numel() for p in supernet.net.parameters()),  # as summary.json: weights, not the arch logits
+                f"{_fmt_bytes(_saved_bytes(supernet))} (state_dict, not saved by runs)",
+                _latency(lambda x: supernet(x, settings), example, args.runs),
+            )
+        )
+    rows.append(
+        (
+            f"derived network ({type(derived).__name__}, eager, batch-statistics BN)",
+            sum(p.numel() for p in derived.parameters()),
+            f"{_fmt_bytes((run_dir / MODEL_FILE).stat().st_size)} ({MODEL_FILE})",
+            _latency(derived, example, args.runs),
+        )
+    )
+    rows.append(
+        (
+            "derived network, calibrated BN, TorchScript",
+            info["parameters"],
+            f"{_fmt_bytes((run_dir / TORCHSCRIPT_FILE).stat().st_size)} ({TORCHSCRIPT_FILE})",
+            _latency(traced, example, args.runs),
+        )
+    )
     if (run_dir / ONNX_FILE).is_file():
-        rows.append(("same, ONNX", info["parameters"], f"{_fmt_bytes((run_dir / ONNX_FILE).stat().st_size)} ({ONNX_FILE})",
-                     "not measured (needs an ONNX runtime)"))  # fmt: skip
+        rows.append(
+            (
+                "same, ONNX",
+                info["parameters"],
+                f"{_fmt_bytes((run_dir / ONNX_FILE).stat().st_size)} ({ONNX_FILE})",
+                "not measured (needs an ONNX runtime)",
+            )
+        )
 
     c, h, w = example.shape[1:]
     print(f"Run: {run_dir} (dataset {cfg.dataset}, input {c}x{h}x{w}, {cfg.num_server_rounds} rounds)")
-    print(f"Machine: {machine_description()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-          f"latency = median of {args.runs} single-image forward passes")  # fmt: skip
+    print(
+        f"Machine: {machine_description()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+        f"latency = median of {args.runs} single-image forward passes"
+    )
     print()
     print("| model | parameters | size on disk | CPU latency per image |")
     print("|---|---:|---:|---:|")
@@ -126,9 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     print()
-    print(f"Test accuracy: run (batch-statistics BN, summary.json) {summary.get('final_test_accuracy', float('nan')):.4f}; "
-          f"calibrated export {acc['test']:.4f} on all {acc['test_images']} test images, {acc['heldout']:.4f} on the "
-          f"{acc['heldout_images']} not used for calibration; ONNX: {info['onnx']}")  # fmt: skip
+    print(
+        f"Test accuracy: run (batch-statistics BN, summary.json) "
+        f"{summary.get('final_test_accuracy', float('nan')):.4f}; "
+        f"calibrated export {acc['test']:.4f} on all {acc['test_images']} test images, {acc['heldout']:.4f} on the "
+        f"{acc['heldout_images']} not used for calibration; ONNX: {info['onnx']}"
+    )
     return 0
 
 

@@ -7,13 +7,13 @@ client 0's dict in place; FedML's rebound a loop variable and "averaged" client 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
-from .relaxation import probabilities
 from .names import CELL_TYPES, arch_param_name, is_arch
+from .relaxation import probabilities
 from .space import SpaceConfig
 
 State = dict[str, np.ndarray]
@@ -29,7 +29,7 @@ def weighted_average(states: list[State], weights: list[float]) -> State:
     out = {}
     for key in states[0]:
         acc = np.zeros_like(states[0][key], dtype=np.float64)
-        for s, w in zip(states, weights):
+        for s, w in zip(states, weights, strict=False):
             acc += (w / total) * s[key].astype(np.float64)
         out[key] = acc.astype(states[0][key].dtype)
     return out
@@ -84,8 +84,13 @@ def keep_budget(num_entries: int, discreteness: float) -> int:
 
 
 def update_masks(
-    space: SpaceConfig, arch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], threshold: float, tau_min: float,
-    discreteness: float = 0.0, keep_choice: dict[str, torch.Tensor] | None = None,
+    space: SpaceConfig,
+    arch: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    threshold: float,
+    tau_min: float,
+    discreteness: float = 0.0,
+    keep_choice: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Monotone permanent masks (True = keep) decided on the aggregated logits at ``tau_min``.
 
@@ -140,7 +145,9 @@ def masks_are_discrete(space: SpaceConfig, arch_names: Iterable[str], masks: dic
     return all(bool((masks[n].sum(-1) == 1).all()) for n in names)
 
 
-def arch_statistics(space: SpaceConfig, arch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], tau: float) -> dict[str, float]:
+def arch_statistics(
+    space: SpaceConfig, arch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], tau: float
+) -> dict[str, float]:
     """Entropy of op and pair distributions per cell type (near 0 = near one-hot), and pruned share."""
     from .relaxation import entropy
 

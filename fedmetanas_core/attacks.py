@@ -40,7 +40,9 @@ def parse_attack_clients(text: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def poison(attack: str, received: State, honest: State, scale: float, primitives: tuple[str, ...] = PRIMITIVES) -> State:
+def poison(
+    attack: str, received: State, honest: State, scale: float, primitives: tuple[str, ...] = PRIMITIVES
+) -> State:
     """The reply an attacking client sends instead of its honest trained ``honest`` state.
 
     ``sign-flip``: every array's update is reversed and scaled: ``g - scale * (h - g)`` for the
@@ -68,7 +70,12 @@ def poison(attack: str, received: State, honest: State, scale: float, primitives
 
 
 def robust_logits(
-    states: list[State], weights: list[float], reference: State, rule: str, trim_beta: float = 0.2, norm_factor: float = 3.0
+    states: list[State],
+    weights: list[float],
+    reference: State,
+    rule: str,
+    trim_beta: float = 0.2,
+    norm_factor: float = 3.0,
 ) -> tuple[State, list[int]]:
     """Architecture logits (the ``arch.*`` keys of the replies) aggregated robustly, per element.
 
@@ -82,7 +89,10 @@ def robust_logits(
         raise ValueError("nothing to aggregate")
     keys = [k for k in states[0] if is_arch(k)]
     if rule == "median":
-        return {k: np.median(np.stack([s[k] for s in states]).astype(np.float64), axis=0).astype(states[0][k].dtype) for k in keys}, []
+        return {
+            k: np.median(np.stack([s[k] for s in states]).astype(np.float64), axis=0).astype(states[0][k].dtype)
+            for k in keys
+        }, []
     if rule == "trimmed-mean":
         cut = int(trim_beta * len(states))
         out = {}
@@ -91,7 +101,9 @@ def robust_logits(
             out[k] = stacked[cut : len(states) - cut].mean(axis=0).astype(states[0][k].dtype)
         return out, []
     if rule == "norm-screen":
-        norms = [math.sqrt(sum(float(np.sum((s[k].astype(np.float64) - reference[k]) ** 2)) for k in keys)) for s in states]
+        norms = [
+            math.sqrt(sum(float(np.sum((s[k].astype(np.float64) - reference[k]) ** 2)) for k in keys)) for s in states
+        ]
         limit = norm_factor * float(np.median(norms))
         kept = [i for i, n in enumerate(norms) if n <= limit + 1e-9]
         total = float(sum(weights[i] for i in kept))
@@ -121,4 +133,7 @@ def screen_replies(norms: list[tuple[float, float]], factor: float) -> list[int]
 
 def parameter_free_count(genotype_dict: dict) -> dict[str, int]:
     """Parameter-free ops (skip, pooling) per cell type of a genotype (``Genotype.to_dict()`` form)."""
-    return {cell: sum(1 for node in rows for choice in node if choice["op"] in PARAMETER_FREE) for cell, rows in genotype_dict.items()}
+    return {
+        cell: sum(1 for node in rows for choice in node if choice["op"] in PARAMETER_FREE)
+        for cell, rows in genotype_dict.items()
+    }

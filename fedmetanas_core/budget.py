@@ -21,10 +21,11 @@ derived network. Three things follow from it:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -93,7 +94,9 @@ def cost_model(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], ki
     from .latency import LatencyTable
 
     if not cfg.latency_table:
-        raise ConfigError("latency-table", "", "a latency-ms budget needs a table measured on the device (fedmetanas profile)")
+        raise ConfigError(
+            "latency-table", "", "a latency-ms budget needs a table measured on the device (fedmetanas profile)"
+        )
     try:
         table = LatencyTable.load(cfg.latency_table)
     except ValueError as exc:
@@ -121,7 +124,11 @@ def sized_space(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int]) -
     if space.init_channels > 0:
         return space
     budget = budget_of(cfg)
-    best = widest(lambda c: budget.fits(uniform_expected_cost(counted_cost_model(_with_channels(space, c), image_hw, budget.kind))))
+    best = widest(
+        lambda c: budget.fits(
+            uniform_expected_cost(counted_cost_model(_with_channels(space, c), image_hw, budget.kind))
+        )
+    )
     return _with_channels(space, best or 1)
 
 
@@ -140,10 +147,11 @@ def check_feasible(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int]
     cheapest, dearest = model.extremes()
     if not budget.fits(cheapest):
         raise ConfigError(
-            "budget", cfg.budget,
+            "budget",
+            cfg.budget,
             f"no network of this space fits: the cheapest cell costs {cheapest:.6g} {budget.kind} "
             f"(space from {cheapest:.6g} to {dearest:.6g}; init-channels {space.init_channels})",
-        )  # fmt: skip
+        )
     return model
 
 
@@ -159,7 +167,11 @@ class _Option:
 
 
 def most_likely_within(
-    space: SpaceConfig, arch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None, model: CostModel, limit: float
+    space: SpaceConfig,
+    arch: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor] | None,
+    model: CostModel,
+    limit: float,
 ) -> Genotype | None:
     """The genotype of highest probability (product of its op and input-pair probabilities, masks
     applied) whose cost is <= ``limit``; None when none is. When the unconstrained most likely cell
@@ -201,7 +213,7 @@ def most_likely_within(
     if best is None:
         return None
     cells: dict[str, list] = {t: [] for t in CELL_TYPES}
-    for (cell_type, _, _), opt in zip(groups, best[1]):
+    for (cell_type, _, _), opt in zip(groups, best[1], strict=False):
         cells[cell_type].append(opt.choice)
     return Genotype(**{t: tuple(cells[t]) for t in CELL_TYPES})
 
@@ -219,7 +231,11 @@ def _node_options(space, arch, masks, model: CostModel, cell_type: str, j: int) 
         pair_p = [1.0] * (j * (j - 1) // 2)
     per_edge = []
     for i in range(j):
-        row = [(math.log(float(op_p[first + i, o])), float(table[first + i, o]), o) for o in real if float(op_p[first + i, o]) > 0]
+        row = [
+            (math.log(float(op_p[first + i, o])), float(table[first + i, o]), o)
+            for o in real
+            if float(op_p[first + i, o]) > 0
+        ]
         per_edge.append(_pareto_pairs(row))
     options = []
     for p, (a, b) in enumerate(combinations(range(j), 2)):
@@ -257,7 +273,7 @@ def choice_masks(space: SpaceConfig, genotype: Genotype, arch: dict[str, torch.T
         name = arch_param_name("alpha", cell_type)
         rows = torch.full((arch[name].shape[0],), -1, dtype=torch.long)
         e0 = 0
-        for j, node in zip(space.topology.nodes, genotype.cell(cell_type)):
+        for j, node in zip(space.topology.nodes, genotype.cell(cell_type), strict=False):
             for op, src in node:
                 rows[e0 + src] = space.primitives.index(op)
             if space.input_pruning:
@@ -269,7 +285,10 @@ def choice_masks(space: SpaceConfig, genotype: Genotype, arch: dict[str, torch.T
 
 
 def derive_within(
-    space: SpaceConfig, arch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None, model: CostModel | None,
+    space: SpaceConfig,
+    arch: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor] | None,
+    model: CostModel | None,
     budget: Budget | None,
 ) -> Genotype:
     """``derive_genotype``, or with a budget the most likely cell within it (the run checked up front
@@ -285,7 +304,13 @@ def derive_within(
 def image_shape(cfg: RunConfig) -> tuple[int, tuple[int, int], int] | None:
     """(in_channels, (height, width), num_classes) known without loading data, or None (hf, or an
     imagefolder at native size): the ServerApp checks those once it has the test set."""
-    static = {"digits": (1, 8, 10), "mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100)}
+    static = {
+        "digits": (1, 8, 10),
+        "mnist": (1, 28, 10),
+        "fashion-mnist": (1, 28, 10),
+        "cifar10": (3, 32, 10),
+        "cifar100": (3, 32, 100),
+    }
     if cfg.dataset in static:
         channels, size, classes = static[cfg.dataset]
         size = cfg.image_size or size
@@ -319,7 +344,9 @@ def cnn_width_within(space: SpaceConfig, kind: str, limit: float, image_hw: tupl
     return widest(lambda c: within(network_cost(SimpleCNN(space, c), kind, image_hw, space.in_channels), limit))
 
 
-def fixed_network_width(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], genotype: Genotype | None) -> int:
+def fixed_network_width(
+    cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], genotype: Genotype | None
+) -> int:
     """The small CNN's width (``fedavg-channels``; with a budget and 0, the widest within it), after
     checking that the fixed network is within the budget: a baseline over it would compare unequal costs."""
     budget = budget_of(cfg)
@@ -328,16 +355,28 @@ def fixed_network_width(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int,
     if genotype is not None:
         cost = cost_model(cfg, space, image_hw).genotype_cost(genotype)
         if not budget.fits(cost):
-            raise ConfigError("fedavg-genotype", cfg.fedavg_genotype or "(searched)", f"costs {cost:.6g} {budget.kind}, over the budget {budget.limit:g}")
+            raise ConfigError(
+                "fedavg-genotype",
+                cfg.fedavg_genotype or "(searched)",
+                f"costs {cost:.6g} {budget.kind}, over the budget {budget.limit:g}",
+            )
         return cfg.fedavg_channels
     if budget.kind == "latency-ms":
-        raise ConfigError("budget", cfg.budget, "a latency table has no entries for the small CNN: give fedavg-genotype, or a macs / params budget")
+        raise ConfigError(
+            "budget",
+            cfg.budget,
+            "a latency table has no entries for the small CNN: give fedavg-genotype, or a macs / params budget",
+        )
     if cfg.fedavg_channels:
         from .genotype import SimpleCNN
 
         cost = network_cost(SimpleCNN(space, cfg.fedavg_channels), budget.kind, image_hw, space.in_channels)
         if not budget.fits(cost):
-            raise ConfigError("fedavg-channels", cfg.fedavg_channels, f"the CNN costs {cost:.6g} {budget.kind}, over the budget {budget.limit:g}")
+            raise ConfigError(
+                "fedavg-channels",
+                cfg.fedavg_channels,
+                f"the CNN costs {cost:.6g} {budget.kind}, over the budget {budget.limit:g}",
+            )
         return cfg.fedavg_channels
     width = cnn_width_within(space, budget.kind, budget.limit, image_hw)
     if width is None:
@@ -383,8 +422,12 @@ def cost_report(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], n
     # a latency budget's table fixes the runtime, and its networks are timed beside this one
     table = LatencyTable.load(cfg.latency_table) if budget is not None and budget.kind == "latency-ms" else None
     runtime = table.runtime if table is not None else default_runtime()
-    report: dict[str, Any] = {"budget": budget.describe() if budget else None, "init_channels": space.init_channels,
-                              "macs": macs, "params": params}  # fmt: skip
+    report: dict[str, Any] = {
+        "budget": budget.describe() if budget else None,
+        "init_channels": space.init_channels,
+        "macs": macs,
+        "params": params,
+    }
     try:  # reported, never fatal: the numeric results matter more
         if table is not None:  # comparable with the budget on a drifting machine
             report.update(latency_against_table(net, table, space, image_hw, runtime))

@@ -114,7 +114,10 @@ def check_ray_address(address: str) -> str:
     match = _RAY_ADDRESS.match(address.strip())
     if not match or not 1 <= int(match.group(3)) <= 65535:
         raise ConfigError(
-            "--ray-address", address, "expected HOST:PORT (on a cluster node) or ray://HOST:PORT (Ray Client)", source="flag"
+            "--ray-address",
+            address,
+            "expected HOST:PORT (on a cluster node) or ray://HOST:PORT (Ray Client)",
+            source="flag",
         )
     return address.strip()
 
@@ -127,11 +130,18 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--cpus-per-client", args.cpus_per_client, "must be an integer >= 1", source="flag")
     gpus = args.gpus_per_client
     if gpus is not None and not (math.isfinite(gpus) and gpus > 0):
-        raise ConfigError("--gpus-per-client", gpus, "must be > 0 (a fraction such as 0.25 shares one GPU)", source="flag")
+        raise ConfigError(
+            "--gpus-per-client", gpus, "must be > 0 (a fraction such as 0.25 shares one GPU)", source="flag"
+        )
     if args.connection != "local":
         for flag, value in (("--ray-address", args.ray_address), ("--gpus-per-client", gpus)):
             if value is not None:  # a deployment's SuperNodes bring their own hardware
-                raise ConfigError(flag, value, f"applies to the local simulation only, not to --connection {args.connection}", source="flag")
+                raise ConfigError(
+                    flag,
+                    value,
+                    f"applies to the local simulation only, not to --connection {args.connection}",
+                    source="flag",
+                )
     if args.ray_address is not None:
         check_ray_address(args.ray_address)
         for var in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"):
@@ -140,10 +150,12 @@ def check_flags(args: argparse.Namespace) -> None:
                 raise ConfigError(var, port, "must be a port number (environment variable)", source="env")
             if port and _listening(int(port)):
                 raise ConfigError(
-                    "--ray-address", args.ray_address,
+                    "--ray-address",
+                    args.ray_address,
                     f"{var}={port} is in use (a running SuperLink keeps its own environment and would not "
-                    f"use the Ray cluster); unset it to get free ports", source="flag",
-                )  # fmt: skip
+                    f"use the Ray cluster); unset it to get free ports",
+                    source="flag",
+                )
 
 
 def _listening(port: int) -> bool:
@@ -169,9 +181,12 @@ class PrivateSuperLink:
         http = env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT") or str(_free_port())
         control = env.get("FLWR_LOCAL_CONTROL_API_PORT") or str(_free_port())
         self.env = {
-            **env, "FLWR_HOME": str(self.home), "RAY_ADDRESS": ray_address,
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": http, "FLWR_LOCAL_CONTROL_API_PORT": control,
-        }  # fmt: skip
+            **env,
+            "FLWR_HOME": str(self.home),
+            "RAY_ADDRESS": ray_address,
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": http,
+            "FLWR_LOCAL_CONTROL_API_PORT": control,
+        }
 
     def _pids(self) -> list[int]:
         """The SuperLink (its command line holds our private FLWR_HOME) and its descendants."""
@@ -191,7 +206,10 @@ class PrivateSuperLink:
             pids = self._pids()
         except OSError as exc:  # no pgrep
             port = self.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
-            print(f"fedmetanas: warning: cannot find the private SuperLink ({exc}); stop the one on port {port} yourself", file=sys.stderr)
+            print(
+                f"fedmetanas: warning: cannot find the private SuperLink ({exc}); stop the one on port {port} yourself",
+                file=sys.stderr,
+            )
             return
         stop_pids(pids, grace_s=10)
         if keep_home:
@@ -308,11 +326,16 @@ def profile_command(cfg: RunConfig, args: argparse.Namespace) -> int:
     space, image_hw = run_space(cfg)
     runtime = args.runtime or default_runtime()
     args.runs = args.runs or PROFILE_RUNS
-    print(f"fedmetanas: profiling {len(space.primitives)} ops of the {cfg.dataset} space at {image_hw[0]}x{image_hw[1]} "
-          f"(init-channels {space.init_channels}) with {runtime}, batch 1, one thread, median of {args.runs} runs")  # fmt: skip
+    print(
+        f"fedmetanas: profiling {len(space.primitives)} ops of the {cfg.dataset} space at {image_hw[0]}x{image_hw[1]} "
+        f"(init-channels {space.init_channels}) with {runtime}, batch 1, one thread, median of {args.runs} runs"
+    )
     table = LatencyTable(profile_space(space, image_hw, runtime, args.runs, progress=print))
     table.save(args.out)
-    print(f"fedmetanas: wrote {args.out}; pass it as -c 'latency-table=\"{Path(args.out).resolve()}\" budget=\"latency-ms:...\"'")
+    print(
+        f'fedmetanas: wrote {args.out}; pass it as -c \'latency-table="{Path(args.out).resolve()}" '
+        f'budget="latency-ms:..."\''
+    )
     return 0
 
 
@@ -324,21 +347,40 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--num-supernodes", type=int, default=10, help="simulated clients (local simulation)")
     run.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per simulated client (integer)")
     run.add_argument(
-        "--gpus-per-client", type=float, default=None,
+        "--gpus-per-client",
+        type=float,
+        default=None,
         help="Ray GPUs per simulated client, > 0; a fraction shares a GPU (0.25: four clients per GPU)",
-    )  # fmt: skip
+    )
     run.add_argument(
-        "--ray-address", default=None,
-        help="run the simulation on this existing Ray cluster: HOST:PORT on a cluster node, ray://HOST:PORT from outside (docs/scale.md)",
-    )  # fmt: skip
+        "--ray-address",
+        default=None,
+        help="run the simulation on this existing Ray cluster: HOST:PORT on a cluster node, ray://HOST:PORT from "
+        "outside (docs/scale.md)",
+    )
     run.add_argument("--connection", default="local", help="SuperLink connection in $FLWR_HOME/config.toml")
-    run.add_argument("--app", default=None, help="the Flower app directory (default: the checkout, or one built from the installed package)")
-    sub.add_parser("check", help="validate a run config only").add_argument("--run-config", "-c", action="append", default=[])
+    run.add_argument(
+        "--app",
+        default=None,
+        help="the Flower app directory (default: the checkout, or one built from the installed package)",
+    )
+    sub.add_parser("check", help="validate a run config only").add_argument(
+        "--run-config", "-c", action="append", default=[]
+    )
     profile = sub.add_parser("profile", help="measure the latency table of the run config's space on this machine")
-    profile.add_argument("--run-config", "-c", action="append", default=[], help="conf/<preset>.toml or 'key=value ...'")
+    profile.add_argument(
+        "--run-config", "-c", action="append", default=[], help="conf/<preset>.toml or 'key=value ...'"
+    )
     profile.add_argument("--out", required=True, help="the table's JSON file (pass it as latency-table)")
-    profile.add_argument("--runs", type=int, default=None, help="timed runs per op and network (median over blocks of 10; default latency.PROFILE_RUNS)")
-    profile.add_argument("--runtime", choices=("onnxruntime", "torch"), default=None, help="default: onnxruntime when installed")
+    profile.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="timed runs per op and network (median over blocks of 10; default latency.PROFILE_RUNS)",
+    )
+    profile.add_argument(
+        "--runtime", choices=("onnxruntime", "torch"), default=None, help="default: onnxruntime when installed"
+    )
     args = parser.parse_args(argv)
 
     app_dir = Path(args.app).resolve() if getattr(args, "app", None) else None
@@ -391,11 +433,15 @@ def main(argv: list[str] | None = None) -> int:
     private = PrivateSuperLink(args.ray_address, env) if args.ray_address else None
     if private:
         env = private.env
-        print(f"fedmetanas: simulation on the Ray cluster at {args.ray_address}, through a private local SuperLink "
-              f"(127.0.0.1:{env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}, FLWR_HOME={private.home})")  # fmt: skip
+        print(
+            f"fedmetanas: simulation on the Ray cluster at {args.ray_address}, through a private local SuperLink "
+            f"(127.0.0.1:{env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}, FLWR_HOME={private.home})"
+        )
     elif os.environ.get("RAY_ADDRESS"):
-        print(f"fedmetanas: note: RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set; a local SuperLink started now attaches "
-              f"its simulation to that Ray cluster, one already running does not (use --ray-address)")  # fmt: skip
+        print(
+            f"fedmetanas: note: RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set; a local SuperLink started now attaches "
+            f"its simulation to that Ray cluster, one already running does not (use --ray-address)"
+        )
     rc = 1
     try:
         rc = _stream_and_check(cmd, env, args.connection, results_dir)
@@ -454,18 +500,26 @@ def _stream_and_check(cmd: list[str], env: dict[str, str], connection: str, resu
     status = _run_status(connection, run_id, env) if run_id else "unknown"
     summary = results_dir / "summary.json"
     if "completed" not in status or not summary.is_file():
-        print(f"fedmetanas: run {run_id} did not complete (status: {status}; summary.json present: {summary.is_file()})", file=sys.stderr)
+        print(
+            f"fedmetanas: run {run_id} did not complete (status: {status}; summary.json present: {summary.is_file()})",
+            file=sys.stderr,
+        )
         return 1
     rounds = [json.loads(line) for line in (results_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
     if not any(r.get("aggregated") for r in rounds):
-        print(f"fedmetanas: run {run_id} aggregated no round (every round was skipped); see rounds.jsonl", file=sys.stderr)
+        print(
+            f"fedmetanas: run {run_id} aggregated no round (every round was skipped); see rounds.jsonl", file=sys.stderr
+        )
         return 1
     result = json.loads(summary.read_text())
     problem = error_skip_problem(result, len(rounds))
     if problem:
         print(f"fedmetanas: run {run_id}: {problem}", file=sys.stderr)
         return 1
-    print(f"fedmetanas: run {run_id} {status}: final test accuracy {result['final_test_accuracy']:.4f}; results in {results_dir}")
+    print(
+        f"fedmetanas: run {run_id} {status}: final test accuracy {result['final_test_accuracy']:.4f}; results in "
+        f"{results_dir}"
+    )
     return 0
 
 

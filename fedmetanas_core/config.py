@@ -10,15 +10,28 @@ import importlib.util
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from . import config_keys
 from .attacks import parse_attack_clients
 from .config_keys import (  # noqa: F401 (re-exported: the table's names are part of this module's API)
-    BY_NAME, CORRUPT_IMAGE_POLICIES, DATASETS, KEYS, METHODS, PARTITIONERS, STRATEGIES, ConfigError, Key,
-    cast_value, defaults, markdown_table, parse_budget, toml_table,
-)  # fmt: skip
+    BY_NAME,
+    CORRUPT_IMAGE_POLICIES,
+    DATASETS,
+    KEYS,
+    METHODS,
+    PARTITIONERS,
+    STRATEGIES,
+    ConfigError,
+    Key,
+    cast_value,
+    defaults,
+    markdown_table,
+    parse_budget,
+    toml_table,
+)
 from .privacy import DPConfigError, check_dp
 
 
@@ -47,7 +60,7 @@ class RunConfig(Mapping[str, Any]):
         self._values = dict(values)
 
     @classmethod
-    def from_flat(cls, flat: Mapping[str, Any], *, check_paths: bool = True) -> "RunConfig":
+    def from_flat(cls, flat: Mapping[str, Any], *, check_paths: bool = True) -> RunConfig:
         flat = resolve_method_tables(flat)
         unknown = sorted(set(flat) - set(BY_NAME))
         if unknown:
@@ -69,7 +82,7 @@ class RunConfig(Mapping[str, Any]):
         if self.method == "fedmetanas" and self.discrete_round and not self.warmup_rounds < self.discrete_round:
             raise ConfigError(
                 "discrete-round", self.discrete_round, f"must be 0 or after the warm-up ({self.warmup_rounds} rounds)"
-            )  # fmt: skip
+            )
         if self.lr_min > self.outer_lr_w:
             raise ConfigError("lr-min", self.lr_min, f"must be <= outer-lr-w ({self.outer_lr_w})")
         if self.tau_max < self.tau_min:
@@ -77,18 +90,23 @@ class RunConfig(Mapping[str, Any]):
         if self.query_fraction + self.local_test_fraction >= 1:
             raise ConfigError("query-fraction", self.query_fraction, "query-fraction + local-test-fraction must be < 1")
         if self.min_train_nodes > self.min_available_nodes:
-            raise ConfigError("min-train-nodes", self.min_train_nodes, f"must be <= min-available-nodes ({self.min_available_nodes})")
+            raise ConfigError(
+                "min-train-nodes", self.min_train_nodes, f"must be <= min-available-nodes ({self.min_available_nodes})"
+            )
         if self.dataset == "hf" and not self.hf_dataset:
             raise ConfigError("hf-dataset", self.hf_dataset, "required when dataset = hf")
         if self.maml_order == 2 and self.meta_learner == "reptile":
             raise ConfigError("maml-order", 2, "second order applies to fomaml only, not reptile")
         if self.eval_split == "validation" and not self.num_partitions:
-            raise ConfigError("eval-split", "validation", "needs num-partitions (the server rebuilds the clients' local test splits)")
+            raise ConfigError(
+                "eval-split", "validation", "needs num-partitions (the server rebuilds the clients' local test splits)"
+            )
         if 0 < self.num_partitions < self.min_available_nodes:
             raise ConfigError(
-                "num-partitions", self.num_partitions,
+                "num-partitions",
+                self.num_partitions,
                 f"must be 0 (one partition per node) or >= min-available-nodes ({self.min_available_nodes})",
-            )  # fmt: skip
+            )
         self._check_budget()
         self._check_strategy_nodes()
         self.check_dp(self.num_partitions or None)
@@ -114,37 +132,50 @@ class RunConfig(Mapping[str, Any]):
         n, f, name = self.min_available_nodes, self.num_malicious_nodes, self.strategy
         if name in ("Krum", "MultiKrum") and not n > 2 * f + 2:
             raise ConfigError(
-                "min-available-nodes", n,
+                "min-available-nodes",
+                n,
                 f"strategy {name} with num-malicious-nodes={f} needs more than 2*f+2 = {2 * f + 2} nodes",
-            )  # fmt: skip
+            )
         if name == "MultiKrum" and self.num_nodes_to_select > n - f:
             raise ConfigError(
-                "num-nodes-to-select", self.num_nodes_to_select,
-                f"MultiKrum needs num-nodes-to-select <= min-available-nodes - num-malicious-nodes ({n} - {f} = {n - f})",
-            )  # fmt: skip
+                "num-nodes-to-select",
+                self.num_nodes_to_select,
+                f"MultiKrum needs num-nodes-to-select <= min-available-nodes - num-malicious-nodes ({n} - {f} = "
+                f"{n - f})",
+            )
         if name == "Bulyan" and n < 4 * f + 3:
             raise ConfigError(
-                "min-available-nodes", n,
+                "min-available-nodes",
+                n,
                 f"strategy Bulyan with num-malicious-nodes={f} needs at least 4*f+3 = {4 * f + 3} nodes",
-            )  # fmt: skip
+            )
         if name == "FedTrimmedAvg" and int(self.trim_beta * n) < 1:
             need = math.ceil(1 / self.trim_beta - 1e-9) if self.trim_beta > 0 else "infinitely many"
             raise ConfigError(
-                "min-available-nodes", n,
+                "min-available-nodes",
+                n,
                 f"FedTrimmedAvg with trim-beta={self.trim_beta} trims nothing with fewer than {need} nodes "
                 f"(raise min-available-nodes or trim-beta, or use FedAvg)",
-            )  # fmt: skip
+            )
 
     def _check_attack(self) -> None:
         """An attack needs its attackers; ids must exist when the partitions are known."""
         ids = parse_attack_clients(self.attack_clients)
         if self.attack != "none" and not ids:
-            raise ConfigError("attack-clients", self.attack_clients, f"attack = {self.attack} needs at least one partition id")
+            raise ConfigError(
+                "attack-clients", self.attack_clients, f"attack = {self.attack} needs at least one partition id"
+            )
         if self.num_partitions and ids and max(ids) >= self.num_partitions:
-            raise ConfigError("attack-clients", self.attack_clients, f"partition ids must be < num-partitions ({self.num_partitions})")
+            raise ConfigError(
+                "attack-clients", self.attack_clients, f"partition ids must be < num-partitions ({self.num_partitions})"
+            )
         if self.alpha_defence != "none" and self.dp != "none":
             # the defence would replace the noised logits by a robust aggregate of un-noised ones
-            raise ConfigError("alpha-defence", self.alpha_defence, f"cannot be combined with dp = {self.dp} (it would aggregate the logits without the DP noise)")
+            raise ConfigError(
+                "alpha-defence",
+                self.alpha_defence,
+                f"cannot be combined with dp = {self.dp} (it would aggregate the logits without the DP noise)",
+            )
 
     def _check_budget(self) -> None:
         """Budget keys that cannot work together (whether anything in the space fits needs the
@@ -152,20 +183,30 @@ class RunConfig(Mapping[str, Any]):
         parsed = parse_budget(self.budget)
         kind = parsed[0] if parsed else None
         if self.init_channels == 0 and kind is None:
-            raise ConfigError("init-channels", 0, "0 sizes the space to the budget: set budget (e.g. \"macs:200000\")")
+            raise ConfigError("init-channels", 0, '0 sizes the space to the budget: set budget (e.g. "macs:200000")')
         if self.init_channels == 0 and kind == "latency-ms":
-            raise ConfigError("init-channels", 0, "cannot size the space to a latency budget (a table is measured for one width); set init-channels")
+            raise ConfigError(
+                "init-channels",
+                0,
+                "cannot size the space to a latency budget (a table is measured for one width); set init-channels",
+            )
         if kind == "latency-ms" and not self.latency_table:
-            raise ConfigError("latency-table", "", "budget latency-ms:... needs a latency table measured on the device (fedmetanas profile)")
+            raise ConfigError(
+                "latency-table",
+                "",
+                "budget latency-ms:... needs a latency table measured on the device (fedmetanas profile)",
+            )
         if self.latency_table and kind != "latency-ms":
-            raise ConfigError("latency-table", self.latency_table, "is read only with budget = \"latency-ms:...\"")
+            raise ConfigError("latency-table", self.latency_table, 'is read only with budget = "latency-ms:..."')
 
     def _check_paths(self) -> None:
         """Filesystem checks (server and CLI; clients skip them: their data-dir is the node's)."""
         if self.dataset == "imagefolder":
             root = Path(self.data_dir).expanduser()
             if not self.data_dir or not root.is_dir():
-                raise ConfigError("data-dir", self.data_dir, "imagefolder needs an existing folder with train/ and test/")
+                raise ConfigError(
+                    "data-dir", self.data_dir, "imagefolder needs an existing folder with train/ and test/"
+                )
             for folder in (root, root / "train", root / "test"):
                 if not folder.is_dir():
                     raise ConfigError("data-dir", self.data_dir, f"imagefolder needs a '{folder.name}/' subfolder")
@@ -182,14 +223,20 @@ class RunConfig(Mapping[str, Any]):
             else:
                 problem = _creatable(root)
                 if problem:
-                    raise ConfigError("data-dir", self.data_dir, f"{root} does not exist and cannot be created: {problem}")
+                    raise ConfigError(
+                        "data-dir", self.data_dir, f"{root} does not exist and cannot be created: {problem}"
+                    )
         elif self.dataset == "hf":
             builder, sep, local_dir = self.hf_dataset.partition(":")
             if sep and builder and "/" not in builder and not Path(local_dir).expanduser().is_dir():
                 raise ConfigError("hf-dataset", self.hf_dataset, f"{local_dir!r} is not an existing directory")
         if self.latency_table and not (Path(self.latency_table).is_file() and os.access(self.latency_table, os.R_OK)):
-            raise ConfigError("latency-table", self.latency_table, "must be a readable latency table (fedmetanas profile --out)")
-        if self.fedavg_genotype and not (Path(self.fedavg_genotype).is_file() and os.access(self.fedavg_genotype, os.R_OK)):
+            raise ConfigError(
+                "latency-table", self.latency_table, "must be a readable latency table (fedmetanas profile --out)"
+            )
+        if self.fedavg_genotype and not (
+            Path(self.fedavg_genotype).is_file() and os.access(self.fedavg_genotype, os.R_OK)
+        ):
             raise ConfigError("fedavg-genotype", self.fedavg_genotype, "must be a readable genotype.yaml")
         if self.results_dir:
             out = Path(self.results_dir).expanduser().resolve()
@@ -222,7 +269,7 @@ class RunConfig(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._values)
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         values = dict(self._values)
         values.update({k.replace("_", "-"): v for k, v in changes.items()})
         return RunConfig.from_flat(values, check_paths=False)
@@ -262,8 +309,6 @@ def _not_writable(folder: Path) -> str | None:
     except OSError as exc:
         return exc.strerror or type(exc).__name__
     return None
-
-
 
 
 if __name__ == "__main__":  # python -m fedmetanas_core.config [--toml]: the README table / pyproject block

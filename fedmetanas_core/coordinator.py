@@ -17,9 +17,9 @@ import torch
 from .aggregation import State
 from .config import RunConfig
 from .data import ImageData
+from .seeding import derive_seed
 from .space import SpaceConfig
 from .space.cost import CostModel
-from .seeding import derive_seed
 from .training import RoundPlan, space_from_config
 
 MASK_PREFIX = "mask:"
@@ -31,7 +31,11 @@ COST_MODEL_KEY = "cost-model"  # the budget's cost tables: clients need no laten
 
 
 def plan_to_config(plan: RoundPlan) -> dict[str, Any]:
-    out: dict[str, Any] = {"tau": float(plan.tau), "alpha-frozen": bool(plan.alpha_frozen), "round": int(plan.server_round)}
+    out: dict[str, Any] = {
+        "tau": float(plan.tau),
+        "alpha-frozen": bool(plan.alpha_frozen),
+        "round": int(plan.server_round),
+    }
     if plan.lr_w is not None:
         out["lr-w"] = float(plan.lr_w)
     if plan.local_epochs is not None:
@@ -74,7 +78,7 @@ class LearningRateSchedule:
     kind: str = "constant"
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, num_rounds: int) -> "LearningRateSchedule":
+    def from_config(cls, cfg: RunConfig, num_rounds: int) -> LearningRateSchedule:
         return cls(cfg.outer_lr_w, cfg.lr_min, num_rounds, cfg.lr_schedule)
 
     def __call__(self, server_round: int) -> float:

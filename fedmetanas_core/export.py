@@ -33,13 +33,15 @@ import io
 import json
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .atomic import atomic_write_bytes, atomic_write_text
+
 # the device side (fedmetanas-predict) reads what this module writes; predict_main stays importable
 # from here for console scripts installed before it moved to ``predict``
 from .predict import EXPORT_JSON, TORCHSCRIPT_FILE, load_exported, predict_main  # noqa: F401
@@ -134,8 +136,9 @@ def calibrate_batchnorm(net: nn.Module, x: torch.Tensor) -> nn.Module:
     modules = dict(model.named_modules())
     for name, old in norms:
         mean, var = stats[name]
-        new = type(old)(old.num_features, eps=old.eps, momentum=old.momentum, affine=old.affine,
-                        track_running_stats=True)
+        new = type(old)(
+            old.num_features, eps=old.eps, momentum=old.momentum, affine=old.affine, track_running_stats=True
+        )
         if old.affine:
             new.weight.data.copy_(old.weight.data)
             new.bias.data.copy_(old.bias.data)
@@ -147,7 +150,9 @@ def calibrate_batchnorm(net: nn.Module, x: torch.Tensor) -> nn.Module:
     return Calibrated(model).eval()
 
 
-def calibration_split(n: int, size: int = CALIBRATION_SIZE, seed: int = CALIBRATION_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+def calibration_split(
+    n: int, size: int = CALIBRATION_SIZE, seed: int = CALIBRATION_SEED
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(calibration indices, held-out indices) of a split of n images: min(size, n // 2) images
     chosen by a seeded permutation; both sorted."""
     k = max(2, min(size, n // 2))
@@ -237,9 +242,15 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, (example,), str(path), dynamo=False, input_names=["image"], output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-            )  # fmt: skip
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=17,
+            )
         import onnx
         from onnx.reference import ReferenceEvaluator
 

@@ -41,7 +41,7 @@ class Genotype:
         return {t: rows(self.cell(t)) for t in CELL_TYPES}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Genotype":
+    def from_dict(cls, d: dict) -> Genotype:
         def cell(rows):
             return tuple(tuple((str(e["op"]), int(e["input"])) for e in node) for node in rows)
 
@@ -51,14 +51,14 @@ class Genotype:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Genotype":
+    def from_json(cls, text: str) -> Genotype:
         return cls.from_dict(json.loads(text))
 
     def save_yaml(self, path: str | Path) -> None:
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def load_yaml(cls, path: str | Path) -> "Genotype":
+    def load_yaml(cls, path: str | Path) -> Genotype:
         return cls.from_dict(yaml.safe_load(Path(path).read_text()))
 
     def op_counts(self) -> dict[str, int]:
@@ -154,7 +154,7 @@ class DiscreteNetwork(nn.Module):
         return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))
 
     @classmethod
-    def inherit(cls, model: SearchModel, genotype: Genotype) -> "DiscreteNetwork":
+    def inherit(cls, model: SearchModel, genotype: Genotype) -> DiscreteNetwork:
         """The derived network with the searched weights: a key lookup, no retraining."""
         net = cls(model.space, genotype)
         source = model.net.state_dict()

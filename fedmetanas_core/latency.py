@@ -28,9 +28,10 @@ import platform
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -40,7 +41,9 @@ from .space import SpaceConfig, make_op
 from .space.cost import CostModel, OpShape, build_cost_model, edge_shapes
 
 TABLE_FORMAT = 1
-PROFILE_RUNS = 1500  # per model: 150 interleaved blocks of 10 (8x8 ops take microseconds; 600 gave Spearman 0.87-0.91 on digits, 1500 0.93-0.95)
+# per model: 150 interleaved blocks of 10 (8x8 ops take microseconds; 600 gave Spearman 0.87-0.91 on digits,
+# 1500 0.93-0.95)
+PROFILE_RUNS = 1500
 CALIBRATION_SEED = 900_000  # random cells that calibrate a table; checks draw theirs elsewhere
 RUNTIMES = ("onnxruntime", "torch")
 
@@ -156,10 +159,12 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def models_latency_ms(modules: list[nn.Module], examples: list[torch.Tensor], runtime: str, runs: int = 200) -> list[float]:
+def models_latency_ms(
+    modules: list[nn.Module], examples: list[torch.Tensor], runtime: str, runs: int = 200
+) -> list[float]:
     """Median latency of each module on its example (batch 1, deployed), timed interleaved."""
     with one_thread():
-        calls = [deployed_call(m, x, runtime) for m, x in zip(modules, examples)]
+        calls = [deployed_call(m, x, runtime) for m, x in zip(modules, examples, strict=False)]
         return time_calls_ms(calls, runs)
 
 
@@ -196,8 +201,13 @@ def intercept(short: float, long: float) -> float:
 
 
 def profile_space(
-    space: SpaceConfig, image_hw: tuple[int, int], runtime: str | None = None, runs: int = PROFILE_RUNS,
-    calibration_cells: int = 8, progress: Callable[[str], None] | None = None, held_out: list | None = None,
+    space: SpaceConfig,
+    image_hw: tuple[int, int],
+    runtime: str | None = None,
+    runs: int = PROFILE_RUNS,
+    calibration_cells: int = 8,
+    progress: Callable[[str], None] | None = None,
+    held_out: list | None = None,
 ) -> dict[str, Any]:
     """Time every op of ``space`` at its shapes and the shared part; the table as plain values.
 
@@ -208,8 +218,10 @@ def profile_space(
 
     runtime = runtime or default_runtime()
     torch.manual_seed(0)
-    shapes = sorted({s for _, rows in edge_shapes(space, image_hw) for row in rows for s in row if s.op != "none"},
-                    key=lambda s: s.key())  # fmt: skip
+    shapes = sorted(
+        {s for _, rows in edge_shapes(space, image_hw) for row in rows for s in row if s.op != "none"},
+        key=lambda s: s.key(),
+    )
     # the sum of op entries misses what only whole networks have (adds, concatenations, memory
     # traffic between ops): fit whole = fixed + scale * sum(ops) on calibration networks, the
     # all-skip skeleton and random cells drawn from seeds that no check uses
@@ -226,10 +238,16 @@ def profile_space(
         progress(f"timing {len(shapes)} ops and {len(calibration) + len(held_out)} whole networks, interleaved")
     times = models_latency_ms(modules, examples, runtime, runs)
     overhead = intercept(times[0], times[1])
-    ops = {s.key(): max(0.0, t - overhead) for s, t in zip(shapes, times[2 : 2 + len(shapes)])}
+    ops = {s.key(): max(0.0, t - overhead) for s, t in zip(shapes, times[2 : 2 + len(shapes)], strict=False)}
     first = 2 + len(shapes)
     wholes, held_out_ms = times[first : first + len(calibration)], times[first + len(calibration) :]
-    raw = {"format": TABLE_FORMAT, "fixed_ms": 0.0, "op_scale": 1.0, "ops": ops, "space": space_signature(space, image_hw)}
+    raw = {
+        "format": TABLE_FORMAT,
+        "fixed_ms": 0.0,
+        "op_scale": 1.0,
+        "ops": ops,
+        "space": space_signature(space, image_hw),
+    }
     in_ops = LatencyTable(raw).cost_model(space, image_hw)
     sums = [in_ops.genotype_cost(g) for g in calibration]
     scale, fixed = _line(sums, wholes)
@@ -247,7 +265,12 @@ def profile_space(
         "overhead_ms": overhead,
         "fixed_ms": fixed,
         "op_scale": scale,
-        "calibration": {"networks": len(calibration), "seed": CALIBRATION_SEED, "sum_ops_ms": sums, "measured_ms": wholes},
+        "calibration": {
+            "networks": len(calibration),
+            "seed": CALIBRATION_SEED,
+            "sum_ops_ms": sums,
+            "measured_ms": wholes,
+        },
         "ops": ops,
         **({"held_out_ms": held_out_ms} if held_out else {}),
     }
@@ -259,7 +282,7 @@ def _line(x: list[float], y: list[float]) -> tuple[float, float]:
     n = len(x)
     mx, my = sum(x) / n, sum(y) / n
     var = sum((a - mx) ** 2 for a in x)
-    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / var if var > 0 else 1.0
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=False)) / var if var > 0 else 1.0
     if slope <= 0:
         slope = 1.0
     return slope, max(0.0, my - slope * mx)
@@ -274,7 +297,7 @@ class LatencyTable:
         self.data, self.source = data, source
 
     @classmethod
-    def load(cls, path: str | Path) -> "LatencyTable":
+    def load(cls, path: str | Path) -> LatencyTable:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -295,7 +318,10 @@ class LatencyTable:
         have = self.data["space"]
         diff = [k for k in want if have.get(k) != want[k]]
         if diff:
-            return f"measured for another space ({', '.join(f'{k} {have.get(k)} != {want[k]}' for k in diff[:3])}); run `fedmetanas profile` for this one"
+            return (
+                f"measured for another space ({', '.join(f'{k} {have.get(k)} != {want[k]}' for k in diff[:3])}); "
+                "run `fedmetanas profile` for this one"
+            )
         return None
 
     def op_ms(self, shape: OpShape) -> float:
@@ -319,7 +345,12 @@ def calibration_genotypes(space: SpaceConfig, cells: int) -> list:
 
 
 def latency_against_table(
-    net: nn.Module, table: LatencyTable, space: SpaceConfig, image_hw: tuple[int, int], runtime: str, runs: int = PROFILE_RUNS
+    net: nn.Module,
+    table: LatencyTable,
+    space: SpaceConfig,
+    image_hw: tuple[int, int],
+    runtime: str,
+    runs: int = PROFILE_RUNS,
 ) -> dict[str, float]:
     """``net``'s latency now, and at the speed the machine had when ``table`` was measured: the
     table's calibration networks are timed again in the same interleaved session, and their median
@@ -332,5 +363,5 @@ def latency_against_table(
     example = torch.randn(1, space.in_channels, *image_hw)
     modules = [net, *(DiscreteNetwork(space, g) for g in genotypes)]
     times = models_latency_ms(modules, [example] * len(modules), runtime, runs)
-    ratio = statistics.median(now / old for now, old in zip(times[1:], then))
+    ratio = statistics.median(now / old for now, old in zip(times[1:], then, strict=False))
     return {"latency_ms": times[0], "machine_speed_vs_table": ratio, "latency_ms_at_table_speed": times[0] / ratio}

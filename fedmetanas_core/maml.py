@@ -7,8 +7,8 @@ the graph and makes "second order" first order).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,9 @@ class InnerLoop:
     adapt_arch: bool = True  # False while alphas are frozen (warm-up)
 
 
-def loss_on(model: torch.nn.Module, params: Params, batch: Batch, penalty: Penalty | None = None, **forward_kwargs) -> torch.Tensor:
+def loss_on(
+    model: torch.nn.Module, params: Params, batch: Batch, penalty: Penalty | None = None, **forward_kwargs
+) -> torch.Tensor:
     """Cross-entropy on ``batch`` at ``params``, plus ``penalty(params)`` (a budget's cost term of the
     architecture logits: the task learner and the meta learner see the same objective)."""
     x, y = batch
@@ -60,7 +62,7 @@ def inner_adapt(
         loss = loss_on(model, current, batch, penalty if inner.adapt_arch else None, **forward_kwargs)
         grads = torch.autograd.grad(loss, [current[k] for k in names], create_graph=create_graph, allow_unused=True)
         updated = dict(current)
-        for name, grad in zip(names, grads):
+        for name, grad in zip(names, grads, strict=False):
             if grad is None:
                 continue
             lr = inner.lr_alpha if is_arch(name) else inner.lr_w
@@ -92,7 +94,7 @@ def _gradients(loss: torch.Tensor, params: Params) -> Params:
     """d loss / d params, zeros for the parameters the loss does not reach."""
     names = list(params)
     grads = torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True)
-    return {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads)}
+    return {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads, strict=False)}
 
 
 def reptile_task_delta(

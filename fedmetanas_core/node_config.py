@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .config import ConfigError, RunConfig
-
 
 NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "data-dir")
 
@@ -50,10 +50,15 @@ def validate_node_config(node_config: Mapping[str, Any], cfg: RunConfig | None =
         raise ConfigError("partition-id", pid, f"must be < num-partitions ({num})", "node-config")
     if cfg is not None and pid is not None:
         if cfg.num_partitions and pid >= cfg.num_partitions:
-            raise ConfigError("partition-id", pid, f"must be < the run config's num-partitions ({cfg.num_partitions})", "node-config")
+            raise ConfigError(
+                "partition-id", pid, f"must be < the run config's num-partitions ({cfg.num_partitions})", "node-config"
+            )
         if not cfg.num_partitions and num is None:
             raise ConfigError(
-                "num-partitions", None, "required with partition-id (or set the run config's num-partitions)", "node-config"
+                "num-partitions",
+                None,
+                "required with partition-id (or set the run config's num-partitions)",
+                "node-config",
             )
     if "data-dir" in out:
         raw = out["data-dir"]
@@ -65,5 +70,7 @@ def validate_node_config(node_config: Mapping[str, Any], cfg: RunConfig | None =
         if not os.access(root, os.R_OK | os.X_OK):
             raise ConfigError("data-dir", raw, "folder is not readable", "node-config")
         if cfg is not None and cfg.dataset == "imagefolder" and not (root / "train").is_dir():
-            raise ConfigError("data-dir", raw, "imagefolder needs a 'train/' subfolder (test/ is optional on a node)", "node-config")
+            raise ConfigError(
+                "data-dir", raw, "imagefolder needs a 'train/' subfolder (test/ is optional on a node)", "node-config"
+            )
     return out

@@ -10,23 +10,24 @@ do not fit), an entry in ``PLANS`` and one in ``training.LOCAL_TRAINING``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .aggregation import State, arch_statistics, masks_are_discrete, update_masks
+from .budget import budget_of, check_feasible, choice_masks, derive_within, fixed_network_width
 from .config import RunConfig
 from .coordinator import LearningRateSchedule, image_hw, plan_to_config, seeded_init
 from .data import ImageData
-from .budget import budget_of, check_feasible, choice_masks, derive_within, fixed_network_width
 from .genotype import DiscreteNetwork, Genotype, build_fixed_network, count_parameters
-from .relaxation import TemperatureSchedule, probabilities
 from .names import ARCH_PREFIX, CELL_TYPES, arch_param_name, edge_key
+from .relaxation import TemperatureSchedule, probabilities
 from .space import SearchModel, SpaceConfig
-from .transfer import live_keys
 from .training import RoundPlan, eval_settings, evaluate, load_arrays, state_arrays
+from .transfer import live_keys
 
 
 @dataclass
@@ -56,7 +57,10 @@ class Handoff:
         genotype = Genotype.from_dict(d["genotype"]) if d.get("genotype") else None
         if "results" not in d:  # a checkpoint from before phases: results and times side by side
             times = [d[k] for k in ("search_time_s", "retrain_time_s") if k in d]
-            d = {"results": {k: v for k, v in d.items() if k not in ("genotype", "search_time_s", "retrain_time_s")}, "phase_times": times}
+            d = {
+                "results": {k: v for k, v in d.items() if k not in ("genotype", "search_time_s", "retrain_time_s")},
+                "phase_times": times,
+            }
         return cls(genotype, dict(d["results"]), [float(t) for t in d["phase_times"]])
 
 
@@ -64,7 +68,8 @@ class Phase(ABC):
     """One stage of a run: its rounds, the state it starts from, each round's config, what it does
     with an aggregate, what it leaves for the next phase, and its final network."""
 
-    kind: str  # "search" (clients get the supernet) or "fixed" (a discrete network): with the method, the LOCAL_TRAINING key
+    # "search" (clients get the supernet) or "fixed" (a discrete network): with the method, the LOCAL_TRAINING key
+    kind: str
 
     def __init__(self, name: str, rounds: int):
         self.name = name  # rounds.jsonl's "phase", and a seed stream of its initial model
@@ -115,12 +120,22 @@ class SearchPhase(Phase):
 
     kind = "search"
 
-    def __init__(self, cfg: RunConfig, space: SpaceConfig, test: ImageData, device: torch.device, rounds: int, name: str = "search"):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        space: SpaceConfig,
+        test: ImageData,
+        device: torch.device,
+        rounds: int,
+        name: str = "search",
+    ):
         super().__init__(name, rounds)
         self.cfg, self.space, self.test, self.device = cfg, space, test, device
         self.is_meta = cfg.method == "fedmetanas"
         self.anneal_rounds = min(cfg.discrete_round, rounds) if cfg.discrete_round else rounds
-        self.schedule = TemperatureSchedule(cfg.tau_max, cfg.tau_min, self.anneal_rounds, cfg.tau_schedule, cfg.warmup_rounds)
+        self.schedule = TemperatureSchedule(
+            cfg.tau_max, cfg.tau_min, self.anneal_rounds, cfg.tau_schedule, cfg.warmup_rounds
+        )
         self.learning_rate = LearningRateSchedule.from_config(cfg, rounds)
         self.budget = budget_of(cfg)
         self.cost = check_feasible(cfg, space, image_hw(test))  # None without a budget
@@ -163,7 +178,13 @@ class SearchPhase(Phase):
             # with a budget the masks always keep the most likely cell that fits, so it survives to the end
             keep = choice_masks(self.space, self.derive(arch, self.masks), arch) if self.budget else None
             self.masks = update_masks(
-                self.space, arch, self.masks, self.cfg.mask_threshold, self.cfg.tau_min, self.discreteness(server_round), keep
+                self.space,
+                arch,
+                self.masks,
+                self.cfg.mask_threshold,
+                self.cfg.tau_min,
+                self.discreteness(server_round),
+                keep,
             )
         self.genotype = self.derive(arch, self.masks)
         stats = arch_statistics(self.space, arch, self.masks, plan.tau)
@@ -193,15 +214,23 @@ class SearchPhase(Phase):
     def op_probabilities(self, arch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Per-edge softmax(alpha) with masks, for the heatmaps of how the architecture converged."""
         probs = {
-            t: [[round(float(p), 5) for p in row] for row in probabilities(arch[arch_param_name("alpha", t)], self.masks.get(arch_param_name("alpha", t)))]
+            t: [
+                [round(float(p), 5) for p in row]
+                for row in probabilities(arch[arch_param_name("alpha", t)], self.masks.get(arch_param_name("alpha", t)))
+            ]
             for t in CELL_TYPES
         }
-        logits = {t: [[round(float(v), 4) for v in row] for row in arch[arch_param_name("alpha", t)]] for t in CELL_TYPES}
+        logits = {
+            t: [[round(float(v), 4) for v in row] for row in arch[arch_param_name("alpha", t)]] for t in CELL_TYPES
+        }
         edges = [edge_key(j, i) for j, i in self.space.topology.edges]
         return {
-            "op-probs": probs, "alpha-logits": logits, "primitives": list(self.space.primitives), "edges": edges,
+            "op-probs": probs,
+            "alpha-logits": logits,
+            "primitives": list(self.space.primitives),
+            "edges": edges,
             "cell-decided": self.is_discrete(),
-        }  # fmt: skip
+        }
 
     def restore(self, state: State, masks: dict[str, torch.Tensor], last: dict[str, Any]) -> None:
         load_arrays(self.model, state)
@@ -234,9 +263,16 @@ class FixedPhase(Phase):
     kind = "fixed"
 
     def __init__(
-        self, cfg: RunConfig, space: SpaceConfig, test: ImageData, device: torch.device, rounds: int, name: str,
-        genotype: Genotype | None = None, local_epochs: int | None = None,
-    ):  # fmt: skip
+        self,
+        cfg: RunConfig,
+        space: SpaceConfig,
+        test: ImageData,
+        device: torch.device,
+        rounds: int,
+        name: str,
+        genotype: Genotype | None = None,
+        local_epochs: int | None = None,
+    ):
         super().__init__(name, rounds)
         self.cfg, self.space, self.test, self.device, self.genotype = cfg, space, test, device, genotype
         self.local_epochs = cfg.local_epochs if local_epochs is None else local_epochs

@@ -11,15 +11,15 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 EXPORT_JSON = "export.json"
 TORCHSCRIPT_FILE = "model_torchscript.pt"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-
 
 
 class PredictError(Exception):
@@ -33,7 +33,9 @@ def load_exported(model_file: str | Path) -> tuple[torch.jit.ScriptModule, dict[
     if path.is_dir():
         path = path / TORCHSCRIPT_FILE
     if not path.is_file():
-        raise PredictError(f"model file {str(path)!r} does not exist (expected a {TORCHSCRIPT_FILE} written by the export)")
+        raise PredictError(
+            f"model file {str(path)!r} does not exist (expected a {TORCHSCRIPT_FILE} written by the export)"
+        )
     extra = {EXPORT_JSON: ""}
     try:
         with warnings.catch_warnings():  # torch >= 2.9: "torch.jit.load is deprecated"
@@ -57,8 +59,10 @@ def preprocess(path: Path, meta_input: dict[str, Any]) -> torch.Tensor:
     from PIL import Image
 
     if meta_input.get("mean") is None or meta_input.get("std") is None:
-        raise PredictError("the model file stores no normalisation (mean/std); re-export it with "
-                           "export_model(..., normalization=(mean, std))")
+        raise PredictError(
+            "the model file stores no normalisation (mean/std); re-export it with "
+            "export_model(..., normalization=(mean, std))"
+        )
     height, width = meta_input["image_size"]
     channels = int(meta_input["in_channels"])
     with Image.open(path) as img:
@@ -92,10 +96,17 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("model_file", help=f"{TORCHSCRIPT_FILE} written by the run (or its results directory)")
     parser.add_argument("image_folder", help="folder with the images to classify")
-    parser.add_argument("--classes-from", metavar="RUN_DIR", help=f"take the class names from RUN_DIR/{EXPORT_JSON} "
-                        "instead of those stored in the model file")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest for "
-                        "one small image at a time; 0 = torch's default)")
+    parser.add_argument(
+        "--classes-from",
+        metavar="RUN_DIR",
+        help=f"take the class names from RUN_DIR/{EXPORT_JSON} instead of those stored in the model file",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: fastest for one small image at a time; 0 = torch's default)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.threads > 0:
@@ -136,8 +147,11 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         print("fedmetanas-predict: error: no image could be read", file=sys.stderr)
         return 1
     lat = sorted(latencies)
-    print(f"{len(lat)} image(s); model latency median {lat[len(lat) // 2]:.3f} ms per image "
-          f"(CPU, {torch.get_num_threads()} thread(s))", file=sys.stderr)
+    print(
+        f"{len(lat)} image(s); model latency median {lat[len(lat) // 2]:.3f} ms per image "
+        f"(CPU, {torch.get_num_threads()} thread(s))",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -14,8 +14,9 @@ DP-FedAvg accounting; Flower samples exactly ``m`` without replacement). ``q = 1
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -72,28 +73,31 @@ def check_dp(cfg: Mapping[str, Any], population: int | None) -> None:
         return
     if cfg["alpha-aggregation"] == "log-softmax":
         raise DPConfigError(
-            "alpha-aggregation", "log-softmax",
+            "alpha-aggregation",
+            "log-softmax",
             "log-softmax is not a contraction, so a clipped update can grow past dp-clipping-norm; "
             "use logits or centered with dp",
-        )  # fmt: skip
+        )
     if population is None:
         return
     m = num_sampled_clients(population, cfg["fraction-train"], cfg["min-train-nodes"])
     if m > population:
         raise DPConfigError(
-            "min-train-nodes", cfg["min-train-nodes"],
+            "min-train-nodes",
+            cfg["min-train-nodes"],
             f"dp = {mode} samples {m} clients a round (min-train-nodes) but the federation has {population}: "
             "rounds would wait forever and the noise is calibrated for that sample size",
-        )  # fmt: skip
+        )
     if mode in ADAPTIVE and cfg["dp-noise-multiplier"] > 0:
         sb = clipped_count_stddev(cfg, m)
         if not cfg["dp-noise-multiplier"] < 2 * sb:
             raise DPConfigError(
-                "dp-noise-multiplier", cfg["dp-noise-multiplier"],
+                "dp-noise-multiplier",
+                cfg["dp-noise-multiplier"],
                 f"adaptive clipping needs dp-noise-multiplier < 2 x dp-clipped-count-stddev = {2 * sb:g} "
-                f"({'m/20 with m = ' + str(m) + ' sampled clients' if not cfg['dp-clipped-count-stddev'] else 'as set'}); "
+                f"({f'm/20 with m = {m} sampled clients' if not cfg['dp-clipped-count-stddev'] else 'as set'}); "
                 "raise dp-clipped-count-stddev or lower the noise",
-            )  # fmt: skip
+            )
 
 
 @dataclass
@@ -162,9 +166,12 @@ def make_accountant(cfg: Mapping[str, Any], population: int) -> PrivacyAccountan
         return None
     m = num_sampled_clients(population, cfg["fraction-train"], cfg["min-train-nodes"])
     return PrivacyAccountant(
-        noise_multiplier=effective_noise_multiplier(cfg, m), delta=cfg["dp-delta"], population=population,
-        sample_size=m, amplified=cfg["dp"] != "local",
-    )  # fmt: skip
+        noise_multiplier=effective_noise_multiplier(cfg, m),
+        delta=cfg["dp-delta"],
+        population=population,
+        sample_size=m,
+        amplified=cfg["dp"] != "local",
+    )
 
 
 def update_norms(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], is_arch) -> tuple[float, float]:

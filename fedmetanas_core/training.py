@@ -12,8 +12,8 @@ kind of a method runs: the ClientApp only looks it up.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,13 +21,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .aggregation import masks_are_discrete
 from .config import RunConfig
 from .data import BatchStream, ClientData, DataError, ImageData
-from .aggregation import masks_are_discrete
 from .genotype import DiscreteNetwork, derive_genotype
-from .maml import InnerLoop, fomaml_task_gradient, inner_adapt, mean_dicts, reptile_task_delta, second_order_task_gradient
+from .maml import (
+    InnerLoop,
+    Penalty,
+    fomaml_task_gradient,
+    inner_adapt,
+    mean_dicts,
+    reptile_task_delta,
+    second_order_task_gradient,
+)
 from .names import is_arch
-from .maml import Penalty
 from .space import RelaxSettings, SearchModel, SpaceConfig, fast_path
 from .space.cost import CostModel
 
@@ -58,7 +65,9 @@ def run_settings(cfg: RunConfig, threads: int = 0) -> Iterator[None]:
             torch.set_num_threads(num_threads)
 
 
-def space_from_config(cfg: RunConfig, num_classes: int, in_channels: int, init_channels: int | None = None) -> SpaceConfig:
+def space_from_config(
+    cfg: RunConfig, num_classes: int, in_channels: int, init_channels: int | None = None
+) -> SpaceConfig:
     """The run's space; ``init_channels`` overrides the key (the width the server sized to a budget)."""
     return SpaceConfig(
         num_classes=num_classes,
@@ -144,15 +153,24 @@ def train_settings(cfg: RunConfig, tau: float) -> RelaxSettings:
 
 
 def eval_settings(cfg: RunConfig, tau: float) -> RelaxSettings:
-    return RelaxSettings(tau=tau, mode="softmax", noise=False, threshold=cfg.prune_threshold, argmax=cfg.eval_mode == "argmax")
+    return RelaxSettings(
+        tau=tau, mode="softmax", noise=False, threshold=cfg.prune_threshold, argmax=cfg.eval_mode == "argmax"
+    )
 
 
 def weight_optimizer(net: nn.Module, cfg: RunConfig, lr_w: float | None = None) -> torch.optim.SGD:
-    return torch.optim.SGD(net.parameters(), lr=cfg.outer_lr_w if lr_w is None else lr_w, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        net.parameters(),
+        lr=cfg.outer_lr_w if lr_w is None else lr_w,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+    )
 
 
 def arch_optimizer(model: SearchModel, cfg: RunConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(model.arch.parameters(), lr=cfg.outer_lr_alpha, betas=(0.5, 0.999), weight_decay=cfg.alpha_weight_decay)
+    return torch.optim.Adam(
+        model.arch.parameters(), lr=cfg.outer_lr_alpha, betas=(0.5, 0.999), weight_decay=cfg.alpha_weight_decay
+    )
 
 
 def meta_optimizers(model: SearchModel, cfg: RunConfig, lr_w: float | None = None):
@@ -161,7 +179,12 @@ def meta_optimizers(model: SearchModel, cfg: RunConfig, lr_w: float | None = Non
 
 
 def fedmetanas_local_search(
-    model: SearchModel, data: ClientData, cfg: RunConfig, plan: RoundPlan, generator: torch.Generator, device: torch.device,
+    model: SearchModel,
+    data: ClientData,
+    cfg: RunConfig,
+    plan: RoundPlan,
+    generator: torch.Generator,
+    device: torch.device,
     proximal_mu: float = 0.0,
 ) -> LocalResult:
     """Meta-train (w, alpha, beta) on tasks from the client's train (support) and query splits.
@@ -202,8 +225,16 @@ def cost_penalty(cfg: RunConfig, plan: RoundPlan) -> Penalty | None:
 
 
 def meta_train(
-    module: nn.Module, weights: nn.Module, opt_a: torch.optim.Optimizer | None, data: ClientData, cfg: RunConfig,
-    plan: RoundPlan, generator: torch.Generator, device: torch.device, proximal_mu: float, fw: dict,
+    module: nn.Module,
+    weights: nn.Module,
+    opt_a: torch.optim.Optimizer | None,
+    data: ClientData,
+    cfg: RunConfig,
+    plan: RoundPlan,
+    generator: torch.Generator,
+    device: torch.device,
+    proximal_mu: float,
+    fw: dict,
     penalty: Penalty | None = None,
 ) -> LocalResult:
     """The meta-learning loop over ``module``'s parameters: ``weights`` holds the network weights,
@@ -255,7 +286,12 @@ def meta_train(
 
 
 def fednas_local_search(
-    model: SearchModel, data: ClientData, cfg: RunConfig, plan: RoundPlan, generator: torch.Generator, device: torch.device,
+    model: SearchModel,
+    data: ClientData,
+    cfg: RunConfig,
+    plan: RoundPlan,
+    generator: torch.Generator,
+    device: torch.device,
     proximal_mu: float = 0.0,
 ) -> LocalResult:
     """Per minibatch: alpha step on grad(L_val) + grad(L_train), then the weight step on L_train."""
@@ -293,7 +329,12 @@ def fednas_local_search(
 
 
 def train_fixed(
-    net: nn.Module, data: ClientData, cfg: RunConfig, plan: RoundPlan, generator: torch.Generator, device: torch.device,
+    net: nn.Module,
+    data: ClientData,
+    cfg: RunConfig,
+    plan: RoundPlan,
+    generator: torch.Generator,
+    device: torch.device,
     proximal_mu: float = 0.0,
 ) -> LocalResult:
     """SGD over the round's local epochs (the phase's own: FedAvg's or FedNAS retraining's)."""
@@ -323,7 +364,9 @@ def local_epochs(cfg: RunConfig, plan: RoundPlan) -> int:
 # ---------------------------------------------------------------------------------------------
 # Which local training a round runs: one signature, one table keyed by (phase kind, method)
 
-LocalTrainer = Callable[[nn.Module, ClientData, RunConfig, RoundPlan, torch.Generator, torch.device, float], LocalResult]
+LocalTrainer = Callable[
+    [nn.Module, ClientData, RunConfig, RoundPlan, torch.Generator, torch.device, float], LocalResult
+]
 
 LOCAL_TRAINING: dict[tuple[str, str], LocalTrainer] = {
     ("search", "fedmetanas"): fedmetanas_local_search,
@@ -338,7 +381,9 @@ def local_trainer(kind: str, method: str) -> LocalTrainer:
     try:
         return LOCAL_TRAINING[(kind, method)]
     except KeyError:
-        raise ValueError(f"no local training for a {kind!r} phase of {method!r}: add it to training.LOCAL_TRAINING") from None
+        raise ValueError(
+            f"no local training for a {kind!r} phase of {method!r}: add it to training.LOCAL_TRAINING"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +410,9 @@ def eval_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], data: ImageData, batch_size: int, device: torch.device) -> dict[str, float]:
+def evaluate(
+    forward: Callable[[torch.Tensor], torch.Tensor], data: ImageData, batch_size: int, device: torch.device
+) -> dict[str, float]:
     """Accuracy and mean loss, over batches of >= 2 examples (``eval_batches``)."""
     correct, loss_sum, n = 0, 0.0, len(data)
     for start, stop in eval_batches(n, batch_size):
@@ -388,6 +435,11 @@ def personalize_fixed(
         return {"accuracy-before": before["accuracy"], "accuracy-after": before["accuracy"]}
     stream = BatchStream(data.pool, cfg.batch_size, generator)
     params = {k: v for k, v in net.named_parameters()}
-    adapted = inner_adapt(net, params, lambda _: _to(stream.next_batch(), device), InnerLoop(cfg.personalize_steps, cfg.personalize_lr, 0.0))
+    adapted = inner_adapt(
+        net,
+        params,
+        lambda _: _to(stream.next_batch(), device),
+        InnerLoop(cfg.personalize_steps, cfg.personalize_lr, 0.0),
+    )
     after = evaluate(lambda x: functional_call(net, adapted, (x,)), data.test, cfg.eval_batch_size, device)
     return {"accuracy-before": before["accuracy"], "accuracy-after": after["accuracy"]}

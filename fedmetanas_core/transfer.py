@@ -11,7 +11,7 @@ masks, so they agree on the key set without sending it.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -30,7 +30,9 @@ def live_edges(space: SpaceConfig, masks: Mapping[str, torch.Tensor], cell_type:
     live: dict[str, list[str]] = {}
     for e, (j, i) in enumerate(topo.edges):
         pair_mask = masks.get(arch_param_name("beta", cell_type, j)) if space.input_pruning else None
-        fed = pair_mask is None or any(bool(keep) and i in pair for keep, pair in zip(pair_mask.tolist(), topo.pairs(j)))
+        fed = pair_mask is None or any(
+            bool(keep) and i in pair for keep, pair in zip(pair_mask.tolist(), topo.pairs(j), strict=False)
+        )
         ops = [p for o, p in enumerate(space.primitives) if p != "none" and (op_mask is None or bool(op_mask[e, o]))]
         live[edge_key(j, i)] = ops if fed else []
     return live

@@ -20,15 +20,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from flower_records import array_record, numpy_state
-from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.budget import cost_report
+from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.coordinator import ProgressClock, fmt_duration, image_hw, model_config, space_for_run
 from fedmetanas_core.data import DataSpec, load_test_set
 from fedmetanas_core.genotype import Genotype, SimpleCNN, count_parameters
-from fedmetanas_core.phases import Handoff, Phase, plan_phases
-from fedmetanas_core.privacy import make_accountant
-from fedmetanas_core.run_data import validation_set
 from fedmetanas_core.outputs import (
     RunRecorder,
     config_differences,
@@ -40,7 +36,13 @@ from fedmetanas_core.outputs import (
     set_rng_states,
     truncate_rounds,
 )
+from fedmetanas_core.phases import Handoff, Phase, plan_phases
+from fedmetanas_core.privacy import make_accountant
+from fedmetanas_core.run_data import validation_set
 from fedmetanas_core.training import evaluate, resolve_device, run_settings
+from flower_records import array_record, numpy_state
+from server_app.exchange import send_and_receive
+from server_app.privacy import current_clipping_norm, wrap_dp
 from server_app.strategy import (
     SearchStrategy,
     alpha_defence_args,
@@ -49,8 +51,6 @@ from server_app.strategy import (
     load_strategy_state,
     strategy_state,
 )
-from server_app.exchange import send_and_receive
-from server_app.privacy import current_clipping_norm, wrap_dp
 from server_app.summary import (
     accuracy_fields,
     communication_fields,
@@ -103,7 +103,9 @@ def _answered(replies: list[Message]) -> bool:
     return any(not m.has_error() for m in replies)
 
 
-def federation_size(grid: Grid, cfg: RunConfig, settle_s: float = 2.0, limit_s: float = 30.0, wait_s: float | None = None) -> int:
+def federation_size(
+    grid: Grid, cfg: RunConfig, settle_s: float = 2.0, limit_s: float = 30.0, wait_s: float | None = None
+) -> int:
     """The number of clients DP samples from: num-partitions when set, otherwise the connected
     nodes once at least min-available-nodes are there and the count stopped changing for
     ``settle_s``, or ``limit_s`` after there were enough (nodes register one by one; set
@@ -127,10 +129,11 @@ def federation_size(grid: Grid, cfg: RunConfig, settle_s: float = 2.0, limit_s: 
             enough_since = None
             if t - start >= wait_s:
                 raise ConfigError(
-                    "min-available-nodes", cfg.min_available_nodes,
+                    "min-available-nodes",
+                    cfg.min_available_nodes,
                     f"only {count} node(s) connected within {wait_s:g} s (round-timeout); DP accounting needs the "
                     f"federation's size: start more nodes, lower min-available-nodes, or set num-partitions",
-                )  # fmt: skip
+                )
         time.sleep(0.2)
 
 
@@ -198,7 +201,9 @@ class Experiment:
         try:
             ck = load_checkpoint(self.recorder.dir)
         except Exception as exc:  # e.g. written by a version that pickled numpy arrays
-            raise ConfigError("resume", True, f"checkpoint.pt in {self.recorder.dir} cannot be loaded: {type(exc).__name__}") from None
+            raise ConfigError(
+                "resume", True, f"checkpoint.pt in {self.recorder.dir} cannot be loaded: {type(exc).__name__}"
+            ) from None
         if ck is None:
             raise ConfigError("resume", True, f"no checkpoint.pt in results-dir {self.recorder.dir}")
         changed = config_differences(ck["config"], dict(self.cfg))
@@ -214,9 +219,11 @@ class Experiment:
         if self.population is not None:
             base = wrap_dp(base, cfg, self.population)
         strategy = SearchStrategy(
-            base, cfg.alpha_aggregation if search else "logits", cfg.min_train_nodes,
+            base,
+            cfg.alpha_aggregation if search else "logits",
+            cfg.min_train_nodes,
             **(alpha_defence_args(cfg) if search else {}),
-        )  # fmt: skip
+        )
         self.strategy = strategy
         phase.start(self.carried)
         arrays = array_record(phase.initial_state())
@@ -255,7 +262,7 @@ class Experiment:
         self.rejected_total += len(strategy.rejected)
         if self.accountant is not None and (aggregated is not None if cfg.dp != "local" else _answered(replies)):
             self.accountant.release()  # local DP: every reply the server saw was a release
-        norms, arch_norms = zip(*strategy.update_norms) if strategy.update_norms else ((), ())
+        norms, arch_norms = zip(*strategy.update_norms, strict=False) if strategy.update_norms else ((), ())
         elapsed, remaining = self.clock.tick()
         row = {
             "phase": phase.name,
@@ -300,10 +307,16 @@ class Experiment:
         log(
             INFO,
             "[%s %d/%d] tau %.3f | test acc %.4f%s | elapsed %s | remaining ~%s%s",
-            phase.name, rnd, phase.rounds, metrics.get("tau", 1.0), acc, extra,
-            fmt_duration(elapsed), fmt_duration(remaining),
+            phase.name,
+            rnd,
+            phase.rounds,
+            metrics.get("tau", 1.0),
+            acc,
+            extra,
+            fmt_duration(elapsed),
+            fmt_duration(remaining),
             f" | {len(strategy.rejected)} replies rejected" if strategy.rejected else "",
-        )  # fmt: skip
+        )
         return arrays
 
     @staticmethod
@@ -340,7 +353,13 @@ class Experiment:
             return []
         width = {"cnn-channels": final_net.channels} if isinstance(final_net, SimpleCNN) else {}  # a budget may size it
         config = ConfigRecord(
-            {**self.base_config, "phase": "fixed", "genotype": genotype.to_json() if genotype is not None else "", "personalize": True, **width}
+            {
+                **self.base_config,
+                "phase": "fixed",
+                "genotype": genotype.to_json() if genotype is not None else "",
+                "personalize": True,
+                **width,
+            }
         )
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in final_net.state_dict().items()})
         messages = self.strategy.configure_evaluate(rounds, arrays, config, self.grid)
@@ -390,8 +409,13 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     exp.recorder.save_model(final_net, exp.space, genotype)
     exp.recorder.write_summary(summary)
     _after_run(exp.recorder.dir, final_net, exp.test, summary["cost"])
-    log(INFO, "final test accuracy %.4f (supernet %s) | personalized %s", final_eval["accuracy"],
-        summary["supernet_test_accuracy"], summary["personalized_accuracy"])  # fmt: skip
+    log(
+        INFO,
+        "final test accuracy %.4f (supernet %s) | personalized %s",
+        final_eval["accuracy"],
+        summary["supernet_test_accuracy"],
+        summary["personalized_accuracy"],
+    )
     log(INFO, "Results written to %s", exp.recorder.dir)
     return exp.recorder.dir
 

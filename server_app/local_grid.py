@@ -9,8 +9,9 @@ Outside a Flower runtime a ``Message`` needs a task identity: ``task_identity()`
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 
@@ -47,8 +48,11 @@ class LocalGrid:
         for msg in messages:
             node = msg.metadata.dst_node_id
             ctx = Context(
-                run_id=self.run_id, node_id=node, node_config={"partition-id": node - 1, "num-partitions": self.num_nodes},
-                state=self.states[node], run_config=self.run_config,
-            )  # fmt: skip
+                run_id=self.run_id,
+                node_id=node,
+                node_config={"partition-id": node - 1, "num-partitions": self.num_nodes},
+                state=self.states[node],
+                run_config=self.run_config,
+            )
             replies.append(self.client_app(msg, ctx))
         return replies

@@ -65,10 +65,14 @@ def wrap_dp(base: Strategy, cfg: RunConfig, population: int) -> Strategy:
     if cfg.dp in ("server-fixed", "client-fixed"):
         return cls(base, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, m)
     return cls(
-        base, cfg.dp_noise_multiplier, m, initial_clipping_norm=cfg.dp_clipping_norm,
-        target_clipped_quantile=cfg.dp_target_quantile, clip_norm_lr=cfg.dp_clip_lr,
+        base,
+        cfg.dp_noise_multiplier,
+        m,
+        initial_clipping_norm=cfg.dp_clipping_norm,
+        target_clipped_quantile=cfg.dp_target_quantile,
+        clip_norm_lr=cfg.dp_clip_lr,
         clipped_count_stddev=clipped_count_stddev(cfg, m),
-    )  # fmt: skip
+    )
 
 
 def is_dp_wrapper(strategy: Strategy) -> bool:

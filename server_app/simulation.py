@@ -61,9 +61,12 @@ client_app = ClientApp()
 
 def _with_config(context: Context) -> Context:
     return Context(
-        run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
-        state=context.state, run_config=_run_config(),
-    )  # fmt: skip
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config,
+        state=context.state,
+        run_config=_run_config(),
+    )
 
 
 def _fault(context: Context) -> str | None:
@@ -91,10 +94,12 @@ def corrupt_reply(reply: Message, kind: str, request: Message) -> Message:
         state = {k: v * 1e6 for k, v in state.items()}
     else:
         raise ValueError(f"unknown fault kind {kind!r}; one of {', '.join(FAULT_KINDS)}")
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()}),
-        "metrics": reply.content["metrics"],
-    })  # fmt: skip
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()}),
+            "metrics": reply.content["metrics"],
+        }
+    )
     return Message(content, reply_to=request)
 
 
@@ -131,7 +136,9 @@ def run_in_process(
     faults = dict(faults or {})
     for pid, kind in faults.items():
         if kind not in FAULT_KINDS or not 0 <= int(pid) < num_supernodes:
-            raise ValueError(f"fault {pid}:{kind}: need a partition id in [0, {num_supernodes}) and one of {', '.join(FAULT_KINDS)}")
+            raise ValueError(
+                f"fault {pid}:{kind}: need a partition id in [0, {num_supernodes}) and one of {', '.join(FAULT_KINDS)}"
+            )
     os.environ[_ENV] = json.dumps(overrides)
     os.environ[_FAULTS_ENV] = json.dumps({str(int(pid)): kind for pid, kind in faults.items()})
     try:
@@ -151,7 +158,9 @@ def parse_faults(text: str) -> dict[int, str]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         pid, sep, kind = item.partition(":")
         if not sep or not pid.strip().isdigit() or kind.strip() not in FAULT_KINDS:
-            raise ValueError(f"bad fault {item!r}: expected PARTITION_ID:KIND with KIND one of {', '.join(FAULT_KINDS)}")
+            raise ValueError(
+                f"bad fault {item!r}: expected PARTITION_ID:KIND with KIND one of {', '.join(FAULT_KINDS)}"
+            )
         faults[int(pid)] = kind.strip()
     return faults
 
@@ -188,19 +197,26 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads(summary_path.read_text())
     rounds = [json.loads(line) for line in (summary_path.parent / "rounds.jsonl").read_text().splitlines() if line]
     skipped = sum(1 for r in rounds if not r.get("aggregated", True))
-    print(json.dumps({
-        "final_test_accuracy": summary["final_test_accuracy"],
-        "rounds": len(rounds),
-        "rejected_per_round": [r.get("rejected") for r in rounds],
-        "skipped_rounds": skipped,
-        "faults": {str(k): v for k, v in faults.items()},
-        "clients": args.clients,
-        "total_time_s": summary.get("total_time_s"),
-        "results_dir": overrides["results-dir"],
-    }))
+    print(
+        json.dumps(
+            {
+                "final_test_accuracy": summary["final_test_accuracy"],
+                "rounds": len(rounds),
+                "rejected_per_round": [r.get("rejected") for r in rounds],
+                "skipped_rounds": skipped,
+                "faults": {str(k): v for k, v in faults.items()},
+                "clients": args.clients,
+                "total_time_s": summary.get("total_time_s"),
+                "results_dir": overrides["results-dir"],
+            }
+        )
+    )
     if skipped:  # e.g. the simulation's workers were killed: the accuracy is not a fair measurement
-        print(f"simulation: warning: {skipped} of {len(rounds)} rounds were skipped (too few usable replies); "
-              f"see rejected-reasons in rounds.jsonl", file=sys.stderr)  # fmt: skip
+        print(
+            f"simulation: warning: {skipped} of {len(rounds)} rounds were skipped (too few usable replies); "
+            f"see rejected-reasons in rounds.jsonl",
+            file=sys.stderr,
+        )
         return 3
     return 0
 

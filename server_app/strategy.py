@@ -14,9 +14,10 @@ import inspect
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,13 +27,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 
-from flower_records import array_record, numpy_state
 from fedmetanas_core.aggregation import reply_problem, transform_logits
 from fedmetanas_core.attacks import LOGIT_RULES, robust_logits, screen_replies
+from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.coordinator import finite_state
 from fedmetanas_core.names import is_arch
-from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.privacy import update_norms
+from flower_records import array_record, numpy_state
 
 # dp modes whose noise the server adds (a Flower DP strategy wraps the base strategy)
 DP_WRAPPED = ("server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
@@ -93,7 +94,9 @@ def check_strategy(cfg: RunConfig, app_dir: str | Path | None = None) -> None:
         try:
             build_base_strategy(cfg)
         except Exception as exc:  # e.g. a constructor that rejects the run's parameters
-            raise ConfigError("strategy", cfg.strategy, f"cannot be built from the run config: {type(exc).__name__}: {exc}") from None
+            raise ConfigError(
+                "strategy", cfg.strategy, f"cannot be built from the run config: {type(exc).__name__}: {exc}"
+            ) from None
     finally:
         if added:
             sys.path.remove(str(app_dir))
@@ -220,16 +223,23 @@ class SearchStrategy(Strategy):
     """Delegates sampling and aggregation to ``base``; never lets a faulty reply reach the model."""
 
     def __init__(
-        self, base: Strategy, alpha_aggregation: str = "logits", min_replies: int = 1,
-        alpha_defence: str = "none", trim_beta: float = 0.2, screen_factor: float = 3.0,
-    ):  # fmt: skip
+        self,
+        base: Strategy,
+        alpha_aggregation: str = "logits",
+        min_replies: int = 1,
+        alpha_defence: str = "none",
+        trim_beta: float = 0.2,
+        screen_factor: float = 3.0,
+    ):
         self.base = base
         self.dp = _is_dp_wrapper(base)  # replies get unit weights, the reference's key order, a full count
         self.update_norms: list[tuple[float, float]] = []  # (all arrays, logits only) per usable reply, last round
         self.alpha_aggregation = alpha_aggregation
         self.min_replies = min_replies
         self.alpha_defence, self.trim_beta, self.screen_factor = alpha_defence, trim_beta, screen_factor
-        self.alpha_screened: list[str] = []  # replies the screen left out (their logits, or all of them), last train round
+        self.alpha_screened: list[
+            str
+        ] = []  # replies the screen left out (their logits, or all of them), last train round
         self._reference: dict[str, np.ndarray] | None = None
         self.rejected: list[str] = []  # reasons, for the last train round
         # why the last train round was skipped: None (aggregated), TOO_FEW_REPLIES or "error: ..."
@@ -237,11 +247,18 @@ class SearchStrategy(Strategy):
         self.evaluate_replies: list[dict] = []  # per-client metrics of the last evaluate round
 
     def summary(self) -> None:
-        log(INFO, "\t├──> SearchStrategy around %s (alpha aggregation: %s, alpha defence: %s)",
-            type(self.base).__name__, self.alpha_aggregation, self.alpha_defence)  # fmt: skip
+        log(
+            INFO,
+            "\t├──> SearchStrategy around %s (alpha aggregation: %s, alpha defence: %s)",
+            type(self.base).__name__,
+            self.alpha_aggregation,
+            self.alpha_defence,
+        )
         self.base.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.set_reference(arrays)
         restrict_strategy_state(self.base, list(arrays.keys()))
         messages = self.base.configure_train(server_round, arrays, config, grid)
@@ -254,7 +271,9 @@ class SearchStrategy(Strategy):
         """The global model replies are screened against (names, shapes, dtypes, norm)."""
         self._reference = numpy_state(arrays)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good: list[Message] = []
         self.rejected = []
         self.alpha_screened = []
@@ -279,7 +298,7 @@ class SearchStrategy(Strategy):
         keysets = [frozenset(m.content["metrics"].keys()) for m in good]
         if len(set(keysets)) > 1:
             common = Counter(keysets).most_common(1)[0][0]
-            for msg, keys in zip(list(good), keysets):
+            for msg, keys in zip(list(good), keysets, strict=False):
                 if keys != common:
                     reject(msg, f"metric keys {sorted(keys)} differ from the other replies' {sorted(common)}")
                     good.remove(msg)
@@ -291,7 +310,12 @@ class SearchStrategy(Strategy):
             for i in sorted(screen_replies(self.update_norms, self.screen_factor), reverse=True):
                 self.alpha_screened.insert(0, f"node {good.pop(i).metadata.src_node_id}")
             if self.alpha_screened:
-                log(INFO, "round %s: update screen left out the replies of %s", server_round, ", ".join(self.alpha_screened))
+                log(
+                    INFO,
+                    "round %s: update screen left out the replies of %s",
+                    server_round,
+                    ", ".join(self.alpha_screened),
+                )
         if self.dp:
             for msg in good:  # Flower's clipping pairs arrays by position: put them in the sent order
                 arrays = msg.content["arrays"]
@@ -302,13 +326,25 @@ class SearchStrategy(Strategy):
                 state = numpy_state(msg.content["arrays"])
                 msg.content["arrays"] = array_record(transform_logits(state, self.alpha_aggregation))
         if len(good) < self.min_replies:
-            log(WARNING, "round %s: only %s usable replies (< %s): round skipped, global model unchanged", server_round, len(good), self.min_replies)
+            log(
+                WARNING,
+                "round %s: only %s usable replies (< %s): round skipped, global model unchanged",
+                server_round,
+                len(good),
+                self.min_replies,
+            )
             self.skipped_reason = TOO_FEW_REPLIES
             return None, None
         expected = getattr(self.base, "num_sampled_clients", None) if self.dp else None
         if expected is not None and len(good) != expected:
             # the noise is calibrated for the mean of exactly that many clipped updates
-            log(WARNING, "round %s: %s usable replies, DP noise is calibrated for %s: round skipped", server_round, len(good), expected)
+            log(
+                WARNING,
+                "round %s: %s usable replies, DP noise is calibrated for %s: round skipped",
+                server_round,
+                len(good),
+                expected,
+            )
             self.skipped_reason = f"error: dp: {len(good)} usable replies, the noise is calibrated for {expected}"
             return None, None
         # the replies' logits and weights, read before the base strategy runs (FedMedian and
@@ -317,11 +353,22 @@ class SearchStrategy(Strategy):
         try:
             arrays, metrics = self.base.aggregate_train(server_round, good)
         except Exception as exc:  # e.g. a robust strategy that cannot aggregate this many replies
-            log(WARNING, "round %s: aggregation failed (%s: %s): round skipped, global model unchanged", server_round, type(exc).__name__, exc)
+            log(
+                WARNING,
+                "round %s: aggregation failed (%s: %s): round skipped, global model unchanged",
+                server_round,
+                type(exc).__name__,
+                exc,
+            )
             self.skipped_reason = f"error: {type(exc).__name__}: {short_reason(str(exc))}"
             return None, None
         if arrays is None:
-            log(WARNING, "round %s: %s returned no aggregate: round skipped, global model unchanged", server_round, type(self.base).__name__)
+            log(
+                WARNING,
+                "round %s: %s returned no aggregate: round skipped, global model unchanged",
+                server_round,
+                type(self.base).__name__,
+            )
             self.skipped_reason = f"error: {type(self.base).__name__} returned no aggregate"
         elif not finite_state(numpy_state(arrays)):
             log(WARNING, "round %s: aggregate is not finite: round skipped, global model unchanged", server_round)
@@ -335,22 +382,34 @@ class SearchStrategy(Strategy):
     def _arch_replies(good: list[Message]) -> list[tuple[int, dict[str, np.ndarray], float]]:
         """(node id, architecture logits, num-examples) of each usable reply."""
         return [
-            (m.metadata.src_node_id, {k: v.numpy().copy() for k, v in m.content["arrays"].items() if is_arch(k)},
-             float(m.content["metrics"]["num-examples"]))
+            (
+                m.metadata.src_node_id,
+                {k: v.numpy().copy() for k, v in m.content["arrays"].items() if is_arch(k)},
+                float(m.content["metrics"]["num-examples"]),
+            )
             for m in good
-        ]  # fmt: skip
+        ]
 
-    def _defend_alphas(self, server_round: int, replies: list[tuple[int, dict[str, np.ndarray], float]], arrays: ArrayRecord) -> ArrayRecord:
+    def _defend_alphas(
+        self, server_round: int, replies: list[tuple[int, dict[str, np.ndarray], float]], arrays: ArrayRecord
+    ) -> ArrayRecord:
         """Replace the base strategy's architecture logits by the robust per-element aggregate
         (``alpha-defence``): the weights stay the base strategy's, whichever it is."""
         states = [state for _, state, _ in replies]
         weights = [n for _, _, n in replies]
         reference = transform_logits(self._reference or states[0], self.alpha_aggregation)
-        logits, dropped = robust_logits(states, weights, reference, self.alpha_defence, self.trim_beta, self.screen_factor)
+        logits, dropped = robust_logits(
+            states, weights, reference, self.alpha_defence, self.trim_beta, self.screen_factor
+        )
         for i in dropped:
             self.alpha_screened.append(f"node {replies[i][0]}")
         if dropped:
-            log(INFO, "round %s: alpha norm screen left out the logits of %s", server_round, ", ".join(self.alpha_screened))
+            log(
+                INFO,
+                "round %s: alpha norm screen left out the logits of %s",
+                server_round,
+                ", ".join(self.alpha_screened),
+            )
         out = numpy_state(arrays)
         out.update(logits)
         return array_record(out)
@@ -379,7 +438,9 @@ class SearchStrategy(Strategy):
                 return f"wrong dtype for {key}: {value.dtype}"
         return reply_problem(state, reference)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.base.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -410,5 +471,3 @@ def short_reason(reason: str | None, limit: int = 300) -> str:
     match = re.search(r"occurred\. Message: (.*)$", last)
     last = match.group(1) if match and match.group(1) else last
     return last if len(last) <= limit else last[: limit - 3] + "..."
-
-

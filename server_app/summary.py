@@ -27,7 +27,6 @@ def skipped_rounds(rows: list[dict[str, Any]]) -> dict[str, int]:
     return {"skipped_rounds": len(skipped), "skipped_rounds_error": len(errors)}
 
 
-
 def run_fields(cfg: RunConfig, exp: Experiment) -> dict[str, Any]:
     """What ran: method, data, and rounds (the first phase's, then those of the phases after it:
     FedNAS's retraining)."""
@@ -37,9 +36,11 @@ def run_fields(cfg: RunConfig, exp: Experiment) -> dict[str, Any]:
         "dataset": cfg.dataset,
         "num_clients": len(exp.nodes_seen),
         "partitioner": {
-            "name": cfg.partitioner, "dirichlet_alpha": cfg.dirichlet_alpha,
-            "classes_per_client": cfg.classes_per_client, "shards_per_client": cfg.shards_per_client,
-        },  # fmt: skip
+            "name": cfg.partitioner,
+            "dirichlet_alpha": cfg.dirichlet_alpha,
+            "classes_per_client": cfg.classes_per_client,
+            "shards_per_client": cfg.shards_per_client,
+        },
         "rounds": exp.phases[0].rounds,
         "retrain_rounds": sum(p.rounds for p in exp.phases[1:]),
     }
@@ -53,21 +54,29 @@ def privacy_fields(cfg: RunConfig, exp: Experiment) -> dict[str, Any]:
     strategy = getattr(exp, "strategy", None)
     return {
         "dp": {
-            "mode": cfg.dp, "noise_multiplier": cfg.dp_noise_multiplier, "effective_noise_multiplier": acc.noise_multiplier,
+            "mode": cfg.dp,
+            "noise_multiplier": cfg.dp_noise_multiplier,
+            "effective_noise_multiplier": acc.noise_multiplier,
             "clipping_norm": cfg.dp_clipping_norm,
             "final_clipping_norm": current_clipping_norm(strategy.base) if strategy is not None else None,
-            "delta": acc.delta, "epsilon": acc.epsilon(), "releases": acc.releases,
-            "population": acc.population, "sampled_clients": acc.sample_size, "sampling_rate": acc.sampling_rate,
+            "delta": acc.delta,
+            "epsilon": acc.epsilon(),
+            "releases": acc.releases,
+            "population": acc.population,
+            "sampled_clients": acc.sample_size,
+            "sampling_rate": acc.sampling_rate,
             "amplification": acc.amplified and acc.sampling_rate < 1,
             "accountant": "dp-accounting RdpAccountant (client-level, add-or-remove-one)",
             "clipped_together": "weights and architecture logits, one L2 norm",
             "strategy_is_mean": cfg.strategy in MEAN_STRATEGIES or cfg.dp == "local",
         },
         "dp_epsilon": acc.epsilon(),
-    }  # fmt: skip
+    }
 
 
-def accuracy_fields(final_eval: dict[str, float], carried: Handoff, clients: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
+def accuracy_fields(
+    final_eval: dict[str, float], carried: Handoff, clients: list[dict[str, Any]], cfg: RunConfig
+) -> dict[str, Any]:
     """The deployed network on the global test set and, personalized, on every client's own."""
     before = [c["accuracy-before"] for c in clients]
     after = [c["accuracy-after"] for c in clients]

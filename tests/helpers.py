@@ -54,7 +54,9 @@ def op_hooks(model: SearchModel):
     for ci, cell in enumerate(model.net.cells):
         for key, edge in cell.edges.items():
             for name, op in edge.ops.items():
-                handles.append(op.register_forward_hook(lambda m, i, o, ci=ci, key=key, name=name: calls.append((ci, key, name))))
+                handles.append(
+                    op.register_forward_hook(lambda m, i, o, ci=ci, key=key, name=name: calls.append((ci, key, name)))
+                )
 
     def remove():
         for h in handles:
@@ -64,7 +66,9 @@ def op_hooks(model: SearchModel):
 
 
 def mask_space():
-    return tiny_space(primitives=("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3"), num_nodes=2, input_pruning=True)
+    return tiny_space(
+        primitives=("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3"), num_nodes=2, input_pruning=True
+    )
 
 
 class NodeIds:

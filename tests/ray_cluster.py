@@ -27,9 +27,13 @@ from fedmetanas_core.processes import process_table
 
 # ports a node opens besides its worker-port range (the head adds --port and --ray-client-server-port)
 NODE_PORT_FLAGS = (
-    "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
-)  # fmt: skip
+    "--node-manager-port",
+    "--object-manager-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+)
 WORKER_PORTS_PER_NODE = 16
 
 
@@ -109,8 +113,12 @@ class RayCluster:
         out = open(Path(self.temp_dir) / log, "w")  # noqa: SIM115 (closed with the process)
         proc = subprocess.Popen(
             [sys.executable, "-m", "ray.scripts.scripts", "start", *args],
-            stdout=out, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True, cwd=self.temp_dir,
-        )  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=self._env(),
+            start_new_session=True,
+            cwd=self.temp_dir,
+        )
         self.procs.append(proc)
         return proc
 
@@ -136,8 +144,10 @@ class RayCluster:
     def query(self, code: str, timeout: float = 60.0) -> object:
         """Run ``code`` in a short-lived driver attached to this cluster; it must print one JSON
         value last. A separate process keeps ``ray.init`` out of the test process."""
-        script = "import json, ray\nray.init(address=%r, logging_level='ERROR', log_to_driver=False)\n" % self.address
-        done = subprocess.run([sys.executable, "-c", script + code], capture_output=True, text=True, env=self._env(), timeout=timeout)
+        script = f"import json, ray\nray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False)\n"
+        done = subprocess.run(
+            [sys.executable, "-c", script + code], capture_output=True, text=True, env=self._env(), timeout=timeout
+        )
         self.track()
         if done.returncode != 0:
             raise RuntimeError(f"driver failed: {done.stderr[-2000:]}")
@@ -178,8 +188,11 @@ class RayCluster:
 
     def actors(self, class_name: str = "ClientAppActor") -> list[dict]:
         """Ray's actor table (alive and dead), read through the GCS: no dashboard needed."""
-        code = "print(json.dumps([a for a in ray._private.state.actors().values() if a['ActorClassName'] == %r], default=str))"
-        return self.query(code % class_name)
+        code = (
+            "print(json.dumps([a for a in ray._private.state.actors().values() "
+            f"if a['ActorClassName'] == {class_name!r}], default=str))"
+        )
+        return self.query(code)
 
     def node_ids(self) -> set[str]:
         return {n["NodeID"] for n in self.alive_nodes()}

@@ -10,7 +10,6 @@ import torch
 from fedmetanas_core.aggregation import reply_problem, transform_logits, weighted_average
 from fedmetanas_core.space import is_arch
 
-
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
 
@@ -26,10 +25,10 @@ def test_weighted_average_is_sample_weighted_mean_of_weights_and_logits():
     n = [10, 30, 60]
     avg = weighted_average(states, n)
     for k in states[0]:
-        want = sum(ni * s[k].astype(np.float64) for ni, s in zip(n, states)) / sum(n)
+        want = sum(ni * s[k].astype(np.float64) for ni, s in zip(n, states, strict=False)) / sum(n)
         np.testing.assert_allclose(avg[k], want, rtol=1e-6, atol=1e-6)
         assert avg[k].dtype == states[0][k].dtype
-    for s, c in zip(states, copies):
+    for s, c in zip(states, copies, strict=False):
         for k in s:
             np.testing.assert_array_equal(s[k], c[k])
     # not the plain mean
@@ -52,8 +51,12 @@ def test_transform_logits():
             np.testing.assert_allclose(c[k].mean(-1), 0, atol=1e-6)
             np.testing.assert_allclose(np.log(np.exp(ls[k].astype(np.float64)).sum(-1)), 0, atol=1e-6)
             # same distribution as the raw logits
-            np.testing.assert_allclose(torch.softmax(torch.from_numpy(c[k]), -1).numpy(),
-                                       torch.softmax(torch.from_numpy(s[k]), -1).numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                torch.softmax(torch.from_numpy(c[k]), -1).numpy(),
+                torch.softmax(torch.from_numpy(s[k]), -1).numpy(),
+                rtol=1e-5,
+                atol=1e-6,
+            )
         else:
             np.testing.assert_array_equal(c[k], s[k])
             np.testing.assert_array_equal(ls[k], s[k])

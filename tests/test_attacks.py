@@ -12,9 +12,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, MetricRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from helpers import NodeIds
 
-from server_app.local_grid import LocalGrid
 from client_app.app import attacked
 from fedmetanas_core.attacks import (
     PARAMETER_FREE,
@@ -29,10 +29,10 @@ from fedmetanas_core.genotype import derive_genotype
 from fedmetanas_core.names import PRIMITIVES, is_arch
 from fedmetanas_core.space import SearchModel
 from fedmetanas_core.training import run_settings, space_from_config
-from server_app.app import Experiment
 from flower_records import array_record
+from server_app.app import Experiment
+from server_app.local_grid import LocalGrid
 from server_app.strategy import SearchStrategy, build_base_strategy
-from helpers import NodeIds
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread")
 
@@ -74,7 +74,9 @@ def test_sign_flip_reverses_and_scales_the_update_of_every_array(global_state):
     out = poison("sign-flip", global_state, honest, SCALE)
     assert set(out) == set(honest)
     for k in honest:
-        np.testing.assert_allclose(out[k] - global_state[k], -SCALE * (honest[k] - global_state[k]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            out[k] - global_state[k], -SCALE * (honest[k] - global_state[k]), rtol=1e-4, atol=1e-5
+        )
     # the wire may carry only some keys: a key the server did not send is left as it is
     sent = {k: v for k, v in list(global_state.items())[:3]}
     partial = poison("sign-flip", sent, honest, SCALE)
@@ -180,7 +182,9 @@ def test_client_hook_poisons_only_the_attacking_partitions(global_state):
     assert attacked(cfg, 0, sent, honest) is honest
     out = attacked(cfg, 3, sent, honest)
     k = next(iter(global_state))
-    np.testing.assert_allclose(out[k].numpy() - global_state[k], -2.0 * (honest[k].numpy() - global_state[k]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        out[k].numpy() - global_state[k], -2.0 * (honest[k].numpy() - global_state[k]), rtol=1e-4, atol=1e-6
+    )
     assert attacked(cfg.replace(attack="none", attack_clients=""), 3, sent, honest) is honest
 
 
@@ -191,7 +195,10 @@ def test_attack_keys_are_validated():
         ({"attack": "sign-flip"}, "attack-clients"),
         ({"attack-clients": "0;1"}, "attack-clients"),
         ({"attack-clients": "2,2"}, "attack-clients"),
-        ({"attack": "alpha-poison", "attack-clients": "0,4", "num-partitions": 4, "min-available-nodes": 4}, "attack-clients"),
+        (
+            {"attack": "alpha-poison", "attack-clients": "0,4", "num-partitions": 4, "min-available-nodes": 4},
+            "attack-clients",
+        ),
         ({"attack-scale": -1.0}, "attack-scale"),
         ({"alpha-defence": "krum"}, "alpha-defence"),
         ({"alpha-screen-factor": 0.9}, "alpha-screen-factor"),
@@ -201,15 +208,29 @@ def test_attack_keys_are_validated():
         assert err.value.key == key, flat
 
 
-TINY = {"num-server-rounds": 1, "local-meta-iters": 1, "batch-size": 16, "init-channels": 4, "num-partitions": 4,
-        "min-available-nodes": 4, "train-subset": 240, "test-subset": 120, "personalize-steps": 1, "fraction-evaluate": 0.0,
-        "attack": "alpha-poison", "attack-clients": "0", "attack-scale": 5.0, "checkpoint": False}  # fmt: skip
+TINY = {
+    "num-server-rounds": 1,
+    "local-meta-iters": 1,
+    "batch-size": 16,
+    "init-channels": 4,
+    "num-partitions": 4,
+    "min-available-nodes": 4,
+    "train-subset": 240,
+    "test-subset": 120,
+    "personalize-steps": 1,
+    "fraction-evaluate": 0.0,
+    "attack": "alpha-poison",
+    "attack-clients": "0",
+    "attack-scale": 5.0,
+    "checkpoint": False,
+}
 
 
 @pytest.mark.parametrize("defence", ["none", "median"])
 def test_a_real_run_with_one_alpha_poisoner(tmp_path, defence):
-    """The real server round (``Experiment.run_phase``) and ClientApp. Round 1 is the warm-up (honest alphas frozen), so FedAvg's logits move only by the poisoner's
-    share; the median of 3 unchanged and 1 poisoned reply is the unchanged logits."""
+    """The real server round (``Experiment.run_phase``) and ClientApp. Round 1 is the warm-up (honest
+    alphas frozen), so FedAvg's logits move only by the poisoner's share; the median of 3 unchanged
+    and 1 poisoned reply is the unchanged logits."""
     cfg = RunConfig.from_flat({**TINY, "alpha-defence": defence, "results-dir": str(tmp_path)})
     with run_settings(cfg, 1):  # the phase's round only: export and figures are not under test
         exp = Experiment(LocalGrid(8800 + len(defence), dict(cfg), 4), cfg)

@@ -14,11 +14,20 @@ def summary(method: str, accs: list[float], step_s: float, config: dict, retrain
     rounds = [{"accuracy": a, "elapsed-s": step_s * (i + 1)} for i, a in enumerate(accs)]
     total = step_s * len(accs)
     return {
-        "final_test_accuracy": accs[-1], "supernet_test_accuracy": None, "search_time_s": total - retrain_s,
-        "retrain_time_s": retrain_s, "total_time_s": total, "personalized_accuracy": 0.5,
-        "personalized_accuracy_before": 0.4, "params": 10, "rounds": len(accs), "retrain_rounds": 0,
-        "results_dir": f"/tmp/{method}", "rounds_log": rounds, "config": {"method": method, **config},
-    }  # fmt: skip
+        "final_test_accuracy": accs[-1],
+        "supernet_test_accuracy": None,
+        "search_time_s": total - retrain_s,
+        "retrain_time_s": retrain_s,
+        "total_time_s": total,
+        "personalized_accuracy": 0.5,
+        "personalized_accuracy_before": 0.4,
+        "params": 10,
+        "rounds": len(accs),
+        "retrain_rounds": 0,
+        "results_dir": f"/tmp/{method}",
+        "rounds_log": rounds,
+        "config": {"method": method, **config},
+    }
 
 
 def as_run(s: dict) -> RunData:
@@ -32,15 +41,22 @@ FEDNAS = {"num-server-rounds": 3, "local-epochs": 1, "retrain-rounds": 2, "retra
 
 
 def test_time_to_reach_is_the_first_round_at_or_above_the_target():
-    rounds = [{"accuracy": 0.2, "elapsed-s": 10.0}, {"accuracy": 0.31, "elapsed-s": 20.0}, {"accuracy": 0.29, "elapsed-s": 30.0}]
+    rounds = [
+        {"accuracy": 0.2, "elapsed-s": 10.0},
+        {"accuracy": 0.31, "elapsed-s": 20.0},
+        {"accuracy": 0.29, "elapsed-s": 30.0},
+    ]
     assert time_to_reach(rounds, 0.3) == 20.0
     assert time_to_reach(rounds, 0.31) == 20.0
     assert time_to_reach(rounds, 0.4) is None
 
 
 def test_images_to_reach_count_every_round_up_to_the_target():
-    rounds = [{"accuracy": 0.2, "client-images-mean": 100.0}, {"accuracy": 0.31, "client-images-mean": 50.0},
-              {"accuracy": 0.29, "client-images-mean": 70.0}]  # fmt: skip
+    rounds = [
+        {"accuracy": 0.2, "client-images-mean": 100.0},
+        {"accuracy": 0.31, "client-images-mean": 50.0},
+        {"accuracy": 0.29, "client-images-mean": 70.0},
+    ]
     assert images_to_reach(rounds, 0.3) == 150.0
     assert images_to_reach(rounds, 0.4) is None
     assert images_to_reach(rounds) == 220.0  # the whole run
@@ -55,7 +71,9 @@ def test_comparison_gives_the_image_budget_to_reach_fednas_as_a_share_of_fednas_
         s = summary(method, accs, 10.0, META if method == "fedmetanas" else FEDNAS)
         return as_run({**s, "rounds_log": rows, "seed": 0})
 
-    rows = comparison_rows({"fedmetanas": run("fedmetanas", [0.2, 0.4, 0.4], 100.0), "fednas": run("fednas", [0.1, 0.2, 0.3, 0.35], 300.0)})
+    rows = comparison_rows(
+        {"fedmetanas": run("fedmetanas", [0.2, 0.4, 0.4], 100.0), "fednas": run("fednas", [0.1, 0.2, 0.3, 0.35], 300.0)}
+    )
     by = {r["method"]: r for r in rows}
     assert by["fedmetanas"]["images_to_reach_fednas_accuracy"] == 200.0 and by["fednas"]["images_total"] == 1200.0
     agg = {r["method"]: r for r in aggregate_rows({0: rows})}
@@ -82,7 +100,10 @@ def test_budget_without_discretization_says_nothing_about_it():
 
 
 def test_budget_names_a_cosine_learning_rate_schedule():
-    assert budget({"method": "fedavg", "num-server-rounds": 4, "local-epochs": 1, "lr-schedule": "cosine"}) == "4 rounds x 1 epoch(s), cosine lr"
+    assert (
+        budget({"method": "fedavg", "num-server-rounds": 4, "local-epochs": 1, "lr-schedule": "cosine"})
+        == "4 rounds x 1 epoch(s), cosine lr"
+    )
 
 
 def _write_run(run, s: dict) -> None:
@@ -103,8 +124,14 @@ def test_tables_only_rebuilds_the_comparison_over_seeds_from_finished_runs(tmp_p
     from benchmarks.compare import compare
 
     seeds = {
-        0: {"fedmetanas": summary("fedmetanas", [0.2, 0.4], 10.0, META), "fednas": summary("fednas", [0.1, 0.3], 30.0, FEDNAS)},
-        1: {"fedmetanas": summary("fedmetanas", [0.1, 0.2], 10.0, META), "fednas": summary("fednas", [0.1, 0.2], 30.0, FEDNAS)},
+        0: {
+            "fedmetanas": summary("fedmetanas", [0.2, 0.4], 10.0, META),
+            "fednas": summary("fednas", [0.1, 0.3], 30.0, FEDNAS),
+        },
+        1: {
+            "fedmetanas": summary("fedmetanas", [0.1, 0.2], 10.0, META),
+            "fednas": summary("fednas", [0.1, 0.2], 30.0, FEDNAS),
+        },
     }
     for seed, runs in seeds.items():
         for method, s in runs.items():
@@ -113,7 +140,9 @@ def test_tables_only_rebuilds_the_comparison_over_seeds_from_finished_runs(tmp_p
     rows = {r["method"]: r for r in result["rows"]}
     meta = rows["fedmetanas"]
     assert meta["seeds"] == [0, 1]
-    assert meta["final_test_accuracy_mean"] == pytest.approx(0.3) and meta["final_test_accuracy_std"] == pytest.approx(0.1)
+    assert meta["final_test_accuracy_mean"] == pytest.approx(0.3) and meta["final_test_accuracy_std"] == pytest.approx(
+        0.1
+    )
     # seed 0: FedNAS's 0.3 first reached at 20 s; seed 1: its 0.2 at 20 s; FedNAS's total is 60 s both times
     assert meta["time_to_reach_fednas_accuracy_s_mean"] == pytest.approx(20.0)
     assert meta["time_to_reach_over_fednas_total_mean"] == pytest.approx(20.0 / 60.0)
@@ -133,7 +162,13 @@ def test_tables_only_leaves_out_unfinished_runs_and_names_them(tmp_path):
 
     for seed in (0, 1):
         for method in ("fedmetanas", "fednas"):
-            _write_run(tmp_path / f"seed-{seed}" / method, {**summary(method, [0.2, 0.3 + seed / 10], 10.0, META if method == "fedmetanas" else FEDNAS), "seed": seed})
+            _write_run(
+                tmp_path / f"seed-{seed}" / method,
+                {
+                    **summary(method, [0.2, 0.3 + seed / 10], 10.0, META if method == "fedmetanas" else FEDNAS),
+                    "seed": seed,
+                },
+            )
     (tmp_path / "seed-1" / "fednas" / "summary.json").unlink()  # seed 1's FedNAS still running
     result = compare("cifar10-cpu", tmp_path, [], 2, ("fedmetanas", "fednas"), rerun=False, seeds=(0, 1))
     rows = {r["method"]: r for r in result["rows"]}
@@ -193,13 +228,19 @@ def test_sweep_json_rows_carry_method_partition_seeds_and_means(tmp_path):
     for i, (partitioner, alpha) in enumerate(SWEEP):
         for seed in (0, 1):
             for method, accs in (("fedmetanas", [0.5, 0.6 + i / 10]), ("fedavg", [0.4, 0.5])):
-                s = summary(method, accs, 1.0, META if method == "fedmetanas" else {"num-server-rounds": 2, "local-epochs": 1})
+                s = summary(
+                    method, accs, 1.0, META if method == "fedmetanas" else {"num-server-rounds": 2, "local-epochs": 1}
+                )
                 _write_run(tmp_path / partition_name(partitioner, alpha) / f"seed-{seed}" / method, {**s, "seed": seed})
     sweep("digits", tmp_path, [], 2, ("fedmetanas", "fedavg"), rerun=False, seeds=(0, 1))
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert len(rows) == 8
     row = next(r for r in rows if r["partition"] == "iid" and r["method"] == "fedmetanas")
-    assert row["seeds"] == [0, 1] and row["final_test_accuracy_mean"] == pytest.approx(0.9) and row["final_test_accuracy_std"] == 0.0
+    assert (
+        row["seeds"] == [0, 1]
+        and row["final_test_accuracy_mean"] == pytest.approx(0.9)
+        and row["final_test_accuracy_std"] == 0.0
+    )
     assert row["personalized_accuracy_mean"] == 0.5
     assert "| dirichlet-0.1 | 0.6000 ± 0.0000 | 0.5000 ± 0.0000 |" in (tmp_path / "sweep.md").read_text()
 

@@ -12,7 +12,6 @@ from fedmetanas_core import config as C
 from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.space import PRIMITIVES
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
@@ -24,7 +23,11 @@ pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 def test_config_defaults_and_attribute_access():
     cfg = RunConfig.from_flat({})
     assert dict(cfg) == C.defaults()
-    assert cfg.num_server_rounds == C.BY_NAME["num-server-rounds"].default and cfg.tau_min == 0.1 and cfg.input_pruning is True
+    assert (
+        cfg.num_server_rounds == C.BY_NAME["num-server-rounds"].default
+        and cfg.tau_min == 0.1
+        and cfg.input_pruning is True
+    )
     assert cfg.primitive_list == PRIMITIVES
     cfg2 = RunConfig.from_flat({"tau-max": 2, "batch-size": 16.0})
     assert cfg2.tau_max == 2.0 and isinstance(cfg2.tau_max, float)
@@ -55,15 +58,26 @@ def test_later_plain_keys_override_earlier_method_tables(tmp_path):
 
 
 def test_method_tables_apply_to_their_own_method_only():
-    preset = {"num-server-rounds": 10, "fednas.num-server-rounds": 4, "fednas.retrain-rounds": 7, "fedavg.local-epochs": 3}
+    preset = {
+        "num-server-rounds": 10,
+        "fednas.num-server-rounds": 4,
+        "fednas.retrain-rounds": 7,
+        "fedavg.local-epochs": 3,
+    }
     fednas = RunConfig.from_flat({**preset, "method": "fednas"}, check_paths=False)
     assert (fednas.num_server_rounds, fednas.retrain_rounds, fednas.local_epochs) == (4, 7, 1)
     meta = RunConfig.from_flat(preset, check_paths=False)  # the default method
-    assert (meta.method, meta.num_server_rounds, meta.retrain_rounds) == ("fedmetanas", 10, C.BY_NAME["retrain-rounds"].default)
+    assert (meta.method, meta.num_server_rounds, meta.retrain_rounds) == (
+        "fedmetanas",
+        10,
+        C.BY_NAME["retrain-rounds"].default,
+    )
     assert RunConfig.from_flat({**preset, "method": "fedavg"}, check_paths=False).local_epochs == 3
 
 
-@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "conf").glob("*.toml")))
+@pytest.mark.parametrize(
+    "preset", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "conf").glob("*.toml"))
+)
 def test_every_preset_is_valid_for_every_method(preset):
     from fedmetanas_core.cli import parse_run_config
 

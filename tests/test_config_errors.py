@@ -72,7 +72,11 @@ CASES = [
     ("partitions-below-nodes", "num-partitions", "num-partitions=2 min-available-nodes=4 min-train-nodes=2"),
     ("krum-too-few-nodes", "min-available-nodes", 'strategy="Krum" num-malicious-nodes=1 min-available-nodes=4'),
     ("krum-default-two-nodes", "min-available-nodes", 'strategy="Krum"'),
-    ("multikrum-selects-too-many", "num-nodes-to-select", 'strategy="MultiKrum" num-malicious-nodes=1 min-available-nodes=5 num-nodes-to-select=5'),
+    (
+        "multikrum-selects-too-many",
+        "num-nodes-to-select",
+        'strategy="MultiKrum" num-malicious-nodes=1 min-available-nodes=5 num-nodes-to-select=5',
+    ),
     ("bulyan-too-few-nodes", "min-available-nodes", 'strategy="Bulyan" num-malicious-nodes=1 min-available-nodes=6'),
     ("trimmedavg-trims-nothing", "min-available-nodes", 'strategy="FedTrimmedAvg" min-available-nodes=4'),
     ("trim-beta-half", "trim-beta", 'strategy="FedTrimmedAvg" trim-beta=0.5 min-available-nodes=10'),
@@ -85,7 +89,11 @@ CASES = [
     ("zero-dp-clip-lr", "dp-clip-lr", "dp-clip-lr=0.0"),
     ("negative-dp-count-stddev", "dp-clipped-count-stddev", "dp-clipped-count-stddev=-1.0"),
     # 12 sampled clients a round, 10 simulated (the CLI's --num-supernodes): would wait forever
-    ("dp-samples-more-than-federation", "min-train-nodes", 'dp="client-fixed" min-available-nodes=12 min-train-nodes=12'),
+    (
+        "dp-samples-more-than-federation",
+        "min-train-nodes",
+        'dp="client-fixed" min-available-nodes=12 min-train-nodes=12',
+    ),
     # adaptive clipping with 10 clients: z must be < 2 x (10 / 20)
     ("dp-adaptive-noise-too-high", "dp-noise-multiplier", 'dp="client-adaptive" dp-noise-multiplier=1.0'),
     ("dp-with-log-softmax-alphas", "alpha-aggregation", 'dp="server-fixed" alpha-aggregation="log-softmax"'),
@@ -93,12 +101,16 @@ CASES = [
     ("attack-without-attackers", "attack-clients", 'attack="sign-flip"'),
     ("attack-clients-not-ids", "attack-clients", 'attack="sign-flip" attack-clients="0,x"'),
     ("attack-clients-repeat", "attack-clients", 'attack="sign-flip" attack-clients="1,1"'),
-    ("attack-client-beyond-partitions", "attack-clients", 'attack="alpha-poison" attack-clients="0,10" num-partitions=10 min-available-nodes=10'),
+    (
+        "attack-client-beyond-partitions",
+        "attack-clients",
+        'attack="alpha-poison" attack-clients="0,10" num-partitions=10 min-available-nodes=10',
+    ),
     ("zero-attack-scale", "attack-scale", "attack-scale=0.0"),
     ("unknown-alpha-defence", "alpha-defence", 'alpha-defence="mean"'),
     ("alpha-screen-factor-below-one", "alpha-screen-factor", "alpha-screen-factor=0.5"),
     ("alpha-defence-with-dp", "alpha-defence", 'alpha-defence="median" dp="server-fixed"'),
-]  # fmt: skip
+]
 
 # Needs server_app.strategy.check_strategy wired into the CLI (config.py never imports flwr).
 IMPORT_CASE = ("strategy-import-fails", "strategy", 'strategy="no_such_package.module:MyStrategy"')
@@ -112,7 +124,7 @@ def _scratch(root: Path) -> Path:
     stub_bin = root / "bin"
     stub_bin.mkdir()
     stub = stub_bin / "flwr"
-    stub.write_text(f"#!/bin/sh\necho {STUB_MARKER} \"$@\"\nexit 3\n")
+    stub.write_text(f'#!/bin/sh\necho {STUB_MARKER} "$@"\nexit 3\n')
     stub.chmod(stub.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return root
 
@@ -125,8 +137,12 @@ def _run_cli(root: Path, case: tuple[str, str, str]) -> subprocess.CompletedProc
     env = {**os.environ, "PATH": f"{root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(
         [sys.executable, "-m", "fedmetanas_core.cli", "run", "--app", str(ROOT), "-c", overrides],
-        capture_output=True, text=True, env=env, cwd=root, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +151,7 @@ def cli_results(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     cases = CASES + [IMPORT_CASE]
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda c: _run_cli(root, c), cases))
-    return {case[0]: result for case, result in zip(cases, results)}
+    return {case[0]: result for case, result in zip(cases, results, strict=False)}
 
 
 def _assert_rejected(result: subprocess.CompletedProcess, key: str) -> None:
@@ -177,15 +193,21 @@ def test_good_paths_pass(tmp_path):
     tree = tmp_path / "tree"
     for split in ("train", "test"):
         (tree / split / "cat").mkdir(parents=True)
-    cfg = RunConfig.from_flat({
-        "dataset": "imagefolder", "data-dir": str(tree), "results-dir": str(tmp_path / "new" / "deeper"),
-    })  # fmt: skip
+    cfg = RunConfig.from_flat(
+        {
+            "dataset": "imagefolder",
+            "data-dir": str(tree),
+            "results-dir": str(tmp_path / "new" / "deeper"),
+        }
+    )
     assert cfg.data_dir == str(tree)
     RunConfig.from_flat({"dataset": "mnist", "data-dir": str(tmp_path / "will-be-made")})
     RunConfig.from_flat({"strategy": "Krum", "min-available-nodes": 3})
     RunConfig.from_flat({"strategy": "Bulyan", "num-malicious-nodes": 1, "min-available-nodes": 7})
     RunConfig.from_flat({"strategy": "FedTrimmedAvg", "min-available-nodes": 5})
-    RunConfig.from_flat({"strategy": "MultiKrum", "num-malicious-nodes": 1, "min-available-nodes": 5, "num-nodes-to-select": 4})
+    RunConfig.from_flat(
+        {"strategy": "MultiKrum", "num-malicious-nodes": 1, "min-available-nodes": 5, "num-nodes-to-select": 4}
+    )
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
@@ -200,7 +222,12 @@ def test_unwritable_results_dir_is_rejected_even_for_root(results_dir):
 def test_strategy_names_in_any_case_become_flowers_names():
     from server_app.strategy import build_base_strategy
 
-    for given, canonical in (("krum", "Krum"), ("fedavg", "FedAvg"), ("FEDADAM", "FedAdam"), ("MultiKrum", "MultiKrum")):
+    for given, canonical in (
+        ("krum", "Krum"),
+        ("fedavg", "FedAvg"),
+        ("FEDADAM", "FedAdam"),
+        ("MultiKrum", "MultiKrum"),
+    ):
         cfg = RunConfig.from_flat({"strategy": given, "min-available-nodes": 5})
         assert cfg.strategy == canonical
         assert type(build_base_strategy(cfg)).__name__ == canonical
@@ -222,7 +249,10 @@ def test_config_error_survives_pickling():
 
 def test_node_config_valid_is_normalised(tmp_path):
     assert validate_node_config({"partition-id": 0, "num-partitions": 1}) == {"partition-id": 0, "num-partitions": 1}
-    assert validate_node_config({"partition-id": "3", "num-partitions": 10.0}) == {"partition-id": 3, "num-partitions": 10}
+    assert validate_node_config({"partition-id": "3", "num-partitions": 10.0}) == {
+        "partition-id": 3,
+        "num-partitions": 10,
+    }
     assert validate_node_config({"data-dir": str(tmp_path)}) == {"data-dir": str(tmp_path)}
     assert validate_node_config({}) == {}
     assert validate_node_config({"something-else": 1}) == {"something-else": 1}
@@ -262,4 +292,6 @@ def test_node_config_against_the_run_config(tmp_path):
     with pytest.raises(ConfigError, match="'partition-id'"):
         validate_node_config({"partition-id": 4, "num-partitions": 10}, RunConfig.from_flat({"num-partitions": 4}))
     with pytest.raises(ConfigError, match="train/"):
-        validate_node_config({"data-dir": str(tmp_path)}, RunConfig.from_flat({"dataset": "imagefolder"}, check_paths=False))
+        validate_node_config(
+            {"data-dir": str(tmp_path)}, RunConfig.from_flat({"dataset": "imagefolder"}, check_paths=False)
+        )

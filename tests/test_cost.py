@@ -15,26 +15,45 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedmetanas_core.aggregation import masks_are_discrete, update_masks
 from fedmetanas_core.budget import (
-    Budget, choice_masks, cnn_width_within, cost_model, fixed_network_width, most_likely_within, network_cost,
-    sized_space, uniform_expected_cost,
-)  # fmt: skip
+    Budget,
+    choice_masks,
+    cnn_width_within,
+    cost_model,
+    fixed_network_width,
+    most_likely_within,
+    network_cost,
+    sized_space,
+    uniform_expected_cost,
+)
 from fedmetanas_core.cli import main as cli_main
 from fedmetanas_core.config import ConfigError, RunConfig, defaults
 from fedmetanas_core.coordinator import plan_from_config, plan_to_config
 from fedmetanas_core.data import ClientData, ImageData
-from fedmetanas_core.genotype import DiscreteNetwork, Genotype, SimpleCNN, count_parameters, derive_genotype, random_genotype
+from fedmetanas_core.genotype import (
+    DiscreteNetwork,
+    Genotype,
+    SimpleCNN,
+    count_parameters,
+    derive_genotype,
+    random_genotype,
+)
 from fedmetanas_core.latency import LatencyTable, profile_space
 from fedmetanas_core.names import ARCH_PREFIX, CELL_TYPES, arch_param_name
 from fedmetanas_core.relaxation import probabilities
 from fedmetanas_core.space import SearchModel, SpaceConfig, fast_path
 from fedmetanas_core.space.cost import CostModel, counted_cost_model
-from fedmetanas_core.training import RoundPlan, fednas_local_search, fedmetanas_local_search, run_settings
+from fedmetanas_core.training import RoundPlan, fedmetanas_local_search, fednas_local_search, run_settings
 
 SPACES = [
     (SpaceConfig(10, 1, 8, 2, 2), (8, 8)),  # the default run's
-    (SpaceConfig(10, 3, 8, 3, 2, primitives=("skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")), (16, 16)),
+    (
+        SpaceConfig(
+            10, 3, 8, 3, 2, primitives=("skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+        ),
+        (16, 16),
+    ),
     (SpaceConfig(10, 1, 6, 5, 3), (7, 7)),  # odd sizes, two reduction cells
-]  # fmt: skip
+]
 
 
 def _arch(model: SearchModel) -> dict[str, torch.Tensor]:
@@ -56,7 +75,10 @@ def test_counted_macs_and_params_match_torch_on_whole_networks(space, image_hw):
     for seed in range(4):
         g = random_genotype(space.primitives, space.num_nodes, seed)
         net = DiscreteNetwork(space, g)
-        with fast_path(False), FlopCounterMode(display=False) as counter:  # the network's definition, not the fast kernels
+        with (
+            fast_path(False),
+            FlopCounterMode(display=False) as counter,
+        ):  # the network's definition, not the fast kernels
             net(torch.randn(2, space.in_channels, *image_hw))
         assert macs.genotype_cost(g) == counter.get_total_flops() / 2 / 2  # FLOPs = 2 x MACs, batch of 2
         assert params.genotype_cost(g) == count_parameters(net)
@@ -110,7 +132,11 @@ def _brute_force(space, arch, model: CostModel, limit: float) -> float:
         scored[t] = []
         for cell in cells:
             g = Genotype(normal=cell, reduce=cell)
-            cost = sum(float(model.edge[t][model.edge_index(j, s), space.primitives.index(o)]) for j, node in enumerate(cell, 2) for o, s in node)
+            cost = sum(
+                float(model.edge[t][model.edge_index(j, s), space.primitives.index(o)])
+                for j, node in enumerate(cell, 2)
+                for o, s in node
+            )
             scored[t].append((cost, logp(t, cell)))
             del g
     best = -math.inf
@@ -129,13 +155,17 @@ def _log_probability(space, arch, model: CostModel, g: Genotype) -> float:
         op_p = probabilities(arch[arch_param_name("alpha", t)])
         for j, node in enumerate(g.cell(t), start=2):
             pairs = list(itertools.combinations(range(j), 2))
-            total += math.log(probabilities(arch[arch_param_name("beta", t, j)])[pairs.index(tuple(sorted(s for _, s in node)))])
+            total += math.log(
+                probabilities(arch[arch_param_name("beta", t, j)])[pairs.index(tuple(sorted(s for _, s in node)))]
+            )
             total += sum(math.log(op_p[model.edge_index(j, s), space.primitives.index(o)]) for o, s in node)
     return total
 
 
 def test_derivation_within_a_budget_is_the_most_likely_cell_that_fits():
-    space = SpaceConfig(10, 1, 4, 2, 2, primitives=("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_5x5"))
+    space = SpaceConfig(
+        10, 1, 4, 2, 2, primitives=("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_5x5")
+    )
     model = counted_cost_model(space, (8, 8), "macs")
     low, high = model.extremes()
     for seed in range(3):
@@ -146,7 +176,9 @@ def test_derivation_within_a_budget_is_the_most_likely_cell_that_fits():
         for limit in np.linspace(low, model.genotype_cost(standard), 4)[:-1]:
             g = most_likely_within(space, arch, {}, model, float(limit))
             assert model.genotype_cost(g) <= limit
-            assert _log_probability(space, arch, model, g) == pytest.approx(_brute_force(space, arch, model, float(limit)), abs=1e-6)
+            assert _log_probability(space, arch, model, g) == pytest.approx(
+                _brute_force(space, arch, model, float(limit)), abs=1e-6
+            )
 
 
 def test_masks_keep_the_budget_cell_until_it_is_the_only_one_left():
@@ -191,8 +223,17 @@ def test_the_cost_term_pulls_the_expected_cost_to_the_budget(method, single_thre
     model = counted_cost_model(space, (8, 8), "macs")
     start = uniform_expected_cost(model)
     low = model.extremes()[0]
-    base = {**defaults(), "method": method, "local-meta-iters": 4, "batch-size": 16, "warmup-rounds": 0, "discrete-round": 0,
-            "outer-lr-alpha": 0.1, "init-channels": 4, "input-pruning": True}  # fmt: skip
+    base = {
+        **defaults(),
+        "method": method,
+        "local-meta-iters": 4,
+        "batch-size": 16,
+        "warmup-rounds": 0,
+        "discrete-round": 0,
+        "outer-lr-alpha": 0.1,
+        "init-channels": 4,
+        "input-pruning": True,
+    }
     after = {}
     for budget in ("", f"macs:{low:.0f}"):
         cfg = RunConfig.from_flat({**base, "budget": budget, "budget-weight": 50.0})
@@ -217,7 +258,11 @@ def test_a_budget_sizes_the_space_and_the_cnn():
         assert uniform_expected_cost(counted_cost_model(wider, image_hw, "macs")) > limit
         widths.append(sized.init_channels)
         c = cnn_width_within(sized, "macs", limit, image_hw)
-        assert network_cost(SimpleCNN(sized, c), "macs", image_hw, 1) <= limit < network_cost(SimpleCNN(sized, c + 1), "macs", image_hw, 1)
+        assert (
+            network_cost(SimpleCNN(sized, c), "macs", image_hw, 1)
+            <= limit
+            < network_cost(SimpleCNN(sized, c + 1), "macs", image_hw, 1)
+        )
         assert fixed_network_width(cfg, sized, image_hw, None) == c
     assert widths == sorted(widths) and widths[0] < widths[-1]
 
@@ -259,7 +304,9 @@ def test_the_cli_refuses_a_budget_nothing_fits_and_a_table_of_another_space(tmp_
 
 def test_a_latency_table_covers_every_op_and_predicts_from_its_fit(tmp_path):
     space, image_hw = SpaceConfig(10, 1, 4, 2, 2), (8, 8)
-    data = profile_space(space, image_hw, runs=10, calibration_cells=2, held_out=[random_genotype(space.primitives, 2, 7)])
+    data = profile_space(
+        space, image_hw, runs=10, calibration_cells=2, held_out=[random_genotype(space.primitives, 2, 7)]
+    )
     assert len(data.pop("held_out_ms")) == 1
     table = LatencyTable(json.loads(json.dumps(data)))
     assert table.mismatch(space, image_hw) is None
@@ -289,9 +336,23 @@ def test_budget_penalties():
 
 # --- a whole run under a budget: the real ServerApp loop and ClientApp, in process -------------------
 
-RUN = {"local-meta-iters": 2, "local-epochs": 1, "retrain-local-epochs": 1, "min-available-nodes": 3, "min-train-nodes": 2,
-       "batch-size": 16, "num-partitions": 3, "train-subset": 300, "test-subset": 120, "personalize-steps": 1,
-       "num-server-rounds": 4, "warmup-rounds": 1, "discrete-round": 3, "retrain-rounds": 1, "checkpoint": False}  # fmt: skip
+RUN = {
+    "local-meta-iters": 2,
+    "local-epochs": 1,
+    "retrain-local-epochs": 1,
+    "min-available-nodes": 3,
+    "min-train-nodes": 2,
+    "batch-size": 16,
+    "num-partitions": 3,
+    "train-subset": 300,
+    "test-subset": 120,
+    "personalize-steps": 1,
+    "num-server-rounds": 4,
+    "warmup-rounds": 1,
+    "discrete-round": 3,
+    "retrain-rounds": 1,
+    "checkpoint": False,
+}
 
 
 BUDGETED_RUNS = [
@@ -304,7 +365,9 @@ RUN_IDS = {str(f) for f in BUDGETED_RUNS}
 
 
 @pytest.mark.parametrize("flat", BUDGETED_RUNS)
-def test_a_run_with_a_budget_derives_a_network_within_it(tmp_path, flat, flower_task_identity, single_thread, monkeypatch):
+def test_a_run_with_a_budget_derives_a_network_within_it(
+    tmp_path, flat, flower_task_identity, single_thread, monkeypatch
+):
     import server_app.app as server
     from server_app.app import run_experiment
     from server_app.local_grid import LocalGrid
@@ -312,7 +375,9 @@ def test_a_run_with_a_budget_derives_a_network_within_it(tmp_path, flat, flower_
     monkeypatch.setattr(server, "_figures", lambda *args: None)  # the export (export.json's cost) stays
     cfg = RunConfig.from_flat({**defaults(), **RUN, **flat, "results-dir": str(tmp_path)})
     with run_settings(cfg, 1):
-        run_experiment(LocalGrid(9100 + sorted(RUN_IDS).index(str(flat)), dict(cfg), 3), cfg)  # the ClientApp caches configs per run id
+        run_experiment(
+            LocalGrid(9100 + sorted(RUN_IDS).index(str(flat)), dict(cfg), 3), cfg
+        )  # the ClientApp caches configs per run id
     summary = json.loads((tmp_path / "summary.json").read_text())
     cost = summary["cost"]
     kind, limit = cfg.budget.split(":")
@@ -324,9 +389,14 @@ def test_a_run_with_a_budget_derives_a_network_within_it(tmp_path, flat, flower_
     assert export["cost"] == cost
     if cfg.method != "fedavg":
         rows = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
-        space, image_hw = SpaceConfig(10, 1, cost["init_channels"], 2, 2, input_pruning=cfg.method == "fedmetanas"), (8, 8)
+        space, image_hw = (
+            SpaceConfig(10, 1, cost["init_channels"], 2, 2, input_pruning=cfg.method == "fedmetanas"),
+            (8, 8),
+        )
         model = counted_cost_model(space, image_hw, kind)
-        assert all(model.genotype_cost(Genotype.from_dict(r["genotype"])) <= float(limit) for r in rows if "genotype" in r)
+        assert all(
+            model.genotype_cost(Genotype.from_dict(r["genotype"])) <= float(limit) for r in rows if "genotype" in r
+        )
 
 
 def test_a_run_with_a_latency_budget_uses_the_table(tmp_path, flower_task_identity, single_thread, skip_run_extras):
@@ -339,8 +409,15 @@ def test_a_run_with_a_latency_budget_uses_the_table(tmp_path, flower_task_identi
     low, high = table.cost_model(space, image_hw).extremes()
     limit = low + 0.3 * (high - low)
     out = tmp_path / "run"
-    cfg = RunConfig.from_flat({**defaults(), **RUN, "budget": f"latency-ms:{limit}", "latency-table": str(tmp_path / "table.json"),
-                               "results-dir": str(out)})  # fmt: skip
+    cfg = RunConfig.from_flat(
+        {
+            **defaults(),
+            **RUN,
+            "budget": f"latency-ms:{limit}",
+            "latency-table": str(tmp_path / "table.json"),
+            "results-dir": str(out),
+        }
+    )
     with run_settings(cfg, 1):
         run_experiment(LocalGrid(9200, dict(cfg), 3), cfg)
     cost = json.loads((out / "summary.json").read_text())["cost"]

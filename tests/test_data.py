@@ -256,8 +256,8 @@ def test_partitions_are_deterministic_disjoint_and_seeded(digit_labels, partitio
     again = D.partition_indices(digit_labels, 10, partitioner, seed=1)
     other = D.partition_indices(digit_labels, 10, partitioner, seed=2)
     assert len(parts) == 10 and all(len(p) > 0 for p in parts)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
-    assert any(not np.array_equal(a, b) for a, b in zip(parts, other))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=False))
+    assert any(not np.array_equal(a, b) for a, b in zip(parts, other, strict=False))
     everything = np.concatenate(parts)
     assert len(np.unique(everything)) == len(everything)  # disjoint
     assert all(p.dtype == np.int64 and np.all(np.diff(p) > 0) for p in parts)  # sorted
@@ -307,7 +307,7 @@ def test_split_partition_is_disjoint_and_deterministic():
     assert (len(train), len(query), len(test)) == (60, 20, 20)
     assert np.array_equal(np.sort(np.concatenate([train, query, test])), indices)
     again = D.split_partition(indices, seed=7, partition_id=3)
-    assert all(np.array_equal(a, b) for a, b in zip((train, query, test), again))
+    assert all(np.array_equal(a, b) for a, b in zip((train, query, test), again, strict=False))
     other = D.split_partition(indices, seed=7, partition_id=4)
     assert not np.array_equal(test, other[2])
 
@@ -322,7 +322,10 @@ def test_split_partition_tiny_partitions():
 
 def test_client_data_partitions_only_the_global_train_split():
     train, _ = D.load_dataset("digits")
-    clients = [D.load_client_data(D.DataSpec(partitioner="iid", seed=1, partition_id=pid, num_partitions=5)) for pid in range(5)]
+    clients = [
+        D.load_client_data(D.DataSpec(partitioner="iid", seed=1, partition_id=pid, num_partitions=5))
+        for pid in range(5)
+    ]
     assert sum(len(c.train) + len(c.query) + len(c.test) for c in clients) == len(train)
     c = clients[2]
     assert c.partition_id == 2 and c.train.classes == train.classes
@@ -343,11 +346,23 @@ def test_own_data_uses_the_local_test_folder(tmp_path):
 NOT_CLIENT_DATA = ("batch-size", "eval-batch-size", "eval-split")
 # a valid other value for every run-config key that decides a client's data
 OTHER_VALUE = {
-    "dataset": "mnist", "data-dir": "/elsewhere", "hf-dataset": "user/images", "num-partitions": 7,
-    "partitioner": "iid", "dirichlet-alpha": 0.1, "classes-per-client": 3, "shards-per-client": 3,
-    "min-partition-size": 20, "query-fraction": 0.3, "local-test-fraction": 0.1, "image-size": 16,
-    "train-subset": 100, "test-subset": 50, "on-corrupt-image": "skip", "seed": 5,
-}  # fmt: skip
+    "dataset": "mnist",
+    "data-dir": "/elsewhere",
+    "hf-dataset": "user/images",
+    "num-partitions": 7,
+    "partitioner": "iid",
+    "dirichlet-alpha": 0.1,
+    "classes-per-client": 3,
+    "shards-per-client": 3,
+    "min-partition-size": 20,
+    "query-fraction": 0.3,
+    "local-test-fraction": 0.1,
+    "image-size": 16,
+    "train-subset": 100,
+    "test-subset": 50,
+    "on-corrupt-image": "skip",
+    "seed": 5,
+}
 
 
 def _client_data_keys() -> set[str]:
@@ -394,7 +409,9 @@ def test_spec_fields_are_named_and_defaulted_like_the_run_config():
 def test_query_and_local_test_fractions_of_the_spec_decide_the_splits():
     sizes = {}
     for q, t in ((0.2, 0.2), (0.3, 0.2), (0.2, 0.1)):
-        c = D.load_client_data(D.DataSpec(partitioner="iid", query_fraction=q, local_test_fraction=t, partition_id=0, num_partitions=2))
+        c = D.load_client_data(
+            D.DataSpec(partitioner="iid", query_fraction=q, local_test_fraction=t, partition_id=0, num_partitions=2)
+        )
         sizes[q, t] = (len(c.train), len(c.query), len(c.test))
     assert len(set(sizes.values())) == 3
     assert sizes[0.3, 0.2][1] > sizes[0.2, 0.2][1] and sizes[0.2, 0.1][2] < sizes[0.2, 0.2][2]

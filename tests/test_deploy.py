@@ -41,10 +41,15 @@ NUM_REGISTERED = 3
 ROUND_TIMEOUT = 120.0  # a safety net: rounds end with all replies, or when the dead node is marked offline
 RUN_TIMEOUT = 480  # seconds for one `flwr run --stream`, a safety net only
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    shutil.which("openssl") is None or not (BIN / "flower-superlink").exists() or not Path("/proc/self/stat").exists(),
-    reason="needs openssl, Flower's executables next to this Python, and Linux /proc",
-)]  # fmt: skip
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("openssl") is None
+        or not (BIN / "flower-superlink").exists()
+        or not Path("/proc/self/stat").exists(),
+        reason="needs openssl, Flower's executables next to this Python, and Linux /proc",
+    ),
+]
 
 # Small and single-threaded: four SuperNodes, their ClientApps and the ServerApp share 2 cores.
 # Few operations = few arrays: Flower 1.42 moves every array of a message as its own object over
@@ -135,14 +140,16 @@ class Federation:
 
     # -- commands
     def script(self, name: str, *args: str, timeout: float = 60) -> str:
-        proc = subprocess.run(["bash", str(DEPLOY / name), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)  # fmt: skip
+        proc = subprocess.run(
+            ["bash", str(DEPLOY / name), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
         return proc.stdout
 
     def flwr(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, cwd=self.base)  # fmt: skip
+        proc = subprocess.run(
+            [str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.base
+        )
         if check:
             assert proc.returncode == 0, f"flwr {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
         return proc
@@ -175,9 +182,22 @@ class Federation:
         )
         # register the public keys of SuperNodes 0..2 (concurrently: each CLI call costs ~1.5 s)
         registrations = [
-            subprocess.Popen([str(BIN / "flwr"), "supernode", "register", str(self.certs / "supernodes" / f"node_{i}.pub"),
-                              CONNECTION, "--format", "json"], env=self.env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=self.base)  # fmt: skip
+            subprocess.Popen(
+                [
+                    str(BIN / "flwr"),
+                    "supernode",
+                    "register",
+                    str(self.certs / "supernodes" / f"node_{i}.pub"),
+                    CONNECTION,
+                    "--format",
+                    "json",
+                ],
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=self.base,
+            )
             for i in range(NUM_REGISTERED)
         ]
         try:
@@ -197,10 +217,15 @@ class Federation:
         for i in range(NUM_REGISTERED + 1):
             name = f"sn{i}"
             self.script(
-                "start_supernode.sh", name, f"127.0.0.1:{self.port}", str(self.certs / "ca.crt"),
-                str(self.certs / "supernodes" / f"node_{i}"), str(self.node_dir), str(self.node_ports[i]),
+                "start_supernode.sh",
+                name,
+                f"127.0.0.1:{self.port}",
+                str(self.certs / "ca.crt"),
+                str(self.certs / "supernodes" / f"node_{i}"),
+                str(self.node_dir),
+                str(self.node_ports[i]),
                 f"partition-id={i % NUM_REGISTERED} num-partitions={NUM_REGISTERED}",
-            )  # fmt: skip
+            )
             self.node_pids[name] = int((self.node_dir / f"{name}.pid").read_text())
         wait_for(lambda: len(self.online_nodes()) == NUM_REGISTERED, 120, "3 SuperNodes online", interval=1.0)
 
@@ -262,8 +287,9 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(federation: Federatio
     fed = federation
     results = fed.base / "results-main"
     config = f'num-server-rounds=2 min-available-nodes=3 {COMMON_CONFIG} results-dir="{results}"'
-    proc = subprocess.run(fed.run_command(config), env=fed.env, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT, cwd=fed.base)  # fmt: skip
+    proc = subprocess.run(
+        fed.run_command(config), env=fed.env, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=fed.base
+    )
     output = proc.stdout + proc.stderr
     run_id = run_id_of(output)
     status = fed.status(run_id)
@@ -298,12 +324,17 @@ def test_killed_supernode_does_not_stop_the_run(federation: Federation):
     config = f'num-server-rounds=3 min-available-nodes=2 {COMMON_CONFIG} results-dir="{results}"'
     log_path = fed.base / "run-kill.log"
     with open(log_path, "w") as log_file:
-        run = subprocess.Popen(fed.run_command(config), env=fed.env, stdout=log_file, stderr=subprocess.STDOUT,
-                               cwd=fed.base)  # fmt: skip
+        run = subprocess.Popen(
+            fed.run_command(config), env=fed.env, stdout=log_file, stderr=subprocess.STDOUT, cwd=fed.base
+        )
         try:
             # round 1 has reached the victim: it pulled its train message and started a ClientApp
-            wait_for(lambda: fed.log(victim).count("Receiving: train message") > before or run.poll() is not None,
-                     180, "round 1's train message to reach the victim", interval=0.2)  # fmt: skip
+            wait_for(
+                lambda: fed.log(victim).count("Receiving: train message") > before or run.poll() is not None,
+                180,
+                "round 1's train message to reach the victim",
+                interval=0.2,
+            )
             assert run.poll() is None, log_path.read_text()
             pid = fed.node_pids[victim]
             tree = descendants([pid])  # its SuperExec and ClientApp die with it, as on a crashed device
@@ -336,5 +367,7 @@ def test_killed_supernode_does_not_stop_the_run(federation: Federation):
     assert (results / "summary.json").is_file() and (results / "genotype.yaml").is_file()
     # the SuperLink has marked the killed node offline by the end (heartbeats stopped)
     assert len(fed.online_nodes()) == NUM_REGISTERED - 1
-    print(f"run with a killed SuperNode finished {time.monotonic() - t_kill:.0f} s after the kill; "
-          f"round seconds {[round(r['round-s'], 1) for r in rounds]}")
+    print(
+        f"run with a killed SuperNode finished {time.monotonic() - t_kill:.0f} s after the kill; "
+        f"round seconds {[round(r['round-s'], 1) for r in rounds]}"
+    )

@@ -29,8 +29,15 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_space(test) -> SpaceConfig:
-    return SpaceConfig(num_classes=test.num_classes, in_channels=test.in_channels, init_channels=4,
-                       num_cells=2, num_nodes=2, stem_multiplier=2, primitives=OPS)
+    return SpaceConfig(
+        num_classes=test.num_classes,
+        in_channels=test.in_channels,
+        init_channels=4,
+        num_cells=2,
+        num_nodes=2,
+        stem_multiplier=2,
+        primitives=OPS,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +56,9 @@ def derived_net(digits_test):
 def digits_config(path: Path) -> None:
     """The run config the ServerApp writes first; export uses it to recompute the normalisation."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(yaml.safe_dump({"dataset": "digits", "data-dir": "", "image-size": 0,
-                                                      "test-subset": 0, "seed": 0}))
+    (path / "config.yaml").write_text(
+        yaml.safe_dump({"dataset": "digits", "data-dir": "", "image-size": 0, "test-subset": 0, "seed": 0})
+    )
 
 
 def test_calibrated_batchnorm_reproduces_batch_statistics_and_is_batch_independent(derived_net, digits_test):
@@ -154,10 +162,20 @@ def test_predict_command_in_a_fresh_process(derived_net, digits_test, tmp_path):
     (tmp_path / "images" / "notes.txt").write_text("not an image")
 
     proc = subprocess.run(
-        [sys.executable, "-m", "fedmetanas_core.predict", str(run_dir / P.TORCHSCRIPT_FILE), str(tmp_path / "images"),
-         "--classes-from", str(run_dir)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedmetanas_core.predict",
+            str(run_dir / P.TORCHSCRIPT_FILE),
+            str(tmp_path / "images"),
+            "--classes-from",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == len(images)

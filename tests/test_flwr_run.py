@@ -49,7 +49,9 @@ def _fedmetanas_run(env, *config: str) -> subprocess.CompletedProcess:
 
 def test_fedmetanas_run_completes_and_fails_loudly(flower_env, tmp_path):
     out = tmp_path / "out"
-    done = _fedmetanas_run(flower_env, f'num-server-rounds=2 local-meta-iters=2 min-available-nodes=3 results-dir="{out}"')
+    done = _fedmetanas_run(
+        flower_env, f'num-server-rounds=2 local-meta-iters=2 min-available-nodes=3 results-dir="{out}"'
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[search 2/2]" in done.stdout and "finished:completed" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -59,7 +61,9 @@ def test_fedmetanas_run_completes_and_fails_loudly(flower_env, tmp_path):
     bad = tmp_path / "bad_genotype.yaml"
     bad.write_text("normal: [[{op: sep_conv_3x3}]]\n")  # no 'input', no 'reduce'
     failed = _fedmetanas_run(
-        flower_env, f'method="fedavg" fedavg-genotype="{bad}" num-server-rounds=1 min-available-nodes=3 results-dir="{tmp_path / "fail"}"'
+        flower_env,
+        f'method="fedavg" fedavg-genotype="{bad}" num-server-rounds=1 min-available-nodes=3 '
+        f'results-dir="{tmp_path / "fail"}"',
     )
     assert failed.returncode != 0
     assert "did not complete" in failed.stderr

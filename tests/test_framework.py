@@ -12,7 +12,10 @@ from benchmarks.framework import overhead_shares, tree_pss_bytes, whole_run_shar
 
 
 def test_overhead_is_what_server_and_packed_client_work_leave_of_the_round():
-    rounds = [{"round-s": 10.0, "server-s": 1.0, "client-s-sum": 16.0}, {"round-s": 5.0, "server-s": 0.5, "client-s-sum": 10.0}]
+    rounds = [
+        {"round-s": 10.0, "server-s": 1.0, "client-s-sum": 16.0},
+        {"round-s": 5.0, "server-s": 0.5, "client-s-sum": 10.0},
+    ]
     assert overhead_shares(rounds, actors=2) == pytest.approx([0.1, 0.0])  # 10-1-8 = 1 s; 5-0.5-5 < 0 -> 0
     result = {"rounds": [{"round_s": 10.0, "overhead_share": 0.1}, {"round_s": 5.0, "overhead_share": 0.0}]}
     assert whole_run_share(result) == pytest.approx(1.0 / 15.0)

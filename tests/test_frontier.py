@@ -12,7 +12,9 @@ def _run(path, acc, macs, params, latency, within=True):
     (path / "config.yaml").write_text("method: fedmetanas\n")
     (path / "rounds.jsonl").write_text(json.dumps({"phase": "search", "round": 1, "accuracy": acc}) + "\n")
     cost = {"macs": macs, "params": params, "latency_ms": latency, "within_budget": within, "init_channels": 3}
-    (path / "summary.json").write_text(json.dumps({"final_test_accuracy": acc, "cost": cost, "images_per_client_round": 10.0}))
+    (path / "summary.json").write_text(
+        json.dumps({"final_test_accuracy": acc, "cost": cost, "images_per_client_round": 10.0})
+    )
 
 
 def test_rows_average_each_method_over_its_finished_seeds(tmp_path):
@@ -28,8 +30,17 @@ def test_rows_average_each_method_over_its_finished_seeds(tmp_path):
     assert by["fedmetanas"]["final_test_accuracy_std"] == pytest.approx(0.05)
     assert by["fedmetanas"]["macs_mean"] == 41000 and by["fedmetanas"]["within_budget"] is True
     assert by["fedavg-cnn"]["within_budget"] is False
-    for key in ("method", "partition", "budget", "seeds", "macs_mean", "params_mean", "latency_ms_mean",
-                "final_test_accuracy_mean", "final_test_accuracy_std"):  # fmt: skip
+    for key in (
+        "method",
+        "partition",
+        "budget",
+        "seeds",
+        "macs_mean",
+        "params_mean",
+        "latency_ms_mean",
+        "final_test_accuracy_mean",
+        "final_test_accuracy_std",
+    ):
         assert key in by["fedmetanas"]
     table = markdown(rows)
     assert "0.8500 ± 0.0500" in table and "| NO |" in table
@@ -48,4 +59,7 @@ def test_random_cells_are_drawn_within_the_budget(tmp_path):
     space, image_hw = run_space(cfg)
     genotype = Genotype.load_yaml(tmp_path / "random-cell-genotype.yaml")
     assert cost_model(cfg, space, image_hw).genotype_cost(genotype) <= 30000
-    assert method_overrides("fedmetanas", "macs:30000", tmp_path, 1, preset, []) == ['budget="macs:30000"', "init-channels=0"]
+    assert method_overrides("fedmetanas", "macs:30000", tmp_path, 1, preset, []) == [
+        'budget="macs:30000"',
+        "init-channels=0",
+    ]

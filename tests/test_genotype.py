@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import SMALL_OPS, arch_state, randomize_arch, tiny_space
 
 from fedmetanas_core.genotype import Genotype, derive_genotype
 from fedmetanas_core.space import CELL_TYPES, SearchModel
-
-from helpers import SMALL_OPS, arch_state, randomize_arch, tiny_space
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
@@ -35,8 +34,13 @@ def test_derive_genotype_ranks_edges_by_probability_not_raw_logits():
     assert dict((s, op) for op, s in g.normal[1]) == {1: "skip_connect", 2: "sep_conv_3x3"}
 
 
-@pytest.mark.parametrize("ops", [("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3"),
-                                 ("max_pool_3x3", "skip_connect", "none", "sep_conv_3x3")])
+@pytest.mark.parametrize(
+    "ops",
+    [
+        ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3"),
+        ("max_pool_3x3", "skip_connect", "none", "sep_conv_3x3"),
+    ],
+)
 def test_derive_genotype_never_picks_none(ops):
     space = tiny_space(primitives=ops, input_pruning=False)
     none = ops.index("none")
@@ -49,7 +53,7 @@ def test_derive_genotype_never_picks_none(ops):
             assert all(op != "none" for op, _ in node)
     # best real op of each chosen edge
     edges = space.topology.edges
-    for j, node in zip(space.topology.nodes, g.normal):
+    for j, node in zip(space.topology.nodes, g.normal, strict=False):
         for op, src in node:
             e = edges.index((j, src))
             assert ops.index(op) == real[int(a[e, real].argmax())]
@@ -81,7 +85,7 @@ def test_derive_genotype_with_betas_takes_the_argmax_pair():
     g = derive_genotype(space, state)
     assert tuple(src for _, src in g.normal[2]) == (1, 3)
     for t in CELL_TYPES:
-        for j, node in zip(space.topology.nodes, g.cell(t)):
+        for j, node in zip(space.topology.nodes, g.cell(t), strict=False):
             assert len(node) == 2
             srcs = [s for _, s in node]
             assert len(set(srcs)) == 2 and all(0 <= s < j for s in srcs)
@@ -97,7 +101,7 @@ def test_derived_nodes_have_two_distinct_earlier_inputs(input_pruning):
     g = derive_genotype(space, arch_state(model))
     for t in CELL_TYPES:
         assert len(g.cell(t)) == space.num_nodes
-        for j, node in zip(space.topology.nodes, g.cell(t)):
+        for j, node in zip(space.topology.nodes, g.cell(t), strict=False):
             srcs = [s for _, s in node]
             assert len(srcs) == 2 and len(set(srcs)) == 2 and all(0 <= s < j for s in srcs)
             assert all(op in space.primitives and op != "none" for op, _ in node)

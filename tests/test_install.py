@@ -92,8 +92,12 @@ def test_run_finds_the_flower_app_from_the_installed_package(tmp_path):
     assert not (site / "pyproject.toml").exists()  # what broke `fedmetanas run` after `pip install .`
     done = subprocess.run(
         [sys.executable, "-c", _PROBE, str(site), str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=elsewhere, env=_clean_env(), timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=_clean_env(),
+        timeout=300,
+    )
     line = next((x for x in done.stdout.splitlines() if x.startswith("PROBE ")), None)
     assert line, done.stdout[-3000:] + done.stderr[-3000:]
     seen = json.loads(line[len("PROBE ") :])
@@ -131,20 +135,44 @@ def _fresh_venv_with_the_wheel(tmp: Path) -> Path:
     venv's, reached through a .pth line (the .pth files in there, the editable install's among
     them, are not processed); Flower's commands get launchers bound to the new interpreter."""
     wheels = tmp / "wheels"
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", str(ROOT), "-w", str(wheels)],
-                           capture_output=True, text=True, timeout=600, cwd=tmp, env=_clean_env())  # fmt: skip
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", str(ROOT), "-w", str(wheels)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp,
+        env=_clean_env(),
+    )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     wheel = next(wheels.glob("fedmetanas-*.whl"))
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     (Path(purelib) / "_reuse_parent_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     installed = subprocess.run(
-        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "--no-warn-conflicts", str(wheel)],
-        capture_output=True, text=True, timeout=300, cwd=tmp, env=_clean_env(),
-    )  # fmt: skip
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            "--no-warn-conflicts",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp,
+        env=_clean_env(),
+    )
     assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
     from importlib.metadata import distribution
 
@@ -171,12 +199,17 @@ def stop_superlink():
             pid = todo.pop()
             if pid not in pids and pid != os.getpid():
                 pids.append(pid)
-                todo += [int(c) for c in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+                todo += [
+                    int(c)
+                    for c in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+                ]
         stop_pids(pids, grace_s=10)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SLOW, reason="builds the wheel and runs it from a fresh venv (~2 min); set FEDMETANAS_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    not SLOW, reason="builds the wheel and runs it from a fresh venv (~2 min); set FEDMETANAS_SLOW_TESTS=1"
+)
 def test_the_installed_wheel_checks_and_runs_outside_the_source_tree(tmp_path, stop_superlink):
     if not sys.platform.startswith("linux"):
         pytest.skip("venv layout and process tracking assume Linux")
@@ -188,31 +221,49 @@ def test_the_installed_wheel_checks_and_runs_outside_the_source_tree(tmp_path, s
     elsewhere.mkdir()
     ports, home = PortPool(), tmp_path / "flwr-home"
     parent_bin = str(Path(sys.executable).parent)
-    path = os.pathsep.join([str(venv / "bin")] + [p for p in os.environ.get("PATH", "").split(os.pathsep) if p != parent_bin])
+    path = os.pathsep.join(
+        [str(venv / "bin")] + [p for p in os.environ.get("PATH", "").split(os.pathsep) if p != parent_bin]
+    )
     env = _clean_env(
-        PATH=path, FLWR_HOME=str(home),
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(ports.one()), FLWR_LOCAL_CONTROL_API_PORT=str(ports.one()),
-    )  # fmt: skip
+        PATH=path,
+        FLWR_HOME=str(home),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(ports.one()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(ports.one()),
+    )
     env = {k: v for k, v in env.items() if not k.startswith("RAY_ADDRESS")}
 
     where = subprocess.run(
-        [str(venv / "bin" / "python"), "-c",
-         "import json, fedmetanas_core, server_app, client_app; print(json.dumps([m.__file__ for m in (fedmetanas_core, server_app, client_app)]))"],
-        capture_output=True, text=True, cwd=elsewhere, env=env, check=True,
-    )  # fmt: skip
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import json, fedmetanas_core, server_app, client_app; print(json.dumps([m.__file__ for m in "
+            "(fedmetanas_core, server_app, client_app)]))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+        check=True,
+    )
     for file in json.loads(where.stdout):
         assert Path(file).is_relative_to(venv), file  # the wheel's copy, not a checkout
 
     fedmetanas = str(venv / "bin" / "fedmetanas")
-    check = subprocess.run([fedmetanas, "check", "-c", "seed=3"], capture_output=True, text=True, cwd=elsewhere, env=env, timeout=300)
+    check = subprocess.run(
+        [fedmetanas, "check", "-c", "seed=3"], capture_output=True, text=True, cwd=elsewhere, env=env, timeout=300
+    )
     assert check.returncode == 0 and "run config OK" in check.stdout, check.stdout + check.stderr
 
     out = tmp_path / "out"
     stop_superlink(home)
     run = subprocess.run(
         [fedmetanas, "run", "--num-supernodes", "2", "-c", f'{TINY} results-dir="{out}"'],
-        capture_output=True, text=True, cwd=elsewhere, env=env, timeout=900,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-3000:]
     assert "finished:completed" in run.stdout
     summary = json.loads((out / "summary.json").read_text())

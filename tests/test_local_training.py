@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import arch_state, mask_space, random_masks, randomize_arch
 
 from fedmetanas_core.aggregation import update_masks
 from fedmetanas_core.config import ConfigError, RunConfig
@@ -20,13 +21,11 @@ from fedmetanas_core.genotype import DiscreteNetwork, SimpleCNN, derive_genotype
 from fedmetanas_core.space import NET_PREFIX, RelaxSettings, SearchModel, is_arch
 from fedmetanas_core.training import (
     RoundPlan,
-    fednas_local_search,
     fedmetanas_local_search,
+    fednas_local_search,
     space_from_config,
     train_fixed,
 )
-
-from helpers import arch_state, mask_space, random_masks, randomize_arch
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
@@ -34,13 +33,23 @@ pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 @pytest.fixture(scope="module")
 def client_data() -> ClientData:
     cd = load_client_data(DataSpec(dataset="digits", seed=0, partition_id=0, num_partitions=5))
-    return ClientData(cd.train.subset(list(range(24))), cd.query.subset(list(range(16))), cd.test.subset(list(range(16))), 0)
+    return ClientData(
+        cd.train.subset(list(range(24))), cd.query.subset(list(range(16))), cd.test.subset(list(range(16))), 0
+    )
 
 
 TINY = {
-    "num-cells": 2, "num-nodes": 2, "init-channels": 4, "stem-multiplier": 1, "batch-size": 8,
-    "primitives": "none,max_pool_3x3,skip_connect,sep_conv_3x3", "local-meta-iters": 2,
-    "tasks-per-meta-batch": 2, "inner-steps": 1, "local-epochs": 1, "alpha-weight-decay": 0.0,
+    "num-cells": 2,
+    "num-nodes": 2,
+    "init-channels": 4,
+    "stem-multiplier": 1,
+    "batch-size": 8,
+    "primitives": "none,max_pool_3x3,skip_connect,sep_conv_3x3",
+    "local-meta-iters": 2,
+    "tasks-per-meta-batch": 2,
+    "inner-steps": 1,
+    "local-epochs": 1,
+    "alpha-weight-decay": 0.0,
     "outer-lr-alpha": 0.05,
 }
 
@@ -59,7 +68,7 @@ def run_search(cfg, data, masks=None, frozen=False, seed=0):
 def test_discrete_local_search_trains_the_derived_network_like_the_supernet(client_data, query_source):
     """Once masks leave one op per edge and one pair per node, local search runs on the derived
     network; the reply's live weights equal what meta-training the masked supernet gives."""
-    from fedmetanas_core.training import meta_train, arch_optimizer, train_settings
+    from fedmetanas_core.training import arch_optimizer, meta_train, train_settings
 
     cfg = RunConfig.from_flat({**TINY, "local-meta-iters": 1, "tasks-per-meta-batch": 1, "query-source": query_source})
     space = space_from_config(cfg, client_data.train.num_classes, client_data.train.in_channels)
@@ -73,7 +82,18 @@ def test_discrete_local_search_trains_the_derived_network_like_the_supernet(clie
     generator = torch.Generator().manual_seed(3)
     fw = dict(settings=train_settings(cfg, plan.tau), masks=masks, generator=generator)
     reference.train()
-    meta_train(reference, reference.net, arch_optimizer(reference, cfg), client_data, cfg, plan, generator, torch.device("cpu"), 0.0, fw)
+    meta_train(
+        reference,
+        reference.net,
+        arch_optimizer(reference, cfg),
+        client_data,
+        cfg,
+        plan,
+        generator,
+        torch.device("cpu"),
+        0.0,
+        fw,
+    )
     live = ["net." + k for k in DiscreteNetwork(space, derive_genotype(space, arch_state(model), masks)).state_dict()]
     got, want = model.state_dict(), reference.state_dict()
     assert any(not torch.equal(got[k], before[k]) for k in live if k.endswith("weight")), "the live weights trained"
@@ -141,7 +161,9 @@ def test_fedmetanas_local_search_updates_everything_but_masked_logits(client_dat
         assert not torch.equal(before[name][m], after[name][m]), f"{name} not searched"
         # zero gradient on masked entries: with no alpha weight decay Adam / Reptile leave them exactly as they were
         assert torch.equal(before[name][~m], after[name][~m]), f"masked entries of {name} moved"
-        w = model.cell_weights(name.split(".")[-1], RelaxSettings(tau=0.8), masks, torch.Generator().manual_seed(0)).weights
+        w = model.cell_weights(
+            name.split(".")[-1], RelaxSettings(tau=0.8), masks, torch.Generator().manual_seed(0)
+        ).weights
         assert torch.all(w[~m] == 0)
 
 
@@ -191,7 +213,9 @@ def test_fednas_local_search_updates_weights_and_alphas(client_data):
         torch.manual_seed(0)
         model = SearchModel(space)
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        res = fednas_local_search(model, client_data, cfg, RoundPlan(1, 1.0), torch.Generator().manual_seed(0), torch.device("cpu"))
+        res = fednas_local_search(
+            model, client_data, cfg, RoundPlan(1, 1.0), torch.Generator().manual_seed(0), torch.device("cpu")
+        )
         after = model.state_dict()
         assert res.steps == math.ceil(len(client_data.train) / cfg.batch_size)
         assert math.isfinite(res.train_loss)
@@ -214,7 +238,14 @@ def test_train_fixed_changes_weights_and_is_reproducible(client_data, kind):
         else:
             net = DiscreteNetwork(space, derive_genotype(space, arch_state(SearchModel(space))))
         before = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        res = train_fixed(net, client_data, cfg, RoundPlan(1, 1.0, local_epochs=1), torch.Generator().manual_seed(0), torch.device("cpu"))
+        res = train_fixed(
+            net,
+            client_data,
+            cfg,
+            RoundPlan(1, 1.0, local_epochs=1),
+            torch.Generator().manual_seed(0),
+            torch.device("cpu"),
+        )
         after = net.state_dict()
         assert math.isfinite(res.train_loss)
         assert any(not torch.equal(before[k], after[k]) for k in after)
@@ -247,8 +278,20 @@ def test_learning_rate_schedule_cosine_per_stage_and_sent_each_round():
     assert cosine(1) == pytest.approx(0.1) and cosine(5) == pytest.approx(0.001) and cosine(3) == pytest.approx(0.0505)
     assert all(cosine(r) > cosine(r + 1) for r in range(1, 5))
     assert LearningRateSchedule(0.1, 0.0, 5)(4) == 0.1  # constant
-    cfg = RunConfig.from_flat({"method": "fednas", "num-server-rounds": 4, "retrain-rounds": 3, "lr-schedule": "cosine",
-                               "outer-lr-w": 0.1, "lr-min": 0.01, "num-cells": 3, "num-nodes": 2, "init-channels": 4}, check_paths=False)  # fmt: skip
+    cfg = RunConfig.from_flat(
+        {
+            "method": "fednas",
+            "num-server-rounds": 4,
+            "retrain-rounds": 3,
+            "lr-schedule": "cosine",
+            "outer-lr-w": 0.1,
+            "lr-min": 0.01,
+            "num-cells": 3,
+            "num-nodes": 2,
+            "init-channels": 4,
+        },
+        check_paths=False,
+    )
     test = ImageData(torch.randn(4, 3, 8, 8), torch.arange(4) % 2, ("a", "b"))
     space = space_from_config(cfg, 2, 3)
     search = SearchPhase(cfg, space, test, torch.device("cpu"), cfg.num_server_rounds)
@@ -257,7 +300,9 @@ def test_learning_rate_schedule_cosine_per_stage_and_sent_each_round():
     assert [round(retrain.plan(r).lr_w, 4) for r in (1, 3)] == [0.1, 0.01], "each stage anneals over its own rounds"
     sent = plan_from_config(plan_to_config(retrain.plan(2)), {})
     assert sent.lr_w == pytest.approx(retrain.plan(2).lr_w)
-    assert sent.local_epochs == cfg.retrain_local_epochs and search.plan(1).local_epochs is None  # each phase's own epochs
+    assert (
+        sent.local_epochs == cfg.retrain_local_epochs and search.plan(1).local_epochs is None
+    )  # each phase's own epochs
     with pytest.raises(ConfigError, match="lr-min"):
         RunConfig.from_flat({"lr-min": 0.5}, check_paths=False)
 
@@ -267,9 +312,13 @@ def test_train_fixed_uses_the_rounds_learning_rate(client_data):
     space = space_from_config(cfg, 10, 1)
     net = SimpleCNN(space)
     before = {k: v.detach().clone() for k, v in net.named_parameters()}
-    train_fixed(net, client_data, cfg, RoundPlan(1, 1.0, lr_w=0.0), torch.Generator().manual_seed(0), torch.device("cpu"))
+    train_fixed(
+        net, client_data, cfg, RoundPlan(1, 1.0, lr_w=0.0), torch.Generator().manual_seed(0), torch.device("cpu")
+    )
     assert all(torch.equal(before[k], v) for k, v in net.named_parameters())
-    train_fixed(net, client_data, cfg, RoundPlan(1, 1.0, lr_w=0.05), torch.Generator().manual_seed(0), torch.device("cpu"))
+    train_fixed(
+        net, client_data, cfg, RoundPlan(1, 1.0, lr_w=0.05), torch.Generator().manual_seed(0), torch.device("cpu")
+    )
     assert any(not torch.equal(before[k], v) for k, v in net.named_parameters())
 
 

@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import SMALL_OPS, random_masks, randomize_arch, tiny_space
 from torch.func import functional_call
 
 from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient, inner_adapt, loss_on, second_order_task_gradient
 from fedmetanas_core.space import RelaxSettings, SearchModel, is_arch
-
-from helpers import SMALL_OPS, random_masks, randomize_arch, tiny_space
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
@@ -49,7 +48,7 @@ def manual_adapt(model, params, support, steps, lr_w, lr_a, adapt_arch=True):
         loss = F.cross_entropy(functional_call(model, leaves, (support[0],)), support[1])
         grads = torch.autograd.grad(loss, list(leaves.values()))
         new = {}
-        for (k, v), gr in zip(leaves.items(), grads):
+        for (k, v), gr in zip(leaves.items(), grads, strict=False):
             if is_arch(k):
                 new[k] = v.detach() - lr_a * gr if adapt_arch else v.detach()
             else:
@@ -66,7 +65,7 @@ def test_fomaml_gradient_is_query_gradient_at_adapted_params():
     adapted = manual_adapt(model, params, support, 3, 0.3, 0.7)
     leaves = {k: v.requires_grad_(True) for k, v in adapted.items()}
     q = F.cross_entropy(functional_call(model, leaves, (query[0],)), query[1])
-    ref = dict(zip(leaves, torch.autograd.grad(q, list(leaves.values()))))
+    ref = dict(zip(leaves, torch.autograd.grad(q, list(leaves.values())), strict=False))
     assert set(grads) == {"w", "arch.b"}
     for k in ref:
         torch.testing.assert_close(grads[k], ref[k])
@@ -77,7 +76,9 @@ def test_inner_adapt_does_not_modify_module_in_place():
     model, support, _ = toy_problem()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     for create_graph in (False, True):
-        adapted = inner_adapt(model, dict(model.named_parameters()), support, InnerLoop(2, 0.5, 0.5), create_graph=create_graph)
+        adapted = inner_adapt(
+            model, dict(model.named_parameters()), support, InnerLoop(2, 0.5, 0.5), create_graph=create_graph
+        )
         for k, v in model.named_parameters():
             assert torch.equal(v, before[k])
             assert v.grad is None
@@ -146,7 +147,9 @@ def test_second_order_without_inner_steps_equals_first_order():
 
 
 def test_fomaml_on_search_model_matches_manual_one_step():
-    space = tiny_space(num_classes=3, in_channels=1, num_cells=2, primitives=("none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3"))
+    space = tiny_space(
+        num_classes=3, in_channels=1, num_cells=2, primitives=("none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3")
+    )
     model = SearchModel(space)
     randomize_arch(model, scale=0.5)
     fw = dict(settings=RelaxSettings(tau=1.0, mode="softmax", noise=False, threshold=0.0), masks=None, generator=None)
@@ -158,10 +161,12 @@ def test_fomaml_on_search_model_matches_manual_one_step():
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     ls = F.cross_entropy(functional_call(model, leaves, (support[0],), fw), support[1])
     gs = torch.autograd.grad(ls, list(leaves.values()))
-    adapted = {k: (v.detach() - (0.3 if is_arch(k) else 0.1) * gr).requires_grad_(True)
-               for (k, v), gr in zip(leaves.items(), gs)}
+    adapted = {
+        k: (v.detach() - (0.3 if is_arch(k) else 0.1) * gr).requires_grad_(True)
+        for (k, v), gr in zip(leaves.items(), gs, strict=False)
+    }
     lq = F.cross_entropy(functional_call(model, adapted, (query[0],), fw), query[1])
-    ref = dict(zip(adapted, torch.autograd.grad(lq, list(adapted.values()))))
+    ref = dict(zip(adapted, torch.autograd.grad(lq, list(adapted.values())), strict=False))
     assert any(k.startswith("arch.alpha") for k in grads) and any(k.startswith("arch.beta") for k in grads)
     for k in ref:
         torch.testing.assert_close(grads[k], ref[k], rtol=1e-4, atol=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import arch_state, mask_space, randomize_arch, tiny_space, x_batch
 
 from fedmetanas_core.aggregation import arch_statistics, keep_budget, update_masks
 from fedmetanas_core.config import ConfigError, RunConfig
@@ -12,8 +13,6 @@ from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
 from fedmetanas_core.relaxation import probabilities
 from fedmetanas_core.space import RelaxSettings, SearchModel
 from fedmetanas_core.training import space_from_config
-
-from helpers import arch_state, mask_space, randomize_arch, tiny_space, x_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
@@ -129,7 +128,12 @@ def test_discrete_supernet_is_the_derived_network():
     net = DiscreteNetwork.inherit(model, derive_genotype(space, arch_state(model), masks))
     x = x_batch()
     with torch.no_grad():
-        noisy = model(x, RelaxSettings(tau=0.7, mode="gumbel-soft", noise=True, threshold=0.01), masks, torch.Generator().manual_seed(0))
+        noisy = model(
+            x,
+            RelaxSettings(tau=0.7, mode="gumbel-soft", noise=True, threshold=0.01),
+            masks,
+            torch.Generator().manual_seed(0),
+        )
         torch.testing.assert_close(noisy, net(x), rtol=1e-5, atol=1e-5)
 
 
@@ -140,8 +144,17 @@ def test_discrete_round_anneals_and_prunes_by_that_round():
     from fedmetanas_core.data import ImageData
     from fedmetanas_core.phases import Handoff, SearchPhase
 
-    cfg = RunConfig.from_flat({"num-server-rounds": 10, "warmup-rounds": 2, "discrete-round": 6, "num-cells": 3,
-                               "num-nodes": 2, "init-channels": 4}, check_paths=False)  # fmt: skip
+    cfg = RunConfig.from_flat(
+        {
+            "num-server-rounds": 10,
+            "warmup-rounds": 2,
+            "discrete-round": 6,
+            "num-cells": 3,
+            "num-nodes": 2,
+            "init-channels": 4,
+        },
+        check_paths=False,
+    )
     test = ImageData(torch.randn(4, 3, 8, 8), torch.arange(4) % 2, ("a", "b"))
     phase = SearchPhase(cfg, space_from_config(cfg, 2, 3), test, torch.device("cpu"), cfg.num_server_rounds)
     phase.start(Handoff())

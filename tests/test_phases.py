@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
+from helpers import NodeIds
 
 from client_app import app as client
 from fedmetanas_core import config as C
@@ -18,17 +19,26 @@ from fedmetanas_core.coordinator import model_config, space_for_run
 from fedmetanas_core.genotype import Genotype
 from fedmetanas_core.phases import PLANS, FixedPhase, Handoff, Phase, RetrainPhase, SearchPhase, plan_phases
 from fedmetanas_core.training import LOCAL_TRAINING, LocalResult, local_trainer, run_settings
+from flower_records import array_record
 from server_app.app import run_experiment
 from server_app.local_grid import LocalGrid
-from flower_records import array_record
 from server_app.strategy import SearchStrategy, build_base_strategy
-from helpers import NodeIds
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
 
-TINY = {"local-meta-iters": 1, "local-epochs": 1, "retrain-local-epochs": 2, "min-available-nodes": 3, "min-train-nodes": 2,
-        "batch-size": 16, "init-channels": 4, "num-partitions": 3, "train-subset": 240, "test-subset": 120,
-        "personalize-steps": 2}  # fmt: skip
+TINY = {
+    "local-meta-iters": 1,
+    "local-epochs": 1,
+    "retrain-local-epochs": 2,
+    "min-available-nodes": 3,
+    "min-train-nodes": 2,
+    "batch-size": 16,
+    "init-channels": 4,
+    "num-partitions": 3,
+    "train-subset": 240,
+    "test-subset": 120,
+    "personalize-steps": 2,
+}
 
 
 def _plan(flat: dict, test):
@@ -43,12 +53,14 @@ def _plan(flat: dict, test):
     "flat, expected",
     [
         ({"method": "fedmetanas", "num-server-rounds": 5}, [(SearchPhase, "search", "search", 5)]),
-        ({"method": "fednas", "num-server-rounds": 4, "retrain-rounds": 3},
-         [(SearchPhase, "search", "search", 4), (RetrainPhase, "retrain", "fixed", 3)]),
+        (
+            {"method": "fednas", "num-server-rounds": 4, "retrain-rounds": 3},
+            [(SearchPhase, "search", "search", 4), (RetrainPhase, "retrain", "fixed", 3)],
+        ),
         ({"method": "fednas", "num-server-rounds": 4, "retrain-rounds": 0}, [(SearchPhase, "search", "search", 4)]),
         ({"method": "fedavg", "num-server-rounds": 6}, [(FixedPhase, "fedavg", "fixed", 6)]),
     ],
-)  # fmt: skip
+)
 def test_planner_returns_each_methods_phases_in_order(digits_test, flat, expected):
     _, phases = _plan(flat, digits_test)
     assert all(isinstance(p, Phase) for p in phases)
@@ -119,7 +131,9 @@ def test_client_runs_whatever_the_table_names_with_one_signature(digits_test, mo
     calls = []
 
     def fake(model, data, cfg, plan, generator, device, proximal_mu):
-        calls.append((type(model).__name__, plan.local_epochs, plan.lr_w, proximal_mu, isinstance(generator, torch.Generator)))
+        calls.append(
+            (type(model).__name__, plan.local_epochs, plan.lr_w, proximal_mu, isinstance(generator, torch.Generator))
+        )
         return LocalResult(num_examples=len(data.pool), train_loss=0.25, steps=7, images=11)
 
     monkeypatch.setitem(LOCAL_TRAINING, ("fixed", "fedavg"), fake)
@@ -127,7 +141,13 @@ def test_client_runs_whatever_the_table_names_with_one_signature(digits_test, mo
     space = space_for_run(cfg, digits_test)
     config = ConfigRecord({"method": cfg.method, **model_config(space), **phase.round_config(1)})
     msg = next(iter(strategy.configure_train(1, array_record(phase.initial_state()), config, NodeIds([11, 12, 13]))))
-    ctx = Context(run_id=7301, node_id=11, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(), run_config=dict(cfg))
+    ctx = Context(
+        run_id=7301,
+        node_id=11,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config=dict(cfg),
+    )
     metrics = client.train(msg, ctx).content["metrics"]
     assert calls == [("SimpleCNN", 3, pytest.approx(0.07), pytest.approx(0.3), True)]
     assert (metrics["steps"], metrics["images"], metrics["train-loss"]) == (7, 11, 0.25)
@@ -171,8 +191,17 @@ def test_fednas_resumed_inside_retraining_matches_the_uninterrupted_run(tmp_path
     with run_settings(cfg):
         run_experiment(CrashingGrid(7403, dict(cfg)), cfg)
     want, got = (json.loads((d / "summary.json").read_text()) for d in (reference, resumed))
-    keys = ("genotype", "final_test_accuracy", "supernet_test_accuracy", "supernet_params", "personalized_accuracy",
-            "params", "rounds", "retrain_rounds", "steps_per_client_round")  # fmt: skip
+    keys = (
+        "genotype",
+        "final_test_accuracy",
+        "supernet_test_accuracy",
+        "supernet_params",
+        "personalized_accuracy",
+        "params",
+        "rounds",
+        "retrain_rounds",
+        "steps_per_client_round",
+    )
     assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
     assert got["resumed"] is True and got["search_time_s"] > 0 and got["retrain_time_s"] > 0
     rows = [json.loads(line) for line in (resumed / "rounds.jsonl").read_text().splitlines()]

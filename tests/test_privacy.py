@@ -19,6 +19,7 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAdam, FedAvg
+from helpers import NodeIds
 
 from client_app import app as client
 from fedmetanas_core.config import ConfigError, RunConfig
@@ -28,14 +29,27 @@ from server_app.app import federation_size, run_experiment
 from server_app.local_grid import LocalGrid
 from server_app.privacy import ServerSideAdaptiveClipping, wrap_dp
 from server_app.strategy import SearchStrategy, build_base_strategy, load_strategy_state, strategy_state
-from helpers import NodeIds
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
 
-TINY = {"local-meta-iters": 1, "local-epochs": 1, "min-available-nodes": 3, "min-train-nodes": 3, "batch-size": 16,
-        "init-channels": 4, "num-partitions": 3, "train-subset": 240, "test-subset": 120, "personalize-steps": 1,
-        "num-server-rounds": 2, "fraction-evaluate": 0.0, "tensorboard": False, "checkpoint": False,
-        "dp-noise-multiplier": 0.5, "dp-clipping-norm": 2.0}  # fmt: skip
+TINY = {
+    "local-meta-iters": 1,
+    "local-epochs": 1,
+    "min-available-nodes": 3,
+    "min-train-nodes": 3,
+    "batch-size": 16,
+    "init-channels": 4,
+    "num-partitions": 3,
+    "train-subset": 240,
+    "test-subset": 120,
+    "personalize-steps": 1,
+    "num-server-rounds": 2,
+    "fraction-evaluate": 0.0,
+    "tensorboard": False,
+    "checkpoint": False,
+    "dp-noise-multiplier": 0.5,
+    "dp-clipping-norm": 2.0,
+}
 
 
 def _run(tmp_path, name: str, **flat) -> tuple[dict, list[dict]]:
@@ -68,7 +82,9 @@ def test_epsilon_is_the_rdp_accountants_for_the_same_sampling_rate_noise_and_rou
     # more noise, less epsilon; local DP (no amplification: the server sees who took part) spends more
     assert PrivacyAccountant(2 * z, 1e-5, population, sampled, releases=rounds).epsilon() < acc.epsilon()
     if sampled < population:
-        assert PrivacyAccountant(z, 1e-5, population, sampled, amplified=False, releases=rounds).epsilon() > acc.epsilon()
+        assert (
+            PrivacyAccountant(z, 1e-5, population, sampled, amplified=False, releases=rounds).epsilon() > acc.epsilon()
+        )
     assert PrivacyAccountant(0.0, 1e-5, population, sampled, releases=1).epsilon() is None  # no noise: unbounded
 
 
@@ -79,7 +95,12 @@ def test_adaptive_clipping_accounts_both_gaussians_it_releases():
     m = 40  # sigma_b = m / 20 = 2
     z_eff = effective_noise_multiplier(cfg, m)
     both = RdpAccountant()
-    both.compose(dp_event.ComposedDpEvent([dp_event.GaussianDpEvent(update_noise_multiplier(1.5, 2.0)), dp_event.GaussianDpEvent(2.0)]), 5)
+    both.compose(
+        dp_event.ComposedDpEvent(
+            [dp_event.GaussianDpEvent(update_noise_multiplier(1.5, 2.0)), dp_event.GaussianDpEvent(2.0)]
+        ),
+        5,
+    )
     assert PrivacyAccountant(z_eff, 1e-5, m, m, releases=5).epsilon() == pytest.approx(both.get_epsilon(1e-5), rel=1e-6)
     assert z_eff < 1.5
     flower = DifferentialPrivacyServerSideAdaptiveClipping(FedAvg(), 1.5, m)  # the update noise Flower really adds
@@ -96,7 +117,9 @@ def test_a_dp_run_completes_and_reports_epsilon_every_round(tmp_path, mode):
     assert [r["aggregated"] for r in rows] == [True, True]
     z = summary["dp"]["effective_noise_multiplier"]
     # every round's epsilon is dp-accounting's for that many releases (all 3 of 3 clients: no sampling)
-    assert [r["dp-epsilon"] for r in rows] == pytest.approx([_direct_epsilon(z, 1.0, k, 1e-5) for k in (1, 2)], rel=1e-9)
+    assert [r["dp-epsilon"] for r in rows] == pytest.approx(
+        [_direct_epsilon(z, 1.0, k, 1e-5) for k in (1, 2)], rel=1e-9
+    )
     assert summary["dp_epsilon"] == rows[-1]["dp-epsilon"] and summary["dp"]["releases"] == 2
     assert summary["dp"]["mode"] == mode and math.isfinite(summary["final_test_accuracy"])
     if mode.startswith("client") or mode == "local":  # the replies the server saw were clipped by the clients
@@ -110,7 +133,9 @@ def test_zero_noise_and_a_norm_above_every_update_is_the_run_without_dp(tmp_path
     # equal partitions (iid, 240 / 3): DP's uniform mean is then FedAvg's sample-weighted mean
     same = {"partitioner": "iid", "method": "fedmetanas"}
     _, plain = _run(tmp_path, "plain", **same)
-    summary, dp = _run(tmp_path, f"{mode}-zero-noise", dp=mode, **{**same, "dp-noise-multiplier": 0.0, "dp-clipping-norm": 1e6})
+    summary, dp = _run(
+        tmp_path, f"{mode}-zero-noise", dp=mode, **{**same, "dp-noise-multiplier": 0.0, "dp-clipping-norm": 1e6}
+    )
     assert max(n for r in plain for n in r["update-norms"]) < 1e6
     assert [r["accuracy"] for r in dp] == [r["accuracy"] for r in plain]
     assert dp[-1]["update-norms"] == pytest.approx(plain[-1]["update-norms"], rel=1e-4)
@@ -129,7 +154,9 @@ def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
 
 def _reply(update: dict[str, np.ndarray], node: int = 1, reverse: bool = False) -> Message:
     keys = list(update)[::-1] if reverse else list(update)
-    content = RecordDict({"arrays": _arrays({k: update[k] for k in keys}), "metrics": MetricRecord({"num-examples": 10 * node})})
+    content = RecordDict(
+        {"arrays": _arrays({k: update[k] for k in keys}), "metrics": MetricRecord({"num-examples": 10 * node})}
+    )
     msg = Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
     msg.metadata.__dict__["_src_node_id"] = node
     return msg
@@ -141,8 +168,17 @@ def _global() -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("clip, expected_norm", [(1.0, 1.0), (100.0, 5.0)])
 def test_server_side_clipping_bounds_the_whole_update_weights_and_logits_together(clip, expected_norm):
-    cfg = RunConfig.from_flat({**TINY, "dp": "server-fixed", "dp-noise-multiplier": 0.0, "dp-clipping-norm": clip,
-                               "min-available-nodes": 1, "min-train-nodes": 1, "num-partitions": 1})  # fmt: skip
+    cfg = RunConfig.from_flat(
+        {
+            **TINY,
+            "dp": "server-fixed",
+            "dp-noise-multiplier": 0.0,
+            "dp-clipping-norm": clip,
+            "min-available-nodes": 1,
+            "min-train-nodes": 1,
+            "num-partitions": 1,
+        }
+    )
     strategy = SearchStrategy(wrap_dp(build_base_strategy(cfg), cfg, 1), "logits", 1)
     strategy.configure_train(1, _arrays(_global()), ConfigRecord({}), NodeIds([1, 2]))
     update = {KEYS[0]: np.full((4, 3), 1.0), KEYS[1]: np.full((2, 4), 1.0)}  # norm sqrt(12 + 8)
@@ -161,7 +197,9 @@ def test_client_mod_clips_an_update_above_the_norm(mode):
     cfg = dict(RunConfig.from_flat({**TINY, "dp": mode, "dp-noise-multiplier": 0.0, "dp-clipping-norm": 2.0}))
     sent = _global()
     config = ConfigRecord({"clipping_norm": 2.0})  # the server's client-side wrappers send it
-    msg = Message(RecordDict({"arrays": _arrays(sent), "config": config}), dst_node_id=1, message_type=MessageType.TRAIN)
+    msg = Message(
+        RecordDict({"arrays": _arrays(sent), "config": config}), dst_node_id=1, message_type=MessageType.TRAIN
+    )
     run_id = 991 + ["client-fixed", "client-adaptive", "local"].index(mode)  # the ClientApp caches configs per run
     ctx = Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config=cfg)
     big = {KEYS[1]: np.full((2, 4), 3.0), KEYS[0]: np.full((4, 3), 3.0)}  # norm 3 x sqrt(20), other key order
@@ -173,14 +211,20 @@ def test_client_mod_clips_an_update_above_the_norm(mode):
     assert not reply.has_error(), reply.error
     out = {k: v.numpy() for k, v in reply.content["arrays"].items()}
     assert list(out) == list(sent)  # in the sent order
-    assert math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in out.values())) == pytest.approx(2.0, rel=1e-5)
+    assert math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in out.values())) == pytest.approx(
+        2.0, rel=1e-5
+    )
     if mode == "client-adaptive":
         assert reply.content["metrics"]["norm_bit"] == 1  # clipped: the server adapts the norm from it
 
 
 def test_clients_leave_replies_alone_without_client_side_dp():
     cfg = dict(RunConfig.from_flat({**TINY, "dp": "server-fixed"}))
-    msg = Message(RecordDict({"arrays": _arrays(_global()), "config": ConfigRecord({})}), dst_node_id=1, message_type=MessageType.TRAIN)
+    msg = Message(
+        RecordDict({"arrays": _arrays(_global()), "config": ConfigRecord({})}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
     ctx = Context(run_id=995, node_id=1, node_config={}, state=RecordDict(), run_config=cfg)
     big = {k: np.full(v.shape, 3.0) for k, v in _global().items()}
     reply = client.dp_mod(msg, ctx, lambda m, c: Message(RecordDict({"arrays": _arrays(big)}), reply_to=m))
@@ -224,8 +268,15 @@ def test_dp_strategy_state_survives_a_checkpoint():
 def test_the_server_refuses_a_dp_config_for_the_federation_it_finds(tmp_path):
     """num-partitions unset: the population is the connected nodes (3); adaptive clipping then needs
     z < 2 x 3/20 = 0.3. Refused before any data is loaded."""
-    cfg = RunConfig.from_flat({**TINY, "num-partitions": 0, "dp": "client-adaptive", "dp-noise-multiplier": 0.5,
-                               "results-dir": str(tmp_path / "refused")})  # fmt: skip
+    cfg = RunConfig.from_flat(
+        {
+            **TINY,
+            "num-partitions": 0,
+            "dp": "client-adaptive",
+            "dp-noise-multiplier": 0.5,
+            "results-dir": str(tmp_path / "refused"),
+        }
+    )
     with pytest.raises(ConfigError, match="'dp-noise-multiplier'"):
         run_experiment(LocalGrid(996, dict(cfg), 3), cfg)
 

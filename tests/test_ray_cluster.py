@@ -50,7 +50,9 @@ def test_bad_flags_get_one_line_naming_the_flag_and_exit_2(flags, flag, monkeypa
     assert len(err) == 1 and f"'{flag}'" in err[0] and "invalid" in err[0], err
 
 
-@pytest.mark.parametrize("address", ["10.0.0.1:6379", "head-node.example.org:6379", "ray://10.0.0.1:10001", "ray://[::1]:10001"])
+@pytest.mark.parametrize(
+    "address", ["10.0.0.1:6379", "head-node.example.org:6379", "ray://10.0.0.1:10001", "ray://[::1]:10001"]
+)
 def test_ray_address_forms_are_accepted(address):
     assert cli.check_ray_address(address) == address
 
@@ -99,9 +101,17 @@ def test_ray_address_reaches_a_private_superlink_and_gpus_the_federation_config(
     RecordingFlwrRun.calls = []
     monkeypatch.setattr(subprocess, "Popen", RecordingFlwrRun)
     monkeypatch.delenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", raising=False)
-    args = ["run", "--ray-address", "ray://10.0.0.1:10001", "--gpus-per-client", "0.25", "-c", f'results-dir="{tmp_path}"']
+    args = [
+        "run",
+        "--ray-address",
+        "ray://10.0.0.1:10001",
+        "--gpus-per-client",
+        "0.25",
+        "-c",
+        f'results-dir="{tmp_path}"',
+    ]
     assert cli.main(args) == 1  # the recorder "fails", so the private FLWR_HOME is kept for its log
-    (cmd, env), = RecordingFlwrRun.calls  # fmt: skip
+    ((cmd, env),) = RecordingFlwrRun.calls
     federation = cmd[cmd.index("--federation-config") + 1]
     assert "client-resources-num-gpus=0.25" in federation and "init-args" not in federation
     assert env["RAY_ADDRESS"] == "ray://10.0.0.1:10001"
@@ -113,7 +123,7 @@ def test_ray_address_reaches_a_private_superlink_and_gpus_the_federation_config(
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     RecordingFlwrRun.calls = []
     assert cli.main(["run", "-c", f'results-dir="{tmp_path}"']) == 1
-    (cmd, env), = RecordingFlwrRun.calls  # fmt: skip
+    ((cmd, env),) = RecordingFlwrRun.calls
     assert "RAY_ADDRESS" not in env and env.get("FLWR_HOME") == os.environ.get("FLWR_HOME")
     assert "num-gpus" not in cmd[cmd.index("--federation-config") + 1]
 

@@ -32,7 +32,11 @@ def test_readme_adding_a_method_names_the_module_whose_methods_the_key_check_use
     assert len(named) == 1 and named == code, (named, code)
     module_name = named.pop()
     tree = ast.parse((root / "fedmetanas_core" / f"{module_name}.py").read_text())
-    defined = [n for n in tree.body if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "METHODS" for t in n.targets)]
+    defined = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "METHODS" for t in n.targets)
+    ]
     assert defined, f"fedmetanas_core/{module_name}.py does not define METHODS (it only imports it)"
 
     module = importlib.import_module(f"fedmetanas_core.{module_name}")

@@ -40,18 +40,24 @@ def record(state: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def request(node: int) -> Message:
-    return Message(RecordDict({"arrays": record(GLOBAL), "config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(
+        RecordDict({"arrays": record(GLOBAL), "config": ConfigRecord({})}),
+        dst_node_id=node,
+        message_type=MessageType.TRAIN,
+    )
 
 
 def reply(node: int, state: dict[str, np.ndarray], n: int, **metrics) -> Message:
-    content = RecordDict({"arrays": record(state), "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, **metrics})})
+    content = RecordDict(
+        {"arrays": record(state), "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, **metrics})}
+    )
     return Message(content, reply_to=request(node))
 
 
 def good_replies() -> tuple[list[Message], list[dict[str, np.ndarray]], list[int]]:
     states = [{k: v + 0.1 * (i + 1) for k, v in GLOBAL.items()} for i in range(3)]
     sizes = [10, 20, 30]
-    return [reply(i + 1, s, n) for i, (s, n) in enumerate(zip(states, sizes))], states, sizes
+    return [reply(i + 1, s, n) for i, (s, n) in enumerate(zip(states, sizes, strict=False))], states, sizes
 
 
 def faulty_reply(kind: str, node: int = 99) -> Message:
@@ -69,7 +75,7 @@ def strategy(min_replies: int = 2, base=None) -> SearchStrategy:
 
 def weighted_mean(states, sizes):
     total = sum(sizes)
-    return {k: sum(s[k].astype(np.float64) * n / total for s, n in zip(states, sizes)) for k in states[0]}
+    return {k: sum(s[k].astype(np.float64) * n / total for s, n in zip(states, sizes, strict=False)) for k in states[0]}
 
 
 REASONS = {
@@ -116,10 +122,14 @@ def test_all_faults_together_leave_the_mean_of_the_good_replies():
         (lambda: reply(7, GLOBAL, 10, extra=1.0), "metric keys"),
         (lambda: reply(7, {**GLOBAL, "net.stem.weight": GLOBAL["net.stem.weight"].astype(np.complex64)}, 10), "dtype"),
         (lambda: Message(RecordDict({"arrays": record(GLOBAL)}), reply_to=request(7)), "MetricRecord"),
-        (lambda: Message(RecordDict({"w": record(GLOBAL), "metrics": MetricRecord({"num-examples": 5})}), reply_to=request(7)), "ArrayRecord"),
+        (
+            lambda: Message(
+                RecordDict({"w": record(GLOBAL), "metrics": MetricRecord({"num-examples": 5})}), reply_to=request(7)
+            ),
+            "ArrayRecord",
+        ),
     ],
 )
-
 def test_malformed_replies_are_excluded(make, reason):
     good, states, sizes = good_replies()
     s = strategy()
@@ -186,8 +196,9 @@ def test_corrupt_reply_kinds_and_fault_parsing():
 
 def test_client_error_reason_is_shortened_to_its_gist():
     ray_style = (
-        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1)\n"
-        "  File \"x.py\", line 1, in f\n    raise\nflwr.clientapp.client_app.ClientAppException: \n"
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
+        "(pid=1)\n"
+        '  File "x.py", line 1, in f\n    raise\nflwr.clientapp.client_app.ClientAppException: \n'
         "Exception ClientAppException occurred. Message: partition 3 has 2 example(s) but needs at least 3'>"
     )
     assert short_reason(ray_style) == "partition 3 has 2 example(s) but needs at least 3"
@@ -222,17 +233,30 @@ def test_check_strategy(tmp_path):
 # --- (b) one real simulation ------------------------------------------------------------------
 
 TINY_RUN = {
-    "num-server-rounds": 2, "local-meta-iters": 2, "min-available-nodes": 5, "min-train-nodes": 2,
-    "fraction-evaluate": 0.0, "num-cells": 2, "num-nodes": 2, "init-channels": 4, "stem-multiplier": 1,
-    "primitives": "none,max_pool_3x3,skip_connect,sep_conv_3x3", "batch-size": 16, "partitioner": "iid",
-    "train-subset": 400, "test-subset": 100, "checkpoint": False,
-}  # fmt: skip
+    "num-server-rounds": 2,
+    "local-meta-iters": 2,
+    "min-available-nodes": 5,
+    "min-train-nodes": 2,
+    "fraction-evaluate": 0.0,
+    "num-cells": 2,
+    "num-nodes": 2,
+    "init-channels": 4,
+    "stem-multiplier": 1,
+    "primitives": "none,max_pool_3x3,skip_connect,sep_conv_3x3",
+    "batch-size": 16,
+    "partitioner": "iid",
+    "train-subset": 400,
+    "test-subset": 100,
+    "checkpoint": False,
+}
 
 
 @pytest.mark.slow  # Flower's simulation engine (Ray)
 def test_simulation_with_faulty_clients_completes_and_counts_rejections(tmp_path):
     out = tmp_path / "run"
-    run_in_process({**TINY_RUN, "results-dir": str(out)}, num_supernodes=5, faults={0: "nan", 1: "shape", 2: "exception"})
+    run_in_process(
+        {**TINY_RUN, "results-dir": str(out)}, num_supernodes=5, faults={0: "nan", 1: "shape", 2: "exception"}
+    )
     summary = json.loads((out / "summary.json").read_text())
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines() if line.strip()]
     assert [r["round"] for r in rounds] == [1, 2]
@@ -276,7 +300,16 @@ def test_truncated_image_is_reported_with_its_path_or_skipped(tmp_path, fresh_da
     D.clear_caches()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        client = D.load_client_data(D.DataSpec(dataset="imagefolder", data_dir=str(root), partitioner="iid", on_corrupt_image="skip", partition_id=0, num_partitions=2))
+        client = D.load_client_data(
+            D.DataSpec(
+                dataset="imagefolder",
+                data_dir=str(root),
+                partitioner="iid",
+                on_corrupt_image="skip",
+                partition_id=0,
+                num_partitions=2,
+            )
+        )
     assert len(client.train) + len(client.query) + len(client.test) == 4
 
 

@@ -127,14 +127,32 @@ def test_comparison_from_a_benchmark_json(tmp_path: Path, drawn_run: Path):
         "preset": "digits-tiny",
         "machine": "test machine",
         "rows": [
-            {"method": "fedmetanas", "final_test_accuracy": 0.48, "supernet_test_accuracy": 0.52, "search_time_s": 32.0,
-             "retrain_time_s": 0.0, "total_time_s": 32.1, "time_to_reach_fednas_accuracy_s": 20.0,
-             "personalized_accuracy": 0.66, "params": 1570, "results_dir": "run"},
-            {"method": "fedavg", "final_test_accuracy": 0.31, "supernet_test_accuracy": None, "search_time_s": 10.0,
-             "retrain_time_s": 0.0, "total_time_s": 10.0, "time_to_reach_fednas_accuracy_s": None,
-             "personalized_accuracy": 0.5, "params": 900, "results_dir": "gone"},
+            {
+                "method": "fedmetanas",
+                "final_test_accuracy": 0.48,
+                "supernet_test_accuracy": 0.52,
+                "search_time_s": 32.0,
+                "retrain_time_s": 0.0,
+                "total_time_s": 32.1,
+                "time_to_reach_fednas_accuracy_s": 20.0,
+                "personalized_accuracy": 0.66,
+                "params": 1570,
+                "results_dir": "run",
+            },
+            {
+                "method": "fedavg",
+                "final_test_accuracy": 0.31,
+                "supernet_test_accuracy": None,
+                "search_time_s": 10.0,
+                "retrain_time_s": 0.0,
+                "total_time_s": 10.0,
+                "time_to_reach_fednas_accuracy_s": None,
+                "personalized_accuracy": 0.5,
+                "params": 900,
+                "results_dir": "gone",
+            },
         ],
-    }  # fmt: skip
+    }
     path = tmp_path / "comparison.json"
     path.write_text(json.dumps(doc))
     out = tmp_path / "comparison_report.md"
@@ -149,9 +167,18 @@ def test_comparison_from_a_benchmark_json(tmp_path: Path, drawn_run: Path):
 
 def test_comparison_over_seeds_shows_each_methods_means(tmp_path: Path):
     """benchmarks.compare writes a method's figures over seeds as <figure>_mean / _std."""
-    rows = [{"method": "fedmetanas", "seeds": [0, 1], "final_test_accuracy_mean": 0.3, "final_test_accuracy_std": 0.1,
-             "personalized_accuracy_mean": 0.5, "total_time_s_mean": 42.0, "params_mean": 1570.0,
-             "time_to_reach_fednas_accuracy_s_mean": None}]  # fmt: skip
+    rows = [
+        {
+            "method": "fedmetanas",
+            "seeds": [0, 1],
+            "final_test_accuracy_mean": 0.3,
+            "final_test_accuracy_std": 0.1,
+            "personalized_accuracy_mean": 0.5,
+            "total_time_s_mean": 42.0,
+            "params_mean": 1570.0,
+            "time_to_reach_fednas_accuracy_s_mean": None,
+        }
+    ]
     path = tmp_path / "comparison.json"
     path.write_text(json.dumps({"preset": "digits", "rows": rows}))
     out = tmp_path / "comparison_report.md"
@@ -202,7 +229,13 @@ def test_one_failing_figure_does_not_stop_the_others(run: Path, monkeypatch):
 def test_fixed_network_run_skips_search_figures_without_errors(run: Path):
     _edit_summary(run, method="fedavg", genotype=None, supernet_test_accuracy=None)
     (run / "genotype.yaml").unlink()
-    _write_rows(run, [{"phase": "fedavg", "round": i, "tau": 1.0, "accuracy": 0.1 * i, "loss": 2 - 0.1 * i, "elapsed-s": 2.0 * i} for i in range(1, 5)])
+    _write_rows(
+        run,
+        [
+            {"phase": "fedavg", "round": i, "tau": 1.0, "accuracy": 0.1 * i, "loss": 2 - 0.1 * i, "elapsed-s": 2.0 * i}
+            for i in range(1, 5)
+        ],
+    )
     result = R.render_run_figures(run)
     assert {p.name for p in result.written} == {"accuracy_vs_round.png", "accuracy_vs_time.png", "personalization.png"}
     assert set(result.skipped) == set(R.FIGURES) - {p.name for p in result.written}

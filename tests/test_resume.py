@@ -12,16 +12,24 @@ import pytest
 
 pytestmark = pytest.mark.slow  # a server process running Flower's simulation engine (Ray)
 
-CONFIG = {"num-server-rounds": 4, "local-meta-iters": 2, "min-available-nodes": 3, "warmup-rounds": 1,
-          "mask-start-round": 1, "fraction-evaluate": 1.0}  # fmt: skip
+CONFIG = {
+    "num-server-rounds": 4,
+    "local-meta-iters": 2,
+    "min-available-nodes": 3,
+    "warmup-rounds": 1,
+    "mask-start-round": 1,
+    "fraction-evaluate": 1.0,
+}
 RUN = "import json, sys; from server_app.simulation import run_in_process; run_in_process(json.loads(sys.argv[1]), 3)"
 
 
 def _start(config: dict) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", RUN, json.dumps(config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _rounds(out: Path) -> list[dict]:
@@ -51,13 +59,19 @@ def test_resume_after_kill_loses_nothing_and_matches_uninterrupted_run(tmp_path)
     killed_after = len(_rounds(resumed))
 
     # a different config is refused, a matching one continues
-    bad = subprocess.run([sys.executable, "-c", RUN, json.dumps({**CONFIG, "seed": 1, "resume": True, "results-dir": str(resumed)})],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-c", RUN, json.dumps({**CONFIG, "seed": 1, "resume": True, "results-dir": str(resumed)})],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "differs from the checkpoint's in seed" in bad.stdout + bad.stderr
     assert not (resumed / "summary.json").exists()
 
     for config in ({**CONFIG, "resume": True, "results-dir": str(resumed)}, {**CONFIG, "results-dir": str(reference)}):
-        done = subprocess.run([sys.executable, "-c", RUN, json.dumps(config)], capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-c", RUN, json.dumps(config)], capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stderr[-2000:]
 
     rounds = _rounds(resumed)

@@ -3,12 +3,12 @@ rounds' reasons and its checkpoint (issue 13). Unit tests: no Flower run, no sim
 
 from __future__ import annotations
 
-from collections import OrderedDict
 import json
 import random
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,6 +16,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
+from helpers import NodeIds
 from PIL import Image
 
 from client_app.app import in_run_settings, node_data
@@ -24,19 +25,18 @@ from fedmetanas_core import data as D
 from fedmetanas_core.config import RunConfig, defaults
 from fedmetanas_core.outputs import CHECKPOINT_FILE, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from fedmetanas_core.phases import Handoff
-from fedmetanas_core.space import fast_path_enabled
 from fedmetanas_core.seeding import make_generator
+from fedmetanas_core.space import fast_path_enabled
 from fedmetanas_core.training import run_settings
 from flower_records import array_record
 from server_app.app import Experiment, client_order
-from server_app.summary import skipped_rounds
 from server_app.strategy import (
     TOO_FEW_REPLIES,
     SearchStrategy,
     load_strategy_state,
     strategy_state,
 )
-from helpers import NodeIds
+from server_app.summary import skipped_rounds
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -104,7 +104,9 @@ def test_an_actor_serving_a_large_population_keeps_a_bounded_data_cache(monkeypa
     monkeypatch.setattr(client_app, "_DATA", OrderedDict())
     monkeypatch.setattr(client_app, "CLIENT_DATA_CACHE", 3)
     loads = []
-    monkeypatch.setattr(client_app, "load_client_data", lambda spec: loads.append(spec.partition_id) or SimpleNamespace(spec=spec))
+    monkeypatch.setattr(
+        client_app, "load_client_data", lambda spec: loads.append(spec.partition_id) or SimpleNamespace(spec=spec)
+    )
     cfg = RunConfig.from_flat({"dataset": "digits", "num-partitions": 1000}, check_paths=False)
     for pid in (0, 1, 2, 0, 3, 0, 1):  # 1 is the least recently used when 3 arrives
         node_data(cfg, {"partition-id": pid})
@@ -121,7 +123,11 @@ def test_an_actor_serving_many_runs_keeps_a_bounded_config_cache(monkeypatch):
     monkeypatch.setattr(client_app, "RUN_CONFIG_CACHE", 3, raising=False)
     validated = []
     real = RunConfig.from_flat.__func__
-    monkeypatch.setattr(RunConfig, "from_flat", classmethod(lambda cls, flat, **kw: validated.append(flat["seed"]) or real(cls, flat, **kw)))
+    monkeypatch.setattr(
+        RunConfig,
+        "from_flat",
+        classmethod(lambda cls, flat, **kw: validated.append(flat["seed"]) or real(cls, flat, **kw)),
+    )
 
     def context(run_id: int) -> Context:
         return Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config={"seed": run_id})
@@ -135,11 +141,15 @@ def test_an_actor_serving_many_runs_keeps_a_bounded_config_cache(monkeypatch):
 def test_server_orders_replies_by_node_id_sized_partition_ids():
     """Error replies last, after partition ids as large as Flower's uint64 node ids."""
     grid = NodeIds([11, 12, 13])
-    msgs = list(FedAvg(min_available_nodes=3).configure_train(1, array_record({"w": np.zeros(2, np.float32)}), ConfigRecord({}), grid))
+    msgs = list(
+        FedAvg(min_available_nodes=3).configure_train(
+            1, array_record({"w": np.zeros(2, np.float32)}), ConfigRecord({}), grid
+        )
+    )
     pids = [2**64 - 5, 7, 2**40]
     replies = [
         Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "partition-id": pid})}), reply_to=m)
-        for pid, m in zip(pids, msgs)
+        for pid, m in zip(pids, msgs, strict=False)
     ]
     error = Message(Error(code=0, reason="client failed"), reply_to=msgs[0])
     ordered = sorted([error, *replies], key=client_order)
@@ -194,9 +204,17 @@ def _replies(strategy: SearchStrategy, n: int) -> list[Message]:
     arrays = array_record({"w": np.zeros(3, np.float32)})
     msgs = list(strategy.configure_train(1, arrays, ConfigRecord({}), NodeIds([11, 12, 13])))[:n]
     return [
-        Message(RecordDict({"arrays": array_record({"w": np.full(3, i + 1.0, np.float32)}), "metrics": MetricRecord({"num-examples": 10})}), reply_to=m)
+        Message(
+            RecordDict(
+                {
+                    "arrays": array_record({"w": np.full(3, i + 1.0, np.float32)}),
+                    "metrics": MetricRecord({"num-examples": 10}),
+                }
+            ),
+            reply_to=m,
+        )
         for i, m in enumerate(msgs)
-    ]  # fmt: skip
+    ]
 
 
 def test_aggregate_train_tells_errors_from_too_few_replies():
@@ -256,9 +274,16 @@ class FakeFlwrRun:
         if cmd[1] == "log":
             lines = ["INFO :      Starting logstream for run_id `7`\n", "[search 1/1] ...\n"]
         elif "--format" in cmd and cmd[cmd.index("--format") + 1] == "json":
-            payload = {"success": True, "run-id": "7", "federation-id": "", "fab-id": "fedmetanas/fedmetanas",
-                       "fab-name": "fedmetanas", "fab-version": "0.1.0", "fab-hash": "0123abcd",
-                       "fab-filename": "fedmetanas.fedmetanas.0-1-0.0123abcd.fab"}  # fmt: skip
+            payload = {
+                "success": True,
+                "run-id": "7",
+                "federation-id": "",
+                "fab-id": "fedmetanas/fedmetanas",
+                "fab-name": "fedmetanas",
+                "fab-version": "0.1.0",
+                "fab-hash": "0123abcd",
+                "fab-filename": "fedmetanas.fedmetanas.0-1-0.0123abcd.fab",
+            }
             lines = _flower_json(payload, self.colour).splitlines(keepends=True)
         else:
             lines = [self.human]
@@ -300,7 +325,9 @@ def test_cli_finds_the_run_id_whatever_flower_says_to_people(tmp_path, monkeypat
     monkeypatch.setattr(FakeFlwrRun, "colour", colour)
     monkeypatch.setattr(FakeFlwrRun, "calls", [])
     monkeypatch.setattr(subprocess, "Popen", FakeFlwrRun)
-    monkeypatch.setattr(cli, "_run_status", lambda connection, run_id, env: asked.append(run_id) or "finished:completed")
+    monkeypatch.setattr(
+        cli, "_run_status", lambda connection, run_id, env: asked.append(run_id) or "finished:completed"
+    )
     assert cli.main(["run", "-c", f'results-dir="{out}"']) == 0, capsys.readouterr()
     assert asked == ["7"]
     assert "[search 1/1]" in capsys.readouterr().out  # the run's log reached the terminal
@@ -321,7 +348,9 @@ def test_parse_run_id_reads_flowers_json_only():
 def test_cli_defaults_come_from_the_config_module_not_pyproject(tmp_path, monkeypatch, capsys):
     seen = []
     real = RunConfig.from_flat.__func__
-    monkeypatch.setattr(RunConfig, "from_flat", classmethod(lambda cls, flat, **kw: seen.append(dict(flat)) or real(cls, flat, **kw)))
+    monkeypatch.setattr(
+        RunConfig, "from_flat", classmethod(lambda cls, flat, **kw: seen.append(dict(flat)) or real(cls, flat, **kw))
+    )
     monkeypatch.setattr(cli, "SOURCE_ROOT", tmp_path)  # no checkout and no packaged pyproject.toml
     monkeypatch.setattr(cli, "PACKAGED_PYPROJECT", tmp_path / "missing" / "pyproject.toml")
     assert cli.main(["check"]) == 0
@@ -343,12 +372,19 @@ def test_checkpoint_loads_weights_only_and_round_trips_rng_and_strategy_state(tm
     np.random.normal()  # numpy caches the second Gaussian: part of its state
     cfg = RunConfig.from_flat({"strategy": "FedAdam"})
     experiment = SimpleNamespace(
-        recorder=SimpleNamespace(dir=tmp_path), cfg=cfg, strategy=SimpleNamespace(base=adam),
-        done=[("search", 1), ("search", 2)], nodes_seen={2**64 - 1, 5}, rejected_total=1, accountant=None,
+        recorder=SimpleNamespace(dir=tmp_path),
+        cfg=cfg,
+        strategy=SimpleNamespace(base=adam),
+        done=[("search", 1), ("search", 2)],
+        nodes_seen={2**64 - 1, 5},
+        rejected_total=1,
+        accountant=None,
         carried=Handoff(None, {"supernet_test_accuracy": np.float64(0.5), "supernet_params": 7}, [3.5]),
-    )  # fmt: skip
-    phase = SimpleNamespace(masks={"arch.alpha.normal": torch.zeros(2, 3, dtype=torch.bool)},
-                            last={"accuracy": np.float64(0.25), "op-probs": [[0.5, 0.5]], "genotype": {"normal": []}})  # fmt: skip
+    )
+    phase = SimpleNamespace(
+        masks={"arch.alpha.normal": torch.zeros(2, 3, dtype=torch.bool)},
+        last={"accuracy": np.float64(0.25), "op-probs": [[0.5, 0.5]], "genotype": {"normal": []}},
+    )
     Experiment.save(experiment, 0, phase, 2, array_record({"w": np.ones(3, np.float32)}), 12.5)  # the server's own save
     expected = (random.random(), float(np.random.normal()), torch.rand(3))
 
@@ -365,18 +401,30 @@ def test_checkpoint_loads_weights_only_and_round_trips_rng_and_strategy_state(tm
     load_strategy_state(fresh, ck["strategy"])
     for moment in ("m_t", "v_t"):
         got, want = getattr(fresh, moment), getattr(adam, moment)
-        assert set(got) == set(want) and all(isinstance(v, np.ndarray) and v.dtype == want[k].dtype and np.array_equal(v, want[k]) for k, v in got.items())
+        assert set(got) == set(want) and all(
+            isinstance(v, np.ndarray) and v.dtype == want[k].dtype and np.array_equal(v, want[k])
+            for k, v in got.items()
+        )
     save_checkpoint(tmp_path, {"strategy": strategy_state(avgm)})
     fresh_m = FedAvgM(server_momentum=0.9)
     load_strategy_state(fresh_m, load_checkpoint(tmp_path)["strategy"])
-    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(fresh_m.momentum_vector, avgm.momentum_vector, strict=True))
-    assert isinstance(fresh_m.current_arrays, ArrayRecord) and np.array_equal(fresh_m.current_arrays["w"].numpy(), np.full(3, 2.0))
+    assert all(
+        np.array_equal(a, b) and a.dtype == b.dtype
+        for a, b in zip(fresh_m.momentum_vector, avgm.momentum_vector, strict=True)
+    )
+    assert isinstance(fresh_m.current_arrays, ArrayRecord) and np.array_equal(
+        fresh_m.current_arrays["w"].numpy(), np.full(3, 2.0)
+    )
     assert strategy_state(FedAvg()) == {}
 
 
 def test_rng_states_are_plain_data():
     states = rng_states()
-    assert isinstance(states["python"], list) and isinstance(states["numpy"][1], list) and isinstance(states["torch"], torch.Tensor)
+    assert (
+        isinstance(states["python"], list)
+        and isinstance(states["numpy"][1], list)
+        and isinstance(states["torch"], torch.Tensor)
+    )
 
 
 @pytest.mark.slow  # three real interpreters
@@ -385,8 +433,10 @@ def test_stop_pids_stops_exactly_the_given_processes_and_their_tree_is_found():
     the child is found as a descendant; an unrelated process started beside them keeps running."""
     from fedmetanas_core.processes import alive, descendants, stop_pids
 
-    stubborn = "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
-               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"  # fmt: skip
+    stubborn = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    )
     parent = subprocess.Popen([sys.executable, "-c", stubborn])
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

@@ -12,7 +12,13 @@ from server_app.simulation import run_in_process
 
 pytestmark = pytest.mark.slow  # Flower's simulation engine (Ray)
 
-TINY = {"num-server-rounds": 2, "local-meta-iters": 2, "min-available-nodes": 3, "warmup-rounds": 0, "mask-start-round": 1}
+TINY = {
+    "num-server-rounds": 2,
+    "local-meta-iters": 2,
+    "min-available-nodes": 3,
+    "warmup-rounds": 0,
+    "mask-start-round": 1,
+}
 
 
 def test_two_round_simulation_writes_every_output(tmp_path):
@@ -27,8 +33,18 @@ def test_two_round_simulation_writes_every_output(tmp_path):
     assert rounds[0]["tau"] == 1.0 and abs(rounds[1]["tau"] - 0.1) < 1e-9  # schedule endpoints
     for name in ("config.yaml", "genotype.yaml", "derived_model.pt", "checkpoint.pt"):
         assert (out / name).is_file(), name
-    for key in ("final_test_accuracy", "supernet_test_accuracy", "personalized_accuracy", "wall_time_s",
-                "search_time_s", "retrain_time_s", "genotype", "params", "seed", "versions"):  # fmt: skip
+    for key in (
+        "final_test_accuracy",
+        "supernet_test_accuracy",
+        "personalized_accuracy",
+        "wall_time_s",
+        "search_time_s",
+        "retrain_time_s",
+        "genotype",
+        "params",
+        "seed",
+        "versions",
+    ):
         assert key in summary, key
     assert summary["retrain_time_s"] == 0.0 and len(summary["personalized_per_client"]) == 3
 

@@ -14,14 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fedmetanas_core import space as S
-from fedmetanas_core.space import kernels
-from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
-from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient, second_order_task_gradient
-from fedmetanas_core.space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, is_arch, make_op
 from helpers import randomize_arch, tiny_space
 
+from fedmetanas_core import space as S
+from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
+from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient, second_order_task_gradient
+from fedmetanas_core.space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, is_arch, kernels, make_op
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
@@ -56,7 +54,9 @@ def task_gradient(model, fast: bool, order: int = 1, seed: int = 0, dtype=torch.
         inner = InnerLoop(1, 0.1, 0.05)
         fn = second_order_task_gradient if order == 2 else fomaml_task_gradient
         generator = torch.Generator().manual_seed(seed)
-        grads, loss = fn(model, params, batch(seed=1, dtype=dtype), batch(seed=2, dtype=dtype), inner, generator=generator, **fw)
+        grads, loss = fn(
+            model, params, batch(seed=1, dtype=dtype), batch(seed=2, dtype=dtype), inner, generator=generator, **fw
+        )
     return grads, loss
 
 
@@ -85,7 +85,7 @@ def test_depthwise_conv_gradients_equal_autograd(k, d, s, size):
     out = kernels._DepthwiseConv.apply(x, w, s, p, d)
     torch.testing.assert_close(out, F.conv2d(x, w, None, s, p, d, c))
     got = torch.autograd.grad(out, (x, w), g)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
@@ -98,7 +98,10 @@ def test_depthwise_conv_double_backward(k, d, s):
     assert torch.autograd.gradgradcheck(lambda x, w: kernels._DepthwiseConv.apply(x, w, s, p, d), (x, w))
 
 
-@pytest.mark.parametrize("name", ["max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"])
+@pytest.mark.parametrize(
+    "name",
+    ["max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"],
+)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_each_op_fast_equals_eager_float32(name, stride):
     op = make_op(name, 8, stride)
@@ -116,7 +119,7 @@ def test_each_op_fast_equals_eager_float32(name, stride):
             results.append((out.detach().contiguous(), [g.contiguous() for g in grads]))
     (o0, g0), (o1, g1) = results
     torch.testing.assert_close(o1, o0, rtol=1e-4, atol=1e-4)
-    for a, b in zip(g1, g0):  # float32 sums in another order: relative to the tensor's scale
+    for a, b in zip(g1, g0, strict=False):  # float32 sums in another order: relative to the tensor's scale
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
 
 
@@ -165,7 +168,9 @@ def test_fast_path_backward_survives_odd_batches_on_two_threads():
 # The whole supernet: same function, same gradients, same generator draws
 
 
-@pytest.mark.parametrize("mode,masked", [("gumbel-soft", False), ("gumbel-soft", True), ("gumbel-hard", False), ("softmax", True)])
+@pytest.mark.parametrize(
+    "mode,masked", [("gumbel-soft", False), ("gumbel-soft", True), ("gumbel-hard", False), ("softmax", True)]
+)
 def test_fast_path_task_gradient_equals_eager_float64(mode, masked):
     space = tiny_space()
     model = SearchModel(space).double()
@@ -207,7 +212,7 @@ def test_fast_and_eager_run_the_same_ops_and_draw_the_same_noise():
     for fast in (False, True):
         calls = []
         handles = [
-            op.register_forward_hook(lambda m, i, o, key=(ci, key, name): calls.append(key))
+            op.register_forward_hook(lambda m, i, o, key=(ci, key, name), calls=calls: calls.append(key))
             for ci, cell in enumerate(model.net.cells)
             for key, edge in cell.edges.items()
             for name, op in edge.ops.items()
@@ -226,7 +231,9 @@ def test_discrete_network_fast_equals_eager():
     space = tiny_space()
     model = SearchModel(space)
     randomize_arch(model, 2.0, seed=1)
-    net = DiscreteNetwork.inherit(model, derive_genotype(space, {k: v for k, v in model.state_dict().items() if is_arch(k)}))
+    net = DiscreteNetwork.inherit(
+        model, derive_genotype(space, {k: v for k, v in model.state_dict().items() if is_arch(k)})
+    )
     x, y = batch()
     out = {}
     for fast in (False, True):
@@ -258,7 +265,11 @@ def test_fast_backward_hands_every_op_a_dense_channels_last_gradient():
 
     def hook(mod, inp, out):
         if isinstance(out, torch.Tensor) and out.requires_grad and out.dim() == 4:
-            out.register_hook(lambda g, name=type(mod).__name__: seen.append((name, g.is_contiguous(memory_format=torch.channels_last))))
+            out.register_hook(
+                lambda g, name=type(mod).__name__: seen.append(  # noqa: B008 (binds this module's name now, on purpose)
+                    (name, g.is_contiguous(memory_format=torch.channels_last))
+                )
+            )
 
     handles = [m.register_forward_hook(hook) for m in model.net.cells.modules() if not isinstance(m, S.SearchCell)]
     x, y = batch()

@@ -31,7 +31,7 @@ def test_replayed_calls_count_the_flops_of_the_originals_and_scale_with_the_batc
     save_calls(rows, tmp_path / "calls.json")
     loaded = load_calls(tmp_path / "calls.json")[0]["calls"]
     assert sum(loaded.values()) == sum(calls.values())
-    (conv, spec), = [(f, s) for f, s in loaded if f.overloadpacket.__name__ == "convolution"]
+    ((conv, spec),) = [(f, s) for f, s in loaded if f.overloadpacket.__name__ == "convolution"]
     from benchmarks.bound import _make
 
     flops = flops_of(conv, tuple(_make(s) for s in spec))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from helpers import NodeIds
 
 from client_app.app import evaluate, train
 from fedmetanas_core.config import RunConfig
@@ -18,13 +19,20 @@ from fedmetanas_core.data import load_dataset
 from fedmetanas_core.phases import Handoff, plan_phases
 from flower_records import array_record
 from server_app.strategy import SearchStrategy, build_base_strategy
-from helpers import NodeIds
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 STRATEGIES = ("FedAvg", "FedAdam", "FedProx", "FedMedian", "Krum")
-TINY = {"local-meta-iters": 1, "local-epochs": 1, "min-available-nodes": 4, "min-train-nodes": 2, "batch-size": 16,
-        "init-channels": 4, "num-partitions": 4, "train-subset": 400}  # fmt: skip
+TINY = {
+    "local-meta-iters": 1,
+    "local-epochs": 1,
+    "min-available-nodes": 4,
+    "min-train-nodes": 2,
+    "batch-size": 16,
+    "init-channels": 4,
+    "num-partitions": 4,
+    "train-subset": 400,
+}
 
 
 RUN_IDS = {"fedmetanas": 1, "fednas": 2, "fednas-retrain": 3, "fedavg": 4}  # the client caches its config per run
@@ -51,7 +59,9 @@ def test_every_strategy_aggregates_real_client_replies(method):
     round_config = {"method": cfg.method, **model_config(space), **phase.round_config(2)}
     replies_cache = {}
     for name in STRATEGIES:
-        strategy = SearchStrategy(build_base_strategy(cfg.replace(strategy=name, proximal_mu=0.1)), cfg.alpha_aggregation, 2)
+        strategy = SearchStrategy(
+            build_base_strategy(cfg.replace(strategy=name, proximal_mu=0.1)), cfg.alpha_aggregation, 2
+        )
         grid = NodeIds([11, 12, 13, 14])
         messages = list(strategy.configure_train(2, arrays, ConfigRecord(dict(round_config)), grid))
         assert len(messages) == 4
@@ -64,8 +74,13 @@ def test_every_strategy_aggregates_real_client_replies(method):
         for pid, msg in enumerate(messages):
             key = (pid, sent.get("proximal-mu", 0.0))
             if key not in replies_cache:
-                ctx = Context(run_id=RUN_IDS[method], node_id=msg.metadata.dst_node_id, node_config={"partition-id": pid, "num-partitions": 4},
-                              state=RecordDict(), run_config=dict(RunConfig.from_flat(flat)))  # fmt: skip
+                ctx = Context(
+                    run_id=RUN_IDS[method],
+                    node_id=msg.metadata.dst_node_id,
+                    node_config={"partition-id": pid, "num-partitions": 4},
+                    state=RecordDict(),
+                    run_config=dict(RunConfig.from_flat(flat)),
+                )
                 content = train(msg, ctx).content
                 replies_cache[key] = ({k: v.numpy() for k, v in content["arrays"].items()}, content["metrics"])
             state, metrics = replies_cache[key]  # fresh records: FedMedian pops arrays out of replies
@@ -88,8 +103,13 @@ def test_fedprox_proximal_term_pulls_towards_global_weights():
     for mu in (0.0, 50.0):
         strategy = SearchStrategy(build_base_strategy(cfg.replace(strategy="FedProx", proximal_mu=mu)))
         msg = list(strategy.configure_train(1, arrays, ConfigRecord(dict(base)), NodeIds([11, 12, 13, 14])))[0]
-        ctx = Context(run_id=100 + int(mu), node_id=11, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(),
-                      run_config=dict(cfg))  # fmt: skip
+        ctx = Context(
+            run_id=100 + int(mu),
+            node_id=11,
+            node_config={"partition-id": 0, "num-partitions": 4},
+            state=RecordDict(),
+            run_config=dict(cfg),
+        )
         state = train(msg, ctx).content["arrays"].to_torch_state_dict()
         drift[mu] = sum(float((state[k] - torch.from_numpy(v.numpy())).norm()) for k, v in arrays.items())
     assert drift[50.0] < 0.5 * drift[0.0]
@@ -111,12 +131,28 @@ def test_client_evaluate_personalizes_the_deployed_network_at_its_own_step_size(
     phase, space = _phase(cfg, "fedmetanas")
     derived = phase.derived_network()
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in derived.state_dict().items()})
-    config = ConfigRecord({"method": "fedmetanas", **model_config(space), "phase": "fixed", "genotype": phase.genotype.to_json(), "personalize": True})
-    ctx = Context(run_id=7, node_id=11, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(), run_config=dict(cfg))
+    config = ConfigRecord(
+        {
+            "method": "fedmetanas",
+            **model_config(space),
+            "phase": "fixed",
+            "genotype": phase.genotype.to_json(),
+            "personalize": True,
+        }
+    )
+    ctx = Context(
+        run_id=7,
+        node_id=11,
+        node_config={"partition-id": 1, "num-partitions": 4},
+        state=RecordDict(),
+        run_config=dict(cfg),
+    )
 
     def personalize(run_config, run_id=7):  # the client caches a run's config by run id
         msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=11, message_type="evaluate")
-        c = Context(run_id=run_id, node_id=11, node_config=ctx.node_config, state=RecordDict(), run_config=dict(run_config))
+        c = Context(
+            run_id=run_id, node_id=11, node_config=ctx.node_config, state=RecordDict(), run_config=dict(run_config)
+        )
         return evaluate(msg, c).content["metrics"]
 
     metrics = personalize(cfg)
@@ -126,7 +162,13 @@ def test_client_evaluate_personalizes_the_deployed_network_at_its_own_step_size(
     # the method's own task-learner step no longer leaks into the protocol; personalize-lr does
     assert personalize(cfg.replace(inner_lr_w=0.5), run_id=8) == metrics
     assert personalize(cfg.replace(personalize_lr=0.0001), run_id=9)["accuracy-after"] != metrics["accuracy-after"]
-    search_config = ConfigRecord({"method": "fedmetanas", **model_config(space), **phase.round_config(2), "personalize": True})
-    search_msg = Message(RecordDict({"arrays": array_record(phase.initial_state()), "config": search_config}), dst_node_id=11, message_type="evaluate")
+    search_config = ConfigRecord(
+        {"method": "fedmetanas", **model_config(space), **phase.round_config(2), "personalize": True}
+    )
+    search_msg = Message(
+        RecordDict({"arrays": array_record(phase.initial_state()), "config": search_config}),
+        dst_node_id=11,
+        message_type="evaluate",
+    )
     with pytest.raises(ValueError, match="deployed"):
         evaluate(search_msg, ctx)

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import SMALL_OPS, arch_state, op_hooks, random_masks, randomize_arch, tiny_space, x_batch
 
 from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
 from fedmetanas_core.space import CELL_TYPES, CellWeights, RelaxSettings, SearchModel, Zero, arch_param_name, edge_key
-
-from helpers import SMALL_OPS, arch_state, op_hooks, random_masks, randomize_arch, tiny_space, x_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
@@ -132,8 +131,14 @@ def test_ops_under_threshold_and_none_are_never_executed(monkeypatch, input_prun
         t = "reduce" if cell.reduction else "normal"
         cw = model.cell_weights(t, settings)
         want = expected_active(space, cw.weights, settings.threshold)
-        ran = {(next(e for e, (j, i) in enumerate(space.topology.edges) if edge_key(j, i) == key), space.primitives.index(op))
-               for c, key, op in calls if c == ci}
+        ran = {
+            (
+                next(e for e, (j, i) in enumerate(space.topology.edges) if edge_key(j, i) == key),
+                space.primitives.index(op),
+            )
+            for c, key, op in calls
+            if c == ci
+        }
         assert ran == want
         total_real = len(space.topology.edges) * (len(space.primitives) - 1)
         skipped_any |= len(ran) < total_real

@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.app import MessageType
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from helpers import NodeIds
+from test_phases import TINY
 
 from client_app.app import load_received
 from fedmetanas_core.aggregation import update_masks
@@ -17,13 +18,11 @@ from fedmetanas_core.config import RunConfig
 from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
 from fedmetanas_core.names import NET_PREFIX, arch_param_name
 from fedmetanas_core.space import SearchModel, SpaceConfig
+from fedmetanas_core.training import run_settings
 from fedmetanas_core.transfer import live_edges, live_keys
 from server_app.app import run_experiment
-from server_app.strategy import SearchStrategy, build_base_strategy
-from fedmetanas_core.training import run_settings
 from server_app.local_grid import LocalGrid
-from test_phases import TINY
-from helpers import NodeIds
+from server_app.strategy import SearchStrategy, build_base_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
 
@@ -97,14 +96,19 @@ def test_client_loads_the_live_part_and_refuses_a_different_key_set():
 
 def _reply(node: int, state: dict[str, np.ndarray]) -> Message:
     request = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in state.items()}),
-                          "metrics": MetricRecord({"num-examples": 10})})  # fmt: skip
+    content = RecordDict(
+        {"arrays": ArrayRecord({k: Array(v) for k, v in state.items()}), "metrics": MetricRecord({"num-examples": 10})}
+    )
     return Message(content, reply_to=request)
 
 
 @pytest.mark.parametrize("strategy", ["FedAdam", "FedAvgM"])
 def test_stateful_strategies_follow_the_shrinking_key_set(strategy):
-    full = {"net.a": np.zeros(3, np.float32), "net.b": np.ones(2, np.float32), "arch.alpha.normal": np.zeros(4, np.float32)}
+    full = {
+        "net.a": np.zeros(3, np.float32),
+        "net.b": np.ones(2, np.float32),
+        "arch.alpha.normal": np.zeros(4, np.float32),
+    }
     cfg = RunConfig.from_flat({"strategy": strategy, "server-momentum": 0.9}, check_paths=False)
     s = SearchStrategy(build_base_strategy(cfg))
     for rnd, keys in enumerate((list(full), ["net.a", "arch.alpha.normal"]), start=1):
@@ -116,8 +120,17 @@ def test_stateful_strategies_follow_the_shrinking_key_set(strategy):
 
 
 def _run(tmp_path, run_id: int, **flat):
-    flat = {**TINY, "num-server-rounds": 4, "warmup-rounds": 1, "mask-start-round": 2, "discrete-round": 3,
-            "tensorboard": False, "deterministic": True, "results-dir": str(tmp_path / f"run{run_id}"), **flat}  # fmt: skip
+    flat = {
+        **TINY,
+        "num-server-rounds": 4,
+        "warmup-rounds": 1,
+        "mask-start-round": 2,
+        "discrete-round": 3,
+        "tensorboard": False,
+        "deterministic": True,
+        "results-dir": str(tmp_path / f"run{run_id}"),
+        **flat,
+    }
     cfg = RunConfig.from_flat(flat)
     with run_settings(cfg):
         out = run_experiment(LocalGrid(run_id, dict(cfg), 3), cfg)
@@ -135,7 +148,9 @@ def test_live_transfer_gives_the_full_transfers_result_and_ships_the_derived_net
     for rows in (live_rows, full_rows):
         assert all(r["bytes-received"] == r["bytes-sent"] for r in rows)  # replies carry what was sent
     derived_bytes = 4 * live["params"]
-    decided = [b for a, b in zip(live_rows, live_rows[1:]) if a["cell-decided"]]  # rounds sent under discrete masks
+    decided = [
+        b for a, b in zip(live_rows, live_rows[1:], strict=False) if a["cell-decided"]
+    ]  # rounds sent under discrete masks
     assert decided, "the run never reached a discrete cell"
     for r in decided:
         assert r["bytes-sent"] / r["replies"] <= 1.25 * derived_bytes

@@ -14,20 +14,36 @@ importing Flower, so the same code serves simulation, deployment and plain unit 
 """
 
 from ..config import CORRUPT_IMAGE_POLICIES, DATASETS, PARTITIONERS
-from . import partition as _partition, sources as _sources
-from .minibatches import BatchStream, batches
+from . import partition as _partition
+from . import sources as _sources
 from .clients import ClientData, load_client_data, load_test_set, split_partition
 from .decode_cache import CACHE_DIR_ENV, CACHE_DIRNAME
 from .images import DataError, ImageData
+from .minibatches import BatchStream, batches
 from .partition import partition_indices
 from .sources import load_dataset, load_splits
 from .spec import DataSpec
 
 __all__ = [
-    "CACHE_DIRNAME", "CACHE_DIR_ENV", "CORRUPT_IMAGE_POLICIES", "DATASETS", "PARTITIONERS", "BatchStream",
-    "ClientData", "DataError", "DataSpec", "ImageData", "batches", "clear_caches", "load_client_data",
-    "load_dataset", "load_splits", "load_test_set", "partition_indices", "split_partition",
-]  # fmt: skip
+    "CACHE_DIRNAME",
+    "CACHE_DIR_ENV",
+    "CORRUPT_IMAGE_POLICIES",
+    "DATASETS",
+    "PARTITIONERS",
+    "BatchStream",
+    "ClientData",
+    "DataError",
+    "DataSpec",
+    "ImageData",
+    "batches",
+    "clear_caches",
+    "load_client_data",
+    "load_dataset",
+    "load_splits",
+    "load_test_set",
+    "partition_indices",
+    "split_partition",
+]
 
 
 def clear_caches() -> None:

@@ -50,8 +50,9 @@ def split_partition(
             f"re-samples until every partition has that many), lower num-partitions, or use "
             f"partitioner='iid'."
         )
-    train, query, test = _random_split(indices, (query_fraction, test_fraction),
-                                       ("query-fraction", "local-test-fraction"), seed, partition_id)
+    train, query, test = _random_split(
+        indices, (query_fraction, test_fraction), ("query-fraction", "local-test-fraction"), seed, partition_id
+    )
     return train, query, test
 
 
@@ -64,7 +65,7 @@ def _random_split(
 ) -> list[np.ndarray]:
     """[rest, part_1, ...]: part_k gets round(n * fractions[k]) examples, at least 1, and the rest at
     least 1, trimming the largest parts when n is too small for the requested fractions."""
-    for setting, fraction in zip(settings, fractions):
+    for setting, fraction in zip(settings, fractions, strict=False):
         if not 0.0 <= fraction < 1.0:
             raise DataError(f"{setting} must be in [0, 1); got {fraction}")
     if sum(fractions) >= 1.0:
@@ -94,9 +95,16 @@ def load_test_set(spec: DataSpec) -> ImageData:
 
 
 def _load_dataset(spec: DataSpec) -> tuple[ImageData, ImageData]:
-    return load_dataset(spec.dataset, spec.data_dir, hf_dataset=spec.hf_dataset, image_size=spec.image_size,
-                        train_subset=spec.train_subset, test_subset=spec.test_subset, subset_seed=spec.seed,
-                        on_corrupt_image=spec.on_corrupt_image)  # fmt: skip
+    return load_dataset(
+        spec.dataset,
+        spec.data_dir,
+        hf_dataset=spec.hf_dataset,
+        image_size=spec.image_size,
+        train_subset=spec.train_subset,
+        test_subset=spec.test_subset,
+        subset_seed=spec.seed,
+        on_corrupt_image=spec.on_corrupt_image,
+    )
 
 
 def _partition_data(spec: DataSpec) -> ClientData:
@@ -105,13 +113,23 @@ def _partition_data(spec: DataSpec) -> ClientData:
     if not 0 <= pid < num:
         raise DataError(f"partition-id={pid} must be in [0, num-partitions={num})")
     train, _ = _load_dataset(spec)
-    parts = partition_indices(train.y.numpy(), num, spec.partitioner, dirichlet_alpha=spec.dirichlet_alpha,
-                              classes_per_partition=spec.classes_per_client,
-                              shards_per_partition=spec.shards_per_client,
-                              min_partition_size=spec.min_partition_size, seed=spec.seed)  # fmt: skip
-    train_idx, query_idx, test_idx = split_partition(parts[pid], query_fraction=spec.query_fraction,
-                                                     test_fraction=spec.local_test_fraction, seed=spec.seed,
-                                                     partition_id=pid)  # fmt: skip
+    parts = partition_indices(
+        train.y.numpy(),
+        num,
+        spec.partitioner,
+        dirichlet_alpha=spec.dirichlet_alpha,
+        classes_per_partition=spec.classes_per_client,
+        shards_per_partition=spec.shards_per_client,
+        min_partition_size=spec.min_partition_size,
+        seed=spec.seed,
+    )
+    train_idx, query_idx, test_idx = split_partition(
+        parts[pid],
+        query_fraction=spec.query_fraction,
+        test_fraction=spec.local_test_fraction,
+        seed=spec.seed,
+        partition_id=pid,
+    )
     return ClientData(train.subset(train_idx), train.subset(query_idx), train.subset(test_idx), pid)
 
 
@@ -125,15 +143,23 @@ def _own_data(spec: DataSpec) -> ClientData:
     ``seed`` only, so they stay the same if the device rejoins under a new id. The partitioner and
     the subsets do not apply: the device's data is all of its partition.
     """
-    train, test = load_splits(spec.dataset, spec.data_dir, hf_dataset=spec.hf_dataset, image_size=spec.image_size,
-                              on_corrupt_image=spec.on_corrupt_image)  # fmt: skip
+    train, test = load_splits(
+        spec.dataset,
+        spec.data_dir,
+        hf_dataset=spec.hf_dataset,
+        image_size=spec.image_size,
+        on_corrupt_image=spec.on_corrupt_image,
+    )
     everything = np.arange(len(train))
     if len(train) < 3:
-        raise DataError(f"dataset={spec.dataset!r} at data-dir={spec.data_dir!r} has {len(train)} training "
-                        f"example(s); a device needs at least 3 (train, query and test)")  # fmt: skip
+        raise DataError(
+            f"dataset={spec.dataset!r} at data-dir={spec.data_dir!r} has {len(train)} training "
+            f"example(s); a device needs at least 3 (train, query and test)"
+        )
     if test is None:
-        train_idx, query_idx, test_idx = split_partition(everything, query_fraction=spec.query_fraction,
-                                                         test_fraction=spec.local_test_fraction, seed=spec.seed)  # fmt: skip
+        train_idx, query_idx, test_idx = split_partition(
+            everything, query_fraction=spec.query_fraction, test_fraction=spec.local_test_fraction, seed=spec.seed
+        )
         test = train.subset(test_idx)
     else:
         train_idx, query_idx = _random_split(everything, (spec.query_fraction,), ("query-fraction",), spec.seed, 0)

@@ -56,8 +56,7 @@ def decode_cached(
     cache_dirs = _cache_dirs(data_dir)
     payload = _read_cache(cache_dirs, cache_name)
     if payload is None:
-        payload = _decode_splits(train_source(), test_source() if test_source else None,
-                                 image_size, on_corrupt_image)
+        payload = _decode_splits(train_source(), test_source() if test_source else None, image_size, on_corrupt_image)
         _write_cache(cache_dirs, cache_name, payload)
     elif payload["skipped"]:
         skipped = payload["skipped"]
@@ -95,8 +94,14 @@ def _decode_splits(
             return None
         return (x[..., :1] if gray else x).permute(0, 3, 1, 2).contiguous()
 
-    return {"version": CACHE_VERSION, "train_x": to_nchw(train_x), "train_y": train_y,
-            "test_x": to_nchw(test_x), "test_y": test_y, "skipped": skipped}
+    return {
+        "version": CACHE_VERSION,
+        "train_x": to_nchw(train_x),
+        "train_y": train_y,
+        "test_x": to_nchw(test_x),
+        "test_y": test_y,
+        "skipped": skipped,
+    }
 
 
 def _decode_images(
@@ -116,7 +121,7 @@ def _decode_images(
     keep = np.zeros(len(sources), dtype=bool)
     skipped: list[str] = []
     all_gray = True
-    for i, (src, name) in enumerate(zip(sources, names)):
+    for i, (src, name) in enumerate(zip(sources, names, strict=False)):
         try:
             with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
                 all_gray = all_gray and img.mode in ("1", "L")
@@ -124,8 +129,7 @@ def _decode_images(
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             if on_corrupt_image == "fail":
                 raise DataError(
-                    f"cannot decode image {name}: {exc}. Fix or remove the file, or set "
-                    f"on-corrupt-image='skip'"
+                    f"cannot decode image {name}: {exc}. Fix or remove the file, or set on-corrupt-image='skip'"
                 ) from exc
             warnings.warn(f"skipping unreadable image {name}: {exc}", stacklevel=2)
             skipped.append(name)
@@ -140,8 +144,12 @@ def _decode_images(
         keep[i] = True
     if out is None:
         raise DataError(f"no readable images among {len(sources)} file(s), e.g. {names[:3]}")
-    return (torch.from_numpy(out[keep]), torch.tensor(labels, dtype=torch.long)[torch.from_numpy(keep)],
-            all_gray, skipped)
+    return (
+        torch.from_numpy(out[keep]),
+        torch.tensor(labels, dtype=torch.long)[torch.from_numpy(keep)],
+        all_gray,
+        skipped,
+    )
 
 
 def _cache_dirs(data_dir: str) -> list[Path]:
@@ -187,7 +195,6 @@ def _write_cache(cache_dirs: list[Path], cache_name: str, payload: dict[str, Any
         except OSError as exc:
             errors.append(f"{directory}: {exc}")
     warnings.warn(
-        f"could not write the decoded-image cache ({'; '.join(errors)}); images will be "
-        f"decoded again next run",
+        f"could not write the decoded-image cache ({'; '.join(errors)}); images will be decoded again next run",
         stacklevel=3,
     )

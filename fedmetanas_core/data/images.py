@@ -26,8 +26,7 @@ class ImageData:
     def __post_init__(self) -> None:
         if self.x.ndim != 4 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
             raise DataError(
-                f"ImageData needs x [N, C, H, W] and y [N]; got x {tuple(self.x.shape)}, "
-                f"y {tuple(self.y.shape)}"
+                f"ImageData needs x [N, C, H, W] and y [N]; got x {tuple(self.x.shape)}, y {tuple(self.y.shape)}"
             )
 
     @property
@@ -57,4 +56,6 @@ class ImageData:
     def concat(parts: list[ImageData]) -> ImageData:
         """Splits of one dataset joined in order (same classes and normalisation as the first)."""
         first = parts[0]
-        return ImageData(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), first.classes, first.mean, first.std)
+        return ImageData(
+            torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), first.classes, first.mean, first.std
+        )

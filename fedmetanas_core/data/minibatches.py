@@ -43,7 +43,7 @@ class BatchStream:
             self._order = torch.randperm(n, generator=self.generator)
             self._pos = 0
             self.epoch += 1
-        idx = self._order[self._pos:self._pos + self.batch_size]
+        idx = self._order[self._pos : self._pos + self.batch_size]
         self._pos += self.batch_size
         return self.data.x[idx], self.data.y[idx]
 

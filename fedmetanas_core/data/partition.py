@@ -40,19 +40,30 @@ def partition_indices(
         raise DataError(f"partitioner={partitioner!r} is unknown; choose one of {', '.join(PARTITIONERS)}")
     if not 1 <= num_partitions <= len(labels):
         raise DataError(
-            f"num-partitions={num_partitions} must be between 1 and the number of training "
-            f"examples ({len(labels)})"
+            f"num-partitions={num_partitions} must be between 1 and the number of training examples ({len(labels)})"
         )
     labels = labels.astype(np.int64)
-    key = (hashlib.sha1(labels.tobytes()).hexdigest(), num_partitions, partitioner,
-           float(dirichlet_alpha), classes_per_partition, shards_per_partition,
-           min_partition_size, seed)
+    key = (
+        hashlib.sha1(labels.tobytes()).hexdigest(),
+        num_partitions,
+        partitioner,
+        float(dirichlet_alpha),
+        classes_per_partition,
+        shards_per_partition,
+        min_partition_size,
+        seed,
+    )
     if key not in _PARTITION_CACHE:
-        _PARTITION_CACHE[key] = _partition(labels, num_partitions, partitioner,
-                                           dirichlet_alpha=dirichlet_alpha,
-                                           classes_per_partition=classes_per_partition,
-                                           shards_per_partition=shards_per_partition,
-                                           min_partition_size=min_partition_size, seed=seed)
+        _PARTITION_CACHE[key] = _partition(
+            labels,
+            num_partitions,
+            partitioner,
+            dirichlet_alpha=dirichlet_alpha,
+            classes_per_partition=classes_per_partition,
+            shards_per_partition=shards_per_partition,
+            min_partition_size=min_partition_size,
+            seed=seed,
+        )
     return list(_PARTITION_CACHE[key])
 
 
@@ -76,23 +87,34 @@ def _partition(
     )
 
     order = np.random.default_rng(seed).permutation(len(labels))
-    features = datasets.Features({"label": datasets.ClassLabel(num_classes=int(labels.max()) + 1),
-                                  "index": datasets.Value("int64")})
+    features = datasets.Features(
+        {"label": datasets.ClassLabel(num_classes=int(labels.max()) + 1), "index": datasets.Value("int64")}
+    )
     ds = datasets.Dataset.from_dict({"label": labels[order], "index": order}, features=features)
 
     if partitioner == "iid":
         part = IidPartitioner(num_partitions)
     elif partitioner == "dirichlet":
-        part = DirichletPartitioner(num_partitions, partition_by="label", alpha=dirichlet_alpha,
-                                    min_partition_size=min_partition_size, self_balancing=True,
-                                    seed=seed)
+        part = DirichletPartitioner(
+            num_partitions,
+            partition_by="label",
+            alpha=dirichlet_alpha,
+            min_partition_size=min_partition_size,
+            self_balancing=True,
+            seed=seed,
+        )
     elif partitioner == "pathological":
-        part = PathologicalPartitioner(num_partitions, partition_by="label",
-                                       num_classes_per_partition=classes_per_partition,
-                                       class_assignment_mode="first-deterministic", seed=seed)
+        part = PathologicalPartitioner(
+            num_partitions,
+            partition_by="label",
+            num_classes_per_partition=classes_per_partition,
+            class_assignment_mode="first-deterministic",
+            seed=seed,
+        )
     else:
-        part = ShardPartitioner(num_partitions, partition_by="label",
-                                num_shards_per_partition=shards_per_partition, seed=seed)
+        part = ShardPartitioner(
+            num_partitions, partition_by="label", num_shards_per_partition=shards_per_partition, seed=seed
+        )
     part.dataset = ds
     try:
         with warnings.catch_warnings():

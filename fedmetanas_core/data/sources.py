@@ -50,15 +50,15 @@ def load_dataset(
 
     Subsets are drawn after loading, so they never change the normalisation statistics.
     """
-    key = (name, _abspath(data_dir), hf_dataset, image_size, train_subset, test_subset,
-           subset_seed, on_corrupt_image)
+    key = (name, _abspath(data_dir), hf_dataset, image_size, train_subset, test_subset, subset_seed, on_corrupt_image)
     if key in _DATASET_CACHE:
         return _DATASET_CACHE[key]
     for setting, value in (("train-subset", train_subset), ("test-subset", test_subset)):
         if value < 0:
             raise DataError(f"{setting} must be >= 0 (0 = use everything); got {value}")
-    train, test = load_splits(name, data_dir, hf_dataset=hf_dataset, image_size=image_size,
-                              on_corrupt_image=on_corrupt_image)
+    train, test = load_splits(
+        name, data_dir, hf_dataset=hf_dataset, image_size=image_size, on_corrupt_image=on_corrupt_image
+    )
     if test is None:
         where = f"hf-dataset={hf_dataset!r}" if name == "hf" else f"data-dir={data_dir!r}"
         raise DataError(
@@ -81,16 +81,20 @@ def load_splits(
         raise DataError(f"dataset={name!r} is unknown; choose one of {', '.join(DATASETS)}")
     if on_corrupt_image not in CORRUPT_IMAGE_POLICIES:
         raise DataError(
-            f"on-corrupt-image={on_corrupt_image!r} is unknown; choose one of "
-            f"{', '.join(CORRUPT_IMAGE_POLICIES)}"
+            f"on-corrupt-image={on_corrupt_image!r} is unknown; choose one of {', '.join(CORRUPT_IMAGE_POLICIES)}"
         )
     if image_size < 0:
         raise DataError(f"image-size must be >= 0 (0 = native size); got {image_size}")
     if name in ("imagefolder",) + tuple(_TORCHVISION_CLASSES) and not data_dir:
         raise DataError(f"dataset={name!r} needs data-dir (the folder holding its files)")
 
-    key = (name, "" if name == "digits" else _abspath(data_dir),
-           hf_dataset if name == "hf" else "", image_size, on_corrupt_image)
+    key = (
+        name,
+        "" if name == "digits" else _abspath(data_dir),
+        hf_dataset if name == "hf" else "",
+        image_size,
+        on_corrupt_image,
+    )
     if key in _FULL_CACHE:
         return _FULL_CACHE[key]
 
@@ -138,9 +142,12 @@ def _to_unit_float(x: torch.Tensor, image_size: int) -> torch.Tensor:
         return x.contiguous()
     resized = x.new_empty((x.shape[0], x.shape[1], image_size, image_size))
     for start in range(0, len(x), 4096):  # chunks keep the temporary memory small
-        resized[start:start + 4096] = F.interpolate(
-            x[start:start + 4096], size=(image_size, image_size), mode="bilinear",
-            align_corners=False, antialias=True,
+        resized[start : start + 4096] = F.interpolate(
+            x[start : start + 4096],
+            size=(image_size, image_size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
         )
     return resized
 
@@ -167,9 +174,7 @@ def _load_digits() -> RawSplits:
     bunch = load_digits()
     x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
     y = torch.from_numpy(bunch.target.astype(np.int64))
-    train_idx, test_idx = train_test_split(
-        np.arange(len(y)), test_size=0.2, stratify=bunch.target, random_state=0
-    )
+    train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=0.2, stratify=bunch.target, random_state=0)
     train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
     classes = tuple(str(c) for c in bunch.target_names)
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx], classes
@@ -222,9 +227,7 @@ def _load_imagefolder(data_dir: str, image_size: int, on_corrupt_image: str) -> 
     if test_dir.is_dir():
         extra = sorted(e.name for e in os.scandir(test_dir) if e.is_dir() and e.name not in class_to_idx)
         if extra:
-            raise DataError(
-                f"data-dir={data_dir!r}: test/ has classes missing from train/: {', '.join(extra)}"
-            )
+            raise DataError(f"data-dir={data_dir!r}: test/ has classes missing from train/: {', '.join(extra)}")
         test_samples = make_dataset(test_dir, class_to_idx, IMG_EXTENSIONS, allow_empty=True)
 
     fingerprint = hashlib.sha256(f"imagefolder\0{CACHE_VERSION}\0{root}\0{image_size}\0".encode())
@@ -241,8 +244,13 @@ def _load_imagefolder(data_dir: str, image_size: int, on_corrupt_image: str) -> 
         return [p for p, _ in samples], [p for p, _ in samples], [lab for _, lab in samples]
 
     return decode_cached(
-        cache_name, data_dir, tuple(classes), lambda: source(train_samples),
-        (lambda: source(test_samples)) if test_samples else None, image_size, on_corrupt_image,
+        cache_name,
+        data_dir,
+        tuple(classes),
+        lambda: source(train_samples),
+        (lambda: source(test_samples)) if test_samples else None,
+        image_size,
+        on_corrupt_image,
     )
 
 
@@ -296,8 +304,10 @@ def _load_hf(hf_dataset: str, data_dir: str, image_size: int, on_corrupt_image: 
             names.append(cell["path"] or f"{hf_dataset}[{split_name}][{i}]")
         labels = [int(v) for v in split[label_col][:]]
         if labels and min(labels) < 0:
-            raise DataError(f"hf-dataset={hf_dataset!r}: the {split_name} split has unlabelled "
-                            f"examples (label -1); pick a dataset whose splits are labelled")
+            raise DataError(
+                f"hf-dataset={hf_dataset!r}: the {split_name} split has unlabelled "
+                f"examples (label -1); pick a dataset whose splits are labelled"
+            )
         return sources, names, labels
 
     fingerprint = hashlib.sha256(
@@ -306,8 +316,13 @@ def _load_hf(hf_dataset: str, data_dir: str, image_size: int, on_corrupt_image: 
     )
     cache_name = f"hf-{fingerprint.hexdigest()[:24]}.pt"
     return decode_cached(
-        cache_name, data_dir, classes, lambda: source(train, "train"),
-        (lambda: source(test, "test")) if test is not None else None, image_size, on_corrupt_image,
+        cache_name,
+        data_dir,
+        classes,
+        lambda: source(train, "train"),
+        (lambda: source(test, "test")) if test is not None else None,
+        image_size,
+        on_corrupt_image,
     )
 
 

@@ -8,8 +8,9 @@ setting that changes the data is a field, so a changed setting can never reuse s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from ..config import BY_NAME, RunConfig
 
@@ -51,7 +52,9 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         if (self.partition_id is None) != (self.num_partitions is None):
-            raise ValueError("partition_id and num_partitions go together: both set (a partition) or both None (own data)")
+            raise ValueError(
+                "partition_id and num_partitions go together: both set (a partition) or both None (own data)"
+            )
 
     @property
     def own_data(self) -> bool:
@@ -64,7 +67,7 @@ class DataSpec:
         return self.node_id if self.partition_id is None else self.partition_id
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, node_config: Mapping[str, Any] | None = None, node_id: int = 0) -> "DataSpec":
+    def from_config(cls, cfg: RunConfig, node_config: Mapping[str, Any] | None = None, node_id: int = 0) -> DataSpec:
         """The data of the node with ``node_config`` (``partition-id``, ``num-partitions``,
         ``data-dir``) and Flower node id ``node_id``, in the run ``cfg``.
 
@@ -82,4 +85,6 @@ class DataSpec:
 
 
 # field name -> the run-config key it is read from
-RUN_CONFIG_FIELDS: dict[str, str] = {f.name: f.metadata[_RUN_CONFIG] for f in fields(DataSpec) if _RUN_CONFIG in f.metadata}
+RUN_CONFIG_FIELDS: dict[str, str] = {
+    f.name: f.metadata[_RUN_CONFIG] for f in fields(DataSpec) if _RUN_CONFIG in f.metadata
+}

@@ -25,7 +25,16 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "load": ("COMPARISON_KEYS", "EDGES_KEY", "OP_PROBS_KEY", "PRIMITIVES_KEY", "RunData", "load_rounds", "load_run", "time_to_reach"),
+    "load": (
+        "COMPARISON_KEYS",
+        "EDGES_KEY",
+        "OP_PROBS_KEY",
+        "PRIMITIVES_KEY",
+        "RunData",
+        "load_rounds",
+        "load_run",
+        "time_to_reach",
+    ),
     "format": ("format_accuracy", "format_count", "format_mean_std", "format_number", "format_seconds"),
     "canvas": ("COMPARISON_FIGURE", "COMPARISON_FIGURE_SIZE", "DPI", "FIGURES", "FIGURE_SIZES", "FigureSkipped"),
     "figures": ("ERRORS_FILE", "RENDERERS", "FigureResult", "render_run_figures", "write_run_figures"),

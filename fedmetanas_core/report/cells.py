@@ -52,7 +52,7 @@ def draw_alpha_heatmap(data: RunData, path: Path, cell_type: str) -> None:
     axes = fig.subplots(1, len(mats), sharey=True, squeeze=False)[0]
     annotate = n_edges * n_ops <= 120
     im = None
-    for ax, i, m in zip(axes, picks, mats):
+    for ax, i, m in zip(axes, picks, mats, strict=False):
         r = rows[i]
         im = ax.imshow(m, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto")
         ax.set_xticks(range(n_ops), primitives, rotation=60, ha="right", fontsize=8)
@@ -63,7 +63,15 @@ def draw_alpha_heatmap(data: RunData, path: Path, cell_type: str) -> None:
             for e in range(n_edges):
                 for o in range(n_ops):
                     v = m[e, o]
-                    ax.text(o, e, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 * vmax else "black")
+                    ax.text(
+                        o,
+                        e,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if v < 0.6 * vmax else "black",
+                    )
         if i == picks[-1]:
             from matplotlib.patches import Rectangle
 
@@ -77,7 +85,9 @@ def draw_alpha_heatmap(data: RunData, path: Path, cell_type: str) -> None:
     save_figure(fig, path)
 
 
-def _chosen_cells(genotype: dict | None, cell_type: str, edges: list[str], primitives: list[str]) -> list[tuple[int, int]]:
+def _chosen_cells(
+    genotype: dict | None, cell_type: str, edges: list[str], primitives: list[str]
+) -> list[tuple[int, int]]:
     out = []
     try:
         for k, node in enumerate((genotype or {}).get(cell_type) or []):
@@ -121,7 +131,18 @@ def draw_cell(data: RunData, path: Path, cell_type: str) -> None:
     ax.set_xlim(-0.9, pos[out_id][0] + 0.9)
     ax.set_ylim(-2.6, 2.6)
     ops = sorted({str(c["op"]) for node in nodes for c in node})
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+    palette = [
+        "tab:blue",
+        "tab:orange",
+        "tab:green",
+        "tab:red",
+        "tab:purple",
+        "tab:brown",
+        "tab:pink",
+        "tab:olive",
+        "tab:cyan",
+        "tab:gray",
+    ]
     colors = {op: palette[i % len(palette)] for i, op in enumerate(ops)}
     box = dict(boxstyle="round,pad=0.4", lw=1.2)
     for i, (x, y) in pos.items():
@@ -135,9 +156,15 @@ def draw_cell(data: RunData, path: Path, cell_type: str) -> None:
         ax.text(x, y, label, ha="center", va="center", fontsize=13, bbox=style, zorder=3)
 
     def arrow(src: int, dst: int, rad: float, color, **style) -> None:
-        ax.annotate("", xy=pos[dst], xytext=pos[src], zorder=style.pop("zorder", 2),
-                    arrowprops=dict(arrowstyle="-|>", color=color, shrinkA=16, shrinkB=16,
-                                    connectionstyle=f"arc3,rad={rad}", **style))  # fmt: skip
+        ax.annotate(
+            "",
+            xy=pos[dst],
+            xytext=pos[src],
+            zorder=style.pop("zorder", 2),
+            arrowprops=dict(
+                arrowstyle="-|>", color=color, shrinkA=16, shrinkB=16, connectionstyle=f"arc3,rad={rad}", **style
+            ),
+        )
 
     for k, node in enumerate(nodes):
         dst = k + 2
@@ -156,11 +183,22 @@ def draw_cell(data: RunData, path: Path, cell_type: str) -> None:
             # Input edges: label nearer the target, so labels of one input's fan do not collide.
             t = min(0.7, max(0.5, 1 - 1.5 / math.dist(pos[src], pos[dst]))) if src < 2 else 0.5
             mx, my = _arc_point(pos[src], pos[dst], rad, t)
-            ax.text(mx, my, op, ha="center", va="center", fontsize=8, color=colors[op],
-                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85), zorder=4)  # fmt: skip
+            ax.text(
+                mx,
+                my,
+                op,
+                ha="center",
+                va="center",
+                fontsize=8,
+                color=colors[op],
+                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85),
+                zorder=4,
+            )
     for k in range(n):
         span = pos[out_id][0] - pos[k + 2][0]
         rad = 0.0 if k == n - 1 else 2 * (0.3 + 0.12 * (n - 2 - k)) / span  # below the line
         arrow(k + 2, out_id, rad, "0.6", lw=1, ls="--", zorder=1)
-    fig.suptitle(f"{run_title(data)}: derived {cell_type} cell ({n} nodes; dashed: concatenation into the output)", fontsize=11)
+    fig.suptitle(
+        f"{run_title(data)}: derived {cell_type} cell ({n} nodes; dashed: concatenation into the output)", fontsize=11
+    )
     save_figure(fig, path)

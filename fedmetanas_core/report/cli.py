@@ -7,24 +7,39 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .comparison import DEFAULT_COMPARISON_OUT, ComparisonRow, comparison_from_dirs, comparison_from_json, write_comparison_report
+from .comparison import (
+    DEFAULT_COMPARISON_OUT,
+    ComparisonRow,
+    comparison_from_dirs,
+    comparison_from_json,
+    write_comparison_report,
+)
 from .pages import write_run_report
 from .tensorboard_log import write_tensorboard
 
 
 def _is_comparison_json(path: Path) -> bool:
-    return path.is_file() and path.suffix == ".json" or (path.is_dir() and (path / "comparison.json").exists() and not (path / "summary.json").exists())
+    return (
+        path.is_file()
+        and path.suffix == ".json"
+        or (path.is_dir() and (path / "comparison.json").exists() and not (path / "summary.json").exists())
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fedmetanas_core.report",
-        description="Markdown report (and figures) per run directory; with several runs or a comparison.json, also a comparison page.",
+        description="Markdown report (and figures) per run directory; with several runs or a comparison.json, also "
+        "a comparison page.",
     )
-    parser.add_argument("runs", nargs="+", type=Path, help="results directories, or a comparison.json from a comparison benchmark")
+    parser.add_argument(
+        "runs", nargs="+", type=Path, help="results directories, or a comparison.json from a comparison benchmark"
+    )
     parser.add_argument("--out", type=Path, default=None, help=f"comparison page (default ./{DEFAULT_COMPARISON_OUT})")
     parser.add_argument("--refresh", action="store_true", help="redraw every figure, not only the missing ones")
-    parser.add_argument("--tensorboard", action="store_true", help="also replay each run into RUN_DIR/tensorboard (needs tensorboard)")
+    parser.add_argument(
+        "--tensorboard", action="store_true", help="also replay each run into RUN_DIR/tensorboard (needs tensorboard)"
+    )
     args = parser.parse_args(argv)
 
     status = 0

@@ -68,11 +68,14 @@ def _run_labels(rows: list[ComparisonRow]) -> list[str]:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.method] = counts.get(r.method, 0) + 1
-    return [r.method if counts[r.method] == 1 or r.results_dir is None else f"{r.method} ({r.results_dir.name})" for r in rows]
+    return [
+        r.method if counts[r.method] == 1 or r.results_dir is None else f"{r.method} ({r.results_dir.name})"
+        for r in rows
+    ]
 
 
 def _comparison_figure(rows: list[ComparisonRow], path: Path, title: str) -> None:
-    plotted = [(lbl, r) for lbl, r in zip(_run_labels(rows), rows) if r.data and r.data.rounds]
+    plotted = [(lbl, r) for lbl, r in zip(_run_labels(rows), rows, strict=False) if r.data and r.data.rounds]
     if not plotted:
         raise ValueError("no run has readable rounds")
     all_pts = [p for _, r in plotted for p in series(r.data.rounds)]
@@ -82,14 +85,28 @@ def _comparison_figure(rows: list[ComparisonRow], path: Path, title: str) -> Non
     for k, (label, r) in enumerate(plotted):
         color = line_color(r.method if sum(x.method == r.method for _, x in plotted) == 1 else None, k)
         pts = series(r.data.rounds)
-        ax.plot([p["time"] / scale for p in pts], [number(p.get("accuracy")) for p in pts], "o-", ms=3, color=color,
-                label=f"{label}: test accuracy (final {format_accuracy(r.values.get('final_test_accuracy'))})")  # fmt: skip
+        ax.plot(
+            [p["time"] / scale for p in pts],
+            [number(p.get("accuracy")) for p in pts],
+            "o-",
+            ms=3,
+            color=color,
+            label=f"{label}: test accuracy (final {format_accuracy(r.values.get('final_test_accuracy'))})",
+        )
         phases = list(dict.fromkeys(p["phase"] for p in pts))
         for phase in phases[1:]:  # mark where a later phase starts (FedNAS retraining)
             first = next(p for p in pts if p["phase"] == phase)
             ax.axvline(first["time"] / scale, color=color, ls=":", lw=1)
-            ax.annotate(f"{label}: {phase} starts", (first["time"] / scale, 0.98), xycoords=("data", "axes fraction"),
-                        fontsize=7, color=color, rotation=90, va="top", ha="right")  # fmt: skip
+            ax.annotate(
+                f"{label}: {phase} starts",
+                (first["time"] / scale, 0.98),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                color=color,
+                rotation=90,
+                va="top",
+                ha="right",
+            )
     ax.set_xlabel(xlabel)
     ax.set_xlim(left=0)
     ax.set_ylabel("test accuracy (derived / final network)")
@@ -115,19 +132,34 @@ def write_comparison_report(rows: list[ComparisonRow], out: str | Path, meta: di
         lines.append(f"- **dataset**: {', '.join(datasets)}")
     lines.append("")
     show_ttr = any("time_to_reach_fednas_accuracy_s" in r.values for r in rows)
-    head = ["Run", "Method", "Final acc.", "Supernet acc.", "Personalized acc.", "Search time", "Retrain time", "Total time"]
+    head = [
+        "Run",
+        "Method",
+        "Final acc.",
+        "Supernet acc.",
+        "Personalized acc.",
+        "Search time",
+        "Retrain time",
+        "Total time",
+    ]
     head += ["Time to FedNAS acc."] if show_ttr else []
     head += ["Params"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, r in zip(_run_labels(rows), rows):
+    for label, r in zip(_run_labels(rows), rows, strict=False):
         v = r.values
         run = md_escape(r.results_dir.name if r.results_dir else label)
         if r.results_dir is not None and (r.results_dir / REPORT_FILE).exists():
             run = f"[{run}]({md_link(r.results_dir / REPORT_FILE, out.parent)})"
-        cells = [run, md_escape(r.method), format_accuracy(v.get("final_test_accuracy")),
-                 format_accuracy(v.get("supernet_test_accuracy")), format_accuracy(v.get("personalized_accuracy")),
-                 format_seconds(v.get("search_time_s")), format_seconds(v.get("retrain_time_s")),
-                 format_seconds(v.get("total_time_s"))]  # fmt: skip
+        cells = [
+            run,
+            md_escape(r.method),
+            format_accuracy(v.get("final_test_accuracy")),
+            format_accuracy(v.get("supernet_test_accuracy")),
+            format_accuracy(v.get("personalized_accuracy")),
+            format_seconds(v.get("search_time_s")),
+            format_seconds(v.get("retrain_time_s")),
+            format_seconds(v.get("total_time_s")),
+        ]
         if show_ttr:
             ttr = v.get("time_to_reach_fednas_accuracy_s")
             cells.append("not reached" if ttr is None else format_seconds(ttr))
@@ -135,21 +167,31 @@ def write_comparison_report(rows: list[ComparisonRow], out: str | Path, meta: di
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if show_ttr:
-        lines += ["*Time to FedNAS acc.*: first elapsed wall-clock time at which the run's test accuracy reached "
-                  "FedNAS's final test accuracy.", ""]  # fmt: skip
+        lines += [
+            "*Time to FedNAS acc.*: first elapsed wall-clock time at which the run's test accuracy reached "
+            "FedNAS's final test accuracy.",
+            "",
+        ]
     fig_path = out.parent / COMPARISON_FIGURE
     try:
         _comparison_figure(rows, fig_path, f"{title}: test accuracy over wall-clock time")
-        lines += ["## Test accuracy over wall-clock time", "", f"![test accuracy over wall-clock time]({md_link(fig_path, out.parent)})", ""]
+        lines += [
+            "## Test accuracy over wall-clock time",
+            "",
+            f"![test accuracy over wall-clock time]({md_link(fig_path, out.parent)})",
+            "",
+        ]
     except Exception as exc:
         logger.warning("comparison figure failed: %s: %s", type(exc).__name__, exc)
         lines += [f"Comparison figure not drawn: {md_escape(f'{type(exc).__name__}: {exc}')}", ""]
     lines += ["## Runs", ""]
-    for label, r in zip(_run_labels(rows), rows):
+    for label, r in zip(_run_labels(rows), rows, strict=False):
         if r.results_dir is None:
             lines.append(f"- {md_escape(label)}: no results directory")
             continue
-        figs = [n for n in ("accuracy_vs_round.png", "cell_normal.png", "cell_reduce.png") if (r.results_dir / n).exists()]
+        figs = [
+            n for n in ("accuracy_vs_round.png", "cell_normal.png", "cell_reduce.png") if (r.results_dir / n).exists()
+        ]
         links = ", ".join(f"[{n}]({md_link(r.results_dir / n, out.parent)})" for n in figs)
         report = r.results_dir / REPORT_FILE
         head_link = f"[{md_escape(label)}]({md_link(report, out.parent)})" if report.exists() else md_escape(label)

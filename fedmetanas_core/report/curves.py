@@ -26,12 +26,37 @@ def _accuracy_figure(data: RunData, path: Path, x: str) -> None:
         xs = [p[x] / scale for p in rows]
         color = PHASE_COLORS.get(phase)
         what = "derived network" if phase == "search" else "network"
-        ax_acc.plot(xs, [number(p.get("accuracy")) for p in rows], "o-", ms=3, color=color, label=f"{phase}: test accuracy ({what})")
-        ax_loss.plot(xs, [number(p.get("loss")) for p in rows], "o-", ms=3, color=color, label=f"{phase}: test loss ({what})")
+        ax_acc.plot(
+            xs,
+            [number(p.get("accuracy")) for p in rows],
+            "o-",
+            ms=3,
+            color=color,
+            label=f"{phase}: test accuracy ({what})",
+        )
+        ax_loss.plot(
+            xs, [number(p.get("loss")) for p in rows], "o-", ms=3, color=color, label=f"{phase}: test loss ({what})"
+        )
         if any("supernet-accuracy" in p for p in rows):
-            ax_acc.plot(xs, [number(p.get("supernet-accuracy")) for p in rows], "s--", ms=3, color=color, alpha=0.6, label=f"{phase}: supernet accuracy")
+            ax_acc.plot(
+                xs,
+                [number(p.get("supernet-accuracy")) for p in rows],
+                "s--",
+                ms=3,
+                color=color,
+                alpha=0.6,
+                label=f"{phase}: supernet accuracy",
+            )
         if any("supernet-loss" in p for p in rows):
-            ax_loss.plot(xs, [number(p.get("supernet-loss")) for p in rows], "s--", ms=3, color=color, alpha=0.6, label=f"{phase}: supernet loss")
+            ax_loss.plot(
+                xs,
+                [number(p.get("supernet-loss")) for p in rows],
+                "s--",
+                ms=3,
+                color=color,
+                alpha=0.6,
+                label=f"{phase}: supernet loss",
+            )
     final = number((data.summary or {}).get("final_test_accuracy"))
     if not math.isnan(final):
         ax_acc.axhline(final, color="0.4", ls=":", lw=1, label=f"final test accuracy {format_accuracy(final)}")
@@ -84,7 +109,7 @@ def draw_temperature(data: RunData, path: Path) -> None:
     ent = [k for k in ("alpha-entropy-normal", "alpha-entropy-reduce") if any(k in p for p in pts)]
     if ent:
         ax2 = ax.twinx()
-        for k, color in zip(ent, ("tab:purple", "tab:brown")):
+        for k, color in zip(ent, ("tab:purple", "tab:brown"), strict=False):
             ax2.plot(xs, [number(p.get(k)) for p in pts], "^--", ms=3, color=color, alpha=0.7, label=k)
         ax2.set_ylabel("mean op-distribution entropy (nats)")
         ax2.set_ylim(bottom=0)
@@ -112,7 +137,13 @@ def draw_personalization(data: RunData, path: Path) -> None:
     x = np.arange(len(clients))
     w = 0.38
     b1 = ax.bar(x - w / 2, before, w, color="0.65", label=f"before (mean {format_accuracy(float(np.nanmean(before)))})")
-    b2 = ax.bar(x + w / 2, after, w, color="tab:blue", label=f"after personalization (mean {format_accuracy(float(np.nanmean(after)))})")
+    b2 = ax.bar(
+        x + w / 2,
+        after,
+        w,
+        color="tab:blue",
+        label=f"after personalization (mean {format_accuracy(float(np.nanmean(after)))})",
+    )
     if len(clients) <= 20:
         for bars in (b1, b2):
             ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)

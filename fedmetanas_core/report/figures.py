@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..atomic import atomic_write_text
 from .canvas import FIGURES, FigureSkipped

@@ -23,9 +23,15 @@ OP_PROBS_KEY, PRIMITIVES_KEY, EDGES_KEY = "op-probs", "primitives", "edges"
 
 # summary.json numbers that comparison pages and TensorBoard show
 COMPARISON_KEYS = (
-    "final_test_accuracy", "supernet_test_accuracy", "personalized_accuracy", "search_time_s",
-    "retrain_time_s", "total_time_s", "time_to_reach_fednas_accuracy_s", "params",
-)  # fmt: skip
+    "final_test_accuracy",
+    "supernet_test_accuracy",
+    "personalized_accuracy",
+    "search_time_s",
+    "retrain_time_s",
+    "total_time_s",
+    "time_to_reach_fednas_accuracy_s",
+    "params",
+)
 
 
 @dataclass

@@ -70,7 +70,7 @@ def write_run_report(results_dir: str | Path, refresh: bool = False) -> Path:
         ("Rounds", rounds),
         ("Seed", s.get("seed", (data.config or {}).get("seed", "–"))),
         ("Machine", s.get("machine", "–")),
-    ]  # fmt: skip
+    ]
     out += [f"- **{k}**: {md_escape(v)}" for k, v in meta]
     out += ["", "## Results", ""]
     if data.summary is None:
@@ -90,17 +90,34 @@ def write_run_report(results_dir: str | Path, refresh: bool = False) -> Path:
         out += [f"Problems found while drawing (from `{ERRORS_FILE}`):", ""]
         out += [f"- `{k}`: {md_escape(v)}" for k, v in errors.items()] + [""]
     if data.rounds:
-        out += ["## Rounds", "", "| Phase | Round | tau | Test acc. | Supernet acc. | Test loss | Elapsed |", "|---|---|---|---|---|---|---|"]
+        out += [
+            "## Rounds",
+            "",
+            "| Phase | Round | tau | Test acc. | Supernet acc. | Test loss | Elapsed |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for p in series(data.rounds):
             tau = number(p.get("tau"))
             out.append(
-                f"| {p['phase']} | {p['round']} | {'–' if math.isnan(tau) else f'{tau:.3f}'} | {format_accuracy(p.get('accuracy'))} "
-                f"| {format_accuracy(p.get('supernet-accuracy'))} | {format_number(p.get('loss'))} | {format_seconds(p['time'])} |"
+                f"| {p['phase']} | {p['round']} | {'–' if math.isnan(tau) else f'{tau:.3f}'} | "
+                f"{format_accuracy(p.get('accuracy'))} "
+                f"| {format_accuracy(p.get('supernet-accuracy'))} | {format_number(p.get('loss'))} | "
+                f"{format_seconds(p['time'])} |"
             )
         out.append("")
     if data.config:
-        out += ["## Configuration", "", "<details><summary>config.yaml</summary>", "", "```yaml",
-                yaml.safe_dump(data.config, sort_keys=True).rstrip(), "```", "", "</details>", ""]  # fmt: skip
+        out += [
+            "## Configuration",
+            "",
+            "<details><summary>config.yaml</summary>",
+            "",
+            "```yaml",
+            yaml.safe_dump(data.config, sort_keys=True).rstrip(),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     if s.get("versions"):
         out += ["## Software", "", ", ".join(f"{k} {v}" for k, v in s["versions"].items()), ""]
     path = d / REPORT_FILE

@@ -3,8 +3,9 @@ wall-clock time as a mean with a ± std band (a comparison benchmark's figure)."
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from .canvas import COMPARISON_FIGURE, line_color, new_figure, save_figure, time_axis
 from .format import number

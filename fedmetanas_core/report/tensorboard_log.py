@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .format import genotype_lines, number
 from .load import COMPARISON_KEYS, EDGES_KEY, OP_PROBS_KEY, PRIMITIVES_KEY, load_run
@@ -24,9 +25,14 @@ def tensorboard_available() -> bool:
 
 
 _TB_GROUPS = {
-    "accuracy": "test", "loss": "test", "supernet-accuracy": "supernet", "supernet-loss": "supernet",
-    "round-s": "time", "client-s-max": "time", "elapsed-s": "time",
-}  # fmt: skip
+    "accuracy": "test",
+    "loss": "test",
+    "supernet-accuracy": "supernet",
+    "supernet-loss": "supernet",
+    "round-s": "time",
+    "client-s-max": "time",
+    "elapsed-s": "time",
+}
 
 
 class TensorBoardLogger:
@@ -72,12 +78,18 @@ class TensorBoardLogger:
         def write() -> None:
             phase = str(row.get("phase", "run"))
             for key, value in row.items():
-                if key in ("round", OP_PROBS_KEY, PRIMITIVES_KEY, EDGES_KEY) or isinstance(value, (str, list, dict)) or value is None:
+                if (
+                    key in ("round", OP_PROBS_KEY, PRIMITIVES_KEY, EDGES_KEY)
+                    or isinstance(value, (str, list, dict))
+                    or value is None
+                ):
                     continue
                 v = number(value)
                 if math.isnan(v):
                     continue
-                group = _TB_GROUPS.get(key) or ("arch" if ("entropy" in key or key in ("tau", "pruned-fraction", "skip-count")) else "round")
+                group = _TB_GROUPS.get(key) or (
+                    "arch" if ("entropy" in key or key in ("tau", "pruned-fraction", "skip-count")) else "round"
+                )
                 self._writer.add_scalar(f"{group}/{key}", v, self.step)
             self._writer.add_scalar(f"phase/{phase}-round", number(row.get("round")), self.step)
             self._writer.flush()
@@ -104,7 +116,7 @@ class TensorBoardLogger:
             except Exception:
                 pass
 
-    def __enter__(self) -> "TensorBoardLogger":
+    def __enter__(self) -> TensorBoardLogger:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -19,8 +19,8 @@ weights. Latency comes from a measured table (``latency_table``). ``none`` costs
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -69,7 +69,7 @@ def edge_shapes(space: SpaceConfig, image_hw: tuple[int, int]) -> list[tuple[str
 
     _, slots, _ = cell_plan(space)
     out = []
-    for slot, (h, w) in zip(slots, slot_resolutions(space, image_hw)):
+    for slot, (h, w) in zip(slots, slot_resolutions(space, image_hw), strict=False):
         rows = []
         for _, i in space.topology.edges:
             stride = 2 if slot.reduction and i < 2 else 1
@@ -135,19 +135,29 @@ class CostModel:
 
     def __post_init__(self) -> None:
         # [pairs, inputs] per node, made once: the expected cost runs in every architecture step
-        self._incidence = {j: CellTopology(self.num_nodes).pair_incidence(j) for j in CellTopology(self.num_nodes).nodes}
+        self._incidence = {
+            j: CellTopology(self.num_nodes).pair_incidence(j) for j in CellTopology(self.num_nodes).nodes
+        }
 
     def to_json(self) -> str:
-        return json.dumps({
-            "kind": self.kind, "fixed": self.fixed, "edge": {t: v.tolist() for t, v in self.edge.items()},
-            "input_pruning": self.input_pruning, "num_nodes": self.num_nodes, "primitives": list(self.primitives),
-        })  # fmt: skip
+        return json.dumps(
+            {
+                "kind": self.kind,
+                "fixed": self.fixed,
+                "edge": {t: v.tolist() for t, v in self.edge.items()},
+                "input_pruning": self.input_pruning,
+                "num_nodes": self.num_nodes,
+                "primitives": list(self.primitives),
+            }
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "CostModel":
+    def from_json(cls, text: str) -> CostModel:
         d = json.loads(text)
         edge = {t: torch.tensor(v, dtype=torch.float32) for t, v in d["edge"].items()}
-        return cls(d["kind"], float(d["fixed"]), edge, bool(d["input_pruning"]), int(d["num_nodes"]), tuple(d["primitives"]))
+        return cls(
+            d["kind"], float(d["fixed"]), edge, bool(d["input_pruning"]), int(d["num_nodes"]), tuple(d["primitives"])
+        )
 
     def edge_index(self, node: int, src: int) -> int:
         return sum(range(2, node)) + src  # nodes 2.. have 2, 3, ... incoming edges, in topology order
@@ -230,7 +240,7 @@ def build_cost_model(
 def fixed_macs_and_params(space: SpaceConfig, image_hw: tuple[int, int]) -> tuple[float, float]:
     """MACs and parameters of what every network of the space runs whatever its cells pick: the
     stem, each cell's two input preprocessings, the classifier."""
-    from .supernet import cell_plan, CellBase
+    from .supernet import CellBase, cell_plan
 
     stem, slots, c_out = cell_plan(space)
     h, w = image_hw
@@ -239,7 +249,7 @@ def fixed_macs_and_params(space: SpaceConfig, image_hw: tuple[int, int]) -> tupl
     params = sum(p.numel() for p in stem.parameters())
     sizes = slot_resolutions(space, image_hw)
     prev_sizes = [image_hw, image_hw]  # (s0, s1) resolutions entering each cell
-    for slot, size in zip(slots, sizes):
+    for slot, size in zip(slots, sizes, strict=False):
         base = CellBase(slot.c_pp, slot.c_p, slot.c, slot.reduction, slot.reduction_prev)
         s0 = torch.zeros(1, slot.c_pp, *prev_sizes[0])
         s1 = torch.zeros(1, slot.c_p, *prev_sizes[1])

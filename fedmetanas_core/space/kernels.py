@@ -69,7 +69,10 @@ def _dw_weight_grad(g: torch.Tensor, x: torch.Tensor, k: int, s: int, p: int, d:
     ho, wo = g.shape[-2:]
     xp = xp[:, :, : s * (ho - 1) + k]
     blocks = [(b0, min(b0 + 3, k)) for b0 in range(0, k, 3)]
-    parts = [_dw_weight_grad_direct(g, xp[..., b0 : b0 + s * (wo - 1) + b1 - b0], k, b1 - b0, (s, s), (0, 0), (1, 1)) for b0, b1 in blocks]
+    parts = [
+        _dw_weight_grad_direct(g, xp[..., b0 : b0 + s * (wo - 1) + b1 - b0], k, b1 - b0, (s, s), (0, 0), (1, 1))
+        for b0, b1 in blocks
+    ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
 
 
@@ -84,7 +87,9 @@ def _dw_input_grad(g: torch.Tensor, w: torch.Tensor, in_hw, s: int, p: int, d: i
     if d == 1:  # oneDNN's transposed depthwise conv is fast without dilation
         return F.conv_transpose2d(g, w, None, s, p, (rh, rw), c, 1)
     fmt = torch.channels_last if g.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    up = torch.empty((g.shape[0], c, (ho - 1) * s + 1 + rh, (wo - 1) * s + 1 + rw), dtype=g.dtype, device=g.device, memory_format=fmt)
+    up = torch.empty(
+        (g.shape[0], c, (ho - 1) * s + 1 + rh, (wo - 1) * s + 1 + rw), dtype=g.dtype, device=g.device, memory_format=fmt
+    )
     up.zero_()
     up[:, :, : (ho - 1) * s + 1 : s, : (wo - 1) * s + 1 : s] = g
     return F.conv2d(up, w.flip([2, 3]), None, 1, q, d, c)
@@ -101,7 +106,11 @@ class _DepthwiseConv(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         s, p, d = ctx.conf
-        g = g.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) else g.contiguous()
+        g = (
+            g.contiguous(memory_format=torch.channels_last)
+            if x.is_contiguous(memory_format=torch.channels_last)
+            else g.contiguous()
+        )
         gx = _dw_input_grad(g, w, x.shape[-2:], s, p, d) if ctx.needs_input_grad[0] else None
         gw = _dw_weight_grad(g, x, w.shape[-1], s, p, d) if ctx.needs_input_grad[1] else None
         return gx, gw, None, None, None
@@ -149,14 +158,17 @@ class CatChannels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *xs):
-        ctx.formats = [torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format for x in xs]
+        ctx.formats = [
+            torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            for x in xs
+        ]
         ctx.sizes = [x.shape[1] for x in xs]
         return torch.cat(xs, dim=1)
 
     @staticmethod
     def backward(ctx, g):
         out, start = [], 0
-        for size, fmt in zip(ctx.sizes, ctx.formats):
+        for size, fmt in zip(ctx.sizes, ctx.formats, strict=False):
             out.append(g.narrow(1, start, size).contiguous(memory_format=fmt))
             start += size
         return tuple(out)
@@ -212,4 +224,3 @@ def apply_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     ):
         return _DepthwiseConv.apply(x, w, conv.stride[0], conv.padding[0], conv.dilation[0])
     return conv(x)
-

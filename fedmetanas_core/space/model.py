@@ -116,7 +116,10 @@ class SearchModel(nn.Module):
         # same draws in the same order; both cell types' active sets in one host transfer
         weights = {t: self._effective_weights(t, settings, masks, generator) for t in CELL_TYPES}
         keep = torch.stack([self._keep(w.detach(), settings.threshold) for w in weights.values()]).cpu()
-        return {t: CellWeights(w, [row.nonzero().flatten().tolist() for row in k]) for (t, w), k in zip(weights.items(), keep)}
+        return {
+            t: CellWeights(w, [row.nonzero().flatten().tolist() for row in k])
+            for (t, w), k in zip(weights.items(), keep, strict=False)
+        }
 
     def forward(self, x, settings: RelaxSettings, masks=None, generator=None) -> torch.Tensor:
         return self.net(x, self.all_weights(settings, masks, generator))

@@ -28,7 +28,9 @@ def batch_stats_bn(channels: int) -> nn.BatchNorm2d:
 
 class ReLUConvBN(nn.Sequential):
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int):
-        super().__init__(nn.ReLU(inplace=False), nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False), batch_stats_bn(c_out))
+        super().__init__(
+            nn.ReLU(inplace=False), nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False), batch_stats_bn(c_out)
+        )
 
 
 class DilConv(nn.Sequential):
@@ -40,7 +42,9 @@ class DilConv(nn.Sequential):
             batch_stats_bn(c_out),
         )
 
-    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``relu_x``: ReLU(x) if the caller already has it; ``scale``: multiply the output by it."""
         if not fast_path_enabled():
             return _scaled(super().forward(x), scale)
@@ -57,7 +61,9 @@ class SepConv(nn.Sequential):
             DilConv(c_in, c_out, kernel, 1, padding, 1),
         )
 
-    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if not fast_path_enabled():
             return _scaled(super().forward(x), scale)
         return self[1](self[0](x, relu_x=relu_x), scale=scale)
@@ -73,7 +79,9 @@ class FactorizedReduce(nn.Module):
         self.conv_2 = nn.Conv2d(c_in, c_out - c_out // 2, 1, stride=2, bias=False)
         self.bn = batch_stats_bn(c_out)
 
-    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if not fast_path_enabled():
             x = self.relu(x)
             shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))  # odd sizes: keep both branches the same shape
@@ -102,7 +110,9 @@ class PoolBN(nn.Sequential):
         pool = nn.MaxPool2d(3, stride, 1) if kind == "max" else nn.AvgPool2d(3, stride, 1, count_include_pad=False)
         super().__init__(pool, batch_stats_bn(c))
 
-    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if not fast_path_enabled():
             return _scaled(super().forward(x), scale)
         pool = self[0]
@@ -133,4 +143,3 @@ def make_op(name: str, c: int, stride: int) -> nn.Module:
         k = int(name[-1])
         return DilConv(c, c, k, stride, k - 1, 2)
     raise ValueError(f"unknown op {name!r}")
-

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..names import edge_key
 from .fastpath import fast_path_enabled, to_fast_layout
 from .kernels import CatChannels
-from .ops import FactorizedReduce, ReLUConvBN, batch_stats_bn, TAKES_RELU, make_op
+from .ops import TAKES_RELU, FactorizedReduce, ReLUConvBN, batch_stats_bn, make_op
 from .topology import SpaceConfig
 
 
@@ -145,9 +145,7 @@ class Supernet(nn.Module):
         super().__init__()
         self.space = space
         self.stem, slots, c_out = cell_plan(space)
-        self.cells = nn.ModuleList(
-            SearchCell(space, s.c_pp, s.c_p, s.c, s.reduction, s.reduction_prev) for s in slots
-        )
+        self.cells = nn.ModuleList(SearchCell(space, s.c_pp, s.c_p, s.c, s.reduction, s.reduction_prev) for s in slots)
         self.classifier = nn.Linear(c_out, space.num_classes)
 
     def forward(self, x: torch.Tensor, weights: dict[str, CellWeights]) -> torch.Tensor:

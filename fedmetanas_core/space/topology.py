@@ -63,4 +63,3 @@ class SpaceConfig:
     def cell_types(self) -> list[str]:
         red = self.reduction_cells()
         return ["reduce" if i in red else "normal" for i in range(self.num_cells)]
-
