@@ -135,7 +135,7 @@ def test_pixel_phases_factorized_reduce_equals_eager_and_double_backward(size):
             y = op(x)
             out[fast] = (y, torch.autograd.grad((y * y.detach().sin()).sum(), [x, *op.parameters()]))
     torch.testing.assert_close(out[True][0], out[False][0])
-    for a, b in zip(out[True][1], out[False][1]):
+    for a, b in zip(out[True][1], out[False][1], strict=False):
         torch.testing.assert_close(a, b)
     x = torch.randn(2, 2, size, size, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x: kernels.PixelPhases.apply(x), (x,))
@@ -159,8 +159,14 @@ def test_fast_path_backward_survives_odd_batches_on_two_threads():
     on channels_last, < 16 channels, odd batch, 2 threads); a crash kills the interpreter: a subprocess."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # two spinning threads on a busy box: 10x slower
-    done = subprocess.run([sys.executable, "-c", ODD_BATCHES_ON_TWO_THREADS], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", ODD_BATCHES_ON_TWO_THREADS],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
 
 
