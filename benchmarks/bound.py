@@ -60,22 +60,24 @@ class Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _make(spec: Any, batch_scale: int = 1, batch_dim_of: set[int] | None = None, index: int = 0) -> Any:
+def make_arg(spec: Any, batch_scale: int = 1, batch_dim_of: set[int] | None = None, index: int = 0) -> Any:
+    """A fresh argument like the recorded one (``_spec``); its dim 0 times ``batch_scale`` when ``index``
+    is in ``batch_dim_of``."""
     if isinstance(spec, tuple) and spec and spec[0] == "T":
         _, shape, dtype, channels_last, expanded = spec
-        if expanded:  # a shape-only weight (expanded scalar)
-            return torch.empty((), dtype=dtype).expand(shape)
         shape = list(shape)
         if batch_dim_of is not None and index in batch_dim_of and shape:
             shape[0] *= batch_scale
+        if expanded:  # an expanded scalar: a shape-only weight, or the gradient of a sum
+            return torch.empty((), dtype=dtype).expand(shape)
         t = torch.randn(shape, dtype=dtype)
         return t.contiguous(memory_format=torch.channels_last) if channels_last else t
     if isinstance(spec, tuple):
-        return tuple(_make(s, batch_scale) for s in spec) if spec and not isinstance(spec[0], str) else spec
+        return tuple(make_arg(s, batch_scale) for s in spec) if spec and not isinstance(spec[0], str) else spec
     return spec
 
 
-def _batched_args(func, spec: tuple, scale: int) -> tuple:
+def batched_args(func, spec: tuple, scale: int) -> tuple:
     """The call's arguments with the batch dimension of its activations multiplied by ``scale``."""
     name = func.overloadpacket.__name__
     if name == "convolution":  # (input, weight, bias, ...)
@@ -84,17 +86,7 @@ def _batched_args(func, spec: tuple, scale: int) -> tuple:
         batch = {0, 1}
     else:  # mm / addmm / bmm: scale the rows of the first matrix operand (the batch of a classifier)
         batch = {1} if name == "addmm" else {0}
-    out = []
-    for i, s in enumerate(spec):
-        if isinstance(s, tuple) and s and s[0] == "T":
-            if name in ("mm", "addmm") and i in batch:
-                shape = list(s[1])
-                shape[0] *= scale
-                out.append(torch.randn(shape, dtype=s[2]))
-                continue
-            out.append(_make(s, scale, batch, i))
-        else:
-            out.append(_make(s))
+    out = [make_arg(s, scale, batch, i) for i, s in enumerate(spec)]
     if name == "addmm":  # bias broadcasts over rows; scaled rows need a broadcastable bias
         out[0] = out[0] if out[0].dim() == 1 else torch.randn(out[1].shape[0], out[2].shape[1])
     return tuple(out)
@@ -160,8 +152,8 @@ def rates(signatures: set) -> dict:
     """(flops, seconds at the run's shapes, flops and seconds at SCALE x the batch) per signature."""
     out = {}
     for func, spec in signatures:
-        args = tuple(_make(s) for s in spec)
-        big = _batched_args(func, spec, SCALE)
+        args = tuple(make_arg(s) for s in spec)
+        big = batched_args(func, spec, SCALE)
         out[(func, spec)] = (flops_of(func, args), time_call(func, args), flops_of(func, big), time_call(func, big))
     return out
 

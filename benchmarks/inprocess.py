@@ -23,7 +23,7 @@ def run(items: list[str], clients: int, results_dir: Path, run_id: int = 1) -> d
     from server_app.app import run_experiment
     from server_app.local_grid import LocalGrid, task_identity
 
-    overrides, cfg = resolve_run_config(
+    _, cfg = resolve_run_config(
         [
             *items,
             f"results-dir={json.dumps(str(results_dir))}",

@@ -5,7 +5,16 @@ import collections
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bound import Recorder, _batched_args, bound_table, flops_of, load_calls, phase_of, save_calls
+from benchmarks.bound import (
+    Recorder,
+    batched_args,
+    bound_table,
+    flops_of,
+    load_calls,
+    make_arg,
+    phase_of,
+    save_calls,
+)
 
 
 def _record() -> collections.Counter:
@@ -32,11 +41,11 @@ def test_replayed_calls_count_the_flops_of_the_originals_and_scale_with_the_batc
     loaded = load_calls(tmp_path / "calls.json")[0]["calls"]
     assert sum(loaded.values()) == sum(calls.values())
     ((conv, spec),) = [(f, s) for f, s in loaded if f.overloadpacket.__name__ == "convolution"]
-    from benchmarks.bound import _make
-
-    flops = flops_of(conv, tuple(_make(s) for s in spec))
+    flops = flops_of(conv, tuple(make_arg(s) for s in spec))
     assert flops == 2 * 4 * 5 * 8 * 8 * 3 * 3 * 3  # 2 x batch x out channels x pixels x in channels x kernel
-    assert flops_of(conv, _batched_args(conv, spec, 16)) == 16 * flops
+    assert flops_of(conv, batched_args(conv, spec, 16)) == 16 * flops
+    for func, call in loaded:  # every call, the products of the backward pass too (one has an expanded gradient)
+        assert flops_of(func, batched_args(func, call, 16)) == 16 * flops_of(func, tuple(make_arg(s) for s in call))
 
 
 def test_a_round_runs_under_the_masks_the_previous_round_left():
