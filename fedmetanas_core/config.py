@@ -47,7 +47,7 @@ def resolve_method_tables(flat: Mapping[str, Any], default_method: str | None = 
     for name, value in scoped.items():
         table, key = name.split(".", 1)
         if key not in BY_NAME or key == "method":
-            raise ConfigError(name, value, f"unknown key in the [{table}] table; see the README's run-config table")
+            raise ConfigError(name, value, f"unknown key in the [{table}] table; see docs/configuration.md")
         if table == method:
             out[key] = value
     return out
@@ -64,7 +64,7 @@ class RunConfig(Mapping[str, Any]):
         flat = resolve_method_tables(flat)
         unknown = sorted(set(flat) - set(BY_NAME))
         if unknown:
-            raise ConfigError(unknown[0], flat[unknown[0]], "unknown key; see the README's run-config table")
+            raise ConfigError(unknown[0], flat[unknown[0]], "unknown key; see docs/configuration.md")
         values = defaults()
         for name, raw in flat.items():
             key = BY_NAME[name]
@@ -311,7 +311,7 @@ def _not_writable(folder: Path) -> str | None:
     return None
 
 
-if __name__ == "__main__":  # python -m fedmetanas_core.config [--toml]: the README table / pyproject block
+if __name__ == "__main__":  # python -m fedmetanas_core.config [--toml]: docs/configuration.md's table / pyproject block
     import sys
 
     print(toml_table() if "--toml" in sys.argv else markdown_table())

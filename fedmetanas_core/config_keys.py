@@ -1,6 +1,6 @@
 """The run-config key table: every key, its type, default, allowed values and meaning.
 
-The Flower app declares the same keys in ``pyproject.toml`` and the README lists them; both are
+The Flower app declares the same keys in ``pyproject.toml`` and docs/configuration.md lists them; both are
 generated from ``KEYS`` here (``python -m fedmetanas_core.config [--toml]``), and tests keep them
 in step. ``fedmetanas_core.config`` validates a run's values against this table.
 """
@@ -605,7 +605,7 @@ def toml_table() -> str:
 
 
 def markdown_table() -> str:
-    """The README's run-config reference table, generated so it never drifts from KEYS."""
+    """The run-config reference table of docs/configuration.md, generated so it never drifts from KEYS."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for k in KEYS:
         default = (
