@@ -108,6 +108,7 @@ class RunConfig(Mapping[str, Any]):
                 f"must be 0 (one partition per node) or >= min-available-nodes ({self.min_available_nodes})",
             )
         self._check_budget()
+        self._check_reduction_cells()
         self._check_strategy_nodes()
         self.check_dp(self.num_partitions or None)
         self._check_attack()
@@ -175,6 +176,13 @@ class RunConfig(Mapping[str, Any]):
                 "alpha-defence",
                 self.alpha_defence,
                 f"cannot be combined with dp = {self.dp} (it would aggregate the logits without the DP noise)",
+            )
+
+    def _check_reduction_cells(self) -> None:
+        positions = self.reduction_positions or ()
+        if any(p >= self.num_cells for p in positions):
+            raise ConfigError(
+                "reduction-cells", self.reduction_cells, f"cell indices must be < num-cells ({self.num_cells})"
             )
 
     def _check_budget(self) -> None:
@@ -277,6 +285,12 @@ class RunConfig(Mapping[str, Any]):
     @property
     def primitive_list(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in self.primitives.split(",") if p.strip())
+
+    @property
+    def reduction_positions(self) -> tuple[int, ...] | None:
+        """``reduction-cells`` as cell indices; None (empty key): DARTS's rule."""
+        text = self.reduction_cells.strip()
+        return tuple(int(p) for p in text.split(",")) if text else None
 
     def resolved_results_dir(self, stamp: str) -> Path:
         """Absolute results directory; Flower runs the ServerApp from the SuperLink's cwd."""

@@ -98,6 +98,15 @@ def _below_half(v: Any) -> str | None:
     return None if 0 <= v < 0.5 else "must be in [0, 0.5) (the fraction cut at each end)"
 
 
+def _cell_indices(v: str) -> str | None:
+    parts = [p.strip() for p in v.split(",")] if v.strip() else []
+    if not all(p.isdigit() for p in parts):
+        return "must be comma-separated cell indices (0, 1, ...), or empty for DARTS's rule"
+    if len(set(parts)) != len(parts):
+        return "cell indices must not repeat"
+    return None
+
+
 def _primitives(v: str) -> str | None:
     names = [p.strip() for p in v.split(",") if p.strip()]
     unknown = [p for p in names if p not in PRIMITIVES]
@@ -278,7 +287,7 @@ KEYS: tuple[Key, ...] = (
     Key("batch-size", 64, "support / query / training batch size", _at_least(2), "data"),
     Key("eval-batch-size", 512, "evaluation batch size (>1: BatchNorm uses batch statistics)", _at_least(2), "data"),
     # --- search space
-    Key("num-cells", 2, "cells in the supernet; reduction cells at 1/3 and 2/3 of the depth", _at_least(1), "space"),
+    Key("num-cells", 2, "cells in the supernet (which reduce: reduction-cells)", _at_least(1), "space"),
     Key("num-nodes", 2, "intermediate nodes per cell", _at_least(1), "space"),
     Key(
         "init-channels",
@@ -286,6 +295,14 @@ KEYS: tuple[Key, ...] = (
         "channels of the first cell; 0 = sized to the budget (the widest space whose expected cost under uniform "
         "op and pair probabilities fits it)",
         _at_least(0),
+        "space",
+    ),
+    Key(
+        "reduction-cells",
+        "",
+        "comma-separated indices (from 0) of the cells that halve the resolution; empty = DARTS's rule "
+        "(at 1/3 and 2/3 of the depth; the last cell of 2)",
+        _cell_indices,
         "space",
     ),
     Key("stem-multiplier", 3, "stem output channels = stem-multiplier x init-channels", _at_least(1), "space"),

@@ -29,7 +29,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,10 @@ def space_signature(space: SpaceConfig, image_hw: tuple[int, int]) -> dict[str, 
     """What a table was measured for: a table is valid for exactly this space at this image size."""
     sig = asdict(space)
     sig["primitives"] = list(space.primitives)
+    if space.reduction_cells() == replace(space, reduction_positions=None).reduction_cells():
+        del sig["reduction_positions"]  # DARTS's layout: tables measured before the key existed stay valid
+    else:
+        sig["reduction_positions"] = list(space.reduction_positions)
     sig["image_hw"] = list(image_hw)
     return sig
 

@@ -77,6 +77,7 @@ def space_from_config(
         num_nodes=cfg.num_nodes,
         stem_multiplier=cfg.stem_multiplier,
         primitives=cfg.primitive_list,
+        reduction_positions=cfg.reduction_positions,
         input_pruning=cfg.input_pruning if cfg.method == "fedmetanas" else False,
     )
 

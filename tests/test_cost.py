@@ -53,6 +53,7 @@ SPACES = [
         (16, 16),
     ),
     (SpaceConfig(10, 1, 6, 5, 3), (7, 7)),  # odd sizes, two reduction cells
+    (SpaceConfig(10, 1, 3, 2, 2, reduction_positions=(0, 1)), (8, 8)),  # every cell reduces (reduction-cells)
 ]
 
 
@@ -311,6 +312,9 @@ def test_a_latency_table_covers_every_op_and_predicts_from_its_fit(tmp_path):
     table = LatencyTable(json.loads(json.dumps(data)))
     assert table.mismatch(space, image_hw) is None
     assert "init_channels" in table.mismatch(SpaceConfig(10, 1, 5, 2, 2), image_hw)
+    # naming DARTS's own layout keeps the table; another layout does not
+    assert table.mismatch(SpaceConfig(10, 1, 4, 2, 2, reduction_positions=[1]), image_hw) is None
+    assert "reduction_positions" in table.mismatch(SpaceConfig(10, 1, 4, 2, 2, reduction_positions=(0, 1)), image_hw)
     model = table.cost_model(space, image_hw)
     assert data["threads"] == 1 and data["batch"] == 1 and data["op_scale"] > 0
     assert all(v >= 0 for v in data["ops"].values())

@@ -50,12 +50,21 @@ class SpaceConfig:
     stem_multiplier: int = 3
     primitives: tuple[str, ...] = PRIMITIVES
     input_pruning: bool = True
+    # which cells reduce (0-based); None = DARTS's rule. Small budgets gain from reducing early: the
+    # cells then spend their MACs at low resolution, as a small CNN does (docs/cost-aware.md)
+    reduction_positions: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.reduction_positions is not None:  # a JSON round trip gives a list: keep the dataclass hashable
+            object.__setattr__(self, "reduction_positions", tuple(sorted(self.reduction_positions)))
 
     @property
     def topology(self) -> CellTopology:
         return CellTopology(self.num_nodes)
 
     def reduction_cells(self) -> set[int]:
+        if self.reduction_positions is not None:
+            return set(self.reduction_positions)
         if self.num_cells < 3:
             return {self.num_cells - 1} if self.num_cells > 1 else set()
         return {self.num_cells // 3, 2 * self.num_cells // 3}
