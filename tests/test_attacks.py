@@ -2,7 +2,7 @@
 
 Constructed states and real Flower Messages through ``SearchStrategy`` (10 replies, 2 poisoned),
 the ClientApp's attack hook, and one tiny run of the real server loop with the real ClientApp in
-process (``server_app.local_grid.LocalGrid``)."""
+process (``harness.local_grid.LocalGrid``)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from fedmetanas_core.names import PRIMITIVES, is_arch
 from fedmetanas_core.space import SearchModel
 from fedmetanas_core.training import run_settings, space_from_config
 from flower_records import array_record
+from harness.local_grid import LocalGrid
 from server_app.app import Experiment
-from server_app.local_grid import LocalGrid
 from server_app.strategy import SearchStrategy, build_base_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread")

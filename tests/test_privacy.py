@@ -2,7 +2,7 @@
 epsilon reported by dp-accounting's RDP accountant.
 
 Whole runs go through the real ServerApp loop and the real ClientApp (``client_app.app.app``, so
-the DP mods run) in one process (``server_app.local_grid.LocalGrid``); clipping is checked on
+the DP mods run) in one process (``harness.local_grid.LocalGrid``); clipping is checked on
 constructed messages. docs/privacy.md explains the choices tested here.
 """
 
@@ -25,8 +25,8 @@ from client_app import app as client
 from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.privacy import PrivacyAccountant, effective_noise_multiplier, update_noise_multiplier
 from fedmetanas_core.training import run_settings
+from harness.local_grid import LocalGrid
 from server_app.app import federation_size, run_experiment
-from server_app.local_grid import LocalGrid
 from server_app.privacy import ServerSideAdaptiveClipping, wrap_dp
 from server_app.strategy import SearchStrategy, build_base_strategy, load_strategy_state, strategy_state
 

@@ -22,8 +22,8 @@ def test_readme_adding_a_method_names_the_module_whose_methods_the_key_check_use
     import importlib
     import re
 
-    from fedmetanas_core import cli
     from fedmetanas_core.config import RunConfig, resolve_method_tables
+    from harness import cli
 
     root = Path(__file__).resolve().parents[1]
     section = _adding_a_method_section((root / "README.md").read_text())

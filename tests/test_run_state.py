@@ -20,7 +20,6 @@ from helpers import NodeIds
 from PIL import Image
 
 from client_app.app import in_run_settings, node_data
-from fedmetanas_core import cli
 from fedmetanas_core import data as D
 from fedmetanas_core.config import RunConfig, defaults
 from fedmetanas_core.outputs import CHECKPOINT_FILE, load_checkpoint, rng_states, save_checkpoint, set_rng_states
@@ -29,6 +28,7 @@ from fedmetanas_core.seeding import make_generator
 from fedmetanas_core.space import fast_path_enabled
 from fedmetanas_core.training import run_settings
 from flower_records import array_record
+from harness import cli
 from server_app.app import Experiment, client_order
 from server_app.strategy import (
     TOO_FEW_REPLIES,

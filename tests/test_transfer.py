@@ -20,8 +20,8 @@ from fedmetanas_core.names import NET_PREFIX, arch_param_name
 from fedmetanas_core.space import SearchModel, SpaceConfig
 from fedmetanas_core.training import run_settings
 from fedmetanas_core.transfer import live_edges, live_keys
+from harness.local_grid import LocalGrid
 from server_app.app import run_experiment
-from server_app.local_grid import LocalGrid
 from server_app.strategy import SearchStrategy, build_base_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")
