@@ -107,7 +107,8 @@ def corrupt_reply(reply: Message, kind: str, request: Message) -> Message:
 
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
-    from client_app.app import dp_mod, train
+    from client_app.app import train
+    from client_app.privacy import dp_mod
 
     kind = _fault(context)
     if kind == "exception":  # raised before training: a client that crashes costs no CPU here

@@ -12,8 +12,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from helpers import NodeIds
 from test_phases import TINY
 
-from client_app.app import load_received
 from fedmetanas_core.aggregation import update_masks
+from fedmetanas_core.client_round import load_received
 from fedmetanas_core.config import RunConfig
 from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
 from fedmetanas_core.names import NET_PREFIX, arch_param_name
