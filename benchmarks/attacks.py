@@ -6,7 +6,7 @@ architecture-logit defence, against the attack-free run. Writes JSON and a markd
 Every run is the default digits FedMetaNAS config (10 clients, Dirichlet 0.5, 20 rounds) plus the
 overrides in ``RUNS``; clients 0 and 1 attack in every round. A run is the real ServerApp loop
 (``server_app.app.run_experiment``) with the real ClientApp handlers called in one process for
-every node (``server_app.local_grid.LocalGrid``): the same messages, records and code paths as a Flower
+every node (``harness.local_grid.LocalGrid``): the same messages, records and code paths as a Flower
 simulation, without Ray, so a 2-core machine can afford the grid. Each run goes to its own
 process; finished runs (a ``summary.json`` in their folder) are not rerun.
 """
@@ -87,8 +87,8 @@ def run_one(name: str, seed: int, out: Path) -> Path:
     """One run of the grid, in this process; returns its results folder."""
     from fedmetanas_core.config import RunConfig
     from fedmetanas_core.training import run_settings
+    from harness.local_grid import LocalGrid, task_identity
     from server_app.app import run_experiment
-    from server_app.local_grid import LocalGrid, task_identity
     from server_app.strategy import check_strategy
 
     folder = out / "runs" / f"seed-{seed}" / name.replace("/", "__")

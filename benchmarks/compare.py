@@ -50,9 +50,9 @@ LAST_ROUNDS = 5
 def _baseline_overrides(method: str, seed_dir: Path, seed: int, preset: Path, overrides: list[str]) -> list[str]:
     """The fedavg-* baselines are FedAvg runs with a fixed network chosen here."""
     if method == "fedavg-random-cell":
-        from fedmetanas_core.cli import parse_run_config
         from fedmetanas_core.config import RunConfig
         from fedmetanas_core.genotype import random_genotype
+        from harness.cli import parse_run_config
 
         cfg = RunConfig.from_flat(parse_run_config([str(preset), *overrides, f"seed={seed}"]), check_paths=False)
         path = seed_dir / "random-cell-genotype.yaml"
@@ -92,7 +92,7 @@ def run_method(
     cmd = [
         sys.executable,
         "-m",
-        "fedmetanas_core.cli",
+        "harness.cli",
         "run",
         "--num-supernodes",
         str(num_supernodes),

@@ -119,7 +119,7 @@ def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str,
     cmd = [
         sys.executable,
         "-m",
-        "fedmetanas_core.cli",
+        "harness.cli",
         "run",
         "--num-supernodes",
         str(clients),

@@ -46,8 +46,8 @@ def method_overrides(
     if method != "fedavg-random-cell":
         return common
     from fedmetanas_core.budget import cost_model, run_space
-    from fedmetanas_core.cli import resolve_run_config
     from fedmetanas_core.genotype import random_genotype
+    from harness.cli import resolve_run_config
 
     items = [str(preset), *overrides, f"seed={seed}", *common, 'method="fedmetanas"']
     _, cfg = resolve_run_config(items)

@@ -15,13 +15,13 @@ import json
 import time
 from pathlib import Path
 
-from fedmetanas_core.cli import resolve_run_config
 from fedmetanas_core.training import run_settings
+from harness.cli import resolve_run_config
 
 
 def run(items: list[str], clients: int, results_dir: Path, run_id: int = 1) -> dict:
+    from harness.local_grid import LocalGrid, task_identity
     from server_app.app import run_experiment
-    from server_app.local_grid import LocalGrid, task_identity
 
     _, cfg = resolve_run_config(
         [

@@ -66,7 +66,7 @@ def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[s
     cmd = [
         sys.executable,
         "-m",
-        "fedmetanas_core.cli",
+        "harness.cli",
         "run",
         "--num-supernodes",
         str(population),

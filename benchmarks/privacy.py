@@ -13,7 +13,7 @@ reply's L2 distance to the global model) choose the clipping norm: their median 
 One process per method can share ``--out`` (``--methods fednas`` in one, ``--methods
 fedmetanas,fedavg`` in another): the outputs are rebuilt from every finished run on disk.
 Runs are the real ServerApp loop and ClientApp (with its DP mods) in this process through
-``server_app.local_grid.LocalGrid``: no Ray, no SuperLink, the same code as ``fedmetanas run``
+``harness.local_grid.LocalGrid``: no Ray, no SuperLink, the same code as ``fedmetanas run``
 minus the transport (cheaper on a busy 2-core machine). A finished run (summary.json present) is
 not run again; the table, JSON and plot are rewritten after every run, so a partial grid is
 readable. Writes ``privacy.json``, ``privacy.md`` and ``privacy_accuracy_vs_epsilon.png``.
@@ -39,8 +39,8 @@ LAST_ROUNDS = 5
 
 def preset_config(preset: str, method: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The preset's flat config for ``method`` (its ``[method]`` table applied), plus overrides."""
-    from fedmetanas_core.cli import parse_run_config
     from fedmetanas_core.config import defaults, resolve_method_tables
+    from harness.cli import parse_run_config
 
     flat = resolve_method_tables({**parse_run_config([str(ROOT / "conf" / f"{preset}.toml")]), "method": method})
     return {**defaults(), **flat, **overrides}
@@ -55,8 +55,8 @@ def run_one(flat: dict[str, Any], out: Path, num_nodes: int) -> dict[str, Any] |
 
     from fedmetanas_core.config import RunConfig
     from fedmetanas_core.training import run_settings
+    from harness.local_grid import LocalGrid, task_identity
     from server_app.app import run_experiment
-    from server_app.local_grid import LocalGrid, task_identity
 
     lock = out.parent / f".{out.name}.running"
     if lock.is_file() and _alive(int(lock.read_text() or 0)):

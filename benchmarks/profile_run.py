@@ -38,7 +38,7 @@ def profile(items: list[str], out: Path, cores: int) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "fedmetanas_core.cli",
+        "harness.cli",
         "run",
         *sum((["-c", i] for i in items), []),
         "-c",

@@ -71,7 +71,7 @@ def _toml(value: Any) -> str:
 def trial_command(
     preset: str, method: str, values: dict[str, Any], out: Path, overrides: list[str], clients: int
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "server_app.simulation", "--clients", str(clients), "--results-dir", str(out)]
+    cmd = [sys.executable, "-m", "harness.simulation", "--clients", str(clients), "--results-dir", str(out)]
     cmd += ["-c", str(ROOT / "conf" / f"{preset}.toml"), "-c", f'method="{method}"']
     cmd += [x for o in overrides for x in ("-c", o)]
     scoring = f'eval-split="validation" num-partitions={clients} checkpoint=false fraction-evaluate=0.0'

@@ -12,10 +12,14 @@ subset of the model's keys); architecture keys are the ``arch.*`` logits (``name
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .names import PRIMITIVES, is_arch
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 State = dict[str, np.ndarray]
 
@@ -67,6 +71,15 @@ def poison(
                 out[key] = (received[key].astype(np.float64) + scale * direction).astype(value.dtype)
         return out
     raise ValueError(f"unknown attack {attack!r}; one of {', '.join(ATTACKS)}")
+
+
+def attacked(cfg: RunConfig, partition_id: int, received: State, honest: State) -> State:
+    """The client's hook (simulations only): an attacking partition (``attack-clients``) replies
+    with the state ``poison`` makes from what the server sent and its honest reply; any other
+    partition's ``honest`` is returned as it is (the same object)."""
+    if cfg.attack == "none" or partition_id not in parse_attack_clients(cfg.attack_clients):
+        return honest
+    return poison(cfg.attack, received, honest, cfg.attack_scale, cfg.primitive_list)
 
 
 def robust_logits(

@@ -1,7 +1,7 @@
 """Differential privacy: what the run-config keys mean, which configs can work, and the privacy spent.
 
 Flower-free. The mechanisms themselves are Flower's (``server_app.privacy`` wraps the strategy,
-``client_app.app`` installs the client mods); this module only decides whether a DP config can run
+``client_app.privacy`` picks the client mod); this module only decides whether a DP config can run
 (before anything starts) and accounts for it with Google's ``dp-accounting`` RDP accountant, a
 maintained library, never a hand-written epsilon formula. See docs/privacy.md.
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -25,22 +25,13 @@ from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.coordinator import ProgressClock, fmt_duration, image_hw, model_config, space_for_run
 from fedmetanas_core.data import DataSpec, load_test_set
 from fedmetanas_core.genotype import Genotype, SimpleCNN, count_parameters
-from fedmetanas_core.outputs import (
-    RunRecorder,
-    config_differences,
-    load_checkpoint,
-    machine_description,
-    package_versions,
-    rng_states,
-    save_checkpoint,
-    set_rng_states,
-    truncate_rounds,
-)
-from fedmetanas_core.phases import Handoff, Phase, plan_phases
+from fedmetanas_core.outputs import RunRecorder, machine_description, package_versions
+from fedmetanas_core.phases import Phase, plan_phases
 from fedmetanas_core.privacy import make_accountant
 from fedmetanas_core.run_data import validation_set
-from fedmetanas_core.training import evaluate, resolve_device, run_settings
-from flower_records import array_record, numpy_state
+from fedmetanas_core.training import evaluate, resolve_device, run_settings, state_arrays
+from flower_records import array_record, numpy_state, round_record, select
+from server_app.checkpoint import RunCheckpoint
 from server_app.exchange import send_and_receive
 from server_app.privacy import current_clipping_norm, wrap_dp
 from server_app.strategy import (
@@ -146,14 +137,14 @@ def client_order(msg: Message) -> tuple[int, int]:
 
 
 class Experiment:
-    """One run: its phases, timers, recorder and checkpoint."""
+    """One run: its phases, timers, recorder and test set; the checkpoint is ``RunCheckpoint``."""
 
     def __init__(self, grid: Grid, cfg: RunConfig):
         self.grid, self.cfg = grid, cfg
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.recorder = RunRecorder(cfg.resolved_results_dir(stamp))
-        self.checkpoint = self._load_checkpoint()
-        if self.checkpoint is None:
+        self.checkpoint = RunCheckpoint(self.recorder.dir, cfg)
+        if not self.checkpoint.resumed:
             self.recorder.start_log()
         self.recorder.write_config(dict(cfg))
         self.population = federation_size(grid, cfg) if cfg.dp != "none" else None
@@ -168,48 +159,17 @@ class Experiment:
         self.base_config = {"method": cfg.method, **model_config(self.space)}
         self.phases: list[Phase] = plan_phases(cfg, self.space, self.test, self.device)
         self.clock = ProgressClock(sum(p.rounds for p in self.phases))
-        self.nodes_seen: set[int] = set()
-        self.rejected_total = 0
-        self.elapsed_before = 0.0  # wall time of the run before a resume
-        self.first_phase = 0  # the phase a resumed run continues in: the ones before it are finished
-        self.carried = Handoff()  # what the finished phases left (checkpointed)
-        self.done: list[tuple[str, int]] = []
+        self.strategy: SearchStrategy | None = None  # the running phase's
         self.tensorboard = None
         if cfg.tensorboard:
             from fedmetanas_core.report.tensorboard_log import TensorBoardLogger
 
             self.tensorboard = TensorBoardLogger(self.recorder.dir / "tensorboard")
-        if self.checkpoint is not None:
-            ck = self.checkpoint
-            self.elapsed_before = ck["elapsed"]
-            self.clock.done = len(ck["done"])
-            self.clock.start -= ck["elapsed"]
-            self.nodes_seen = set(ck["nodes_seen"])
-            self.rejected_total = ck["rejected_total"]
-            self.first_phase = ck["phase_index"]
-            self.carried = Handoff.from_dict(ck["extra"])
-            self.done = [tuple(d) for d in ck["done"]]
-            if self.accountant is not None:
-                self.accountant.releases = int(ck.get("dp_releases", 0))
-            set_rng_states(ck["rng"])
-            truncate_rounds(self.recorder.dir, set(self.done))
-            log(INFO, "Resuming from %s: %d rounds already done", self.recorder.dir, len(self.done))
-
-    def _load_checkpoint(self) -> dict[str, Any] | None:
-        if not self.cfg.resume:
-            return None
-        try:
-            ck = load_checkpoint(self.recorder.dir)
-        except Exception as exc:  # e.g. written by a version that pickled numpy arrays
-            raise ConfigError(
-                "resume", True, f"checkpoint.pt in {self.recorder.dir} cannot be loaded: {type(exc).__name__}"
-            ) from None
-        if ck is None:
-            raise ConfigError("resume", True, f"no checkpoint.pt in results-dir {self.recorder.dir}")
-        changed = config_differences(ck["config"], dict(self.cfg))
-        if changed:
-            raise ConfigError("resume", True, f"the run config differs from the checkpoint's in {', '.join(changed)}")
-        return ck
+        self.progress = self.checkpoint.progress()  # a resume restores the RNGs here, after the set-up
+        self.clock.done = len(self.progress.done)
+        self.clock.start -= self.progress.elapsed_before
+        if self.accountant is not None:
+            self.accountant.releases = self.progress.dp_releases
 
     def run_phase(self, index: int, phase: Phase) -> None:
         """Start ``phase`` from what the phases before it left (or from the checkpoint) and run its rounds."""
@@ -225,31 +185,30 @@ class Experiment:
             **(alpha_defence_args(cfg) if search else {}),
         )
         self.strategy = strategy
-        phase.start(self.carried)
+        phase.start(self.progress.carried)
         arrays = array_record(phase.initial_state())
         start = 1
-        ck = self.checkpoint
-        if ck is not None and ck["phase_index"] == index:
-            state = numpy_state(ck["arrays"])  # saved as tensors
-            phase.restore(state, ck["masks"], ck["last"])
-            arrays = array_record(state)
-            load_strategy_state(strategy.base, ck["strategy"])
-            start = ck["round"] + 1
+        saved = self.checkpoint.phase_state(index)
+        if saved is not None:
+            phase.restore(saved.arrays, saved.masks, saved.last)
+            arrays = array_record(saved.arrays)
+            load_strategy_state(strategy.base, saved.strategy)
+            start = saved.round + 1
         for rnd in range(start, phase.rounds + 1):
             arrays = self.run_round(index, phase, rnd, arrays)
 
     def run_round(self, index: int, phase: Phase, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
         cfg, strategy = self.cfg, self.strategy
         t_round = time.time()
-        config = ConfigRecord({**self.base_config, **phase.round_config(rnd)})
+        config = round_record(self.base_config, phase.round_config(rnd))
         clipping_norm = current_clipping_norm(strategy.base)  # this round's (adaptive clipping moves it)
-        live = ArrayRecord({k: arrays[k] for k in phase.live_keys(list(arrays.keys()))})  # pruned ops stay home
+        live = select(arrays, phase.live_keys(list(arrays.keys())))  # pruned ops stay home
         messages = list(strategy.configure_train(rnd, live, config, self.grid))
         bytes_sent = sum(_record_bytes(m) for m in messages)
         replies = sorted(send_and_receive(self.grid, messages, cfg.round_timeout), key=client_order)
         bytes_received = sum(_record_bytes(m) for m in replies)
         client_seconds = _reply_metric(replies, "client-seconds")
-        self.nodes_seen.update(m.metadata.src_node_id for m in replies)
+        self.progress.nodes_seen.update(m.metadata.src_node_id for m in replies)
         t_server = time.time()
         aggregated, _ = strategy.aggregate_train(rnd, replies)
         if aggregated is not None:  # the live part aggregated; dead ops keep their last aggregate
@@ -259,7 +218,7 @@ class Experiment:
         else:
             metrics = {**phase.last, "tau": phase.plan(rnd).tau}
         server_seconds = time.time() - t_server
-        self.rejected_total += len(strategy.rejected)
+        self.progress.rejected_total += len(strategy.rejected)
         if self.accountant is not None and (aggregated is not None if cfg.dp != "local" else _answered(replies)):
             self.accountant.release()  # local DP: every reply the server saw was a release
         norms, arch_norms = zip(*strategy.update_norms, strict=False) if strategy.update_norms else ((), ())
@@ -299,7 +258,7 @@ class Experiment:
         self.recorder.log_round(row)
         if self.tensorboard is not None:
             self.tensorboard.log_round(row)
-        self.done.append((phase.name, rnd))
+        self.progress.done.append((phase.name, rnd))
         if cfg.checkpoint:
             self.save(index, phase, rnd, arrays, elapsed)
         acc = metrics.get("accuracy", float("nan"))
@@ -327,41 +286,23 @@ class Experiment:
         return {"steps_per_client_round": _mean(steps), "images_per_client_round": _mean(images)}
 
     def save(self, index: int, phase: Phase, rnd: int, arrays: ArrayRecord, elapsed: float) -> None:
-        save_checkpoint(
-            self.recorder.dir,
-            {
-                "config": dict(self.cfg),
-                "phase_index": index,
-                "round": rnd,
-                "arrays": numpy_state(arrays),
-                "masks": {k: v.cpu() for k, v in phase.masks.items()},
-                "last": phase.last,
-                "strategy": strategy_state(self.strategy.base),
-                "done": self.done,
-                "elapsed": elapsed,
-                "nodes_seen": sorted(self.nodes_seen),
-                "rejected_total": self.rejected_total,
-                "dp_releases": self.accountant.releases if self.accountant is not None else 0,
-                "extra": self.carried.to_dict(),
-                "rng": rng_states(),
-            },
-        )
+        if self.accountant is not None:
+            self.progress.dp_releases = self.accountant.releases
+        state = strategy_state(self.strategy.base)
+        self.checkpoint.save(self.progress, index, rnd, numpy_state(arrays), phase.masks, phase.last, state, elapsed)
 
     def personalize(self, final_net: torch.nn.Module, genotype: Genotype | None, rounds: int) -> list[dict[str, Any]]:
         """Every method's deployed network, adapted and scored the same way on every client."""
         if self.cfg.fraction_evaluate == 0:
             return []
         width = {"cnn-channels": final_net.channels} if isinstance(final_net, SimpleCNN) else {}  # a budget may size it
-        config = ConfigRecord(
-            {
-                **self.base_config,
-                "phase": "fixed",
-                "genotype": genotype.to_json() if genotype is not None else "",
-                "personalize": True,
-                **width,
-            }
-        )
-        arrays = ArrayRecord({k: v.detach().cpu() for k, v in final_net.state_dict().items()})
+        deployed = {
+            "phase": "fixed",
+            "genotype": genotype.to_json() if genotype is not None else "",
+            "personalize": True,
+        }
+        config = round_record(self.base_config, deployed, width)
+        arrays = array_record(state_arrays(final_net))
         messages = self.strategy.configure_evaluate(rounds, arrays, config, self.grid)
         replies = send_and_receive(self.grid, messages, self.cfg.round_timeout)
         self.strategy.aggregate_evaluate(rounds, replies)
@@ -371,34 +312,36 @@ class Experiment:
 def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     """For each phase, for each round; then the deployed network's scores and the summary."""
     exp = Experiment(grid, cfg)
-    t0 = time.time() - exp.elapsed_before
+    progress = exp.progress
+    t0 = time.time() - progress.elapsed_before
     for index, phase in enumerate(exp.phases):
-        if index < exp.first_phase:
+        if index < progress.first_phase:
             continue  # finished before the resume: what it left is in the checkpoint
         exp.run_phase(index, phase)
         elapsed = time.time() - t0  # the phase's rounds: what it hands off is computed after
-        exp.carried = exp.carried.then(phase.handoff(), elapsed)
+        progress.carried = progress.carried.then(phase.handoff(), elapsed)
     final_phase = exp.phases[-1]
     final_net = final_phase.final_network()
     final_eval = evaluate(final_net, exp.test, cfg.eval_batch_size, exp.device)
     train_end = time.time()
-    genotype = exp.carried.genotype
+    genotype = progress.carried.genotype
     clients = exp.personalize(final_net, genotype, final_phase.rounds)
     rows = exp.recorder.read_rounds()
+    final_clipping_norm = current_clipping_norm(exp.strategy.base) if exp.strategy is not None else None
     summary = {
-        **run_fields(cfg, exp),
-        **accuracy_fields(final_eval, exp.carried, clients, cfg),
+        **run_fields(cfg, len(progress.nodes_seen), [p.rounds for p in exp.phases]),
+        **accuracy_fields(final_eval, progress.carried, clients, cfg),
         **exp.compute_per_client_round(rows),
-        **time_fields(exp.carried, t0, train_end),
+        **time_fields(progress.carried, t0, train_end),
         "genotype": genotype.to_dict() if genotype else None,
         "params": count_parameters(final_net),
-        "supernet_params": exp.carried.results.get("supernet_params"),
+        "supernet_params": progress.carried.results.get("supernet_params"),
         "cost": cost_report(cfg, exp.space, image_hw(exp.test), final_net),
         **communication_fields(rows),
-        "rejected_replies": exp.rejected_total,
-        **privacy_fields(cfg, exp),
+        "rejected_replies": progress.rejected_total,
+        **privacy_fields(cfg, exp.accountant, final_clipping_norm),
         **skipped_rounds(rows),
-        "resumed": exp.checkpoint is not None,
+        "resumed": exp.checkpoint.resumed,
         "seed": cfg.seed,
         "machine": machine_description(),
         "versions": package_versions(),

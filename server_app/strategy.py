@@ -33,7 +33,7 @@ from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.coordinator import finite_state
 from fedmetanas_core.names import is_arch
 from fedmetanas_core.privacy import update_norms
-from flower_records import array_record, numpy_state
+from flower_records import array_record, numpy_state, select
 
 # dp modes whose noise the server adds (a Flower DP strategy wraps the base strategy)
 DP_WRAPPED = ("server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
@@ -190,7 +190,7 @@ def restrict_strategy_state(strategy: Strategy, keys: list[str]) -> None:
             index = {k: i for i, k in enumerate(old)}
             if strategy.momentum_vector is not None:  # a list in current_arrays' order
                 strategy.momentum_vector = [strategy.momentum_vector[index[k]] for k in keys]
-            strategy.current_arrays = ArrayRecord({k: strategy.current_arrays[k] for k in keys})
+            strategy.current_arrays = select(strategy.current_arrays, keys)
 
 
 def _is_dp_wrapper(strategy: Strategy) -> bool:
@@ -319,7 +319,7 @@ class SearchStrategy(Strategy):
         if self.dp:
             for msg in good:  # Flower's clipping pairs arrays by position: put them in the sent order
                 arrays = msg.content["arrays"]
-                msg.content["arrays"] = ArrayRecord({k: arrays[k] for k in (self._reference or arrays) if k in arrays})
+                msg.content["arrays"] = select(arrays, [k for k in (self._reference or arrays) if k in arrays])
                 msg.content["metrics"][UNIT_WEIGHT] = 1
         if self.alpha_aggregation != "logits":
             for msg in good:
@@ -384,7 +384,7 @@ class SearchStrategy(Strategy):
         return [
             (
                 m.metadata.src_node_id,
-                {k: v.numpy().copy() for k, v in m.content["arrays"].items() if is_arch(k)},
+                numpy_state(m.content["arrays"], filter(is_arch, m.content["arrays"].keys())),
                 float(m.content["metrics"]["num-examples"]),
             )
             for m in good

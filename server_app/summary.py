@@ -1,6 +1,8 @@
 """summary.json, in parts: what ran, the deployed network's accuracy, time, bytes, privacy spent.
 
-Keys keep the order the file has always had; ``server_app.app.run_experiment`` joins the parts.
+Each part is built from plain values (the run config, counts, the rows of rounds.jsonl, the core's
+accountant), never from the ServerApp's objects; keys keep the order the file has always had, and
+``server_app.app.run_experiment`` joins the parts.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ import numpy as np
 from fedmetanas_core.config import RunConfig
 from fedmetanas_core.phases import Handoff
 from fedmetanas_core.privacy import MEAN_STRATEGIES
-from server_app.privacy import current_clipping_norm
 
 if TYPE_CHECKING:
-    from server_app.app import Experiment
+    from fedmetanas_core.privacy import PrivacyAccountant
 
 
 def skipped_rounds(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -27,38 +28,37 @@ def skipped_rounds(rows: list[dict[str, Any]]) -> dict[str, int]:
     return {"skipped_rounds": len(skipped), "skipped_rounds_error": len(errors)}
 
 
-def run_fields(cfg: RunConfig, exp: Experiment) -> dict[str, Any]:
-    """What ran: method, data, and rounds (the first phase's, then those of the phases after it:
-    FedNAS's retraining)."""
+def run_fields(cfg: RunConfig, num_clients: int, phase_rounds: list[int]) -> dict[str, Any]:
+    """What ran: method, data, the clients that replied, and rounds (the first phase's, then those
+    of the phases after it: FedNAS's retraining)."""
     return {
         "method": cfg.method,
         "strategy": cfg.strategy,
         "dataset": cfg.dataset,
-        "num_clients": len(exp.nodes_seen),
+        "num_clients": num_clients,
         "partitioner": {
             "name": cfg.partitioner,
             "dirichlet_alpha": cfg.dirichlet_alpha,
             "classes_per_client": cfg.classes_per_client,
             "shards_per_client": cfg.shards_per_client,
         },
-        "rounds": exp.phases[0].rounds,
-        "retrain_rounds": sum(p.rounds for p in exp.phases[1:]),
+        "rounds": phase_rounds[0],
+        "retrain_rounds": sum(phase_rounds[1:]),
     }
 
 
-def privacy_fields(cfg: RunConfig, exp: Experiment) -> dict[str, Any]:
-    """The privacy spent (docs/privacy.md): epsilon at dp-delta from dp-accounting's RDP accountant."""
-    acc = exp.accountant
+def privacy_fields(cfg: RunConfig, acc: PrivacyAccountant | None, final_clipping_norm: float | None) -> dict[str, Any]:
+    """The privacy spent (docs/privacy.md): epsilon at dp-delta from dp-accounting's RDP accountant,
+    and the clipping norm the last round used (adaptive clipping moves it)."""
     if acc is None:
         return {"dp": {"mode": "none"}, "dp_epsilon": None}
-    strategy = getattr(exp, "strategy", None)
     return {
         "dp": {
             "mode": cfg.dp,
             "noise_multiplier": cfg.dp_noise_multiplier,
             "effective_noise_multiplier": acc.noise_multiplier,
             "clipping_norm": cfg.dp_clipping_norm,
-            "final_clipping_norm": current_clipping_norm(strategy.base) if strategy is not None else None,
+            "final_clipping_norm": final_clipping_norm,
             "delta": acc.delta,
             "epsilon": acc.epsilon(),
             "releases": acc.releases,

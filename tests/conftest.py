@@ -37,7 +37,7 @@ def skip_run_extras(monkeypatch):
 def flower_task_identity():
     """Flower messages can only be built inside a Flower runtime unless a task identity is set:
     tests that construct messages or run the ServerApp's loop in process set one (and restore it)."""
-    from server_app.local_grid import task_identity
+    from harness.local_grid import task_identity
 
     with task_identity():
         yield

@@ -2,7 +2,7 @@
 
 Constructed states and real Flower Messages through ``SearchStrategy`` (10 replies, 2 poisoned),
 the ClientApp's attack hook, and one tiny run of the real server loop with the real ClientApp in
-process (``server_app.local_grid.LocalGrid``)."""
+process (``harness.local_grid.LocalGrid``)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from helpers import NodeIds
 
-from client_app.app import attacked
 from fedmetanas_core.attacks import (
     PARAMETER_FREE,
+    attacked,
     parameter_free_count,
     parse_attack_clients,
     poison,
@@ -30,8 +30,8 @@ from fedmetanas_core.names import PRIMITIVES, is_arch
 from fedmetanas_core.space import SearchModel
 from fedmetanas_core.training import run_settings, space_from_config
 from flower_records import array_record
+from harness.local_grid import LocalGrid
 from server_app.app import Experiment
-from server_app.local_grid import LocalGrid
 from server_app.strategy import SearchStrategy, build_base_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread")
@@ -178,14 +178,12 @@ def test_norm_screen_keeps_every_reply_when_no_one_attacks(global_state):
 
 def test_client_hook_poisons_only_the_attacking_partitions(global_state):
     cfg = RunConfig.from_flat({"attack": "sign-flip", "attack-clients": "1,3", "attack-scale": 2.0})
-    sent, honest = array_record(global_state), array_record(_honest(global_state, 0))
-    assert attacked(cfg, 0, sent, honest) is honest
-    out = attacked(cfg, 3, sent, honest)
+    honest = _honest(global_state, 0)
+    assert attacked(cfg, 0, global_state, honest) is honest
+    out = attacked(cfg, 3, global_state, honest)
     k = next(iter(global_state))
-    np.testing.assert_allclose(
-        out[k].numpy() - global_state[k], -2.0 * (honest[k].numpy() - global_state[k]), rtol=1e-4, atol=1e-6
-    )
-    assert attacked(cfg.replace(attack="none", attack_clients=""), 3, sent, honest) is honest
+    np.testing.assert_allclose(out[k] - global_state[k], -2.0 * (honest[k] - global_state[k]), rtol=1e-4, atol=1e-6)
+    assert attacked(cfg.replace(attack="none", attack_clients=""), 3, global_state, honest) is honest
 
 
 def test_attack_keys_are_validated():

@@ -48,7 +48,7 @@ def test_pyproject_run_config_matches_config_keys():
 
 
 def test_later_plain_keys_override_earlier_method_tables(tmp_path):
-    from fedmetanas_core.cli import parse_run_config
+    from harness.cli import parse_run_config
 
     preset = tmp_path / "p.toml"
     preset.write_text("num-server-rounds = 10\n[fedmetanas]\ndiscrete-round = 8\nlocal-meta-iters = 4\n")
@@ -79,7 +79,7 @@ def test_method_tables_apply_to_their_own_method_only():
     "preset", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "conf").glob("*.toml"))
 )
 def test_every_preset_is_valid_for_every_method(preset):
-    from fedmetanas_core.cli import parse_run_config
+    from harness.cli import parse_run_config
 
     flat = parse_run_config([str(Path(__file__).resolve().parents[1] / "conf" / preset)])
     for method in C.METHODS:

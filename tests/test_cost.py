@@ -25,7 +25,6 @@ from fedmetanas_core.budget import (
     sized_space,
     uniform_expected_cost,
 )
-from fedmetanas_core.cli import main as cli_main
 from fedmetanas_core.config import ConfigError, RunConfig, defaults
 from fedmetanas_core.coordinator import plan_from_config, plan_to_config
 from fedmetanas_core.data import ClientData, ImageData
@@ -43,6 +42,7 @@ from fedmetanas_core.relaxation import probabilities
 from fedmetanas_core.space import SearchModel, SpaceConfig, fast_path
 from fedmetanas_core.space.cost import CostModel, counted_cost_model
 from fedmetanas_core.training import RoundPlan, fedmetanas_local_search, fednas_local_search, run_settings
+from harness.cli import main as cli_main
 
 SPACES = [
     (SpaceConfig(10, 1, 8, 2, 2), (8, 8)),  # the default run's
@@ -373,8 +373,8 @@ def test_a_run_with_a_budget_derives_a_network_within_it(
     tmp_path, flat, flower_task_identity, single_thread, monkeypatch
 ):
     import server_app.app as server
+    from harness.local_grid import LocalGrid
     from server_app.app import run_experiment
-    from server_app.local_grid import LocalGrid
 
     monkeypatch.setattr(server, "_figures", lambda *args: None)  # the export (export.json's cost) stays
     cfg = RunConfig.from_flat({**defaults(), **RUN, **flat, "results-dir": str(tmp_path)})
@@ -404,8 +404,8 @@ def test_a_run_with_a_budget_derives_a_network_within_it(
 
 
 def test_a_run_with_a_latency_budget_uses_the_table(tmp_path, flower_task_identity, single_thread, skip_run_extras):
+    from harness.local_grid import LocalGrid
     from server_app.app import run_experiment
-    from server_app.local_grid import LocalGrid
 
     space, image_hw = SpaceConfig(10, 1, 8, 2, 2), (8, 8)
     table = LatencyTable(profile_space(space, image_hw, runs=10, calibration_cells=2))

@@ -41,7 +41,7 @@ def flower_env(tmp_path):
 
 
 def _fedmetanas_run(env, *config: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", "--num-supernodes", "3"]
+    cmd = [sys.executable, "-m", "harness.cli", "run", "--num-supernodes", "3"]
     for c in config:
         cmd += ["-c", c]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -51,7 +51,7 @@ from pathlib import Path
 
 site = sys.argv[1]
 sys.path.insert(0, site)
-from fedmetanas_core import cli
+from harness import cli
 
 assert cli.__file__.startswith(site), cli.__file__
 seen = {}
@@ -105,14 +105,20 @@ def test_run_finds_the_flower_app_from_the_installed_package(tmp_path):
     app = Path(seen["app"])
     assert not app.is_relative_to(ROOT) and not app.is_relative_to(site), app  # built for the run, from site
     assert seen["components"] == {"serverapp": "server_app.app:app", "clientapp": "client_app.app:app"}
-    for needed in ("server_app/app.py", "client_app/app.py", "fedmetanas_core/cli.py", "fedmetanas_core/training.py"):
+    for needed in (
+        "server_app/app.py",
+        "client_app/app.py",
+        "flower_records/__init__.py",
+        "fedmetanas_core/training.py",
+    ):
         assert needed in seen["fab"], (needed, seen["fab"])
+    assert not any(name.startswith("harness/") for name in seen["fab"])  # SuperNodes run the apps, not the harness
     assert not any("flower_app" in name or "__pycache__" in name for name in seen["fab"])
     assert seen["rc"] == 1 and not seen["app_left"]  # the "failed" run; the built directory is removed
 
 
 def test_run_without_any_app_files_fails_in_one_line(tmp_path, monkeypatch, capsys):
-    from fedmetanas_core import cli
+    from harness import cli
 
     monkeypatch.setattr(cli, "SOURCE_ROOT", tmp_path)
     monkeypatch.setattr(cli, "PACKAGED_PYPROJECT", tmp_path / "missing" / "pyproject.toml")
@@ -236,8 +242,8 @@ def test_the_installed_wheel_checks_and_runs_outside_the_source_tree(tmp_path, s
         [
             str(venv / "bin" / "python"),
             "-c",
-            "import json, fedmetanas_core, server_app, client_app; print(json.dumps([m.__file__ for m in "
-            "(fedmetanas_core, server_app, client_app)]))",
+            "import json, fedmetanas_core, server_app, client_app, flower_records, harness; print(json.dumps("
+            "[m.__file__ for m in (fedmetanas_core, server_app, client_app, flower_records, harness)]))",
         ],
         capture_output=True,
         text=True,

@@ -20,8 +20,8 @@ from fedmetanas_core.genotype import Genotype
 from fedmetanas_core.phases import PLANS, FixedPhase, Handoff, Phase, RetrainPhase, SearchPhase, plan_phases
 from fedmetanas_core.training import LOCAL_TRAINING, LocalResult, local_trainer, run_settings
 from flower_records import array_record
+from harness.local_grid import LocalGrid
 from server_app.app import run_experiment
-from server_app.local_grid import LocalGrid
 from server_app.strategy import SearchStrategy, build_base_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "single_thread", "skip_run_extras")

@@ -2,7 +2,7 @@
 epsilon reported by dp-accounting's RDP accountant.
 
 Whole runs go through the real ServerApp loop and the real ClientApp (``client_app.app.app``, so
-the DP mods run) in one process (``server_app.local_grid.LocalGrid``); clipping is checked on
+the DP mods run) in one process (``harness.local_grid.LocalGrid``); clipping is checked on
 constructed messages. docs/privacy.md explains the choices tested here.
 """
 
@@ -21,12 +21,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAdam, FedAvg
 from helpers import NodeIds
 
-from client_app import app as client
+from client_app.privacy import dp_mod
 from fedmetanas_core.config import ConfigError, RunConfig
 from fedmetanas_core.privacy import PrivacyAccountant, effective_noise_multiplier, update_noise_multiplier
 from fedmetanas_core.training import run_settings
+from harness.local_grid import LocalGrid
 from server_app.app import federation_size, run_experiment
-from server_app.local_grid import LocalGrid
 from server_app.privacy import ServerSideAdaptiveClipping, wrap_dp
 from server_app.strategy import SearchStrategy, build_base_strategy, load_strategy_state, strategy_state
 
@@ -207,7 +207,7 @@ def test_client_mod_clips_an_update_above_the_norm(mode):
     def handler(m, c):
         return Message(RecordDict({"arrays": _arrays(big), "metrics": MetricRecord({"num-examples": 5})}), reply_to=m)
 
-    reply = client.dp_mod(msg, ctx, handler)
+    reply = dp_mod(msg, ctx, handler)
     assert not reply.has_error(), reply.error
     out = {k: v.numpy() for k, v in reply.content["arrays"].items()}
     assert list(out) == list(sent)  # in the sent order
@@ -227,7 +227,7 @@ def test_clients_leave_replies_alone_without_client_side_dp():
     )
     ctx = Context(run_id=995, node_id=1, node_config={}, state=RecordDict(), run_config=cfg)
     big = {k: np.full(v.shape, 3.0) for k, v in _global().items()}
-    reply = client.dp_mod(msg, ctx, lambda m, c: Message(RecordDict({"arrays": _arrays(big)}), reply_to=m))
+    reply = dp_mod(msg, ctx, lambda m, c: Message(RecordDict({"arrays": _arrays(big)}), reply_to=m))
     assert np.allclose(reply.content["arrays"][KEYS[0]].numpy(), 3.0)
 
 

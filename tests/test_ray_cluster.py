@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmetanas_core import cli
+from harness import cli
 
 SLOW = os.environ.get("FEDMETANAS_SLOW_TESTS") == "1"
 
@@ -165,7 +165,7 @@ def test_run_on_a_two_node_ray_cluster(cluster, form, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_HOME", "FLWR_LOCAL_", "RAY_ADDRESS"))}
     for var in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"):
         env[var] = str(cluster.ports.one())  # the machine's port plan, when FEDMETANAS_TEST_PORTS is set
-    cmd = [sys.executable, "-m", "fedmetanas_core.cli", "run", "--ray-address", address]
+    cmd = [sys.executable, "-m", "harness.cli", "run", "--ray-address", address]
     cmd += ["--num-supernodes", "2", "--cpus-per-client", "1", "-c", f'{TINY} results-dir="{out}"']
     started = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
@@ -185,5 +185,5 @@ def test_run_on_a_two_node_ray_cluster(cluster, form, tmp_path):
     # the run's private SuperLink is gone, and so is its FLWR_HOME (the run succeeded)
     line = next(line for line in done.stdout.splitlines() if "private local SuperLink" in line)
     home = line.split("FLWR_HOME=", 1)[1].rstrip(")")
-    assert not Path(home).exists() and not cli._listening(int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]))
+    assert not Path(home).exists() and not cli.listening(int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]))
     assert not subprocess.run(["pgrep", "-f", home], capture_output=True, text=True).stdout.strip()

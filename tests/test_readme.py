@@ -45,8 +45,8 @@ def test_adding_a_method_names_the_module_whose_methods_the_key_check_uses(monke
     import importlib
     import re
 
-    from fedmetanas_core import cli
     from fedmetanas_core.config import RunConfig, resolve_method_tables
+    from harness import cli
 
     root = Path(__file__).resolve().parents[1]
     section = _adding_a_method_section((root / "docs" / "internals.md").read_text())

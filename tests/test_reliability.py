@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import FedAvg, Krum
 
 from fedmetanas_core import data as D
 from fedmetanas_core.config import ConfigError, RunConfig
-from server_app.simulation import FAULT_KINDS, corrupt_reply, parse_faults, run_in_process
+from harness.simulation import FAULT_KINDS, corrupt_reply, parse_faults, run_in_process
 from server_app.strategy import SearchStrategy, check_strategy, short_reason
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

@@ -20,7 +20,7 @@ CONFIG = {
     "mask-start-round": 1,
     "fraction-evaluate": 1.0,
 }
-RUN = "import json, sys; from server_app.simulation import run_in_process; run_in_process(json.loads(sys.argv[1]), 3)"
+RUN = "import json, sys; from harness.simulation import run_in_process; run_in_process(json.loads(sys.argv[1]), 3)"
 
 
 def _start(config: dict) -> subprocess.Popen:

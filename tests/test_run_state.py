@@ -8,7 +8,6 @@ import random
 import subprocess
 import sys
 import time
-from collections import OrderedDict
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,17 +18,22 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from helpers import NodeIds
 from PIL import Image
 
-from client_app.app import in_run_settings, node_data
-from fedmetanas_core import cli
+from client_app.app import in_run_settings
+from fedmetanas_core import client_round
 from fedmetanas_core import data as D
 from fedmetanas_core.config import RunConfig, defaults
+from fedmetanas_core.data import node_cache
+from fedmetanas_core.data.node_cache import node_data
+from fedmetanas_core.lru import LruCache
 from fedmetanas_core.outputs import CHECKPOINT_FILE, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from fedmetanas_core.phases import Handoff
 from fedmetanas_core.seeding import make_generator
 from fedmetanas_core.space import fast_path_enabled
 from fedmetanas_core.training import run_settings
 from flower_records import array_record
+from harness import cli
 from server_app.app import Experiment, client_order
+from server_app.checkpoint import Progress, RunCheckpoint
 from server_app.strategy import (
     TOO_FEW_REPLIES,
     SearchStrategy,
@@ -80,9 +84,7 @@ def test_a_process_serving_runs_with_other_data_settings_loads_their_own_data(mo
     """The client's data cache is keyed by the whole DataSpec: two runs that differ only in a data
     setting (query-fraction, local-test-fraction, image-size, min-partition-size, ...) must not share
     cached splits; the same settings reuse them."""
-    import client_app.app as client_app
-
-    monkeypatch.setattr(client_app, "_DATA", OrderedDict())
+    monkeypatch.setattr(node_cache, "NODE_DATA", LruCache(128))
     cfg = RunConfig.from_flat({"dataset": "digits", "num-partitions": 4, "partitioner": "iid"}, check_paths=False)
     node = {"partition-id": 1}
     first = node_data(cfg, node)
@@ -90,7 +92,7 @@ def test_a_process_serving_runs_with_other_data_settings_loads_their_own_data(mo
     other = node_data(cfg.replace(query_fraction=0.3), node)
     assert len(other.query) > len(first.query), "stale splits from the previous run's query-fraction"
     loads = []
-    monkeypatch.setattr(client_app, "load_client_data", lambda spec: loads.append(spec) or SimpleNamespace(spec=spec))
+    monkeypatch.setattr(D.clients, "load_client_data", lambda spec: loads.append(spec) or SimpleNamespace(spec=spec))
     for key, value in (("local-test-fraction", 0.1), ("image-size", 16), ("min-partition-size", 20), ("seed", 5)):
         assert node_data(cfg.replace(**{key: value}), node).spec == loads[-1], f"{key} reused another run's data"
     assert len(loads) == 4 and len(set(loads)) == 4
@@ -99,28 +101,22 @@ def test_a_process_serving_runs_with_other_data_settings_loads_their_own_data(mo
 
 def test_an_actor_serving_a_large_population_keeps_a_bounded_data_cache(monkeypatch):
     """Least recently used out: a Ray actor that serves 1,000 simulated clients must not hold them all."""
-    import client_app.app as client_app
-
-    monkeypatch.setattr(client_app, "_DATA", OrderedDict())
-    monkeypatch.setattr(client_app, "CLIENT_DATA_CACHE", 3)
+    monkeypatch.setattr(node_cache, "NODE_DATA", LruCache(3))
     loads = []
     monkeypatch.setattr(
-        client_app, "load_client_data", lambda spec: loads.append(spec.partition_id) or SimpleNamespace(spec=spec)
+        D.clients, "load_client_data", lambda spec: loads.append(spec.partition_id) or SimpleNamespace(spec=spec)
     )
     cfg = RunConfig.from_flat({"dataset": "digits", "num-partitions": 1000}, check_paths=False)
     for pid in (0, 1, 2, 0, 3, 0, 1):  # 1 is the least recently used when 3 arrives
         node_data(cfg, {"partition-id": pid})
     assert loads == [0, 1, 2, 3, 1]
-    assert [spec.partition_id for spec in client_app._DATA] == [3, 0, 1]
+    assert [spec.partition_id for spec in node_cache.NODE_DATA] == [3, 0, 1]
 
 
 def test_an_actor_serving_many_runs_keeps_a_bounded_config_cache(monkeypatch):
     """Issue 27 (5): the validated run configs, one per run id, are bounded like the data cache
     (least recently used out), not kept for every run the actor ever served."""
-    import client_app.app as client_app
-
-    monkeypatch.setattr(client_app, "_CONFIGS", OrderedDict())
-    monkeypatch.setattr(client_app, "RUN_CONFIG_CACHE", 3, raising=False)
+    monkeypatch.setattr(client_round, "RUN_CONFIGS", LruCache(3))
     validated = []
     real = RunConfig.from_flat.__func__
     monkeypatch.setattr(
@@ -129,13 +125,10 @@ def test_an_actor_serving_many_runs_keeps_a_bounded_config_cache(monkeypatch):
         classmethod(lambda cls, flat, **kw: validated.append(flat["seed"]) or real(cls, flat, **kw)),
     )
 
-    def context(run_id: int) -> Context:
-        return Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(), run_config={"seed": run_id})
-
     for run_id in (0, 1, 2, 0, 3, 0, 1):  # 1 is the least recently used when 3 arrives
-        assert client_app.run_config(context(run_id)).seed == run_id
+        assert client_round.run_config(run_id, {"seed": run_id}).seed == run_id
     assert validated == [0, 1, 2, 3, 1]
-    assert list(client_app._CONFIGS) == [3, 0, 1]
+    assert list(client_round.RUN_CONFIGS) == [3, 0, 1]
 
 
 def test_server_orders_replies_by_node_id_sized_partition_ids():
@@ -371,15 +364,17 @@ def test_checkpoint_loads_weights_only_and_round_trips_rng_and_strategy_state(tm
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.normal()  # numpy caches the second Gaussian: part of its state
     cfg = RunConfig.from_flat({"strategy": "FedAdam"})
-    experiment = SimpleNamespace(
-        recorder=SimpleNamespace(dir=tmp_path),
-        cfg=cfg,
-        strategy=SimpleNamespace(base=adam),
+    progress = Progress(
         done=[("search", 1), ("search", 2)],
         nodes_seen={2**64 - 1, 5},
         rejected_total=1,
-        accountant=None,
         carried=Handoff(None, {"supernet_test_accuracy": np.float64(0.5), "supernet_params": 7}, [3.5]),
+    )
+    experiment = SimpleNamespace(
+        checkpoint=RunCheckpoint(tmp_path, cfg),
+        strategy=SimpleNamespace(base=adam),
+        progress=progress,
+        accountant=None,
     )
     phase = SimpleNamespace(
         masks={"arch.alpha.normal": torch.zeros(2, 3, dtype=torch.bool)},
@@ -392,7 +387,7 @@ def test_checkpoint_loads_weights_only_and_round_trips_rng_and_strategy_state(tm
     ck = load_checkpoint(tmp_path)
     assert ck["round"] == 2 and ck["last"]["accuracy"] == 0.25 and ck["done"] == [("search", 1), ("search", 2)]
     assert ck["config"] == dict(cfg) and sorted(ck["nodes_seen"]) == [5, 2**64 - 1]
-    assert Handoff.from_dict(ck["extra"]) == experiment.carried  # what finished phases left
+    assert Handoff.from_dict(ck["extra"]) == progress.carried  # what finished phases left
     assert torch.equal(ck["arrays"]["w"], torch.ones(3))
     set_rng_states(ck["rng"])
     assert (random.random(), float(np.random.normal())) == expected[:2] and torch.equal(torch.rand(3), expected[2])

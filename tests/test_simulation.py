@@ -8,7 +8,7 @@ import torch
 from fedmetanas_core.data import load_dataset
 from fedmetanas_core.outputs import load_derived_model
 from fedmetanas_core.training import evaluate
-from server_app.simulation import run_in_process
+from harness.simulation import run_in_process
 
 pytestmark = pytest.mark.slow  # Flower's simulation engine (Ray)
 

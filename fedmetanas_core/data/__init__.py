@@ -10,6 +10,7 @@ importing Flower, so the same code serves simulation, deployment and plain unit 
 - ``spec``: ``DataSpec``, everything that decides a client's data (from the run and node config);
 - ``clients``: ``ClientData``, a partition (or a device's own data) split into train/query/test,
   loaded from a ``DataSpec`` by ``load_client_data``; ``load_test_set``, the server's global test split;
+- ``node_cache``: ``node_data``, a node's ``ClientData`` loaded once per spec, in a bounded cache;
 - ``minibatches``: ``BatchStream``, endless shuffled minibatches.
 """
 
@@ -20,6 +21,7 @@ from .clients import ClientData, load_client_data, load_test_set, split_partitio
 from .decode_cache import CACHE_DIR_ENV, CACHE_DIRNAME
 from .images import DataError, ImageData
 from .minibatches import BatchStream, batches
+from .node_cache import NODE_DATA, node_data
 from .partition import partition_indices
 from .sources import load_dataset, load_splits
 from .spec import DataSpec
@@ -29,6 +31,7 @@ __all__ = [
     "CACHE_DIR_ENV",
     "CORRUPT_IMAGE_POLICIES",
     "DATASETS",
+    "NODE_DATA",
     "PARTITIONERS",
     "BatchStream",
     "ClientData",
@@ -41,13 +44,15 @@ __all__ = [
     "load_dataset",
     "load_splits",
     "load_test_set",
+    "node_data",
     "partition_indices",
     "split_partition",
 ]
 
 
 def clear_caches() -> None:
-    """Forget in-process datasets and partitions (disk caches stay); for tests and long runs."""
+    """Forget in-process datasets, partitions and nodes' data (disk caches stay); for tests and long runs."""
+    NODE_DATA.clear()
     _sources._FULL_CACHE.clear()
     _sources._DATASET_CACHE.clear()
     _partition._PARTITION_CACHE.clear()

@@ -2,7 +2,7 @@
 
     cd /work/main && . .venv/bin/activate && python tests/data/sample_run/generate.py
 
-It runs the real ServerApp/ClientApp in-process (``server_app.simulation.run_in_process``). When the
+It runs the real ServerApp/ClientApp in-process (``harness.simulation.run_in_process``). When the
 server does not log them itself, it wraps ``SearchPhase.accept`` so that every search-round line of
 ``rounds.jsonl`` carries the keys the report reads for the alpha heatmaps (``op-probs``,
 ``primitives``, ``edges``), computed as genotype derivation computes them: the noise-free per-edge
@@ -50,7 +50,7 @@ def op_prob_keys(space, arch_state: dict, masks: dict) -> dict:
 
 def main() -> None:
     from fedmetanas_core.phases import SearchPhase
-    from server_app.simulation import run_in_process
+    from harness.simulation import run_in_process
 
     original = SearchPhase.accept
 

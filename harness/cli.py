@@ -37,9 +37,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import config_keys
-from .config import ConfigError, RunConfig, defaults, resolve_method_tables
-from .processes import stop_pids
+from fedmetanas_core import config_keys
+from fedmetanas_core.config import ConfigError, RunConfig, defaults, resolve_method_tables
+from fedmetanas_core.processes import stop_pids
 
 # The Flower app directory that `flwr run` builds its FAB from. In a checkout (or an editable
 # install) it is the checkout; an installed wheel has no pyproject.toml beside its packages, so the
@@ -148,7 +148,7 @@ def check_flags(args: argparse.Namespace) -> None:
             port = os.environ.get(var)
             if port and not (port.isdigit() and 0 < int(port) < 65536):
                 raise ConfigError(var, port, "must be a port number (environment variable)", source="env")
-            if port and _listening(int(port)):
+            if port and listening(int(port)):
                 raise ConfigError(
                     "--ray-address",
                     args.ray_address,
@@ -158,7 +158,7 @@ def check_flags(args: argparse.Namespace) -> None:
                 )
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
     """Something accepts connections on 127.0.0.1:port (a port in TIME_WAIT does not count)."""
     with socket.socket() as s:
         s.settimeout(1.0)
@@ -304,8 +304,8 @@ def check_budget_up_front(cfg: RunConfig) -> None:
     shape is known without loading it (otherwise the ServerApp refuses at its start)."""
     if not cfg.budget:
         return
-    from .budget import check_feasible, fixed_network_width, known_run_space
-    from .genotype import Genotype
+    from fedmetanas_core.budget import check_feasible, fixed_network_width, known_run_space
+    from fedmetanas_core.genotype import Genotype
 
     known = known_run_space(cfg)
     if known is None:
@@ -320,8 +320,8 @@ def check_budget_up_front(cfg: RunConfig) -> None:
 
 def profile_command(cfg: RunConfig, args: argparse.Namespace) -> int:
     """``fedmetanas profile``: the latency table of the run's space, measured on this machine."""
-    from .budget import run_space
-    from .latency import PROFILE_RUNS, LatencyTable, default_runtime, profile_space
+    from fedmetanas_core.budget import run_space
+    from fedmetanas_core.latency import PROFILE_RUNS, LatencyTable, default_runtime, profile_space
 
     space, image_hw = run_space(cfg)
     runtime = args.runtime or default_runtime()

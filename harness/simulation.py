@@ -10,7 +10,7 @@ For reliability tests and measurements, ``faults`` makes chosen clients (by part
 faulty train reply every round: the real ``client_app.app.train`` runs and its reply is then
 corrupted (``nan``, ``inf``, ``shape``, ``names``, ``norm``), or the client raises (``exception``).
 
-    python -m server_app.simulation --clients 10 --faults 0:exception,1:exception --results-dir DIR
+    python -m harness.simulation --clients 10 --faults 0:exception,1:exception --results-dir DIR
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.config import get_fused_config_from_dir
 from flwr.serverapp import Grid, ServerApp
+
+from flower_records import array_record, numpy_state
 
 _ENV = "FEDMETANAS_SIMULATION_RUN_CONFIG"
 _FAULTS_ENV = "FEDMETANAS_SIMULATION_FAULTS"
@@ -35,7 +37,7 @@ FAULT_KINDS = ("nan", "inf", "shape", "names", "norm", "exception")
 
 def _app_dir() -> Path:
     """The directory of the app's pyproject.toml: the checkout's, or the installed wheel's copy."""
-    from fedmetanas_core.cli import app_pyproject
+    from harness.cli import app_pyproject
 
     return app_pyproject().parent
 
@@ -80,7 +82,7 @@ class InjectedFault(RuntimeError):
 
 def corrupt_reply(reply: Message, kind: str, request: Message) -> Message:
     """A copy of a train reply made faulty the way ``kind`` says (the original is left as it is)."""
-    state = {k: v.numpy().copy() for k, v in reply.content["arrays"].items()}
+    state = {k: v.copy() for k, v in numpy_state(reply.content["arrays"]).items()}
     first = next(iter(state))
     if kind == "nan":
         state[first].reshape(-1)[0] = np.nan
@@ -96,7 +98,7 @@ def corrupt_reply(reply: Message, kind: str, request: Message) -> Message:
         raise ValueError(f"unknown fault kind {kind!r}; one of {', '.join(FAULT_KINDS)}")
     content = RecordDict(
         {
-            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()}),
+            "arrays": array_record(state),
             "metrics": reply.content["metrics"],
         }
     )
@@ -105,7 +107,8 @@ def corrupt_reply(reply: Message, kind: str, request: Message) -> Message:
 
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
-    from client_app.app import dp_mod, train
+    from client_app.app import train
+    from client_app.privacy import dp_mod
 
     kind = _fault(context)
     if kind == "exception":  # raised before training: a client that crashes costs no CPU here
@@ -167,10 +170,10 @@ def parse_faults(text: str) -> dict[int, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the app in-process (optionally with faulty clients) and print the final accuracy."""
-    from fedmetanas_core.cli import parse_run_config
     from fedmetanas_core.config import ConfigError, RunConfig, resolve_method_tables
+    from harness.cli import parse_run_config
 
-    parser = argparse.ArgumentParser(prog="python -m server_app.simulation", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m harness.simulation", description=main.__doc__)
     parser.add_argument("--clients", type=int, default=10, help="simulated clients (SuperNodes)")
     parser.add_argument("--faults", default="", help="PARTITION_ID:KIND,...; KIND in " + ", ".join(FAULT_KINDS))
     parser.add_argument("--results-dir", required=True, help="where summary.json and rounds.jsonl go")
