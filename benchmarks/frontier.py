@@ -28,6 +28,7 @@ from typing import Any
 from benchmarks.compare import ROOT, finished_run, run_method
 from fedmetanas_core.atomic import atomic_write_text
 from fedmetanas_core.outputs import machine_description
+from fedmetanas_core.report.load import images_to_reach
 from fedmetanas_core.report.seeds import mean_std
 
 METHODS = ("fedmetanas", "fedavg-cnn", "fedavg-random-cell", "fednas")
@@ -116,8 +117,32 @@ def frontier_rows(
                 "images_per_client_round_mean": mean_std(r.summary.get("images_per_client_round") for _, r in done)[0],
                 "total_time_s_mean": mean_std(r.summary.get("total_time_s") for _, r in done)[0],
             }
+            if method == "fedmetanas":
+                row["images_vs_fednas"] = images_vs_fednas(out / budget_dir(budget), [s for s, _ in done])
             rows.append(row)
     return rows
+
+
+def images_vs_fednas(budget_out: Path, seeds: list[int]) -> list[dict[str, Any]]:
+    """The paper's claim per seed: the training images FedMetaNAS takes to reach FedNAS's final test
+    accuracy, as a fraction of all the images FedNAS trained on (None: never reached), and whether
+    FedMetaNAS ends at or above it. Empty where FedNAS did not run."""
+    out = []
+    for seed in seeds:
+        fednas_dir = budget_out / f"seed-{seed}" / "fednas"
+        if not (fednas_dir / "summary.json").is_file():
+            continue
+        mine, theirs = finished_run(budget_out / f"seed-{seed}" / "fedmetanas"), finished_run(fednas_dir)
+        target = theirs.summary["final_test_accuracy"]
+        reached, total = images_to_reach(mine.rounds, target), images_to_reach(theirs.rounds)
+        out.append(
+            {
+                "seed": seed,
+                "fraction": None if reached is None or not total else reached / total,
+                "ends_at_or_above": mine.summary["final_test_accuracy"] >= target,
+            }
+        )
+    return out
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -132,6 +157,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['budget']} | {r['method']} | {len(r['seeds'])} | {r['macs_mean']:,.0f} | {r['params_mean']:,.0f} | "
             f"{lat} | {acc} | {'yes' if r['within_budget'] else 'NO'} |"
         )
+    claims = [(r["budget"], c) for r in rows for c in r.get("images_vs_fednas", [])]
+    if claims:
+        lines += [
+            "",
+            "FedMetaNAS's training images to reach FedNAS's final test accuracy, as a fraction of FedNAS's "
+            "(goal <= 0.5), and whether it ends at or above FedNAS:",
+            "",
+            "| budget | seed | images fraction | ends at or above |",
+            "|---|---|---|---|",
+        ]
+        for budget, c in claims:
+            frac = "never reached" if c["fraction"] is None else f"{c['fraction']:.2f}"
+            lines.append(f"| {budget} | {c['seed']} | {frac} | {'yes' if c['ends_at_or_above'] else 'no'} |")
     return "\n".join(lines)
 
 

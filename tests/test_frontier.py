@@ -46,6 +46,30 @@ def test_rows_average_each_method_over_its_finished_seeds(tmp_path):
     assert "0.8500 ± 0.0500" in table and "| NO |" in table
 
 
+def _rounds(path, accuracies, images):
+    rows = [{"round": i + 1, "accuracy": a, "client-images-mean": images} for i, a in enumerate(accuracies)]
+    (path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_images_to_fednas_final_accuracy_are_a_fraction_of_fednas_images(tmp_path):
+    budget = "macs:20000"
+    seeds = {0: [0.5, 0.8, 0.9], 1: [0.5, 0.6, 0.7]}  # seed 0 reaches FedNAS's 0.8 at round 2; seed 1 never
+    for seed, accs in seeds.items():
+        mine = tmp_path / budget_dir(budget) / f"seed-{seed}" / "fedmetanas"
+        _run(mine, accs[-1], 19000, 600, 0.05)
+        _rounds(mine, accs, 100.0)
+        fednas = tmp_path / budget_dir(budget) / f"seed-{seed}" / "fednas"
+        _run(fednas, 0.8, 19000, 600, 0.05)
+        _rounds(fednas, [0.3, 0.6, 0.7, 0.8], 200.0)  # 800 images in all
+    (row,) = frontier_rows(tmp_path, "dirichlet:0.5", [budget], [0, 1], ["fedmetanas"])
+    assert row["images_vs_fednas"] == [
+        {"seed": 0, "fraction": 200.0 / 800.0, "ends_at_or_above": True},
+        {"seed": 1, "fraction": None, "ends_at_or_above": False},
+    ]
+    table = markdown([row])
+    assert "| macs:20000 | 0 | 0.25 | yes |" in table and "| macs:20000 | 1 | never reached | no |" in table
+
+
 def test_random_cells_are_drawn_within_the_budget(tmp_path):
     from benchmarks.compare import ROOT
     from fedmetanas_core.budget import cost_model, run_space
