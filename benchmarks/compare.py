@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from fedmetanas_core.report.canvas import COMPARISON_FIGURE
 from fedmetanas_core.report.format import format_mean_std, format_number
 from fedmetanas_core.report.load import RunData, images_to_reach, load_run, time_to_reach
 from fedmetanas_core.report.seeds import draw_accuracy_over_seeds, mean_std, over_seeds
+from harness.cli import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("fedmetanas", "fednas", "fedavg", "fedavg-random-cell", "fedavg-matched")
@@ -89,19 +89,8 @@ def run_method(
     out = seed_dir / method
     base = method.split("-")[0] if method.startswith("fedavg") else method
     extra = _baseline_overrides(method, seed_dir, seed, preset, overrides) if baselines else []
-    cmd = [
-        sys.executable,
-        "-m",
-        "harness.cli",
-        "run",
-        "--num-supernodes",
-        str(num_supernodes),
-        "-c",
-        str(preset),
-    ]
-    cmd += ["-c", f'method="{base}" results-dir="{out}"'] + [
-        x for o in [*overrides, f"seed={seed}", *extra] for x in ("-c", o)
-    ]
+    items = [str(preset), f'method="{base}" results-dir="{out}"', *overrides, f"seed={seed}", *extra]
+    cmd = run_command(items, num_supernodes)
     print("$", " ".join(cmd), flush=True)
     done = subprocess.run(cmd, cwd=ROOT)
     if done.returncode != 0:

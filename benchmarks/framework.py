@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmetanas_core.processes import descendants
+from harness.cli import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_ROUND_TRAINERS = 10
@@ -116,19 +116,7 @@ def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str,
         f"min-available-nodes={clients} "
         f'min-train-nodes={PER_ROUND_TRAINERS} results-dir="{out}" discrete-round=0'
     )  # discrete-round=0: the preset's lies beyond these few rounds; LATE sets its own
-    cmd = [
-        sys.executable,
-        "-m",
-        "harness.cli",
-        "run",
-        "--num-supernodes",
-        str(clients),
-        "-c",
-        str(ROOT / "conf" / "cifar10-cpu.toml"),
-        "-c",
-        overrides,
-    ]
-    cmd += [x for e in extra for x in ("-c", e)]
+    cmd = run_command([str(ROOT / "conf" / "cifar10-cpu.toml"), overrides, *extra], clients)
     print("$", " ".join(cmd), flush=True)
     started = time.perf_counter()
     with PeakMemory(superlink_pids) as memory:

@@ -26,7 +26,6 @@ import os
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from benchmarks.framework import PeakMemory, cmdline
 from fedmetanas_core.atomic import atomic_write_text
 from fedmetanas_core.outputs import machine_description
 from fedmetanas_core.processes import stop_pids
+from harness.cli import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 LIGHT = "local-meta-iters=4"  # little client work per round: any cost of the population shows more
@@ -63,21 +63,7 @@ def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[s
         f"min-train-nodes={sampled} min-available-nodes={population} num-server-rounds={rounds} "
         f'train-subset=0 results-dir="{out}"'
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "harness.cli",
-        "run",
-        "--num-supernodes",
-        str(population),
-        "-c",
-        str(ROOT / "conf" / "cifar10-cpu.toml"),
-        "-c",
-        overrides,
-        "-c",
-        LIGHT,
-    ]
-    cmd += [x for e in extra for x in ("-c", e)]
+    cmd = run_command([str(ROOT / "conf" / "cifar10-cpu.toml"), overrides, LIGHT, *extra], population)
     with tempfile.TemporaryDirectory(prefix="fmn-pop-") as home:
         env = {
             **os.environ,

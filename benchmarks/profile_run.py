@@ -24,26 +24,18 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.bound import phase_of
+from harness.cli import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def profile(items: list[str], out: Path, cores: int) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "harness.cli",
-        "run",
-        *sum((["-c", i] for i in items), []),
-        "-c",
-        f"results-dir={json.dumps(str(out))}",
-    ]
+    cmd = run_command([*items, f"results-dir={json.dumps(str(out))}"])
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     t_exit = time.time()

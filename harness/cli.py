@@ -343,6 +343,15 @@ def profile_command(cfg: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_command(items: list[str], num_supernodes: int | None = None) -> list[str]:
+    """The ``fedmetanas run`` command line (this Python, this module) for ``-c`` items: what the
+    benchmarks start as a real process."""
+    cmd = [sys.executable, "-m", "harness.cli", "run"]
+    if num_supernodes is not None:
+        cmd += ["--num-supernodes", str(num_supernodes)]
+    return cmd + [x for item in items for x in ("-c", item)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedmetanas", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
