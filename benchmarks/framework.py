@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmetanas_core.processes import descendants
+from fedmetanas_core.util.processes import descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_ROUND_TRAINERS = 10

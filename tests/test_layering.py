@@ -93,9 +93,9 @@ def test_the_checks_see_a_forbidden_edge_and_a_private_import(tmp_path):
     files = {
         "fedmetanas_core/__init__.py": "",
         "fedmetanas_core/cli.py": "def main():\n    from server_app.strategy import check_strategy\n",
-        "fedmetanas_core/data/__init__.py": "from ..training import RoundPlan\nimport flwr.app\n",
-        "fedmetanas_core/training.py": "import flwr_datasets\n",
-        "flower_records/__init__.py": "from fedmetanas_core.training import RoundPlan\n",
+        "fedmetanas_core/data/__init__.py": "from ..method.training import RoundPlan\nimport flwr.app\n",
+        "fedmetanas_core/method/training.py": "import flwr_datasets\n",
+        "flower_records/__init__.py": "from fedmetanas_core.method.training import RoundPlan\n",
         "server_app/__init__.py": "",
         "server_app/local_grid.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import client_app.app\n",
         "client_app/__init__.py": "from flower_records import array_record\n",

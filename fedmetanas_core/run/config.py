@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..threats.attacks import parse_attack_clients
+from ..threats.privacy import DPConfigError, check_dp
 from . import config_keys
-from .attacks import parse_attack_clients
 from .config_keys import (  # noqa: F401 (re-exported: the table's names are part of this module's API)
     BY_NAME,
     CORRUPT_IMAGE_POLICIES,
@@ -32,7 +33,6 @@ from .config_keys import (  # noqa: F401 (re-exported: the table's names are par
     parse_budget,
     toml_table,
 )
-from .privacy import DPConfigError, check_dp
 
 
 def resolve_method_tables(flat: Mapping[str, Any], default_method: str | None = None) -> dict[str, Any]:
@@ -325,7 +325,8 @@ def _not_writable(folder: Path) -> str | None:
     return None
 
 
-if __name__ == "__main__":  # python -m fedmetanas_core.config [--toml]: docs/configuration.md's table / pyproject block
+# python -m fedmetanas_core.run.config [--toml]: docs/configuration.md's table / pyproject block
+if __name__ == "__main__":
     import sys
 
     print(toml_table() if "--toml" in sys.argv else markdown_table())

@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .aggregation import State
-from .config import RunConfig
-from .data import ImageData
-from .seeding import derive_seed
-from .space import SpaceConfig
-from .space.cost import CostModel
-from .training import RoundPlan, space_from_config
+from ..data import ImageData
+from ..method.aggregation import State
+from ..method.training import RoundPlan, space_from_config
+from ..run.config import RunConfig
+from ..space import SpaceConfig
+from ..space.cost import CostModel
+from ..util.seeding import derive_seed
 
 MASK_PREFIX = "mask:"
 COST_MODEL_KEY = "cost-model"  # the budget's cost tables: clients need no latency table of their own
@@ -99,7 +99,7 @@ def seeded_init(module_factory, seed: int, *stream):
 
 def space_for_run(cfg: RunConfig, test: ImageData) -> SpaceConfig:
     """The run's space at the test images' shape; with ``init-channels = 0`` sized to the budget."""
-    from .budget import sized_space
+    from ..method.budget import sized_space
 
     return sized_space(cfg, space_from_config(cfg, test.num_classes, test.in_channels), image_hw(test))
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .atomic import atomic_write_bytes, atomic_write_text
+from ..util.atomic import atomic_write_bytes, atomic_write_text
 
 # the device side (fedmetanas-predict) reads what this module writes; predict_main stays importable
 # from here for console scripts installed before it moved to ``predict``
@@ -75,7 +75,7 @@ def reference_path():
     directly, bypassing the BatchNorm modules; calibration and tracing must see the modules.
     """
     try:
-        from .space import fast_path
+        from ..space import fast_path
     except ImportError:  # a search space without a fast path
         return contextlib.nullcontext()
     return fast_path(False)
@@ -352,7 +352,7 @@ def _export(net, test, results_dir: Path, normalization, calibration_size, laten
     onnx_status = "disabled" if not onnx else _export_onnx(model, example, results_dir / ONNX_FILE)
     if onnx_status == "ok":
         files[ONNX_FILE] = (results_dir / ONNX_FILE).stat().st_size
-    from .outputs import MODEL_FILE, machine_description
+    from ..run.outputs import MODEL_FILE, machine_description
 
     derived = results_dir / MODEL_FILE
 

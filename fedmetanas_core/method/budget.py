@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-from .config import RunConfig
-from .config_keys import ConfigError, parse_budget
+from ..names import CELL_TYPES, arch_param_name
+from ..run.config import RunConfig
+from ..run.config_keys import ConfigError, parse_budget
+from ..space import CellTopology, SpaceConfig
+from ..space.cost import CostModel, counted_cost_model
+from ..space.relaxation import probabilities
 from .genotype import Genotype, derive_genotype
-from .names import CELL_TYPES, arch_param_name
-from .relaxation import probabilities
-from .space import CellTopology, SpaceConfig
-from .space.cost import CostModel, counted_cost_model
 
 MAX_AUTO_CHANNELS = 256
 
@@ -91,7 +91,7 @@ def cost_model(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], ki
     kind = kind or budget_of(cfg).kind
     if kind != "latency-ms":
         return counted_cost_model(space, image_hw, kind)
-    from .latency import LatencyTable
+    from ..deployment.latency import LatencyTable
 
     if not cfg.latency_table:
         raise ConfigError(
@@ -329,8 +329,8 @@ def image_shape(cfg: RunConfig) -> tuple[int, tuple[int, int], int] | None:
 
 def network_cost(net: torch.nn.Module, kind: str, image_hw: tuple[int, int], in_channels: int) -> float:
     """A whole network's MACs (counted) or parameters."""
+    from ..space.cost import count_macs
     from .genotype import count_parameters
-    from .space.cost import count_macs
 
     if kind == "params":
         return float(count_parameters(net))
@@ -401,8 +401,8 @@ def run_space(cfg: RunConfig) -> tuple[SpaceConfig, tuple[int, int]]:
     known = known_run_space(cfg)
     if known is not None:
         return known
-    from .coordinator import image_hw, space_for_run
-    from .data import DataSpec, load_test_set
+    from ..data import DataSpec, load_test_set
+    from ..federation.coordinator import image_hw, space_for_run
 
     test = load_test_set(DataSpec.from_config(cfg))
     return space_for_run(cfg, test), image_hw(test)
@@ -414,7 +414,13 @@ def cost_report(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], n
     and whether it is within the budget (a latency budget is checked on the table's prediction, the
     number the search saw; the measurement is reported beside it, also rescaled to the machine's
     speed when the table was measured, ``latency_against_table``)."""
-    from .latency import LatencyTable, default_runtime, latency_against_table, model_latency_ms, runtime_version
+    from ..deployment.latency import (
+        LatencyTable,
+        default_runtime,
+        latency_against_table,
+        model_latency_ms,
+        runtime_version,
+    )
 
     budget = budget_of(cfg)
     macs = network_cost(net, "macs", image_hw, space.in_channels)

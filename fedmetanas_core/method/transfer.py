@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from .names import NET_PREFIX, arch_param_name, edge_key
-from .space import SpaceConfig
+from ..names import NET_PREFIX, arch_param_name, edge_key
+from ..space import SpaceConfig
 
 # net.cells.<cell>.edges.<dst><-<src>.ops.<op>.<rest>: one op's tensors on one edge of one cell
 _OP_KEY = re.compile(r"^" + re.escape(NET_PREFIX) + r"cells\.(\d+)\.edges\.(\d+)<-(\d+)\.ops\.([A-Za-z0-9_]+)\.")

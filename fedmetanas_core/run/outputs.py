@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import yaml
 
-from .atomic import atomic_write_bytes, atomic_write_text
-from .genotype import DiscreteNetwork, Genotype, SimpleCNN, build_fixed_network
-from .space import SpaceConfig
+from ..method.genotype import DiscreteNetwork, Genotype, SimpleCNN, build_fixed_network
+from ..space import SpaceConfig
+from ..util.atomic import atomic_write_bytes, atomic_write_text
 
 MODEL_FILE = "derived_model.pt"
 

@@ -36,9 +36,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .atomic import atomic_write_text
-from .space import SpaceConfig, make_op
-from .space.cost import CostModel, OpShape, build_cost_model, edge_shapes
+from ..space import SpaceConfig, make_op
+from ..space.cost import CostModel, OpShape, build_cost_model, edge_shapes
+from ..util.atomic import atomic_write_text
 
 TABLE_FORMAT = 1
 # per model: 150 interleaved blocks of 10 (8x8 ops take microseconds; 600 gave Spearman 0.87-0.91 on digits,
@@ -218,7 +218,7 @@ def profile_space(
     ``held_out`` genotypes are timed in the same interleaved session but not fitted on: their
     measured latencies come back under ``held_out_ms`` (a check of the table on one machine whose
     speed drifts between sessions)."""
-    from .genotype import DiscreteNetwork
+    from ..method.genotype import DiscreteNetwork
 
     runtime = runtime or default_runtime()
     torch.manual_seed(0)
@@ -340,7 +340,7 @@ class LatencyTable:
 
 def calibration_genotypes(space: SpaceConfig, cells: int) -> list:
     """The networks a table is fitted on: the all-skip network and ``cells`` random cells."""
-    from .genotype import Genotype, random_genotype
+    from ..method.genotype import Genotype, random_genotype
 
     nodes = tuple((("skip_connect", 0), ("skip_connect", 1)) for _ in space.topology.nodes)
     return [Genotype(normal=nodes, reduce=nodes)] + [
@@ -360,7 +360,7 @@ def latency_against_table(
     table's calibration networks are timed again in the same interleaved session, and their median
     ratio now / then is the machine's speed change (1 on a device that runs nothing else; up to 2x
     on a shared machine minutes apart)."""
-    from .genotype import DiscreteNetwork
+    from ..method.genotype import DiscreteNetwork
 
     then = table.data["calibration"]["measured_ms"]
     genotypes = calibration_genotypes(space, len(then) - 1)

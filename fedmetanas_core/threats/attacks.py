@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .names import PRIMITIVES, is_arch
+from ..names import PRIMITIVES, is_arch
 
 if TYPE_CHECKING:
-    from .config import RunConfig
+    from ..run.config import RunConfig
 
 State = dict[str, np.ndarray]
 

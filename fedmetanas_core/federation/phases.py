@@ -17,17 +17,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .aggregation import State, arch_statistics, masks_are_discrete, update_masks
-from .budget import budget_of, check_feasible, choice_masks, derive_within, fixed_network_width
-from .config import RunConfig
+from ..data import ImageData
+from ..method.aggregation import State, arch_statistics, masks_are_discrete, update_masks
+from ..method.budget import budget_of, check_feasible, choice_masks, derive_within, fixed_network_width
+from ..method.genotype import DiscreteNetwork, Genotype, build_fixed_network, count_parameters
+from ..method.training import RoundPlan, eval_settings, evaluate, load_arrays, state_arrays
+from ..method.transfer import live_keys
+from ..names import ARCH_PREFIX, CELL_TYPES, arch_param_name, edge_key
+from ..run.config import RunConfig
+from ..space import SearchModel, SpaceConfig
+from ..space.relaxation import TemperatureSchedule, probabilities
 from .coordinator import LearningRateSchedule, image_hw, plan_to_config, seeded_init
-from .data import ImageData
-from .genotype import DiscreteNetwork, Genotype, build_fixed_network, count_parameters
-from .names import ARCH_PREFIX, CELL_TYPES, arch_param_name, edge_key
-from .relaxation import TemperatureSchedule, probabilities
-from .space import SearchModel, SpaceConfig
-from .training import RoundPlan, eval_settings, evaluate, load_arrays, state_arrays
-from .transfer import live_keys
 
 
 @dataclass

@@ -12,9 +12,9 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from .names import CELL_TYPES, arch_param_name, is_arch
-from .relaxation import probabilities
-from .space import SpaceConfig
+from ..names import CELL_TYPES, arch_param_name, is_arch
+from ..space import SpaceConfig
+from ..space.relaxation import probabilities
 
 State = dict[str, np.ndarray]
 
@@ -149,7 +149,7 @@ def arch_statistics(
     space: SpaceConfig, arch: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], tau: float
 ) -> dict[str, float]:
     """Entropy of op and pair distributions per cell type (near 0 = near one-hot), and pruned share."""
-    from .relaxation import entropy
+    from ..space.relaxation import entropy
 
     stats: dict[str, float] = {}
     for cell_type in CELL_TYPES:

@@ -17,11 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from .atomic import atomic_write_text
-from .names import CELL_TYPES, arch_param_name, edge_key
-from .relaxation import probabilities
-from .space import CellBase, SearchModel, SpaceConfig, cat_channels, cell_plan, make_op, to_fast_layout
-from .space.ops import batch_stats_bn
+from ..names import CELL_TYPES, arch_param_name, edge_key
+from ..space import CellBase, SearchModel, SpaceConfig, cat_channels, cell_plan, make_op, to_fast_layout
+from ..space.ops import batch_stats_bn
+from ..space.relaxation import probabilities
+from ..util.atomic import atomic_write_text
 
 NodeChoice = tuple[tuple[str, int], ...]  # ((op, input node), (op, input node))
 

@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attacks import attacked
-from .config import RunConfig
-from .data import ClientData, node_data
-from .genotype import Genotype, build_fixed_network
-from .lru import LruCache
-from .node_config import validate_node_config
-from .seeding import make_generator
-from .space import SearchModel
-from .training import RoundPlan, local_trainer, personalize_fixed, resolve_device, space_from_config
-from .transfer import live_keys
+from ..data import ClientData, node_data
+from ..method.genotype import Genotype, build_fixed_network
+from ..method.training import RoundPlan, local_trainer, personalize_fixed, resolve_device, space_from_config
+from ..method.transfer import live_keys
+from ..run.config import RunConfig
+from ..run.node_config import validate_node_config
+from ..space import SearchModel
+from ..threats.attacks import attacked
+from ..util.lru import LruCache
+from ..util.seeding import make_generator
 
 # by run id: an actor serving run after run (a long-lived SuperNode, a Ray cluster) keeps the last few
 RUN_CONFIGS: LruCache[int, RunConfig] = LruCache(8)

@@ -21,9 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..data import BatchStream, ClientData, DataError, ImageData
+from ..names import is_arch
+from ..run.config import RunConfig
+from ..space import RelaxSettings, SearchModel, SpaceConfig, fast_path
+from ..space.cost import CostModel
 from .aggregation import masks_are_discrete
-from .config import RunConfig
-from .data import BatchStream, ClientData, DataError, ImageData
 from .genotype import DiscreteNetwork, derive_genotype
 from .maml import (
     InnerLoop,
@@ -34,9 +37,6 @@ from .maml import (
     reptile_task_delta,
     second_order_task_gradient,
 )
-from .names import is_arch
-from .space import RelaxSettings, SearchModel, SpaceConfig, fast_path
-from .space.cost import CostModel
 
 
 def resolve_device(name: str) -> torch.device:

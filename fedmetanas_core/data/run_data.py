@@ -6,8 +6,8 @@ both build them from ``DataSpec.from_config`` of the same run config.
 
 from __future__ import annotations
 
-from .config import RunConfig
-from .data import DataSpec, ImageData, load_client_data
+from ..run.config import RunConfig
+from . import DataSpec, ImageData, load_client_data
 
 
 def validation_set(cfg: RunConfig) -> ImageData:

@@ -1,8 +1,8 @@
 """The run-config key table: every key, its type, default, allowed values and meaning.
 
 The Flower app declares the same keys in ``pyproject.toml`` and docs/configuration.md lists them; both are
-generated from ``KEYS`` here (``python -m fedmetanas_core.config [--toml]``), and tests keep them
-in step. ``fedmetanas_core.config`` validates a run's values against this table.
+generated from ``KEYS`` here (``python -m fedmetanas_core.run.config [--toml]``), and tests keep them
+in step. ``fedmetanas_core.run.config`` validates a run's values against this table.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .attacks import ALPHA_DEFENCES, ATTACKS, parse_attack_clients
-from .names import COST_KINDS, PRIMITIVES
-from .privacy import DP_MODES
+from ..names import COST_KINDS, PRIMITIVES
+from ..threats.attacks import ALPHA_DEFENCES, ATTACKS, parse_attack_clients
+from ..threats.privacy import DP_MODES
 
 METHODS = ("fedmetanas", "fednas", "fedavg")  # the one list of methods: add a new method's name here
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "hf")
@@ -314,7 +314,7 @@ KEYS: tuple[Key, ...] = (
         None,
         "space",
     ),
-    # --- cost budget (fedmetanas_core/budget.py)
+    # --- cost budget (fedmetanas_core/method/budget.py)
     Key(
         "budget",
         "",
@@ -535,7 +535,7 @@ KEYS: tuple[Key, ...] = (
         _at_least(0),
         "privacy",
     ),
-    # --- attacks (simulations) and the architecture-logit defence (fedmetanas_core/attacks.py)
+    # --- attacks (simulations) and the architecture-logit defence (fedmetanas_core/threats/attacks.py)
     Key(
         "attack",
         "none",
