@@ -1,8 +1,10 @@
 """FedMetaNAS as a Flower-free PyTorch library: the apps, the harness and the benchmarks call it.
 
-Each subpackage is one concern, listed roughly bottom up (a package imports the ones above it in
-this list, with a few function-level imports the other way, e.g. ``method.budget`` reading a
-``deployment.latency`` table):
+Each subpackage is one concern, listed bottom up: a package imports those before it in this
+list. The exceptions, each deliberate: ``run.outputs`` writes the method's genotype
+and network, ``threats.attacks`` names ``RunConfig`` for type checking only, and a few imports
+inside functions (``method.budget`` reads a ``deployment.latency`` table and the run's space from
+``federation.coordinator``).
 
 - ``names``: the shared vocabulary (op names, cell types, edge keys, parameter prefixes), torch-free;
 - ``util``: helpers that know nothing of NAS (atomic writes, an LRU cache, processes, seeds);
