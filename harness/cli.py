@@ -16,7 +16,10 @@ It never imports flwr: it drives the ``flwr`` command.
 no setting for that: its Ray backend calls ``ray.init()``, which attaches to ``RAY_ADDRESS`` when
 that is in the environment of the SuperLink's simulation process. A SuperLink that is already
 running keeps the environment it was started with, so this CLI starts a private one for the run
-(own FLWR_HOME and ports, with RAY_ADDRESS set) and stops it by PID afterwards.
+(own FLWR_HOME and ports, with RAY_ADDRESS set) and stops it by PID afterwards. It does so for every
+local simulation, not only on a cluster: ``flwr run`` reuses whatever local SuperLink listens on the
+default ports, and one left by another checkout or environment runs the app with that one's code
+(the run fails with no message), and a detached SuperLink would outlive the run.
 """
 
 from __future__ import annotations
@@ -176,17 +179,18 @@ class PrivateSuperLink:
     a fresh FLWR_HOME, free ports (or the FLWR_LOCAL_* ports the caller set), RAY_ADDRESS. ``stop``
     ends that SuperLink and the processes below it, found by their PIDs."""
 
-    def __init__(self, ray_address: str, env: dict[str, str]) -> None:
+    def __init__(self, ray_address: str | None, env: dict[str, str]) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="fedmetanas-flwr-"))
         http = env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT") or str(_free_port())
         control = env.get("FLWR_LOCAL_CONTROL_API_PORT") or str(_free_port())
         self.env = {
             **env,
             "FLWR_HOME": str(self.home),
-            "RAY_ADDRESS": ray_address,
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": http,
             "FLWR_LOCAL_CONTROL_API_PORT": control,
         }
+        if ray_address:  # else RAY_ADDRESS stays as the caller's environment has it
+            self.env["RAY_ADDRESS"] = ray_address
 
     def _pids(self) -> list[int]:
         """The SuperLink (its command line holds our private FLWR_HOME) and its descendants."""
@@ -430,17 +434,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpus_per_client is not None:
             federation += f" client-resources-num-gpus={args.gpus_per_client}"
         cmd += ["--federation-config", federation]
-    private = PrivateSuperLink(args.ray_address, env) if args.ray_address else None
+    private = PrivateSuperLink(args.ray_address, env) if args.connection == "local" else None
     if private:
         env = private.env
+    if args.ray_address:
         print(
             f"fedmetanas: simulation on the Ray cluster at {args.ray_address}, through a private local SuperLink "
             f"(127.0.0.1:{env['FLWR_LOCAL_SUPERLINK_HTTP_API_PORT']}, FLWR_HOME={private.home})"
         )
     elif os.environ.get("RAY_ADDRESS"):
         print(
-            f"fedmetanas: note: RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set; a local SuperLink started now attaches "
-            f"its simulation to that Ray cluster, one already running does not (use --ray-address)"
+            f"fedmetanas: note: RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set; the run's local SuperLink attaches "
+            f"its simulation to that Ray cluster"
         )
     rc = 1
     try:

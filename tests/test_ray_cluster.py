@@ -119,13 +119,19 @@ def test_ray_address_reaches_a_private_superlink_and_gpus_the_federation_config(
     assert home != Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")) and home.is_dir()
     assert env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] != "39091"
     home.rmdir()
-    # without --ray-address: no RAY_ADDRESS added, the caller's FLWR_HOME, no GPU key unless asked
+    # without --ray-address: no RAY_ADDRESS added, no GPU key unless asked, and still a private SuperLink
+    # (a local SuperLink left running on the default ports by another checkout would run its own code)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     RecordingFlwrRun.calls = []
     assert cli.main(["run", "-c", f'results-dir="{tmp_path}"']) == 1
     ((cmd, env),) = RecordingFlwrRun.calls
-    assert "RAY_ADDRESS" not in env and env.get("FLWR_HOME") == os.environ.get("FLWR_HOME")
-    assert "num-gpus" not in cmd[cmd.index("--federation-config") + 1]
+    assert "RAY_ADDRESS" not in env and "num-gpus" not in cmd[cmd.index("--federation-config") + 1]
+    private = Path(env["FLWR_HOME"])
+    assert private not in (home, Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))) and private.is_dir()
+    assert {env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"], env["FLWR_LOCAL_CONTROL_API_PORT"]}.isdisjoint(
+        {"39091", "39093"}
+    )
+    private.rmdir()
 
 
 # --- 2. a real 2-node Ray cluster -------------------------------------------------------------------
