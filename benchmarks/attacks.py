@@ -85,8 +85,8 @@ def run_config(overrides: dict[str, Any], seed: int, results_dir: Path) -> tuple
 
 def run_one(name: str, seed: int, out: Path) -> Path:
     """One run of the grid, in this process; returns its results folder."""
-    from fedmetanas_core.config import RunConfig
-    from fedmetanas_core.training import run_settings
+    from fedmetanas_core.method.training import run_settings
+    from fedmetanas_core.run.config import RunConfig
     from harness.local_grid import LocalGrid, task_identity
     from server_app.app import run_experiment
     from server_app.strategy import check_strategy
@@ -105,10 +105,10 @@ def partial_summary(folder: Path, rounds: list[dict[str, Any]]) -> dict[str, Any
     derived from its checkpoint (logits and masks), as ``summary.json`` would hold them."""
     import torch
 
-    from fedmetanas_core.config import RunConfig
-    from fedmetanas_core.genotype import derive_genotype
-    from fedmetanas_core.outputs import load_checkpoint
-    from fedmetanas_core.training import space_from_config
+    from fedmetanas_core.method.genotype import derive_genotype
+    from fedmetanas_core.method.training import space_from_config
+    from fedmetanas_core.run.config import RunConfig
+    from fedmetanas_core.run.outputs import load_checkpoint
 
     ck = load_checkpoint(folder)
     cfg = RunConfig.from_flat(ck["config"], check_paths=False)
@@ -127,7 +127,7 @@ def partial_summary(folder: Path, rounds: list[dict[str, Any]]) -> dict[str, Any
 def row(name: str, seed: int, folder: Path) -> dict[str, Any]:
     """The table's numbers for one run, read from its summary.json and rounds.jsonl (a run still
     going: from its last checkpoint, marked with ``partial_rounds``)."""
-    from fedmetanas_core.attacks import parameter_free_count
+    from fedmetanas_core.threats.attacks import parameter_free_count
 
     rounds = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines() if line]
     if (folder / "summary.json").is_file():
@@ -160,7 +160,7 @@ def parameter_free_mass(rounds: list[dict[str, Any]]) -> float | None:
     """Mean softmax(alpha logits) mass on skip / pooling per edge (both cell types, no masks) in the
     round that decided the cell (the first with one op per edge left; else the last): how far the
     aggregated logits leaned to parameter-free ops when the architecture was fixed."""
-    from fedmetanas_core.attacks import PARAMETER_FREE
+    from fedmetanas_core.threats.attacks import PARAMETER_FREE
 
     rows = [r for r in rounds if "alpha-logits" in r]
     if not rows:

@@ -120,7 +120,7 @@ def time_call(func, args: tuple, min_seconds: float = 0.05) -> float:
 
 def record_run(items: list[str], rounds: int, clients: int) -> list[dict]:
     """Per round: the counted calls of all clients' local training."""
-    import fedmetanas_core.client_round as client
+    import fedmetanas_core.federation.client_round as client
     from benchmarks import inprocess
 
     per_round: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)

@@ -29,12 +29,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from fedmetanas_core.atomic import atomic_write_text
-from fedmetanas_core.outputs import machine_description
 from fedmetanas_core.report.canvas import COMPARISON_FIGURE
 from fedmetanas_core.report.format import format_mean_std, format_number
 from fedmetanas_core.report.load import RunData, images_to_reach, load_run, time_to_reach
 from fedmetanas_core.report.seeds import draw_accuracy_over_seeds, mean_std, over_seeds
+from fedmetanas_core.run.outputs import machine_description
+from fedmetanas_core.util.atomic import atomic_write_text
 from harness.cli import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +50,8 @@ LAST_ROUNDS = 5
 def _baseline_overrides(method: str, seed_dir: Path, seed: int, preset: Path, overrides: list[str]) -> list[str]:
     """The fedavg-* baselines are FedAvg runs with a fixed network chosen here."""
     if method == "fedavg-random-cell":
-        from fedmetanas_core.config import RunConfig
-        from fedmetanas_core.genotype import random_genotype
+        from fedmetanas_core.method.genotype import random_genotype
+        from fedmetanas_core.run.config import RunConfig
         from harness.cli import parse_run_config
 
         cfg = RunConfig.from_flat(parse_run_config([str(preset), *overrides, f"seed={seed}"]), check_paths=False)
@@ -62,7 +62,7 @@ def _baseline_overrides(method: str, seed_dir: Path, seed: int, preset: Path, ov
     if method == "fedavg-matched":
         import torch
 
-        from fedmetanas_core.genotype import simple_cnn_channels_for
+        from fedmetanas_core.method.genotype import simple_cnn_channels_for
         from fedmetanas_core.space import SpaceConfig
 
         searched = seed_dir / "fedmetanas"

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmetanas_core.processes import descendants
+from fedmetanas_core.util.processes import descendants
 from harness.cli import run_command
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.compare import ROOT, finished_run, run_method
-from fedmetanas_core.atomic import atomic_write_text
-from fedmetanas_core.outputs import machine_description
 from fedmetanas_core.report.load import images_to_reach
 from fedmetanas_core.report.seeds import mean_std
+from fedmetanas_core.run.outputs import machine_description
+from fedmetanas_core.util.atomic import atomic_write_text
 
 METHODS = ("fedmetanas", "fedavg-cnn", "fedavg-random-cell", "fednas")
 RANDOM_CELL_TRIES = 20_000
@@ -46,8 +46,8 @@ def method_overrides(
     common = [f'budget="{budget}"', "init-channels=0"]
     if method != "fedavg-random-cell":
         return common
-    from fedmetanas_core.budget import cost_model, run_space
-    from fedmetanas_core.genotype import random_genotype
+    from fedmetanas_core.method.budget import cost_model, run_space
+    from fedmetanas_core.method.genotype import random_genotype
     from harness.cli import resolve_run_config
 
     items = [str(preset), *overrides, f"seed={seed}", *common, 'method="fedmetanas"']

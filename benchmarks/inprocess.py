@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from fedmetanas_core.training import run_settings
+from fedmetanas_core.method.training import run_settings
 from harness.cli import resolve_run_config
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmetanas_core.budget import run_space
-from fedmetanas_core.genotype import DiscreteNetwork, random_genotype
-from fedmetanas_core.latency import PROFILE_RUNS, LatencyTable, models_latency_ms, profile_space
+from fedmetanas_core.deployment.latency import PROFILE_RUNS, LatencyTable, models_latency_ms, profile_space
+from fedmetanas_core.method.budget import run_space
+from fedmetanas_core.method.genotype import DiscreteNetwork, random_genotype
 from harness.cli import resolve_run_config
 
 CHECK_SEED = 500_000

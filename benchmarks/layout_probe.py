@@ -23,12 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedmetanas_core.atomic import atomic_write_text
-from fedmetanas_core.budget import cnn_width_within, cost_model, run_space
 from fedmetanas_core.data.sources import load_dataset
-from fedmetanas_core.genotype import DiscreteNetwork, SimpleCNN, count_parameters, random_genotype
-from fedmetanas_core.outputs import machine_description
+from fedmetanas_core.method.budget import cnn_width_within, cost_model, run_space
+from fedmetanas_core.method.genotype import DiscreteNetwork, SimpleCNN, count_parameters, random_genotype
+from fedmetanas_core.run.outputs import machine_description
 from fedmetanas_core.space.cost import count_macs
+from fedmetanas_core.util.atomic import atomic_write_text
 from harness.cli import resolve_run_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.framework import PeakMemory, cmdline
-from fedmetanas_core.atomic import atomic_write_text
-from fedmetanas_core.outputs import machine_description
-from fedmetanas_core.processes import stop_pids
+from fedmetanas_core.run.outputs import machine_description
+from fedmetanas_core.util.atomic import atomic_write_text
+from fedmetanas_core.util.processes import stop_pids
 from harness.cli import run_command
 
 ROOT = Path(__file__).resolve().parents[1]

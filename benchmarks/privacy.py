@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmetanas_core.atomic import atomic_write_text
-from fedmetanas_core.outputs import machine_description
+from fedmetanas_core.run.outputs import machine_description
+from fedmetanas_core.util.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("fedmetanas", "fednas", "fedavg")
@@ -39,7 +39,7 @@ LAST_ROUNDS = 5
 
 def preset_config(preset: str, method: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The preset's flat config for ``method`` (its ``[method]`` table applied), plus overrides."""
-    from fedmetanas_core.config import defaults, resolve_method_tables
+    from fedmetanas_core.run.config import defaults, resolve_method_tables
     from harness.cli import parse_run_config
 
     flat = resolve_method_tables({**parse_run_config([str(ROOT / "conf" / f"{preset}.toml")]), "method": method})
@@ -53,8 +53,8 @@ def run_one(flat: dict[str, Any], out: Path, num_nodes: int) -> dict[str, Any] |
         return json.loads((out / "summary.json").read_text())
     import shutil
 
-    from fedmetanas_core.config import RunConfig
-    from fedmetanas_core.training import run_settings
+    from fedmetanas_core.method.training import run_settings
+    from fedmetanas_core.run.config import RunConfig
     from harness.local_grid import LocalGrid, task_identity
     from server_app.app import run_experiment
 

@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from fedmetanas_core import space as S
-from fedmetanas_core.aggregation import update_masks
-from fedmetanas_core.config import RunConfig
-from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
-from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient
+from fedmetanas_core.method.aggregation import update_masks
+from fedmetanas_core.method.genotype import DiscreteNetwork, derive_genotype
+from fedmetanas_core.method.maml import InnerLoop, fomaml_task_gradient
+from fedmetanas_core.method.training import meta_optimizers, resolve_device, space_from_config, train_settings
+from fedmetanas_core.run.config import RunConfig
 from fedmetanas_core.space import SearchModel, SpaceConfig, is_arch, make_op
-from fedmetanas_core.training import meta_optimizers, resolve_device, space_from_config, train_settings
 from harness.cli import parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]

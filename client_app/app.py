@@ -1,6 +1,6 @@
 """ClientApp: decodes the round's records, runs the node's local work in the core, replies.
 
-The work is ``fedmetanas_core.client_round`` (build, load, train or personalize); the records'
+The work is ``fedmetanas_core.federation.client_round`` (build, load, train or personalize); the records'
 conversions are ``flower_records``; the client-side DP mod is ``client_app.privacy``. The node's
 data: when the SuperNode's node config names ``partition-id`` the global training set is
 partitioned by id (simulation, or a deployment that asks for it); otherwise the node's own dataset
@@ -17,8 +17,8 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.privacy import dp_mod
-from fedmetanas_core.client_round import node_threads, personalize_round, run_config, train_round
-from fedmetanas_core.training import run_settings
+from fedmetanas_core.federation.client_round import node_threads, personalize_round, run_config, train_round
+from fedmetanas_core.method.training import run_settings
 from flower_records import array_record, round_plan, torch_state
 
 app = ClientApp()

@@ -3,7 +3,7 @@
 Flower's mods are fixed when the ClientApp is built, while the DP mode is a run-config key: this mod
 reads the run's config and picks ``fixedclipping_mod`` / ``adaptiveclipping_mod`` (the server's DP
 wrapper sends the clipping norm) or ``LocalDpMod``; nothing for the other modes. The server side is
-``server_app.privacy``; the accounting is ``fedmetanas_core.privacy``.
+``server_app.privacy``; the accounting is ``fedmetanas_core.threats.privacy``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Callable
 from flwr.app import Context, Message
 from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
 
-from fedmetanas_core.client_round import run_config
-from fedmetanas_core.privacy import local_reply_epsilon
+from fedmetanas_core.federation.client_round import run_config
+from fedmetanas_core.threats.privacy import local_reply_epsilon
 from flower_records import select
 
 Handler = Callable[[Message, Context], Message]

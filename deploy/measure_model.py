@@ -28,16 +28,16 @@ from pathlib import Path
 
 import torch
 
-from fedmetanas_core.export import ONNX_FILE, export_model, measure_latency_ms
-from fedmetanas_core.outputs import MODEL_FILE, load_derived_model, machine_description
-from fedmetanas_core.predict import EXPORT_JSON, TORCHSCRIPT_FILE, load_exported
+from fedmetanas_core.deployment.export import ONNX_FILE, export_model, measure_latency_ms
+from fedmetanas_core.deployment.predict import EXPORT_JSON, TORCHSCRIPT_FILE, load_exported
+from fedmetanas_core.run.outputs import MODEL_FILE, load_derived_model, machine_description
 
 
 def _test_set(run_dir: Path):
     import yaml
 
-    from fedmetanas_core.config import RunConfig
     from fedmetanas_core.data import DataSpec, load_test_set
+    from fedmetanas_core.run.config import RunConfig
 
     cfg = RunConfig.from_flat(yaml.safe_load((run_dir / "config.yaml").read_text()), check_paths=False)
     return cfg, load_test_set(DataSpec.from_config(cfg))

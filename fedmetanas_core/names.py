@@ -20,7 +20,7 @@ PRIMITIVES = (
     "dil_conv_5x5",
 )
 CELL_TYPES = ("normal", "reduce")
-COST_KINDS = ("macs", "params", "latency-ms")  # what a budget limits (fedmetanas_core.budget)
+COST_KINDS = ("macs", "params", "latency-ms")  # what a budget limits (fedmetanas_core.method.budget)
 NET_PREFIX = "net."
 ARCH_PREFIX = "arch."
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedmetanas_core.coordinator import plan_from_config
-from fedmetanas_core.training import RoundPlan
+from fedmetanas_core.federation.coordinator import plan_from_config
+from fedmetanas_core.method.training import RoundPlan
 
 
 def array_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -8,7 +8,7 @@ that lost more than ``MAX_ERROR_SKIPPED_SHARE`` of its rounds to aggregation err
 CLI always sends an absolute ``results-dir`` (its own choice when none was given), so it knows
 where to read the results. The run is started with ``flwr run --format json`` (its run id read
 from Flower's JSON, not from wording meant for people) and its log streamed with ``flwr log``.
-Defaults come from ``fedmetanas_core.config`` (the same values as
+Defaults come from ``fedmetanas_core.run.config`` (the same values as
 pyproject.toml; a test keeps them in step), so no checkout is needed to validate.
 It never imports flwr: it drives the ``flwr`` command.
 
@@ -40,9 +40,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedmetanas_core import config_keys
-from fedmetanas_core.config import ConfigError, RunConfig, defaults, resolve_method_tables
-from fedmetanas_core.processes import stop_pids
+from fedmetanas_core.run import config_keys
+from fedmetanas_core.run.config import ConfigError, RunConfig, defaults, resolve_method_tables
+from fedmetanas_core.util.processes import stop_pids
 
 # The Flower app directory that `flwr run` builds its FAB from. In a checkout (or an editable
 # install) it is the checkout; an installed wheel has no pyproject.toml beside its packages, so the
@@ -308,8 +308,8 @@ def check_budget_up_front(cfg: RunConfig) -> None:
     shape is known without loading it (otherwise the ServerApp refuses at its start)."""
     if not cfg.budget:
         return
-    from fedmetanas_core.budget import check_feasible, fixed_network_width, known_run_space
-    from fedmetanas_core.genotype import Genotype
+    from fedmetanas_core.method.budget import check_feasible, fixed_network_width, known_run_space
+    from fedmetanas_core.method.genotype import Genotype
 
     known = known_run_space(cfg)
     if known is None:
@@ -324,8 +324,8 @@ def check_budget_up_front(cfg: RunConfig) -> None:
 
 def profile_command(cfg: RunConfig, args: argparse.Namespace) -> int:
     """``fedmetanas profile``: the latency table of the run's space, measured on this machine."""
-    from fedmetanas_core.budget import run_space
-    from fedmetanas_core.latency import PROFILE_RUNS, LatencyTable, default_runtime, profile_space
+    from fedmetanas_core.deployment.latency import PROFILE_RUNS, LatencyTable, default_runtime, profile_space
+    from fedmetanas_core.method.budget import run_space
 
     space, image_hw = run_space(cfg)
     runtime = args.runtime or default_runtime()

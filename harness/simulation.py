@@ -170,7 +170,7 @@ def parse_faults(text: str) -> dict[int, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the app in-process (optionally with faulty clients) and print the final accuracy."""
-    from fedmetanas_core.config import ConfigError, RunConfig, resolve_method_tables
+    from fedmetanas_core.run.config import ConfigError, RunConfig, resolve_method_tables
     from harness.cli import parse_run_config
 
     parser = argparse.ArgumentParser(prog="python -m harness.simulation", description=main.__doc__)

@@ -20,16 +20,16 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedmetanas_core.budget import cost_report
-from fedmetanas_core.config import ConfigError, RunConfig
-from fedmetanas_core.coordinator import ProgressClock, fmt_duration, image_hw, model_config, space_for_run
 from fedmetanas_core.data import DataSpec, load_test_set
-from fedmetanas_core.genotype import Genotype, SimpleCNN, count_parameters
-from fedmetanas_core.outputs import RunRecorder, machine_description, package_versions
-from fedmetanas_core.phases import Phase, plan_phases
-from fedmetanas_core.privacy import make_accountant
-from fedmetanas_core.run_data import validation_set
-from fedmetanas_core.training import evaluate, resolve_device, run_settings, state_arrays
+from fedmetanas_core.data.run_data import validation_set
+from fedmetanas_core.federation.coordinator import ProgressClock, fmt_duration, image_hw, model_config, space_for_run
+from fedmetanas_core.federation.phases import Phase, plan_phases
+from fedmetanas_core.method.budget import cost_report
+from fedmetanas_core.method.genotype import Genotype, SimpleCNN, count_parameters
+from fedmetanas_core.method.training import evaluate, resolve_device, run_settings, state_arrays
+from fedmetanas_core.run.config import ConfigError, RunConfig
+from fedmetanas_core.run.outputs import RunRecorder, machine_description, package_versions
+from fedmetanas_core.threats.privacy import make_accountant
 from flower_records import array_record, numpy_state, round_record, select
 from server_app.checkpoint import RunCheckpoint
 from server_app.exchange import send_and_receive
@@ -374,7 +374,7 @@ def _after_run(results_dir: Path, final_net, test, cost: dict[str, Any]) -> None
 
 
 def _export(results_dir: Path, final_net, test, cost: dict[str, Any]) -> None:
-    from fedmetanas_core.export import export_model
+    from fedmetanas_core.deployment.export import export_model
 
     export_model(final_net, test, results_dir, extra={"cost": cost})
 

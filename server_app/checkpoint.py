@@ -4,7 +4,7 @@ Its own object so that the experiment's loop only says when: ``RunCheckpoint`` r
 whose run config differs from the saved one, gives back the run's ``Progress`` (and restores the
 RNG states, and drops rounds.jsonl lines the checkpoint does not cover), the saved state of the
 phase the run stopped in, and writes a new checkpoint after a round. The file format (weights-only
-torch, written atomically) is ``fedmetanas_core.outputs``.
+torch, written atomically) is ``fedmetanas_core.run.outputs``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from flwr.common.logger import log
 
-from fedmetanas_core.config import ConfigError, RunConfig
-from fedmetanas_core.outputs import (
+from fedmetanas_core.federation.phases import Handoff
+from fedmetanas_core.run.config import ConfigError, RunConfig
+from fedmetanas_core.run.outputs import (
     config_differences,
     load_checkpoint,
     rng_states,
@@ -27,7 +28,6 @@ from fedmetanas_core.outputs import (
     set_rng_states,
     truncate_rounds,
 )
-from fedmetanas_core.phases import Handoff
 
 
 @dataclass

@@ -4,7 +4,7 @@
 clipping), then Flower clips (server-side modes), the base strategy averages, and Flower adds the
 Gaussian noise. Weights and architecture logits travel in one ArrayRecord, so they are clipped to
 one L2 norm and noised alike (docs/privacy.md says why). The maths (which config works, epsilon)
-lives in ``fedmetanas_core.privacy``.
+lives in ``fedmetanas_core.threats.privacy``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedmetanas_core.config import RunConfig
-from fedmetanas_core.privacy import clipped_count_stddev, num_sampled_clients
+from fedmetanas_core.run.config import RunConfig
+from fedmetanas_core.threats.privacy import clipped_count_stddev, num_sampled_clients
 
 
 class _AndrewGeometricUpdate:

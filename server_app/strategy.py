@@ -3,7 +3,7 @@
 ``SearchStrategy`` wraps a Flower strategy (FedAvg, FedAdam, Krum, ... or a user's own class) and
 adds, once for all of them: screening of faulty replies (errors, wrong names or shapes, NaN/Inf,
 absurd norms), the alpha-aggregation rule, and a finite-check of the aggregate. The method's own
-logic (temperature, masks, genotype) lives in ``fedmetanas_core.coordinator`` and reaches the
+logic (temperature, masks, genotype) lives in ``fedmetanas_core.federation.coordinator`` and reaches the
 clients through the ConfigRecord, so no strategy needs to know about it.
 """
 
@@ -27,12 +27,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 
-from fedmetanas_core.aggregation import reply_problem, transform_logits
-from fedmetanas_core.attacks import LOGIT_RULES, robust_logits, screen_replies
-from fedmetanas_core.config import ConfigError, RunConfig
-from fedmetanas_core.coordinator import finite_state
+from fedmetanas_core.federation.coordinator import finite_state
+from fedmetanas_core.method.aggregation import reply_problem, transform_logits
 from fedmetanas_core.names import is_arch
-from fedmetanas_core.privacy import update_norms
+from fedmetanas_core.run.config import ConfigError, RunConfig
+from fedmetanas_core.threats.attacks import LOGIT_RULES, robust_logits, screen_replies
+from fedmetanas_core.threats.privacy import update_norms
 from flower_records import array_record, numpy_state, select
 
 # dp modes whose noise the server adds (a Flower DP strategy wraps the base strategy)

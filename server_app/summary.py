@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedmetanas_core.config import RunConfig
-from fedmetanas_core.phases import Handoff
-from fedmetanas_core.privacy import MEAN_STRATEGIES
+from fedmetanas_core.federation.phases import Handoff
+from fedmetanas_core.run.config import RunConfig
+from fedmetanas_core.threats.privacy import MEAN_STRATEGIES
 
 if TYPE_CHECKING:
-    from fedmetanas_core.privacy import PrivacyAccountant
+    from fedmetanas_core.threats.privacy import PrivacyAccountant
 
 
 def skipped_rounds(rows: list[dict[str, Any]]) -> dict[str, int]:

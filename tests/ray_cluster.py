@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmetanas_core.processes import process_table
+from fedmetanas_core.util.processes import process_table
 
 # ports a node opens besides its worker-port range (the head adds --port and --ray-client-server-port)
 NODE_PORT_FLAGS = (

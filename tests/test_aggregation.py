@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmetanas_core.aggregation import reply_problem, transform_logits, weighted_average
+from fedmetanas_core.method.aggregation import reply_problem, transform_logits, weighted_average
 from fedmetanas_core.space import is_arch
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")

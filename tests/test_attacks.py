@@ -15,7 +15,12 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from helpers import NodeIds
 
-from fedmetanas_core.attacks import (
+from fedmetanas_core.method.genotype import derive_genotype
+from fedmetanas_core.method.training import run_settings, space_from_config
+from fedmetanas_core.names import PRIMITIVES, is_arch
+from fedmetanas_core.run.config import ConfigError, RunConfig
+from fedmetanas_core.space import SearchModel
+from fedmetanas_core.threats.attacks import (
     PARAMETER_FREE,
     attacked,
     parameter_free_count,
@@ -24,11 +29,6 @@ from fedmetanas_core.attacks import (
     robust_logits,
     screen_replies,
 )
-from fedmetanas_core.config import ConfigError, RunConfig
-from fedmetanas_core.genotype import derive_genotype
-from fedmetanas_core.names import PRIMITIVES, is_arch
-from fedmetanas_core.space import SearchModel
-from fedmetanas_core.training import run_settings, space_from_config
 from flower_records import array_record
 from harness.local_grid import LocalGrid
 from server_app.app import Experiment
@@ -235,7 +235,7 @@ def test_a_real_run_with_one_alpha_poisoner(tmp_path, defence):
         exp.run_phase(0, exp.phases[0])
     (row,) = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     torch.manual_seed(0)
-    from fedmetanas_core.coordinator import seeded_init
+    from fedmetanas_core.federation.coordinator import seeded_init
 
     space = space_from_config(cfg, 10, 1)
     init = seeded_init(lambda: SearchModel(space), cfg.seed, "search").arch.state_dict()["alpha.normal"].numpy()

@@ -182,7 +182,7 @@ def test_tables_only_leaves_out_unfinished_runs_and_names_them(tmp_path):
 
 
 def test_random_cells_are_valid_cells_of_the_space_and_differ_by_seed():
-    from fedmetanas_core.genotype import random_genotype
+    from fedmetanas_core.method.genotype import random_genotype
 
     ops = ("none", "skip_connect", "sep_conv_3x3", "max_pool_3x3")
     cells = [random_genotype(ops, 3, seed) for seed in range(6)]
@@ -198,7 +198,7 @@ def test_random_cells_are_valid_cells_of_the_space_and_differ_by_seed():
 
 
 def test_matched_cnn_has_about_the_searched_networks_parameters():
-    from fedmetanas_core.genotype import SimpleCNN, count_parameters, simple_cnn_channels_for
+    from fedmetanas_core.method.genotype import SimpleCNN, count_parameters, simple_cnn_channels_for
     from fedmetanas_core.space import SpaceConfig
 
     space = SpaceConfig(num_classes=10, in_channels=1, init_channels=8, num_cells=2, num_nodes=2)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmetanas_core import config as C
-from fedmetanas_core.config import ConfigError, RunConfig
+from fedmetanas_core.run import config as C
+from fedmetanas_core.run.config import ConfigError, RunConfig
 from fedmetanas_core.space import PRIMITIVES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmetanas_core.config import ConfigError, RunConfig
-from fedmetanas_core.node_config import validate_node_config
+from fedmetanas_core.run.config import ConfigError, RunConfig
+from fedmetanas_core.run.node_config import validate_node_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STUB_MARKER = "FLWR-STUB-REACHED"

@@ -13,8 +13,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedmetanas_core.aggregation import masks_are_discrete, update_masks
-from fedmetanas_core.budget import (
+from fedmetanas_core.data import ClientData, ImageData
+from fedmetanas_core.deployment.latency import LatencyTable, profile_space
+from fedmetanas_core.federation.coordinator import plan_from_config, plan_to_config
+from fedmetanas_core.method.aggregation import masks_are_discrete, update_masks
+from fedmetanas_core.method.budget import (
     Budget,
     choice_masks,
     cnn_width_within,
@@ -25,10 +28,7 @@ from fedmetanas_core.budget import (
     sized_space,
     uniform_expected_cost,
 )
-from fedmetanas_core.config import ConfigError, RunConfig, defaults
-from fedmetanas_core.coordinator import plan_from_config, plan_to_config
-from fedmetanas_core.data import ClientData, ImageData
-from fedmetanas_core.genotype import (
+from fedmetanas_core.method.genotype import (
     DiscreteNetwork,
     Genotype,
     SimpleCNN,
@@ -36,12 +36,12 @@ from fedmetanas_core.genotype import (
     derive_genotype,
     random_genotype,
 )
-from fedmetanas_core.latency import LatencyTable, profile_space
+from fedmetanas_core.method.training import RoundPlan, fedmetanas_local_search, fednas_local_search, run_settings
 from fedmetanas_core.names import ARCH_PREFIX, CELL_TYPES, arch_param_name
-from fedmetanas_core.relaxation import probabilities
+from fedmetanas_core.run.config import ConfigError, RunConfig, defaults
 from fedmetanas_core.space import SearchModel, SpaceConfig, fast_path
 from fedmetanas_core.space.cost import CostModel, counted_cost_model
-from fedmetanas_core.training import RoundPlan, fedmetanas_local_search, fednas_local_search, run_settings
+from fedmetanas_core.space.relaxation import probabilities
 from harness.cli import main as cli_main
 
 SPACES = [

@@ -366,7 +366,7 @@ OTHER_VALUE = {
 
 
 def _client_data_keys() -> set[str]:
-    from fedmetanas_core.config import KEYS
+    from fedmetanas_core.run.config import KEYS
 
     return {k.name for k in KEYS if k.group == "data" and k.name not in NOT_CLIENT_DATA} | {"seed"}
 
@@ -374,7 +374,7 @@ def _client_data_keys() -> set[str]:
 def test_every_data_setting_of_the_run_config_changes_the_spec():
     """The spec is the client's cache key: a data setting it dropped would let a reused process
     serve stale splits (a run with another query-fraction getting the previous run's)."""
-    from fedmetanas_core.config import RunConfig
+    from fedmetanas_core.run.config import RunConfig
 
     assert set(OTHER_VALUE) == _client_data_keys(), "a new data key: add it to DataSpec and OTHER_VALUE"
     assert set(RUN_CONFIG_FIELDS.values()) | {"data-dir", "num-partitions"} == _client_data_keys()
@@ -395,7 +395,7 @@ def test_every_data_setting_of_the_run_config_changes_the_spec():
 
 
 def test_spec_fields_are_named_and_defaulted_like_the_run_config():
-    from fedmetanas_core.config import RunConfig
+    from fedmetanas_core.run.config import RunConfig
 
     spec = D.DataSpec()
     for name, key in RUN_CONFIG_FIELDS.items():

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmetanas_core.processes import alive, descendants
+from fedmetanas_core.util.processes import alive, descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

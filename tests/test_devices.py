@@ -4,8 +4,8 @@ device-mismatch error as CUDA does (found on an H200: the supernet's evaluation 
 
 import torch
 
-from fedmetanas_core.relaxation import relax
 from fedmetanas_core.space.model import RelaxSettings, relax_or_onehot
+from fedmetanas_core.space.relaxation import relax
 
 MASK = torch.tensor([[True, False, True, True], [False, True, True, False]])  # on the CPU, as the server holds it
 

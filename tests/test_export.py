@@ -17,9 +17,9 @@ import torch
 import yaml
 from PIL import Image
 
-from fedmetanas_core import export as E
-from fedmetanas_core import predict as P
-from fedmetanas_core.genotype import DiscreteNetwork, SimpleCNN, derive_genotype
+from fedmetanas_core.deployment import export as E
+from fedmetanas_core.deployment import predict as P
+from fedmetanas_core.method.genotype import DiscreteNetwork, SimpleCNN, derive_genotype
 from fedmetanas_core.space import SearchModel, SpaceConfig, is_arch
 
 OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3")
@@ -165,7 +165,7 @@ def test_predict_command_in_a_fresh_process(derived_net, digits_test, tmp_path):
         [
             sys.executable,
             "-m",
-            "fedmetanas_core.predict",
+            "fedmetanas_core.deployment.predict",
             str(run_dir / P.TORCHSCRIPT_FILE),
             str(tmp_path / "images"),
             "--classes-from",

@@ -72,8 +72,8 @@ def test_images_to_fednas_final_accuracy_are_a_fraction_of_fednas_images(tmp_pat
 
 def test_random_cells_are_drawn_within_the_budget(tmp_path):
     from benchmarks.compare import ROOT
-    from fedmetanas_core.budget import cost_model, run_space
-    from fedmetanas_core.genotype import Genotype
+    from fedmetanas_core.method.budget import cost_model, run_space
+    from fedmetanas_core.method.genotype import Genotype
     from harness.cli import resolve_run_config
 
     preset = ROOT / "conf" / "digits.toml"

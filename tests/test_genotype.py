@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import SMALL_OPS, arch_state, randomize_arch, tiny_space
 
-from fedmetanas_core.genotype import Genotype, derive_genotype
+from fedmetanas_core.method.genotype import Genotype, derive_genotype
 from fedmetanas_core.space import CELL_TYPES, SearchModel
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")

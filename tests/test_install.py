@@ -109,7 +109,7 @@ def test_run_finds_the_flower_app_from_the_installed_package(tmp_path):
         "server_app/app.py",
         "client_app/app.py",
         "flower_records/__init__.py",
-        "fedmetanas_core/training.py",
+        "fedmetanas_core/method/training.py",
     ):
         assert needed in seen["fab"], (needed, seen["fab"])
     assert not any(name.startswith("harness/") for name in seen["fab"])  # SuperNodes run the apps, not the harness
@@ -196,7 +196,7 @@ def stop_superlink():
     """Stops, by PID, every process whose command line holds the given FLWR_HOME, and their children."""
     homes: list[Path] = []
     yield homes.append
-    from fedmetanas_core.processes import stop_pids
+    from fedmetanas_core.util.processes import stop_pids
 
     for home in homes:
         found = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout.split()

@@ -4,7 +4,9 @@ The layers, bottom up: the core (``fedmetanas_core``, Flower-free), the Flower r
 (``flower_records``), the two apps (``server_app``, ``client_app``, neither importing the other),
 and the harness (``harness``: the CLI and the in-process grids) on top. Imports inside functions
 and under ``TYPE_CHECKING`` count too: a lazy import is still a dependency. Also checked: no
-module or test imports another module's private (``_name``) names.
+module or test imports another module's private (``_name``) names. Inside the core, its
+subpackages import only those below them (``CORE_ORDER``, as ``fedmetanas_core/__init__.py`` lists
+them) but for a few listed edges, and its root holds only ``names.py`` beside them.
 """
 
 from __future__ import annotations
@@ -93,9 +95,9 @@ def test_the_checks_see_a_forbidden_edge_and_a_private_import(tmp_path):
     files = {
         "fedmetanas_core/__init__.py": "",
         "fedmetanas_core/cli.py": "def main():\n    from server_app.strategy import check_strategy\n",
-        "fedmetanas_core/data/__init__.py": "from ..training import RoundPlan\nimport flwr.app\n",
-        "fedmetanas_core/training.py": "import flwr_datasets\n",
-        "flower_records/__init__.py": "from fedmetanas_core.training import RoundPlan\n",
+        "fedmetanas_core/data/__init__.py": "from ..method.training import RoundPlan\nimport flwr.app\n",
+        "fedmetanas_core/method/training.py": "import flwr_datasets\n",
+        "flower_records/__init__.py": "from fedmetanas_core.method.training import RoundPlan\n",
         "server_app/__init__.py": "",
         "server_app/local_grid.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import client_app.app\n",
         "client_app/__init__.py": "from flower_records import array_record\n",
@@ -112,3 +114,44 @@ def test_the_checks_see_a_forbidden_edge_and_a_private_import(tmp_path):
     assert private_imports(tmp_path, PACKAGES) == [
         "harness/__init__.py:2: from server_app.strategy import _array_record"
     ]
+
+
+# the core's subpackages, bottom up, as fedmetanas_core/__init__.py lists them: each imports only
+# those before it, except the listed (module, package) edges (see that docstring for why)
+CORE_ORDER = ("names", "util", "threats", "run", "space", "data", "method", "federation", "deployment", "report")
+CORE_EXCEPTIONS = {
+    ("run/outputs.py", "method"),  # writes the derived genotype and network
+    ("run/outputs.py", "space"),
+    ("threats/attacks.py", "run"),  # RunConfig under TYPE_CHECKING
+    ("method/budget.py", "deployment"),  # inside functions: a latency-ms budget's table
+    ("method/budget.py", "federation"),  # inside a function: the run's space from its test split
+}
+
+
+def core_upward_imports(root: Path) -> list[str]:
+    """Imports between the core's subpackages that go up ``CORE_ORDER`` and are not listed."""
+    core = root / "fedmetanas_core"
+    problems = []
+    for path in sorted(core.rglob("*.py")):
+        rel = path.relative_to(core)
+        own = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        for line, module, _ in imported_modules(path, _package_of(path, root)):
+            parts = module.split(".")
+            if parts[0] != "fedmetanas_core" or len(parts) < 2 or parts[1] == own:
+                continue
+            if CORE_ORDER.index(parts[1]) > CORE_ORDER.index(own) and (rel.as_posix(), parts[1]) not in CORE_EXCEPTIONS:
+                problems.append(f"fedmetanas_core/{rel.as_posix()}:{line}: {own} -> {module}")
+    return problems
+
+
+def test_the_core_root_holds_only_its_subpackages_and_the_shared_names():
+    core = ROOT / "fedmetanas_core"
+    assert sorted(p.name for p in core.glob("*.py")) == ["__init__.py", "names.py"]
+    packages = {p.parent.name for p in core.glob("*/__init__.py")}
+    assert packages == set(CORE_ORDER) - {"names"}
+    for name in packages:  # each says what it holds
+        assert (core / name / "__init__.py").read_text().lstrip().startswith('"""'), name
+
+
+def test_the_core_subpackages_import_only_those_below_them():
+    assert core_upward_imports(ROOT) == []

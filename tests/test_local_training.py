@@ -13,19 +13,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import arch_state, mask_space, random_masks, randomize_arch
 
-from fedmetanas_core.aggregation import update_masks
-from fedmetanas_core.config import ConfigError, RunConfig
-from fedmetanas_core.coordinator import plan_from_config, plan_to_config
 from fedmetanas_core.data import ClientData, DataSpec, load_client_data
-from fedmetanas_core.genotype import DiscreteNetwork, SimpleCNN, derive_genotype
-from fedmetanas_core.space import NET_PREFIX, RelaxSettings, SearchModel, is_arch
-from fedmetanas_core.training import (
+from fedmetanas_core.federation.coordinator import plan_from_config, plan_to_config
+from fedmetanas_core.method.aggregation import update_masks
+from fedmetanas_core.method.genotype import DiscreteNetwork, SimpleCNN, derive_genotype
+from fedmetanas_core.method.training import (
     RoundPlan,
     fedmetanas_local_search,
     fednas_local_search,
     space_from_config,
     train_fixed,
 )
+from fedmetanas_core.run.config import ConfigError, RunConfig
+from fedmetanas_core.space import NET_PREFIX, RelaxSettings, SearchModel, is_arch
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
@@ -68,7 +68,7 @@ def run_search(cfg, data, masks=None, frozen=False, seed=0):
 def test_discrete_local_search_trains_the_derived_network_like_the_supernet(client_data, query_source):
     """Once masks leave one op per edge and one pair per node, local search runs on the derived
     network; the reply's live weights equal what meta-training the masked supernet gives."""
-    from fedmetanas_core.training import arch_optimizer, meta_train, train_settings
+    from fedmetanas_core.method.training import arch_optimizer, meta_train, train_settings
 
     cfg = RunConfig.from_flat({**TINY, "local-meta-iters": 1, "tasks-per-meta-batch": 1, "query-source": query_source})
     space = space_from_config(cfg, client_data.train.num_classes, client_data.train.in_channels)
@@ -270,9 +270,9 @@ def test_round_plan_config_round_trip():
 
 
 def test_learning_rate_schedule_cosine_per_stage_and_sent_each_round():
-    from fedmetanas_core.coordinator import LearningRateSchedule, plan_from_config, plan_to_config
     from fedmetanas_core.data import ImageData
-    from fedmetanas_core.phases import RetrainPhase, SearchPhase
+    from fedmetanas_core.federation.coordinator import LearningRateSchedule, plan_from_config, plan_to_config
+    from fedmetanas_core.federation.phases import RetrainPhase, SearchPhase
 
     cosine = LearningRateSchedule(0.1, 0.001, 5, "cosine")
     assert cosine(1) == pytest.approx(0.1) and cosine(5) == pytest.approx(0.001) and cosine(3) == pytest.approx(0.0505)
@@ -326,7 +326,7 @@ def test_evaluation_never_normalises_an_example_on_its_own():
     """Issue 27 (3): the networks' BatchNorm uses batch statistics, so no evaluation batch may hold
     a single example: a 1-example tail joins the previous batch, a 1-example split is refused."""
     from fedmetanas_core.data import DataError, ImageData
-    from fedmetanas_core.training import evaluate
+    from fedmetanas_core.method.training import evaluate
 
     torch.manual_seed(0)
     norm = nn.BatchNorm2d(1, affine=False, track_running_stats=False)

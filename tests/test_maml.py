@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from helpers import SMALL_OPS, random_masks, randomize_arch, tiny_space
 from torch.func import functional_call
 
-from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient, inner_adapt, loss_on, second_order_task_gradient
+from fedmetanas_core.method.maml import (
+    InnerLoop,
+    fomaml_task_gradient,
+    inner_adapt,
+    loss_on,
+    second_order_task_gradient,
+)
 from fedmetanas_core.space import RelaxSettings, SearchModel, is_arch
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")

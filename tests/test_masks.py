@@ -7,12 +7,12 @@ import pytest
 import torch
 from helpers import arch_state, mask_space, randomize_arch, tiny_space, x_batch
 
-from fedmetanas_core.aggregation import arch_statistics, keep_budget, update_masks
-from fedmetanas_core.config import ConfigError, RunConfig
-from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
-from fedmetanas_core.relaxation import probabilities
+from fedmetanas_core.method.aggregation import arch_statistics, keep_budget, update_masks
+from fedmetanas_core.method.genotype import DiscreteNetwork, derive_genotype
+from fedmetanas_core.method.training import space_from_config
+from fedmetanas_core.run.config import ConfigError, RunConfig
 from fedmetanas_core.space import RelaxSettings, SearchModel
-from fedmetanas_core.training import space_from_config
+from fedmetanas_core.space.relaxation import probabilities
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
@@ -142,7 +142,7 @@ def test_discrete_supernet_is_the_derived_network():
 
 def test_discrete_round_anneals_and_prunes_by_that_round():
     from fedmetanas_core.data import ImageData
-    from fedmetanas_core.phases import Handoff, SearchPhase
+    from fedmetanas_core.federation.phases import Handoff, SearchPhase
 
     cfg = RunConfig.from_flat(
         {

@@ -9,11 +9,11 @@ import pytest
 import torch
 from helpers import arch_state, randomize_arch, tiny_space, x_batch
 
-from fedmetanas_core import atomic as A
-from fedmetanas_core import outputs as O
-from fedmetanas_core.config import RunConfig
-from fedmetanas_core.genotype import DiscreteNetwork, Genotype, SimpleCNN, derive_genotype
+from fedmetanas_core.method.genotype import DiscreteNetwork, Genotype, SimpleCNN, derive_genotype
+from fedmetanas_core.run import outputs as O
+from fedmetanas_core.run.config import RunConfig
 from fedmetanas_core.space import SearchModel
+from fedmetanas_core.util import atomic as A
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 

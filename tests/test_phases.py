@@ -13,12 +13,12 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from helpers import NodeIds
 
 from client_app import app as client
-from fedmetanas_core import config as C
-from fedmetanas_core.config import RunConfig
-from fedmetanas_core.coordinator import model_config, space_for_run
-from fedmetanas_core.genotype import Genotype
-from fedmetanas_core.phases import PLANS, FixedPhase, Handoff, Phase, RetrainPhase, SearchPhase, plan_phases
-from fedmetanas_core.training import LOCAL_TRAINING, LocalResult, local_trainer, run_settings
+from fedmetanas_core.federation.coordinator import model_config, space_for_run
+from fedmetanas_core.federation.phases import PLANS, FixedPhase, Handoff, Phase, RetrainPhase, SearchPhase, plan_phases
+from fedmetanas_core.method.genotype import Genotype
+from fedmetanas_core.method.training import LOCAL_TRAINING, LocalResult, local_trainer, run_settings
+from fedmetanas_core.run import config as C
+from fedmetanas_core.run.config import RunConfig
 from flower_records import array_record
 from harness.local_grid import LocalGrid
 from server_app.app import run_experiment

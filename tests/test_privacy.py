@@ -22,9 +22,9 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClippin
 from helpers import NodeIds
 
 from client_app.privacy import dp_mod
-from fedmetanas_core.config import ConfigError, RunConfig
-from fedmetanas_core.privacy import PrivacyAccountant, effective_noise_multiplier, update_noise_multiplier
-from fedmetanas_core.training import run_settings
+from fedmetanas_core.method.training import run_settings
+from fedmetanas_core.run.config import ConfigError, RunConfig
+from fedmetanas_core.threats.privacy import PrivacyAccountant, effective_noise_multiplier, update_noise_multiplier
 from harness.local_grid import LocalGrid
 from server_app.app import federation_size, run_experiment
 from server_app.privacy import ServerSideAdaptiveClipping, wrap_dp

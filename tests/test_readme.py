@@ -3,7 +3,7 @@ generated from the config's keys; docs/internals.md's "Adding a method" names th
 
 from pathlib import Path
 
-from fedmetanas_core.config import markdown_table
+from fedmetanas_core.run.config import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_configuration_page_lists_every_run_config_key_with_its_default():
     page = (ROOT / "docs" / "configuration.md").read_text()
     assert markdown_table() in page, (
-        "regenerate the table in docs/configuration.md with: python -m fedmetanas_core.config"
+        "regenerate the table in docs/configuration.md with: python -m fedmetanas_core.run.config"
     )
 
 
@@ -45,24 +45,24 @@ def test_adding_a_method_names_the_module_whose_methods_the_key_check_uses(monke
     import importlib
     import re
 
-    from fedmetanas_core.config import RunConfig, resolve_method_tables
+    from fedmetanas_core.run.config import RunConfig, resolve_method_tables
     from harness import cli
 
     root = Path(__file__).resolve().parents[1]
     section = _adding_a_method_section((root / "docs" / "internals.md").read_text())
     named = set(re.findall(r"`(\w+)\.METHODS`", section))
-    code = set(re.findall(r"# fedmetanas_core/(\w+)\.py\nMETHODS = ", section))
-    assert len(named) == 1 and named == code, (named, code)
-    module_name = named.pop()
-    tree = ast.parse((root / "fedmetanas_core" / f"{module_name}.py").read_text())
+    code = set(re.findall(r"# fedmetanas_core/([\w/]+)\.py\nMETHODS = ", section))  # e.g. run/config_keys
+    assert len(named) == 1 and {c.rsplit("/", 1)[-1] for c in code} == named and len(code) == 1, (named, code)
+    module_path = code.pop()
+    tree = ast.parse((root / "fedmetanas_core" / f"{module_path}.py").read_text())
     defined = [
         n
         for n in tree.body
         if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "METHODS" for t in n.targets)
     ]
-    assert defined, f"fedmetanas_core/{module_name}.py does not define METHODS (it only imports it)"
+    assert defined, f"fedmetanas_core/{module_path}.py does not define METHODS (it only imports it)"
 
-    module = importlib.import_module(f"fedmetanas_core.{module_name}")
+    module = importlib.import_module("fedmetanas_core." + module_path.replace("/", "."))
     monkeypatch.setattr(module, "METHODS", (*module.METHODS, "fedsgd"))
     assert RunConfig.from_flat({"method": "fedsgd"}).method == "fedsgd"
     assert resolve_method_tables({"method": "fedsgd", "fedsgd.seed": 3})["seed"] == 3

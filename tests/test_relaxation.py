@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedmetanas_core.relaxation import TemperatureSchedule, probabilities, relax
+from fedmetanas_core.space.relaxation import TemperatureSchedule, probabilities, relax
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 

@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from flwr.serverapp.strategy import FedAvg, Krum
 
 from fedmetanas_core import data as D
-from fedmetanas_core.config import ConfigError, RunConfig
+from fedmetanas_core.run.config import ConfigError, RunConfig
 from harness.simulation import FAULT_KINDS, corrupt_reply, parse_faults, run_in_process
 from server_app.strategy import SearchStrategy, check_strategy, short_reason
 

@@ -19,17 +19,17 @@ from helpers import NodeIds
 from PIL import Image
 
 from client_app.app import in_run_settings
-from fedmetanas_core import client_round
 from fedmetanas_core import data as D
-from fedmetanas_core.config import RunConfig, defaults
 from fedmetanas_core.data import node_cache
 from fedmetanas_core.data.node_cache import node_data
-from fedmetanas_core.lru import LruCache
-from fedmetanas_core.outputs import CHECKPOINT_FILE, load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from fedmetanas_core.phases import Handoff
-from fedmetanas_core.seeding import make_generator
+from fedmetanas_core.federation import client_round
+from fedmetanas_core.federation.phases import Handoff
+from fedmetanas_core.method.training import run_settings
+from fedmetanas_core.run.config import RunConfig, defaults
+from fedmetanas_core.run.outputs import CHECKPOINT_FILE, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from fedmetanas_core.space import fast_path_enabled
-from fedmetanas_core.training import run_settings
+from fedmetanas_core.util.lru import LruCache
+from fedmetanas_core.util.seeding import make_generator
 from flower_records import array_record
 from harness import cli
 from server_app.app import Experiment, client_order
@@ -426,7 +426,7 @@ def test_rng_states_are_plain_data():
 def test_stop_pids_stops_exactly_the_given_processes_and_their_tree_is_found():
     """A parent that ignores SIGTERM (its child inherits that) is killed after the grace period;
     the child is found as a descendant; an unrelated process started beside them keeps running."""
-    from fedmetanas_core.processes import alive, descendants, stop_pids
+    from fedmetanas_core.util.processes import alive, descendants, stop_pids
 
     stubborn = (
         "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "

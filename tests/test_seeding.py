@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedmetanas_core.seeding import derive_seed, make_generator
+from fedmetanas_core.util.seeding import derive_seed, make_generator
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 

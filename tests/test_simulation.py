@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedmetanas_core.data import load_dataset
-from fedmetanas_core.outputs import load_derived_model
-from fedmetanas_core.training import evaluate
+from fedmetanas_core.method.training import evaluate
+from fedmetanas_core.run.outputs import load_derived_model
 from harness.simulation import run_in_process
 
 pytestmark = pytest.mark.slow  # Flower's simulation engine (Ray)

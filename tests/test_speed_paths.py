@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from helpers import randomize_arch, tiny_space
 
 from fedmetanas_core import space as S
-from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
-from fedmetanas_core.maml import InnerLoop, fomaml_task_gradient, second_order_task_gradient
+from fedmetanas_core.method.genotype import DiscreteNetwork, derive_genotype
+from fedmetanas_core.method.maml import InnerLoop, fomaml_task_gradient, second_order_task_gradient
 from fedmetanas_core.space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, is_arch, kernels, make_op
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")

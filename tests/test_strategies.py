@@ -13,10 +13,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from helpers import NodeIds
 
 from client_app.app import evaluate, train
-from fedmetanas_core.config import RunConfig
-from fedmetanas_core.coordinator import model_config, space_for_run
 from fedmetanas_core.data import load_dataset
-from fedmetanas_core.phases import Handoff, plan_phases
+from fedmetanas_core.federation.coordinator import model_config, space_for_run
+from fedmetanas_core.federation.phases import Handoff, plan_phases
+from fedmetanas_core.run.config import RunConfig
 from flower_records import array_record
 from server_app.strategy import SearchStrategy, build_base_strategy
 

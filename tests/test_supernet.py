@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import SMALL_OPS, arch_state, op_hooks, random_masks, randomize_arch, tiny_space, x_batch
 
-from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
+from fedmetanas_core.method.genotype import DiscreteNetwork, derive_genotype
 from fedmetanas_core.space import CELL_TYPES, CellWeights, RelaxSettings, SearchModel, Zero, arch_param_name, edge_key
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")

@@ -12,14 +12,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from helpers import NodeIds
 from test_phases import TINY
 
-from fedmetanas_core.aggregation import update_masks
-from fedmetanas_core.client_round import load_received
-from fedmetanas_core.config import RunConfig
-from fedmetanas_core.genotype import DiscreteNetwork, derive_genotype
+from fedmetanas_core.federation.client_round import load_received
+from fedmetanas_core.method.aggregation import update_masks
+from fedmetanas_core.method.genotype import DiscreteNetwork, derive_genotype
+from fedmetanas_core.method.training import run_settings
+from fedmetanas_core.method.transfer import live_edges, live_keys
 from fedmetanas_core.names import NET_PREFIX, arch_param_name
+from fedmetanas_core.run.config import RunConfig
 from fedmetanas_core.space import SearchModel, SpaceConfig
-from fedmetanas_core.training import run_settings
-from fedmetanas_core.transfer import live_edges, live_keys
 from harness.local_grid import LocalGrid
 from server_app.app import run_experiment
 from server_app.strategy import SearchStrategy, build_base_strategy

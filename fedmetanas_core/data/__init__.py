@@ -12,9 +12,11 @@ importing Flower, so the same code serves simulation, deployment and plain unit 
   loaded from a ``DataSpec`` by ``load_client_data``; ``load_test_set``, the server's global test split;
 - ``node_cache``: ``node_data``, a node's ``ClientData`` loaded once per spec, in a bounded cache;
 - ``minibatches``: ``BatchStream``, endless shuffled minibatches.
+- ``run_data``: a run config's validation set, carved from the clients' partitions (the same
+  splits on the clients and the server).
 """
 
-from ..config import CORRUPT_IMAGE_POLICIES, DATASETS, PARTITIONERS
+from ..run.config import CORRUPT_IMAGE_POLICIES, DATASETS, PARTITIONERS
 from . import partition as _partition
 from . import sources as _sources
 from .clients import ClientData, load_client_data, load_test_set, split_partition

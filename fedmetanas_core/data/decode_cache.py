@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_write
+from ..util.atomic import atomic_write
 from .images import DataError
 
 log = logging.getLogger(__name__)

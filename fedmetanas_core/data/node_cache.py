@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import RunConfig
-from ..lru import LruCache
+from ..run.config import RunConfig
+from ..util.lru import LruCache
 from . import clients
 from .clients import ClientData
 from .spec import DataSpec

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from ..config import PARTITIONERS
+from ..run.config import PARTITIONERS
 from .images import DataError
 from .sources import import_hf_datasets
 

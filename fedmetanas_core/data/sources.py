@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import CORRUPT_IMAGE_POLICIES, DATASETS
+from ..run.config import CORRUPT_IMAGE_POLICIES, DATASETS
 from .decode_cache import CACHE_VERSION, EncodedImages, RawSplits, decode_cached
 from .images import DataError, ImageData
 

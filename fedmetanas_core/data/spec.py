@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..config import BY_NAME, RunConfig
+from ..run.config import BY_NAME, RunConfig
 
 _RUN_CONFIG = "run-config"
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_bytes
+from ..util.atomic import atomic_write_bytes
 from .load import RunData
 
 DPI = 100

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_text
+from ..util.atomic import atomic_write_text
 from .canvas import COMPARISON_FIGURE, line_color, new_figure, save_figure, time_axis
 from .format import format_accuracy, format_count, format_seconds, md_escape, md_link, number
 from .load import COMPARISON_KEYS, RunData, load_run, series, time_to_reach

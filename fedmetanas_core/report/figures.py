@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic import atomic_write_text
+from ..util.atomic import atomic_write_text
 from .canvas import FIGURES, FigureSkipped
 from .cells import draw_alpha_heatmap, draw_cell
 from .curves import draw_accuracy_vs_round, draw_accuracy_vs_time, draw_personalization, draw_temperature

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from ..atomic import atomic_write_text
+from ..util.atomic import atomic_write_text
 from .canvas import FIGURES
 from .figures import ERRORS_FILE, FigureResult, render_run_figures
 from .format import format_accuracy, format_count, format_number, format_seconds, genotype_lines, md_escape, number

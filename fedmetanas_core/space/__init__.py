@@ -6,7 +6,9 @@ architecture logits apart.
 - ``ops``: the candidate ops by name;
 - ``topology``: ``SpaceConfig`` and ``CellTopology`` (nodes, edges, input pairs);
 - ``supernet``: cells of mixed edges and the supernet, driven by ``CellWeights``;
-- ``model``: ``SearchModel``, the supernet plus its architecture logits, and ``RelaxSettings``.
+- ``model``: ``SearchModel``, the supernet plus its architecture logits, and ``RelaxSettings``;
+- ``relaxation``: the continuous relaxation of the architecture logits (Gumbel-Softmax, softmax,
+  straight-through) and the server-owned temperature schedule.
 
 The shared names (op names, cell types, ``net.``/``arch.`` prefixes, edge keys) live in the
 torch-free ``fedmetanas_core.names`` and are re-exported here.

@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..names import CELL_TYPES, arch_param_name
-from ..relaxation import relax
 from .fastpath import fast_path_enabled
+from .relaxation import relax
 from .supernet import CellWeights, Supernet
 from .topology import SpaceConfig
 

@@ -33,8 +33,8 @@ OVERRIDES = {
 
 def op_prob_keys(space, arch_state: dict, masks: dict) -> dict:
     """The three keys rounds.jsonl carries per search round (what the server is meant to log)."""
-    from fedmetanas_core.relaxation import probabilities
     from fedmetanas_core.space import CELL_TYPES, arch_param_name, edge_key
+    from fedmetanas_core.space.relaxation import probabilities
 
     probs = {}
     for cell_type in CELL_TYPES:
@@ -49,7 +49,7 @@ def op_prob_keys(space, arch_state: dict, masks: dict) -> dict:
 
 
 def main() -> None:
-    from fedmetanas_core.phases import SearchPhase
+    from fedmetanas_core.federation.phases import SearchPhase
     from harness.simulation import run_in_process
 
     original = SearchPhase.accept

@@ -1,0 +1,131 @@
+"""A client's round, Flower-free: the work a node does between decoding the server's message and
+replying to it.
+
+The ClientApp turns records into plain values (the round's config, the received tensors and the
+``RoundPlan``) and hands them here; what comes back (the reply's arrays, the metrics) it turns into
+records again. The same code runs under a Flower simulation, a deployment and the harness's
+in-process grid. A node process outlives its runs, so the validated run configs it keeps are
+bounded (``RUN_CONFIGS``), like its data (``data.node_cache``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import ClientData, node_data
+from ..method.genotype import Genotype, build_fixed_network
+from ..method.training import RoundPlan, local_trainer, personalize_fixed, resolve_device, space_from_config
+from ..method.transfer import live_keys
+from ..run.config import RunConfig
+from ..run.node_config import validate_node_config
+from ..space import SearchModel
+from ..threats.attacks import attacked
+from ..util.lru import LruCache
+from ..util.seeding import make_generator
+
+# by run id: an actor serving run after run (a long-lived SuperNode, a Ray cluster) keeps the last few
+RUN_CONFIGS: LruCache[int, RunConfig] = LruCache(8)
+
+
+def run_config(run_id: int, flat: Mapping[str, Any]) -> RunConfig:
+    """The run's config, validated once per run and process (Ray actors live across rounds)."""
+    return RUN_CONFIGS.get(run_id, lambda: RunConfig.from_flat(dict(flat), check_paths=False))
+
+
+def node_threads(cfg: RunConfig) -> int:
+    """Torch threads for a node's work: ``torch-threads``, else one inside Ray (its actors share the
+    machine's cores), else torch's default (0)."""
+    return cfg.torch_threads or (1 if any(k.startswith("RAY_") for k in os.environ) else 0)
+
+
+def build_model(cfg: RunConfig, config: Mapping[str, Any], device: torch.device) -> torch.nn.Module:
+    """The network the round's config describes: the supernet while searching, else the fixed one."""
+    width = int(config["init-channels"]) if "init-channels" in config else None  # a budget may size it
+    space = space_from_config(cfg, int(config["num-classes"]), int(config["in-channels"]), width)
+    if config["phase"] == "search":
+        return SearchModel(space).to(device)
+    genotype = Genotype.from_json(config["genotype"]) if config.get("genotype") else None
+    return build_fixed_network(space, genotype, int(config.get("cnn-channels", cfg.fedavg_channels))).to(device)
+
+
+def load_received(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], transfer: str
+) -> None:
+    """Load what the server sent: a supernet under live transfer lacks exactly the ops its masks
+    drop (``transfer.live_keys``); anything else means server and client disagree, and is refused."""
+    names = list(model.state_dict())
+    expected = live_keys(model.space, names, masks) if isinstance(model, SearchModel) and transfer == "live" else names
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state))[:3], sorted(set(state) - set(expected))[:3]
+        raise ValueError(
+            f"the arrays sent do not match the round's live weights (missing {missing}, unexpected {extra})"
+        )
+    model.load_state_dict(state, strict=len(expected) == len(names))
+
+
+def _prepare(
+    cfg: RunConfig,
+    config: Mapping[str, Any],
+    state: dict[str, torch.Tensor],
+    plan: RoundPlan,
+    node_config: Mapping[str, Any],
+    node_id: int,
+) -> tuple[torch.device, torch.nn.Module, ClientData]:
+    node_config = validate_node_config(dict(node_config), cfg)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg, config, device)
+    load_received(model, state, plan.masks, cfg.transfer)
+    plan.masks = {k: v.to(device) for k, v in plan.masks.items()}
+    return device, model, node_data(cfg, node_config, node_id)
+
+
+def train_round(
+    cfg: RunConfig,
+    config: Mapping[str, Any],
+    state: dict[str, torch.Tensor],
+    plan: RoundPlan,
+    node_config: Mapping[str, Any],
+    node_id: int,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Train on the node's data as the round's phase and the method say (``training.LOCAL_TRAINING``);
+    the reply carries exactly the arrays sent (nothing pruned travels back), poisoned when this
+    partition attacks (``attacks.attacked``), and the round's metrics."""
+    t0 = time.time()
+    device, model, data = _prepare(cfg, config, state, plan, node_config, node_id)
+    generator = make_generator(cfg.seed, "train", data.partition_id, config.get("phase"), plan.server_round)
+    mu = float(config.get("proximal-mu", 0.0))  # set by FedProx
+    result = local_trainer(config["phase"], cfg.method)(model, data, cfg, plan, generator, device, mu)
+    metrics = {
+        "num-examples": result.num_examples,
+        "partition-id": data.partition_id,
+        "train-loss": result.train_loss,
+        "steps": result.steps,
+        "images": result.images,
+        "client-seconds": time.time() - t0,
+        "started-at": t0,  # unix time: the server's rounds.jsonl shows when the first client began
+    }
+    honest = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in state}
+    received = {k: v.numpy() for k, v in state.items()}
+    return attacked(cfg, data.partition_id, received, honest), metrics
+
+
+def personalize_round(
+    cfg: RunConfig,
+    config: Mapping[str, Any],
+    state: dict[str, torch.Tensor],
+    plan: RoundPlan,
+    node_config: Mapping[str, Any],
+    node_id: int,
+) -> dict[str, Any]:
+    """Local test accuracy of the deployed network before and after adapting it on local training data."""
+    if config["phase"] != "fixed":
+        raise ValueError("personalization evaluates the deployed (fixed) network; the server sent a supernet")
+    device, model, data = _prepare(cfg, config, state, plan, node_config, node_id)
+    result = personalize_fixed(model, data, cfg, make_generator(cfg.seed, "personalize", data.partition_id), device)
+    return {"num-examples": len(data.test), "partition-id": data.partition_id, **result}
