@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -252,6 +253,9 @@ def _flower_json(payload: dict, colour: bool) -> str:
     return buf.getvalue()
 
 
+REAL_POPEN = subprocess.Popen
+
+
 class FakeFlwrRun:
     """`flwr run` that starts run 7 and exits 0, whatever became of the run; the people-facing
     line's wording is ``human`` (Flower may change it), ``--format json`` prints Flower's JSON;
@@ -260,6 +264,9 @@ class FakeFlwrRun:
     human = "🎊 Successfully started run 7\n"
     colour = False
     calls: list = []
+
+    def __new__(cls, cmd, **kwargs):  # only flwr is faked: the CLI's pgrep (its private SuperLink) runs for real
+        return super().__new__(cls) if cmd[0] == "flwr" else REAL_POPEN(cmd, **kwargs)
 
     def __init__(self, cmd, **kwargs):
         FakeFlwrRun.calls.append(cmd)
@@ -300,7 +307,10 @@ def test_cli_fails_a_completed_run_that_lost_rounds_to_errors(tmp_path, monkeypa
     monkeypatch.setattr(cli, "_run_status", lambda *a: "finished:completed")
     assert cli.main(["run", "-c", f'results-dir="{out}"']) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and "3 of 10 rounds were skipped for aggregation errors" in err[0]
+    # the reason, then where the run's private SuperLink left its log (kept when a run fails)
+    assert len(err) == 2 and "3 of 10 rounds were skipped for aggregation errors" in err[0]
+    assert "private SuperLink's log" in err[1]
+    shutil.rmtree(err[1].split(" is in ")[1].rsplit("/", 1)[0], ignore_errors=True)
     (out / "summary.json").write_text(json.dumps({**summary, "skipped_rounds_error": 2}))
     assert cli.main(["run", "-c", f'results-dir="{out}"']) == 0
 
