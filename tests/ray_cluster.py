@@ -197,7 +197,7 @@ class RayCluster:
     def node_ids(self) -> set[str]:
         return {n["NodeID"] for n in self.alive_nodes()}
 
-    def _still_ours(self) -> list[int]:
+    def still_ours(self) -> list[int]:
         table = process_table()
         return [pid for pid, start in self._seen.items() if pid in table and table[pid].start_ticks == start]
 
@@ -209,11 +209,11 @@ class RayCluster:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.time() + grace
-        while time.time() < deadline and self._still_ours():
+        while time.time() < deadline and self.still_ours():
             for proc in self.procs:
                 proc.poll()  # reap
             time.sleep(0.3)
-        left = self._still_ours()
+        left = self.still_ours()
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -224,6 +224,6 @@ class RayCluster:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        if not keep_logs and self.temp_dir and not self._still_ours():
+        if not keep_logs and self.temp_dir and not self.still_ours():
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         return left

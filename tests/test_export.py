@@ -66,8 +66,8 @@ def test_calibrated_batchnorm_reproduces_batch_statistics_and_is_batch_independe
     calib, held = E.calibration_split(len(x))
     assert len(calib) == len(x) // 2 and len(set(calib.tolist()) & set(held.tolist())) == 0
     model = E.calibrate_batchnorm(derived_net, x[calib])
-    assert not E._batch_stat_norms(model), "every batch-statistics BatchNorm must be replaced"
-    assert E._batch_stat_norms(derived_net), "the original network must be left untouched"
+    assert not E.batch_stat_norms(model), "every batch-statistics BatchNorm must be replaced"
+    assert E.batch_stat_norms(derived_net), "the original network must be left untouched"
     with torch.no_grad():
         # on the calibration batch the calibrated net is the batch-statistics net
         torch.testing.assert_close(model(x[calib]), derived_net(x[calib]), atol=1e-4, rtol=1e-4)

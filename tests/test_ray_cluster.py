@@ -157,7 +157,7 @@ def cluster():
     started = time.time()
     killed = ray_cluster.stop()
     print(f"cluster stopped in {time.time() - started:.1f} s; SIGKILLed {killed}")
-    assert not ray_cluster._still_ours()
+    assert not ray_cluster.still_ours()
 
 
 @slow

@@ -82,7 +82,7 @@ def test_depthwise_conv_gradients_equal_autograd(k, d, s, size):
     p = d * (k - 1) // 2
     g = torch.randn_like(F.conv2d(x, w, None, s, p, d, c))
     ref = torch.autograd.grad(F.conv2d(x, w, None, s, p, d, c), (x, w), g)
-    out = kernels._DepthwiseConv.apply(x, w, s, p, d)
+    out = kernels.DepthwiseConv.apply(x, w, s, p, d)
     torch.testing.assert_close(out, F.conv2d(x, w, None, s, p, d, c))
     got = torch.autograd.grad(out, (x, w), g)
     for a, b in zip(got, ref, strict=False):
@@ -95,7 +95,7 @@ def test_depthwise_conv_double_backward(k, d, s):
     c, p = 2, d * (k - 1) // 2
     x = torch.randn(1, c, 6, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(c, 1, k, k, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda x, w: kernels._DepthwiseConv.apply(x, w, s, p, d), (x, w))
+    assert torch.autograd.gradgradcheck(lambda x, w: kernels.DepthwiseConv.apply(x, w, s, p, d), (x, w))
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,7 @@ FORMAT_VERSION = 1
 # --------------------------------------------------------------------------------------------
 
 
-def _batch_stat_norms(net: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+def batch_stat_norms(net: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     """BatchNorm layers that normalise with the statistics of the current batch."""
     return [
         (name, m)
@@ -104,7 +104,7 @@ def calibrate_batchnorm(net: nn.Module, x: torch.Tensor) -> nn.Module:
     already track running statistics are left as they are.
     """
     model = copy.deepcopy(net).cpu().eval()
-    norms = _batch_stat_norms(model)
+    norms = batch_stat_norms(model)
     if not norms:
         return Calibrated(model).eval()
     if len(x) < 2:
@@ -367,7 +367,7 @@ def _export(net, test, results_dir: Path, normalization, calibration_size, laten
             "data": "fixed subset of the server's test split (labels unused)",
             "images": len(calib_idx),
             "seed": CALIBRATION_SEED,
-            "batchnorm_layers": len(_batch_stat_norms(reference)),
+            "batchnorm_layers": len(batch_stat_norms(reference)),
             "max_abs_logit_diff_on_calibration_batch": calib_gap,
         },
         "accuracy": {

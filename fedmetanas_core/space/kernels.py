@@ -95,7 +95,7 @@ def _dw_input_grad(g: torch.Tensor, w: torch.Tensor, in_hw, s: int, p: int, d: i
     return F.conv2d(up, w.flip([2, 3]), None, 1, q, d, c)
 
 
-class _DepthwiseConv(torch.autograd.Function):
+class DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, s: int, p: int, d: int):
         ctx.save_for_backward(x, w)
@@ -222,5 +222,5 @@ def apply_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         and conv.padding[0] == conv.padding[1]
         and conv.dilation[0] == conv.dilation[1]
     ):
-        return _DepthwiseConv.apply(x, w, conv.stride[0], conv.padding[0], conv.dilation[0])
+        return DepthwiseConv.apply(x, w, conv.stride[0], conv.padding[0], conv.dilation[0])
     return conv(x)
