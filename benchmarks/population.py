@@ -26,7 +26,6 @@ import os
 import socket
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,12 +46,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def superlinks_of(flwr_home: Path) -> list[int]:
-    """This run's local SuperLink(s): its database lives under the run's private FLWR_HOME."""
+def superlinks_of(control_port: int) -> list[int]:
+    """This run's local SuperLink(s), found by the Control API port given to the run: ``fedmetanas run``
+    keeps the caller's ports but gives its SuperLink a FLWR_HOME of its own."""
+    address = f"127.0.0.1:{control_port}"
     return [
         int(p)
         for p in os.listdir("/proc")
-        if p.isdigit() and "flower-superlink" in (c := cmdline(int(p))) and str(flwr_home) in c
+        if p.isdigit() and "flower-superlink" in (c := cmdline(int(p))) and address in c.split()
     ]
 
 
@@ -64,29 +65,26 @@ def measure(population: int, sampled: int, rounds: int, out: Path, extra: list[s
         f'train-subset=0 results-dir="{out}"'
     )
     cmd = run_command([str(ROOT / "conf" / "cifar10-cpu.toml"), overrides, LIGHT, *extra], population)
-    with tempfile.TemporaryDirectory(prefix="fmn-pop-") as home:
-        env = {
-            **os.environ,
-            "FLWR_HOME": home,
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-        }
-        print("$", " ".join(cmd), flush=True)
-        started = time.perf_counter()
-        seen: set[int] = set()
+    control = free_port()
+    env = {
+        **os.environ,
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+    }
+    print("$", " ".join(cmd), flush=True)
+    started = time.perf_counter()
+    seen: set[int] = set()
 
-        def roots() -> list[int]:
-            pids = superlinks_of(Path(home))
-            seen.update(pids)
-            return pids
+    def roots() -> list[int]:
+        pids = superlinks_of(control)
+        seen.update(pids)
+        return pids
 
-        try:
-            with PeakMemory(roots) as memory:
-                done = subprocess.run(
-                    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-                )
-        finally:
-            stop_pids(sorted(seen | set(superlinks_of(Path(home)))), grace_s=20)
+    try:
+        with PeakMemory(roots) as memory:
+            done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    finally:
+        stop_pids(sorted(seen | set(superlinks_of(control))), grace_s=20)
     if done.returncode != 0:
         print(done.stdout[-4000:])
         raise SystemExit(f"the {population}-client run failed (exit {done.returncode})")
