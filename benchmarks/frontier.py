@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.compare import ROOT, finished_run, run_method
-from fedmetanas_core.report.load import images_to_reach
+from fedmetanas_core.report.load import RunData, images_to_reach
 from fedmetanas_core.report.seeds import mean_std
 from fedmetanas_core.run.outputs import machine_description
 from fedmetanas_core.util.atomic import atomic_write_text
 
 METHODS = ("fedmetanas", "fedavg-cnn", "fedavg-random-cell", "fednas")
-RANDOM_CELL_TRIES = 20_000
 
 
 def budget_dir(budget: str) -> str:
@@ -46,8 +45,7 @@ def method_overrides(
     common = [f'budget="{budget}"', "init-channels=0"]
     if method != "fedavg-random-cell":
         return common
-    from fedmetanas_core.method.budget import cost_model, run_space
-    from fedmetanas_core.method.genotype import random_genotype
+    from fedmetanas_core.method.budget import RANDOM_CELL_TRIES, cost_model, random_genotype_within, run_space
     from harness.cli import resolve_run_config
 
     items = [str(preset), *overrides, f"seed={seed}", *common, 'method="fedmetanas"']
@@ -55,14 +53,13 @@ def method_overrides(
     space, image_hw = run_space(cfg)
     model = cost_model(cfg, space, image_hw)
     limit = float(budget.split(":")[1])
-    for k in range(RANDOM_CELL_TRIES):
-        genotype = random_genotype(space.primitives, space.num_nodes, seed * RANDOM_CELL_TRIES + k)
-        if model.genotype_cost(genotype) <= limit:
-            path = seed_dir / "random-cell-genotype.yaml"
-            seed_dir.mkdir(parents=True, exist_ok=True)
-            genotype.save_yaml(path)
-            return [*common, f'fedavg-genotype="{path}"']
-    raise SystemExit(f"no random cell within {budget} in {RANDOM_CELL_TRIES} draws")
+    genotype = random_genotype_within(space, model, limit, seed)
+    if genotype is None:
+        raise SystemExit(f"no random cell within {budget} in {RANDOM_CELL_TRIES} draws")
+    path = seed_dir / "random-cell-genotype.yaml"
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    genotype.save_yaml(path)
+    return [*common, f'fedavg-genotype="{path}"']
 
 
 def run_all(args, preset: Path, budgets: list[str], seeds: list[int], methods: list[str], out: Path) -> None:
@@ -118,21 +115,21 @@ def frontier_rows(
                 "total_time_s_mean": mean_std(r.summary.get("total_time_s") for _, r in done)[0],
             }
             if method == "fedmetanas":
-                row["images_vs_fednas"] = images_vs_fednas(out / budget_dir(budget), [s for s, _ in done])
+                row["images_vs_fednas"] = images_vs_fednas(out / budget_dir(budget), dict(done))
             rows.append(row)
     return rows
 
 
-def images_vs_fednas(budget_out: Path, seeds: list[int]) -> list[dict[str, Any]]:
+def images_vs_fednas(budget_out: Path, fedmetanas_runs: dict[int, RunData]) -> list[dict[str, Any]]:
     """The paper's claim per seed: the training images FedMetaNAS takes to reach FedNAS's final test
     accuracy, as a fraction of all the images FedNAS trained on (None: never reached), and whether
     FedMetaNAS ends at or above it. Empty where FedNAS did not run."""
     out = []
-    for seed in seeds:
+    for seed, mine in fedmetanas_runs.items():
         fednas_dir = budget_out / f"seed-{seed}" / "fednas"
         if not (fednas_dir / "summary.json").is_file():
             continue
-        mine, theirs = finished_run(budget_out / f"seed-{seed}" / "fedmetanas"), finished_run(fednas_dir)
+        theirs = finished_run(fednas_dir)
         target = theirs.summary["final_test_accuracy"]
         reached, total = images_to_reach(mine.rounds, target), images_to_reach(theirs.rounds)
         out.append(

@@ -24,15 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from fedmetanas_core.data.sources import load_dataset
-from fedmetanas_core.method.budget import cnn_width_within, cost_model, run_space
-from fedmetanas_core.method.genotype import DiscreteNetwork, SimpleCNN, count_parameters, random_genotype
+from fedmetanas_core.method.budget import cnn_width_within, cost_model, random_genotype_within, run_space
+from fedmetanas_core.method.genotype import DiscreteNetwork, SimpleCNN, count_parameters
 from fedmetanas_core.run.outputs import machine_description
 from fedmetanas_core.space.cost import count_macs
 from fedmetanas_core.util.atomic import atomic_write_text
 from harness.cli import resolve_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
-RANDOM_CELL_TRIES = 20_000
 
 
 def train_and_score(net, x, y, train_idx, val_idx, seed: int, epochs: int, lr: float) -> float:
@@ -67,18 +66,17 @@ def probe(items: list[str], budget: str, layout: str, seeds: list[int], epochs: 
     x, y, train_idx, val_idx = data
     example = torch.zeros(1, space.in_channels, *image_hw)
     rows = []
-    nets = {}
+    nets = {"random cell": []}
     for seed in seeds:
-        for k in range(RANDOM_CELL_TRIES):
-            g = random_genotype(space.primitives, space.num_nodes, seed * RANDOM_CELL_TRIES + k)
-            if model.genotype_cost(g) <= limit:
-                nets.setdefault("random cell", []).append((seed, lambda g=g: DiscreteNetwork(space, g)))
-                break
+        genotype = random_genotype_within(space, model, limit, seed)
+        if genotype is not None:
+            nets["random cell"].append((seed, lambda g=genotype: DiscreteNetwork(space, g)))
+    if layout == "darts":  # the CNN ignores the layout: measured once, with the DARTS row
         width = cnn_width_within(space, "macs", limit, image_hw)
-        nets.setdefault(f"cnn (width {width})", []).append((seed, lambda w=width: SimpleCNN(space, w)))
+        nets[f"cnn (width {width})"] = [(seed, lambda: SimpleCNN(space, width)) for seed in seeds]
     for name, makers in nets.items():
-        if name.startswith("cnn") and layout != "darts":
-            continue  # the CNN ignores the layout: measured once, with the DARTS row
+        if not makers:
+            continue
         accs, macs, params = [], [], []
         for seed, make in makers:
             torch.manual_seed(1000 + seed)

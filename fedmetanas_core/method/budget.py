@@ -35,9 +35,10 @@ from ..run.config_keys import ConfigError, parse_budget
 from ..space import CellTopology, SpaceConfig
 from ..space.cost import CostModel, counted_cost_model
 from ..space.relaxation import probabilities
-from .genotype import Genotype, derive_genotype
+from .genotype import Genotype, derive_genotype, random_genotype
 
 MAX_AUTO_CHANNELS = 256
+RANDOM_CELL_TRIES = 20_000
 
 
 def within(cost: float, limit: float) -> bool:
@@ -164,6 +165,17 @@ class _Option:
     logp: float
     cost: float
     choice: tuple[tuple[str, int], ...]  # ((op, input), (op, input))
+
+
+def random_genotype_within(space: SpaceConfig, model: CostModel, limit: float, seed: int) -> Genotype | None:
+    """A cell drawn uniformly from ``space`` among those costing at most ``limit`` (rejection sampling
+    over the draws ``seed * RANDOM_CELL_TRIES + k``): the NAS sanity baseline at equal cost. None
+    when no draw fits."""
+    for k in range(RANDOM_CELL_TRIES):
+        genotype = random_genotype(space.primitives, space.num_nodes, seed * RANDOM_CELL_TRIES + k)
+        if model.genotype_cost(genotype) <= limit:
+            return genotype
+    return None
 
 
 def most_likely_within(
