@@ -350,6 +350,10 @@ PLANS: dict[str, Planner] = {"fedmetanas": _fedmetanas, "fednas": _fednas, "feda
 
 def plan_phases(cfg: RunConfig, space: SpaceConfig, test: ImageData, device: torch.device) -> list[Phase]:
     """The run's phases, in order; each is started (its model built) only when the run reaches it."""
+    if cfg.tiers:
+        from .tiered import tiered_phases  # tiered phases are made of these ones
+
+        return tiered_phases(cfg, test, device)
     try:
         planner = PLANS[cfg.method]
     except KeyError:

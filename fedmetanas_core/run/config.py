@@ -31,6 +31,7 @@ from .config_keys import (  # noqa: F401 (re-exported: the table's names are par
     defaults,
     markdown_table,
     parse_budget,
+    parse_tier_budgets,
     toml_table,
 )
 
@@ -108,6 +109,7 @@ class RunConfig(Mapping[str, Any]):
                 f"must be 0 (one partition per node) or >= min-available-nodes ({self.min_available_nodes})",
             )
         self._check_budget()
+        self._check_tiers()
         self._check_reduction_cells()
         self._check_strategy_nodes()
         self.check_dp(self.num_partitions or None)
@@ -190,7 +192,7 @@ class RunConfig(Mapping[str, Any]):
         data's shape: ``budget.check_feasible``, in the CLI and at the ServerApp's start)."""
         parsed = parse_budget(self.budget)
         kind = parsed[0] if parsed else None
-        if self.init_channels == 0 and kind is None:
+        if self.init_channels == 0 and kind is None and not self.tiers:
             raise ConfigError("init-channels", 0, '0 sizes the space to the budget: set budget (e.g. "macs:200000")')
         if self.init_channels == 0 and kind == "latency-ms":
             raise ConfigError(
@@ -206,6 +208,36 @@ class RunConfig(Mapping[str, Any]):
             )
         if self.latency_table and kind != "latency-ms":
             raise ConfigError("latency-table", self.latency_table, 'is read only with budget = "latency-ms:..."')
+
+    def _check_tiers(self) -> None:
+        """Device tiers go with what their aggregation handles: FedAvg's weighted mean of slices, no
+        DP, no robust alpha rules (``federation.tiered``)."""
+        tiers = parse_tier_budgets(self.tiers)
+        if not tiers:
+            for key, unset in (("tier-shares", ""), ("only-tier", -1)):
+                if self[key] != unset:
+                    raise ConfigError(key, self[key], "is read only with tiers")
+            return
+        if self.method == "fednas":
+            raise ConfigError("tiers", self.tiers, "apply to fedmetanas (one search) and fedavg (the CNN per tier)")
+        if self.method == "fedavg" and self.fedavg_genotype:
+            raise ConfigError("fedavg-genotype", self.fedavg_genotype, "tiers scale the small CNN; leave it empty")
+        for key, allowed in (("strategy", "FedAvg"), ("dp", "none"), ("alpha-defence", "none")):
+            if self[key] != allowed:
+                raise ConfigError(key, self[key], f"with tiers must be {allowed} (each element is averaged over the clients that trained it)")
+        if self.alpha_aggregation != "logits":
+            raise ConfigError("alpha-aggregation", self.alpha_aggregation, "with tiers must be logits")
+        budget = parse_budget(self.budget)
+        if budget is not None and budget[0] != tiers[0][0]:
+            raise ConfigError("budget", self.budget, f"with tiers must limit {tiers[0][0]} too (or be empty)")
+        try:
+            from_shares = [float(s) for s in self.tier_shares.split(",")] if self.tier_shares.strip() else []
+        except ValueError:
+            raise ConfigError("tier-shares", self.tier_shares, "expected comma-separated numbers, one per tier") from None
+        if from_shares and (len(from_shares) != len(tiers) or not all(0 < s < float("inf") for s in from_shares)):
+            raise ConfigError("tier-shares", self.tier_shares, f"expected {len(tiers)} numbers > 0, one per tier")
+        if self.only_tier >= len(tiers):
+            raise ConfigError("only-tier", self.only_tier, f"must be < the number of tiers ({len(tiers)}) or -1")
 
     def _check_paths(self) -> None:
         """Filesystem checks (server and CLI; clients skip them: their data-dir is the node's)."""

@@ -147,6 +147,36 @@ def _budget(v: str) -> str | None:
     return None
 
 
+TIER_KINDS = ("macs", "params")  # counted: a latency table holds one width, device tiers have several
+
+
+def parse_tier_budgets(text: str) -> list[tuple[str, float]]:
+    """``tiers``: "macs:20000,macs:160000" -> budgets by increasing limit; '' -> []; else ValueError."""
+    parsed = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        budget = parse_budget(item)
+        if budget[0] not in TIER_KINDS:
+            raise ValueError(f"{item!r}: tiers limit {' or '.join(TIER_KINDS)} (a latency table holds one width)")
+        parsed.append(budget)
+    if len({k for k, _ in parsed}) > 1:
+        raise ValueError("every tier must limit the same kind")
+    if len({limit for _, limit in parsed}) != len(parsed):
+        raise ValueError("tier budgets must differ")
+    if len(parsed) == 1:
+        raise ValueError("one tier is the run's budget: set budget instead, or give two or more")
+    return sorted(parsed, key=lambda b: b[1])
+
+
+def _tiers(v: str) -> str | None:
+    try:
+        parse_tier_budgets(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _attack_clients(v: str) -> str | None:
     try:
         parse_attack_clients(v)
@@ -338,6 +368,32 @@ KEYS: tuple[Key, ...] = (
         "",
         "a latency table from `fedmetanas profile`, measured on the device, for budget = latency-ms:...",
         None,
+        "budget",
+    ),
+    # --- device tiers (fedmetanas_core/method/tiers.py, fedmetanas_core/federation/tiered.py)
+    Key(
+        "tiers",
+        "",
+        "'' = one network; comma-separated budgets of one kind (macs | params), e.g. \"macs:20000,macs:160000\": "
+        "one search, one network per budget, weights shared (a narrower tier trains a slice), architecture per "
+        "tier; a client searches for the largest budget within its node config's budget-macs / budget-params",
+        _tiers,
+        "budget",
+    ),
+    Key(
+        "tier-shares",
+        "",
+        "with tiers, in simulation: the share of partitions in each tier (assigned by seed); '' = equal; a node "
+        "config's budget-macs / budget-params overrides it",
+        None,
+        "budget",
+    ),
+    Key(
+        "only-tier",
+        -1,
+        "with tiers: search for this tier only (index from 0, smallest first), on its clients only (the others "
+        "take no part): a separate run per tier; -1 = every tier",
+        _at_least(-1),
         "budget",
     ),
     # --- relaxation and soft pruning

@@ -8,16 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig
+from .config_keys import TIER_KINDS
 
-NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "data-dir")
+# the budget a device can run (device tiers, ``method.tiers``): at most one of these
+NODE_BUDGET_KEYS = {f"budget-{kind}": kind for kind in TIER_KINDS}
+NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "data-dir", *NODE_BUDGET_KEYS)
 
 
 def validate_node_config(node_config: Mapping[str, Any], cfg: RunConfig | None = None) -> dict[str, Any]:
     """Check a SuperNode's node config once, before any data is loaded; returns it normalised.
 
     ``partition-id``: int >= 0; ``num-partitions``: int >= 1 and > partition-id; ``data-dir``: an
-    existing, readable folder. Other keys pass through (Flower or a deployment may add some), except
-    misspellings of these three (``partition_id``), which would silently change which data is used.
+    existing, readable folder; ``budget-macs`` or ``budget-params`` (one of them): a number > 0, what
+    the device can run (its tier). Other keys pass through (Flower or a deployment may add some), except
+    misspellings of these (``partition_id``), which would silently change which data is used.
     With the run config, ``partition-id`` must also fit its ``num-partitions`` and, when the run
     config does not fix the number of partitions, ``partition-id`` needs ``num-partitions``.
     Raises ``ConfigError`` naming the key (source ``node-config``).
@@ -44,6 +48,18 @@ def validate_node_config(node_config: Mapping[str, Any], cfg: RunConfig | None =
         out[key] = value
         return value
 
+    budgets = [key for key in NODE_BUDGET_KEYS if key in out]
+    if len(budgets) > 1:
+        raise ConfigError(budgets[1], out[budgets[1]], f"declare one budget, not both {' and '.join(budgets)}", "node-config")
+    for key in budgets:
+        raw = out[key]
+        try:
+            value = float(raw.strip()) if isinstance(raw, str) else float(raw)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if isinstance(raw, bool) or not (value > 0 and value != float("inf")):
+            raise ConfigError(key, raw, "must be a number > 0 (what this device can run)", "node-config")
+        out[key] = value
     pid = as_int("partition-id", 0)
     num = as_int("num-partitions", 1)
     if num is not None and pid is not None and pid >= num:

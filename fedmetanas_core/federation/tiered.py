@@ -1,0 +1,208 @@
+"""One search, one network per device tier, Flower-free: what is shared between tiers and what is not.
+
+- **Shared: the weights.** Each tier's space is sized to its budget (``init-channels = 0``), so tiers
+  differ in width; the run keeps one set of weights at the widest tier's width and every tier's
+  network is a slice of it (``method.width_slices``). The server averages each element over every
+  client that trained it, whatever its tier, so the small tiers' channels learn from every client
+  and the large tiers' extra channels from the clients that can run them (HeteroFL's rule, here over
+  a supernet: a pruned op's weights are averaged over the clients that still had it).
+- **Per tier: the architecture.** Each tier has its own alphas and betas, masks, temperature, cost
+  model and budget: its own ``SearchPhase`` (FedMetaNAS) or ``FixedPhase`` (FedAvg on the small CNN
+  as wide as the tier's budget allows: the HeteroFL baseline). A tier's architecture is averaged
+  over its own clients only: a phone and a microcontroller need different cells.
+- **At the end** each tier derives its network within its budget and inherits the shared weights:
+  no retraining stage.
+
+Why not one width for all: at a shared width the cell choice spans only 2-6x in MACs (stem, 1x1
+preprocessing and classifier are paid whatever the cell), short of the 8x and more between a
+microcontroller and a phone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..data import ImageData
+from ..method.aggregation import State, weighted_average
+from ..method.budget import sized_space
+from ..method.genotype import SimpleCNN
+from ..method.tiers import Tier, parse_tiers
+from ..method.training import space_from_config
+from ..method.width_slices import aggregate_slices, narrow_state
+from ..names import is_arch
+from ..run.config import RunConfig
+from ..space import SpaceConfig
+from .coordinator import image_hw, model_config
+from .phases import FixedPhase, Handoff, Phase, SearchPhase
+
+
+def tier_prefix(index: int) -> str:
+    """Where tier ``index``'s architecture and masks live in the run's state and checkpoint."""
+    return f"tier{index}/"
+
+
+def is_shared(name: str) -> bool:
+    """A shared weight's name in the run's state (not a tier's architecture)."""
+    return not is_arch(name) and not (name.startswith("tier") and "/" in name)
+
+
+def phase_width(phase: Phase) -> int:
+    """The width the phase's network scales with: the space's channels, or the small CNN's."""
+    if isinstance(phase, FixedPhase) and phase.genotype is None:
+        return phase.channels
+    return phase.space.init_channels
+
+
+def current_state(phase: Phase) -> State:
+    """The phase's model as it is now (``initial_state`` reads the live model)."""
+    return phase.initial_state()
+
+
+class TieredPhase(Phase):
+    """The tiers' phases (smallest budget first) over one set of weights; the server sends each
+    client its tier's ``tier_round`` and aggregates with ``aggregate``."""
+
+    def __init__(self, tiers: list[Tier], phases: list[Phase], test: ImageData):
+        # not Phase.__init__: the masks are the tiers' (a property)
+        self.name, self.rounds, self.last = phases[-1].name, phases[-1].rounds, {}
+        self.kind = phases[0].kind
+        self.tiers, self.phases, self.test = tiers, phases, test
+
+    # -- the shared weights and each tier's view of them
+
+    def start(self, previous: Handoff) -> None:
+        """Every tier's model, then one initialisation for all: the widest tier's, each tier a slice."""
+        for phase in self.phases:
+            phase.start(previous)
+        self.widths = [phase_width(p) for p in self.phases]
+        self.wide_width = max(self.widths)
+        self.shapes = [{k: tuple(v.shape) for k, v in current_state(p).items()} for p in self.phases]
+        widest = self.widths.index(self.wide_width)
+        shared = {k: v for k, v in current_state(self.phases[widest]).items() if not is_arch(k)}
+        for i, phase in enumerate(self.phases):
+            own = current_state(phase)
+            phase.restore({**own, **self.narrow(i, shared)}, phase.masks, {})
+
+    def narrow(self, i: int, shared: State, keys: list[str] | None = None) -> State:
+        weights = [k for k in self.shapes[i] if not is_arch(k)] if keys is None else keys
+        return narrow_state(shared, self.shapes[i], self.widths[i], self.wide_width, weights)
+
+    def tier_state(self, i: int, state: State) -> State:
+        """Tier ``i``'s whole state (its slice of the weights, its architecture) from the run's."""
+        prefix = tier_prefix(i)
+        arch = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        return {**self.narrow(i, state), **arch}
+
+    def initial_state(self) -> State:
+        """The shared weights (the widest tier's) and every tier's architecture, prefixed by tier."""
+        widest = self.widths.index(self.wide_width)
+        out = {k: v for k, v in current_state(self.phases[widest]).items() if not is_arch(k)}
+        for i, phase in enumerate(self.phases):
+            out.update({tier_prefix(i) + k: v for k, v in current_state(phase).items() if is_arch(k)})
+        return out
+
+    # -- a round
+
+    def tier_round(self, i: int, server_round: int, state: State) -> tuple[dict[str, Any], State]:
+        """What tier ``i``'s clients get: its round config (its width, plan, masks, cost model) and
+        its live arrays."""
+        phase = self.phases[i]
+        own = self.tier_state(i, state)
+        config = {**model_config(phase.space), **phase.round_config(server_round)}  # a CNN's width: cnn-channels
+        return config, {k: own[k] for k in phase.live_keys(list(own))}
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        raise TypeError("a tiered phase sends each tier its own round (tier_round)")
+
+    def aggregate(self, state: State, replies: list[tuple[int, State, float]]) -> State:
+        """The run's next state from (tier, arrays, examples) replies: each weight element over every
+        client that trained it, each tier's architecture over its own clients."""
+        weights = [({k: v for k, v in s.items() if not is_arch(k)}, self.widths[i], n) for i, s, n in replies]
+        shared = {k: v for k, v in state.items() if is_shared(k)}
+        out = {**state, **aggregate_slices(shared, weights, self.wide_width)}
+        for i in range(len(self.phases)):
+            mine = [(s, n) for t, s, n in replies if t == i]
+            if not mine:
+                continue
+            arch = weighted_average([{k: v for k, v in s.items() if is_arch(k)} for s, _ in mine], [n for _, n in mine])
+            out.update({tier_prefix(i) + k: v for k, v in arch.items()})
+        return out
+
+    def accept(self, server_round: int, state: State) -> dict[str, Any]:
+        """Every tier installs its part (masks, derivation, test accuracy); the round's row is the
+        largest tier's with each tier's accuracy beside it."""
+        rows = [phase.accept(server_round, self.tier_state(i, state)) for i, phase in enumerate(self.phases)]
+        self.last = {**rows[-1], "tiers": self.tier_rows(rows)}
+        return self.last
+
+    def tier_rows(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        keys = ("accuracy", "loss", "supernet-accuracy", "skip-count")
+        return {t.name: {k: row[k] for k in keys if k in row} for t, row in zip(self.tiers, rows, strict=True)}
+
+    # -- checkpoints and the end of the run
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {tier_prefix(i) + k: v for i, p in enumerate(self.phases) for k, v in p.masks.items()}
+
+    def restore(self, state: State, masks: dict[str, torch.Tensor], last: dict[str, Any]) -> None:
+        for i, phase in enumerate(self.phases):
+            prefix = tier_prefix(i)
+            mine = {k[len(prefix) :]: v for k, v in masks.items() if k.startswith(prefix)}
+            phase.restore(self.tier_state(i, state), mine, {})
+        self.last = dict(last)
+
+    def final_network(self) -> nn.Module:
+        return self.phases[-1].final_network()
+
+    def tier_networks(self) -> list[nn.Module]:
+        """Each tier's deployed network, inheriting the shared weights (no retraining)."""
+        return [phase.final_network() for phase in self.phases]
+
+    def handoff(self) -> Handoff:
+        last = self.phases[-1].handoff()
+        genotypes = {
+            t.name: (p.genotype.to_dict() if getattr(p, "genotype", None) is not None else None)
+            for t, p in zip(self.tiers, self.phases, strict=True)
+        }
+        return Handoff(last.genotype, {**last.results, "tier_genotypes": genotypes})
+
+
+def tier_config(cfg: RunConfig, tier: Tier) -> RunConfig:
+    """The run's config as one tier sees it: the tier's budget."""
+    return cfg.replace(budget=tier.budget)
+
+
+def run_tiers(cfg: RunConfig) -> list[Tier]:
+    """The tiers this run searches for: all of them, or ``only-tier``'s."""
+    tiers = parse_tiers(cfg.tiers)
+    return [tiers[cfg.only_tier]] if cfg.only_tier >= 0 else tiers
+
+
+def tier_space(cfg: RunConfig, tier: Tier, test: ImageData) -> SpaceConfig:
+    """The tier's space: sized to its budget with ``init-channels = 0``, else the run's width."""
+    tcfg = tier_config(cfg, tier)
+    return sized_space(tcfg, space_from_config(tcfg, test.num_classes, test.in_channels), image_hw(test))
+
+
+def tiered_phases(cfg: RunConfig, test: ImageData, device: torch.device) -> list[Phase]:
+    """FedMetaNAS: one tiered search; FedAvg: the small CNN per tier (HeteroFL)."""
+    tiers = run_tiers(cfg)
+    phases: list[Phase] = []
+    for tier in tiers:
+        tcfg, space = tier_config(cfg, tier), tier_space(cfg, tier, test)
+        if cfg.method == "fedmetanas":
+            phases.append(SearchPhase(tcfg, space, test, device, cfg.num_server_rounds))
+        elif cfg.method == "fedavg":
+            phases.append(FixedPhase(tcfg, space, test, device, cfg.num_server_rounds, "fedavg"))
+        else:
+            raise ValueError(f"tiers do not apply to {cfg.method!r}")
+    return [TieredPhase(tiers, phases, test)]
+
+
+def cnn_width(net: nn.Module) -> dict[str, Any]:
+    """What a client needs to rebuild a tier's deployed CNN (a budget sized it)."""
+    return {"cnn-channels": net.channels} if isinstance(net, SimpleCNN) else {}

@@ -1,0 +1,87 @@
+"""Device tiers: which budgets a run serves and which client searches for which.
+
+``tiers = "macs:20000,macs:160000"`` makes one search give one network per budget (tier). A client's
+tier is the largest budget within what it can run: a SuperNode declares that in its node config
+(``budget-macs`` / ``budget-params``); in simulation ``tier-shares`` splits the partitions over the
+tiers (deterministic by seed); a client with neither takes the run's ``budget`` (the smallest tier
+when the run has none). What is shared between tiers and what is not is
+``federation.tiered`` (weights: slices of one set, ``method.width_slices``; architecture: per tier).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..run.config_keys import parse_tier_budgets
+from ..run.node_config import NODE_BUDGET_KEYS
+from ..util.seeding import derive_seed
+
+
+@dataclass(frozen=True)
+class Tier:
+    index: int  # 0 = the smallest budget
+    kind: str
+    limit: float
+
+    @property
+    def name(self) -> str:
+        """The tier's folder and row name, e.g. ``macs-20000``."""
+        return f"{self.kind}-{self.limit:g}"
+
+    @property
+    def budget(self) -> str:
+        """The tier's budget as a ``budget`` run-config value."""
+        return f"{self.kind}:{self.limit:g}"
+
+
+def parse_tiers(text: str) -> list[Tier]:
+    """``tiers`` as tiers by increasing limit ('' -> []); ValueError saying why (``parse_tier_budgets``)."""
+    return [Tier(i, kind, limit) for i, (kind, limit) in enumerate(parse_tier_budgets(text))]
+
+
+def parse_shares(text: str, num_tiers: int) -> list[float]:
+    """``tier-shares`` as fractions summing to 1 ('' = equal shares); ValueError saying why."""
+    if not text.strip():
+        return [1.0 / num_tiers] * num_tiers
+    try:
+        shares = [float(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError("expected comma-separated numbers, one per tier") from None
+    if len(shares) != num_tiers:
+        raise ValueError(f"{len(shares)} shares for {num_tiers} tiers")
+    if any(not np.isfinite(s) or s <= 0 for s in shares):
+        raise ValueError("every share must be > 0")
+    total = sum(shares)
+    return [s / total for s in shares]
+
+
+def assign_partitions(num_partitions: int, shares: list[float], seed: int) -> list[int]:
+    """Each partition's tier: a seeded shuffle of the partitions cut by the shares (largest
+    remainders, so the counts add up and every tier with a share of at least one client has one)."""
+    exact = np.asarray(shares) * num_partitions
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: num_partitions - counts.sum()]:
+        counts[i] += 1
+    order = np.random.default_rng(derive_seed(seed, "tiers")).permutation(num_partitions)
+    tier_of = np.empty(num_partitions, dtype=int)
+    start = 0
+    for tier, count in enumerate(counts):
+        tier_of[order[start : start + count]] = tier
+        start += count
+    return tier_of.tolist()
+
+
+def tier_for_budget(tiers: list[Tier], kind: str, limit: float) -> Tier | None:
+    """The largest tier within a device's budget (None: no tier fits, or the budget limits another kind)."""
+    fitting = [t for t in tiers if t.kind == kind and t.limit <= limit * (1 + 1e-9)]
+    return fitting[-1] if fitting else None
+
+
+def declared_budget(node_config: dict) -> tuple[str, float] | None:
+    """The budget a validated node config declares (``run.node_config`` checks it), or None."""
+    for key, kind in NODE_BUDGET_KEYS.items():
+        if key in node_config:
+            return kind, float(node_config[key])
+    return None

@@ -1,0 +1,171 @@
+"""Device tiers (issue 28): width slices share weights exactly, tiers and clients pair up as declared.
+
+The slice test is the one that would break if the shared weights meant different things to
+different tiers: a narrow network must compute the same logits as the wide one holding its weights
+with every other channel zeroed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from fedmetanas_core.method.genotype import DiscreteNetwork, Genotype, SimpleCNN
+from fedmetanas_core.method.tiers import (
+    assign_partitions,
+    declared_budget,
+    parse_shares,
+    parse_tiers,
+    tier_for_budget,
+)
+from fedmetanas_core.method.training import state_arrays
+from fedmetanas_core.method.width_slices import aggregate_slices, channel_index, narrow_state, slice_indices
+from fedmetanas_core.run.config import ConfigError, RunConfig
+from fedmetanas_core.run.node_config import validate_node_config
+from fedmetanas_core.space import SearchModel, SpaceConfig
+from fedmetanas_core.space.model import RelaxSettings
+
+SPACE = SpaceConfig(num_classes=10, in_channels=1, init_channels=6, num_cells=3, num_nodes=2)
+GENOTYPE = Genotype(
+    normal=((("sep_conv_3x3", 0), ("dil_conv_5x5", 1)), (("skip_connect", 0), ("avg_pool_3x3", 2))),
+    reduce=((("max_pool_3x3", 0), ("skip_connect", 1)), (("sep_conv_5x5", 2), ("dil_conv_3x3", 0))),
+)
+
+
+def embedded(narrow: torch.nn.Module, wide: torch.nn.Module, width: int, wide_width: int) -> None:
+    """Put ``narrow``'s tensors at their slice of ``wide`` and zero everything else."""
+    state = {}
+    for key, value in wide.state_dict().items():
+        out = torch.zeros_like(value)
+        part = narrow.state_dict()[key]
+        if value.ndim == 0:
+            out = part.clone()
+        else:
+            out[slice_indices(tuple(part.shape), tuple(value.shape), width, wide_width)] = part
+        state[key] = out
+    wide.load_state_dict(state)
+
+
+def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return module
+
+
+@pytest.mark.parametrize("reductions", [None, (0, 1, 2)])
+def test_narrow_network_is_the_wide_one_with_the_other_channels_zeroed(reductions):
+    small, large = replace(SPACE, init_channels=2, reduction_positions=reductions), replace(
+        SPACE, reduction_positions=reductions
+    )
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    for build in (lambda s: DiscreteNetwork(s, GENOTYPE), lambda s: SimpleCNN(s)):
+        narrow, wide = randomised(build(small), 1).eval(), randomised(build(large), 2).eval()
+        embedded(narrow, wide, width_of(narrow), width_of(wide))
+        torch.testing.assert_close(wide(x), narrow(x), rtol=1e-5, atol=1e-5)
+        # and narrow_state cuts exactly those tensors back out
+        shapes = {k: tuple(v.shape) for k, v in narrow.state_dict().items()}
+        back = narrow_state(state_arrays(wide), shapes, width_of(narrow), width_of(wide))
+        for key, value in state_arrays(narrow).items():
+            np.testing.assert_array_equal(back[key], value)
+
+
+def width_of(net) -> int:
+    return net.channels if isinstance(net, SimpleCNN) else net.space.init_channels
+
+
+def test_supernet_slice_computes_the_narrow_supernet():
+    small, large = replace(SPACE, init_channels=3), SPACE
+    narrow, wide = randomised(SearchModel(small), 3).eval(), randomised(SearchModel(large), 4).eval()
+    wide.arch.load_state_dict(narrow.arch.state_dict())
+    embedded(narrow.net, wide.net, 3, 6)
+    settings = RelaxSettings(tau=1.0, mode="softmax", noise=False, threshold=0.0)
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(wide(x, settings), narrow(x, settings), rtol=1e-5, atol=1e-5)
+
+
+def test_channel_index_refuses_what_is_not_a_slice():
+    assert channel_index(4, 12, 2, 6).tolist() == [0, 1, 6, 7]
+    assert channel_index(10, 10, 2, 6).tolist() == list(range(10))  # classes: whole
+    with pytest.raises(ValueError, match="not a slice"):
+        channel_index(5, 12, 2, 6)
+
+
+def test_each_element_is_averaged_over_the_clients_that_trained_it():
+    wide = {"w": np.zeros((4, 4), np.float32), "n": np.array(7, np.int64), "untouched": np.ones(3, np.float32)}
+    narrow_reply = {"w": np.full((2, 2), 1.0, np.float32), "n": np.array(1, np.int64)}
+    wide_reply = {"w": np.full((4, 4), 4.0, np.float32), "n": np.array(3, np.int64)}
+    out = aggregate_slices(wide, [(narrow_reply, 1, 1.0), (wide_reply, 2, 3.0)], 2)
+    # the narrow client (width 1 of 2) trained rows/cols {0, 2}: (1*1 + 3*4) / 4 there, 4 elsewhere
+    expected = np.full((4, 4), 4.0)
+    expected[np.ix_([0, 2], [0, 2])] = 13 / 4
+    np.testing.assert_allclose(out["w"], expected)
+    assert out["n"] == 2 and out["n"].dtype == np.int64
+    np.testing.assert_array_equal(out["untouched"], wide["untouched"])
+
+
+def test_tiers_and_shares():
+    tiers = parse_tiers("macs:160000,macs:20000")
+    assert [t.name for t in tiers] == ["macs-20000", "macs-160000"] and tiers[1].budget == "macs:160000"
+    assert tier_for_budget(tiers, "macs", 100_000) == tiers[0]
+    assert tier_for_budget(tiers, "macs", 160_000) == tiers[1]
+    assert tier_for_budget(tiers, "macs", 19_999) is None
+    assert tier_for_budget(tiers, "params", 1e9) is None
+    shares = parse_shares("1,3", 2)
+    assignment = assign_partitions(10, shares, seed=0)
+    assert assignment == assign_partitions(10, shares, seed=0) != assign_partitions(10, shares, seed=1)
+    assert sorted(assignment).count(0) == 2 or sorted(assignment).count(0) == 3  # 2.5 rounds to 2 or 3
+    assert sum(assignment) + assignment.count(0) == 10
+    assert assign_partitions(3, parse_shares("", 3), 0).count(2) == 1
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("macs:20000", "one tier"),
+        ("macs:20000,params:1000", "same kind"),
+        ("latency-ms:2,latency-ms:5", "macs or params"),
+        ("macs:20000,macs:20000", "must differ"),
+        ("macs:-1,macs:2", "> 0"),
+    ],
+)
+def test_bad_tiers_name_the_key(text, message):
+    with pytest.raises(ConfigError, match=rf"'tiers'.*{message}"):
+        RunConfig.from_flat({"tiers": text, "init-channels": 0}, check_paths=False)
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ({"method": "fednas"}, "tiers"),
+        ({"strategy": "FedMedian"}, "strategy"),
+        ({"tier-shares": "1,2,3"}, "tier-shares"),
+        ({"tier-shares": "1,x"}, "tier-shares"),
+        ({"only-tier": 2}, "only-tier"),
+        ({"budget": "params:500"}, "budget"),
+    ],
+)
+def test_tier_settings_that_cannot_work_name_their_key(extra, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        RunConfig.from_flat({"tiers": "macs:20000,macs:160000", "init-channels": 0, **extra}, check_paths=False)
+
+
+def test_tier_keys_without_tiers_are_refused():
+    with pytest.raises(ConfigError, match="'only-tier'.*only with tiers"):
+        RunConfig.from_flat({"only-tier": 0}, check_paths=False)
+
+
+def test_node_budget_is_validated_and_read():
+    assert declared_budget(validate_node_config({"budget-macs": "20000"})) == ("macs", 20000.0)
+    assert declared_budget(validate_node_config({"partition-id": 0, "num-partitions": 2})) is None
+    for bad in ("abc", 0, -5, "inf", True):
+        with pytest.raises(ConfigError, match="node-config 'budget-macs'.*> 0"):
+            validate_node_config({"budget-macs": bad})
+    with pytest.raises(ConfigError, match="one budget"):
+        validate_node_config({"budget-macs": 1, "budget-params": 2})
+    with pytest.raises(ConfigError, match="did you mean 'budget-macs'"):
+        validate_node_config({"budget_macs": 1})
