@@ -13,11 +13,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.privacy import dp_mod
-from fedmetanas_core.federation.client_round import node_threads, personalize_round, run_config, train_round
+from fedmetanas_core.federation.client_round import (
+    describe_node,
+    node_threads,
+    personalize_round,
+    run_config,
+    train_round,
+)
 from fedmetanas_core.method.training import run_settings
 from flower_records import array_record, round_plan, torch_state
 
@@ -58,3 +64,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Local test accuracy of the deployed network before and after adapting it on local training data."""
     metrics = personalize_round(*decoded(msg, context))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The node's declared budget and partition: which tier it searches for (device tiers)."""
+    node = describe_node(run_config(context.run_id, context.run_config), context.node_config)
+    return Message(RecordDict({"node": ConfigRecord(node)}), reply_to=msg)

@@ -13,7 +13,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 
 @contextmanager
@@ -34,11 +35,19 @@ def task_identity() -> Iterator[None]:
 class LocalGrid:
     """``num_nodes`` virtual SuperNodes, each with its own persistent ``context.state``."""
 
-    def __init__(self, run_id: int, run_config: dict[str, Any], num_nodes: int):
+    def __init__(
+        self,
+        run_id: int,
+        run_config: dict[str, Any],
+        num_nodes: int,
+        node_configs: dict[int, dict[str, Any]] | None = None,
+    ):
+        """``node_configs``: extra node-config entries by node id (e.g. a device's ``budget-macs``)."""
         from client_app.app import app as client_app
 
         self.client_app, self.run_id, self.run_config, self.num_nodes = client_app, run_id, run_config, num_nodes
         self.states = {i + 1: RecordDict() for i in range(num_nodes)}
+        self.node_configs = node_configs or {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.states)
@@ -50,9 +59,13 @@ class LocalGrid:
             ctx = Context(
                 run_id=self.run_id,
                 node_id=node,
-                node_config={"partition-id": node - 1, "num-partitions": self.num_nodes},
+                node_config={"partition-id": node - 1, "num-partitions": self.num_nodes, **self.node_configs.get(node, {})},
                 state=self.states[node],
                 run_config=self.run_config,
             )
-            replies.append(self.client_app(msg, ctx))
+            try:
+                replies.append(self.client_app(msg, ctx))
+            except Exception as exc:  # as a SuperNode does: the server gets an error reply
+                reason = f"{type(exc).__name__}: {exc}"
+                replies.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg))
         return replies

@@ -24,6 +24,7 @@ from fedmetanas_core.data import DataSpec, load_test_set
 from fedmetanas_core.data.run_data import validation_set
 from fedmetanas_core.federation.coordinator import ProgressClock, fmt_duration, image_hw, model_config, space_for_run
 from fedmetanas_core.federation.phases import Phase, plan_phases
+from fedmetanas_core.federation.tiered import TieredPhase
 from fedmetanas_core.method.budget import cost_report
 from fedmetanas_core.method.genotype import Genotype, SimpleCNN, count_parameters
 from fedmetanas_core.method.training import evaluate, resolve_device, run_settings, state_arrays
@@ -34,6 +35,7 @@ from flower_records import array_record, numpy_state, round_record, select
 from server_app.checkpoint import RunCheckpoint
 from server_app.exchange import send_and_receive
 from server_app.privacy import current_clipping_norm, wrap_dp
+from server_app.tiers import TierRounds, write_tier_results
 from server_app.strategy import (
     SearchStrategy,
     alpha_defence_args,
@@ -160,6 +162,7 @@ class Experiment:
         self.phases: list[Phase] = plan_phases(cfg, self.space, self.test, self.device)
         self.clock = ProgressClock(sum(p.rounds for p in self.phases))
         self.strategy: SearchStrategy | None = None  # the running phase's
+        self.tiers: TierRounds | None = None  # a tiered phase's node tiers and rounds
         self.tensorboard = None
         if cfg.tensorboard:
             from fedmetanas_core.report.tensorboard_log import TensorBoardLogger
@@ -186,6 +189,8 @@ class Experiment:
         )
         self.strategy = strategy
         phase.start(self.progress.carried)
+        if isinstance(phase, TieredPhase):
+            self.tiers = TierRounds(self.grid, cfg, phase, self.base_config)
         arrays = array_record(phase.initial_state())
         start = 1
         saved = self.checkpoint.phase_state(index)
@@ -200,28 +205,36 @@ class Experiment:
     def run_round(self, index: int, phase: Phase, rnd: int, arrays: ArrayRecord) -> ArrayRecord:
         cfg, strategy = self.cfg, self.strategy
         t_round = time.time()
-        config = round_record(self.base_config, phase.round_config(rnd))
         clipping_norm = current_clipping_norm(strategy.base)  # this round's (adaptive clipping moves it)
-        live = select(arrays, phase.live_keys(list(arrays.keys())))  # pruned ops stay home
-        messages = list(strategy.configure_train(rnd, live, config, self.grid))
+        screen = self.tiers if isinstance(phase, TieredPhase) else strategy  # what the row reads
+        if screen is self.tiers:  # each node its tier's slice, architecture and plan
+            messages, tier_config = self.tiers.configure_train(rnd, numpy_state(arrays))
+            config = round_record(self.base_config, tier_config)
+        else:
+            config = round_record(self.base_config, phase.round_config(rnd))
+            live = select(arrays, phase.live_keys(list(arrays.keys())))  # pruned ops stay home
+            messages = list(strategy.configure_train(rnd, live, config, self.grid))
         bytes_sent = sum(_record_bytes(m) for m in messages)
         replies = sorted(send_and_receive(self.grid, messages, cfg.round_timeout), key=client_order)
         bytes_received = sum(_record_bytes(m) for m in replies)
         client_seconds = _reply_metric(replies, "client-seconds")
         self.progress.nodes_seen.update(m.metadata.src_node_id for m in replies)
         t_server = time.time()
-        aggregated, _ = strategy.aggregate_train(rnd, replies)
+        if screen is self.tiers:
+            aggregated = self.tiers.aggregate_train(rnd, numpy_state(arrays), replies)
+        else:
+            aggregated, _ = strategy.aggregate_train(rnd, replies)
         if aggregated is not None:  # the live part aggregated; dead ops keep their last aggregate
-            state = numpy_state(arrays) | numpy_state(aggregated)
+            state = numpy_state(arrays) | (aggregated if isinstance(aggregated, dict) else numpy_state(aggregated))
             metrics = phase.accept(rnd, state)
             arrays = array_record(state)
         else:
             metrics = {**phase.last, "tau": phase.plan(rnd).tau}
         server_seconds = time.time() - t_server
-        self.progress.rejected_total += len(strategy.rejected)
+        self.progress.rejected_total += len(screen.rejected)
         if self.accountant is not None and (aggregated is not None if cfg.dp != "local" else _answered(replies)):
             self.accountant.release()  # local DP: every reply the server saw was a release
-        norms, arch_norms = zip(*strategy.update_norms, strict=False) if strategy.update_norms else ((), ())
+        norms, arch_norms = zip(*screen.update_norms, strict=False) if screen.update_norms else ((), ())
         elapsed, remaining = self.clock.tick()
         row = {
             "phase": phase.name,
@@ -232,10 +245,10 @@ class Experiment:
             "bytes-sent": bytes_sent,  # the arrays' bytes to all of the round's clients (no framing)
             "bytes-received": bytes_received,
             "aggregated": aggregated is not None,
-            "skipped-reason": strategy.skipped_reason,  # None, "too few replies" or "error: ..."
-            "rejected": len(strategy.rejected),
-            "rejected-reasons": strategy.rejected,
-            "alpha-screened": len(strategy.alpha_screened),  # replies whose logits alpha-defence=norm-screen left out
+            "skipped-reason": screen.skipped_reason,  # None, "too few replies" or "error: ..."
+            "rejected": len(screen.rejected),
+            "rejected-reasons": screen.rejected,
+            "alpha-screened": len(screen.alpha_screened),  # replies whose logits alpha-defence=norm-screen left out
             "round-s": time.time() - t_round,
             "client-s-max": max(client_seconds, default=0.0),
             "client-s-sum": sum(client_seconds),  # with round-s and server-s: the framework's share of the round
@@ -274,7 +287,7 @@ class Experiment:
             extra,
             fmt_duration(elapsed),
             fmt_duration(remaining),
-            f" | {len(strategy.rejected)} replies rejected" if strategy.rejected else "",
+            f" | {len(screen.rejected)} replies rejected" if screen.rejected else "",
         )
         return arrays
 
@@ -325,7 +338,12 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     final_eval = evaluate(final_net, exp.test, cfg.eval_batch_size, exp.device)
     train_end = time.time()
     genotype = progress.carried.genotype
-    clients = exp.personalize(final_net, genotype, final_phase.rounds)
+    tiers = None
+    if exp.tiers is not None:  # each tier's network, scored on its own clients, exported
+        tiers = write_tier_results(exp.tiers, exp.test, exp.device, exp.recorder.dir, final_phase.rounds)
+        clients = tiers[-1]["per_client"]
+    else:
+        clients = exp.personalize(final_net, genotype, final_phase.rounds)
     rows = exp.recorder.read_rounds()
     final_clipping_norm = current_clipping_norm(exp.strategy.base) if exp.strategy is not None else None
     summary = {
@@ -342,6 +360,8 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         **privacy_fields(cfg, exp.accountant, final_clipping_norm),
         **skipped_rounds(rows),
         "resumed": exp.checkpoint.resumed,
+        "tiers": tiers,
+        "refused_nodes": {str(k): v for k, v in exp.tiers.refused.items()} if exp.tiers is not None else None,
         "seed": cfg.seed,
         "machine": machine_description(),
         "versions": package_versions(),

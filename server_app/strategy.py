@@ -415,28 +415,7 @@ class SearchStrategy(Strategy):
         return array_record(out)
 
     def _problem(self, msg: Message) -> str | None:
-        if msg.has_error():
-            return f"client error: {short_reason(msg.error.reason)}"
-        content = msg.content
-        if len(content.array_records) != 1 or "arrays" not in content.array_records:
-            return "reply must carry exactly one ArrayRecord named 'arrays'"
-        if len(content.metric_records) != 1 or "metrics" not in content.metric_records:
-            return "reply must carry exactly one MetricRecord named 'metrics'"
-        metrics = content.metric_records["metrics"]
-        if "num-examples" not in metrics:
-            return "reply lacks 'num-examples' in its MetricRecord 'metrics'"
-        n = metrics["num-examples"]
-        if isinstance(n, bool) or not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
-            return f"bad num-examples {n!r}"
-        try:
-            state = numpy_state(content["arrays"])
-        except Exception as exc:  # an undecodable array is a faulty reply, not a server crash
-            return f"undecodable arrays: {exc}"
-        reference = self._reference or state
-        for key, value in state.items():
-            if value.dtype.kind not in "fiu" or (key in reference and value.dtype.kind != reference[key].dtype.kind):
-                return f"wrong dtype for {key}: {value.dtype}"
-        return reply_problem(state, reference)
+        return reply_issue(msg, self._reference)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -457,6 +436,33 @@ class SearchStrategy(Strategy):
         except Exception as exc:  # inconsistent evaluate replies must not end a finished search
             log(WARNING, "round %s: evaluate aggregation failed: %s", server_round, exc)
             return None
+
+
+def reply_issue(msg: Message, reference: dict[str, np.ndarray] | None) -> str | None:
+    """Why a train reply must not reach the model (error, wrong records, names, shapes, dtypes,
+    NaN/Inf, absurd norm against ``reference``), or None."""
+    if msg.has_error():
+        return f"client error: {short_reason(msg.error.reason)}"
+    content = msg.content
+    if len(content.array_records) != 1 or "arrays" not in content.array_records:
+        return "reply must carry exactly one ArrayRecord named 'arrays'"
+    if len(content.metric_records) != 1 or "metrics" not in content.metric_records:
+        return "reply must carry exactly one MetricRecord named 'metrics'"
+    metrics = content.metric_records["metrics"]
+    if "num-examples" not in metrics:
+        return "reply lacks 'num-examples' in its MetricRecord 'metrics'"
+    n = metrics["num-examples"]
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
+        return f"bad num-examples {n!r}"
+    try:
+        state = numpy_state(content["arrays"])
+    except Exception as exc:  # an undecodable array is a faulty reply, not a server crash
+        return f"undecodable arrays: {exc}"
+    reference = reference or state
+    for key, value in state.items():
+        if value.dtype.kind not in "fiu" or (key in reference and value.dtype.kind != reference[key].dtype.kind):
+            return f"wrong dtype for {key}: {value.dtype}"
+    return reply_problem(state, reference)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -70,7 +70,7 @@ def test_planner_returns_each_methods_phases_in_order(digits_test, flat, expecte
 
 def test_planner_refuses_a_method_it_has_no_plan_for(digits_test):
     with pytest.raises(ValueError, match="phases.PLANS"):
-        plan_phases(SimpleNamespace(method="mine"), None, digits_test, torch.device("cpu"))
+        plan_phases(SimpleNamespace(method="mine", tiers=""), None, digits_test, torch.device("cpu"))
 
 
 def test_fedavg_phase_uses_the_genotype_file(digits_test, tmp_path):

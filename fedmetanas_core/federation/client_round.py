@@ -20,6 +20,7 @@ import torch
 
 from ..data import ClientData, node_data
 from ..method.genotype import Genotype, build_fixed_network
+from ..method.tiers import declared_budget
 from ..method.training import RoundPlan, local_trainer, personalize_fixed, resolve_device, space_from_config
 from ..method.transfer import live_keys
 from ..run.config import RunConfig
@@ -129,3 +130,16 @@ def personalize_round(
     device, model, data = _prepare(cfg, config, state, plan, node_config, node_id)
     result = personalize_fixed(model, data, cfg, make_generator(cfg.seed, "personalize", data.partition_id), device)
     return {"num-examples": len(data.test), "partition-id": data.partition_id, **result}
+
+
+def describe_node(cfg: RunConfig, node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the server asks before a tiered run (device tiers): the budget the node's config
+    declares, and its partition in simulation; a bad node config raises ConfigError naming the key."""
+    node_config = validate_node_config(dict(node_config), cfg)
+    declared = declared_budget(node_config)
+    return {
+        "partition-id": int(node_config.get("partition-id", -1)),
+        "num-partitions": int(node_config.get("num-partitions", cfg.num_partitions)),
+        "budget-kind": declared[0] if declared else "",
+        "budget-limit": declared[1] if declared else 0.0,
+    }

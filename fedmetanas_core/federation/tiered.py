@@ -114,6 +114,10 @@ class TieredPhase(Phase):
         config = {**model_config(phase.space), **phase.round_config(server_round)}  # a CNN's width: cnn-channels
         return config, {k: own[k] for k in phase.live_keys(list(own))}
 
+    def plan(self, server_round: int):
+        """The largest tier's plan (a skipped round's row reads its temperature)."""
+        return self.phases[-1].plan(server_round)
+
     def round_config(self, server_round: int) -> dict[str, Any]:
         raise TypeError("a tiered phase sends each tier its own round (tier_round)")
 

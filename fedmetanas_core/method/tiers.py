@@ -85,3 +85,34 @@ def declared_budget(node_config: dict) -> tuple[str, float] | None:
         if key in node_config:
             return kind, float(node_config[key])
     return None
+
+
+def client_tier(
+    tiers: list[Tier],
+    declared: tuple[str, float] | None,
+    partition: int | None,
+    num_partitions: int | None,
+    shares: list[float],
+    seed: int,
+    run_budget: tuple[str, float] | None,
+) -> tuple[Tier | None, str]:
+    """A client's tier and why: its declared budget; else (simulation) its partition's share;
+    else the run's budget (the smallest tier when the run has none). None: no tier fits."""
+    if declared is not None:
+        kind, limit = declared
+        tier = tier_for_budget(tiers, kind, limit)
+        if tier is None:
+            return None, (
+                f"declares budget-{kind}={limit:g}, and no tier fits it "
+                f"(tiers: {', '.join(t.budget for t in tiers)})"
+            )
+        return tier, f"declares budget-{kind}={limit:g}"
+    if partition is not None and num_partitions:
+        tier = tiers[assign_partitions(num_partitions, shares, seed)[partition]]
+        return tier, f"partition {partition} of {num_partitions} (tier-shares)"
+    if run_budget is not None:
+        tier = tier_for_budget(tiers, *run_budget)
+        if tier is None:
+            return None, f"the run's budget {run_budget[0]}:{run_budget[1]:g} is below every tier"
+        return tier, "the run's budget"
+    return tiers[0], "no budget: the smallest tier"

@@ -1,0 +1,82 @@
+"""A tiered run end to end in process (the real ServerApp loop and ClientApp; issue 28): each tier's
+network within its budget from one search, clients paired with tiers as declared, refused clients
+named, per-tier outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedmetanas_core.method.training import run_settings
+from fedmetanas_core.run.config import RunConfig, defaults
+
+RUN = {
+    "local-meta-iters": 2,
+    "local-epochs": 1,
+    "min-available-nodes": 4,
+    "min-train-nodes": 2,
+    "batch-size": 16,
+    "num-partitions": 4,
+    "train-subset": 400,
+    "test-subset": 120,
+    "personalize-steps": 1,
+    "num-server-rounds": 3,
+    "warmup-rounds": 1,
+    "discrete-round": 2,
+    "init-channels": 0,
+    "reduction-cells": "0,1",
+    "tiers": "macs:15000,macs:120000",
+}
+
+
+def tiered_run(tmp_path, run_id: int, node_configs=None, **flat):
+    from harness.local_grid import LocalGrid
+    from server_app.app import run_experiment
+
+    cfg = RunConfig.from_flat({**defaults(), **RUN, **flat, "results-dir": str(tmp_path)})
+    with run_settings(cfg, 1):
+        run_experiment(LocalGrid(run_id, dict(cfg), 4, node_configs), cfg)
+    return json.loads((tmp_path / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["fedmetanas", "fedavg"])
+def test_one_search_gives_each_tier_its_network_within_budget(
+    tmp_path, method, flower_task_identity, single_thread, skip_run_extras, monkeypatch
+):
+    import server_app.tiers as tiers
+
+    monkeypatch.setattr(tiers, "export_tier", lambda *args: None)
+    # node 4 declares a budget between the tiers: it searches for the smaller one; the others by share
+    summary = tiered_run(tmp_path, 9300 + (method == "fedavg"), {4: {"budget-macs": 60000}}, method=method)
+    rows = summary["tiers"]
+    assert [r["tier"] for r in rows] == ["macs-15000", "macs-120000"]
+    assert all(r["within_budget"] and r["macs"] <= float(r["budget"].split(":")[1]) for r in rows)
+    assert rows[1]["macs"] > 2 * rows[0]["macs"]  # widths follow the budgets
+    assert sum(r["clients"] for r in rows) == 4 and all(r["clients"] >= 1 for r in rows)
+    assert all(r["local_test_accuracy"] is not None and len(r["per_client"]) == r["clients"] for r in rows)
+    for r in rows:
+        on_disk = json.loads((tmp_path / "tiers" / r["tier"] / "summary.json").read_text())
+        assert on_disk["final_test_accuracy"] == r["final_test_accuracy"]
+        assert (tmp_path / "tiers" / r["tier"] / "model.pt").is_file() or any((tmp_path / "tiers" / r["tier"]).iterdir())
+    if method == "fedmetanas":
+        assert all(r["genotype"] for r in rows)
+    rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert all(set(r["tiers"]) == {"macs-15000", "macs-120000"} for r in rounds)
+    assert summary["refused_nodes"] == {}
+
+
+def test_a_node_no_tier_fits_is_refused_and_the_run_goes_on(
+    tmp_path, flower_task_identity, single_thread, skip_run_extras, monkeypatch, caplog
+):
+    import server_app.tiers as tiers
+
+    monkeypatch.setattr(tiers, "export_tier", lambda *args: None)
+    summary = tiered_run(
+        tmp_path, 9302, {1: {"budget-macs": 5000}, 2: {"budget-macs": "lots"}}, **{"num-server-rounds": 1}
+    )
+    refused = summary["refused_nodes"]
+    assert set(refused) == {"1", "2"}
+    assert "budget-macs=5000" in refused["1"] and "no tier fits" in refused["1"]
+    assert "'budget-macs'" in refused["2"] and "> 0" in refused["2"]
+    assert sum(r["clients"] for r in summary["tiers"]) == 2
