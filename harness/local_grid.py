@@ -59,7 +59,11 @@ class LocalGrid:
             ctx = Context(
                 run_id=self.run_id,
                 node_id=node,
-                node_config={"partition-id": node - 1, "num-partitions": self.num_nodes, **self.node_configs.get(node, {})},
+                node_config={
+                    "partition-id": node - 1,
+                    "num-partitions": self.num_nodes,
+                    **self.node_configs.get(node, {}),
+                },
                 state=self.states[node],
                 run_config=self.run_config,
             )

@@ -35,7 +35,6 @@ from flower_records import array_record, numpy_state, round_record, select
 from server_app.checkpoint import RunCheckpoint
 from server_app.exchange import send_and_receive
 from server_app.privacy import current_clipping_norm, wrap_dp
-from server_app.tiers import TierRounds, write_tier_results
 from server_app.strategy import (
     SearchStrategy,
     alpha_defence_args,
@@ -52,6 +51,7 @@ from server_app.summary import (
     skipped_rounds,
     time_fields,
 )
+from server_app.tiers import TierRounds, write_tier_results
 
 app = ServerApp()
 

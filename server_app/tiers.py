@@ -163,12 +163,18 @@ class TierRounds:
         nodes = [n for n, t in sorted(self.node_tier.items()) if t == i]
         if self.cfg.fraction_evaluate == 0 or not nodes:
             return []
-        deployed = {"phase": "fixed", "genotype": genotype.to_json() if genotype is not None else "", "personalize": True}
+        deployed = {
+            "phase": "fixed",
+            "genotype": genotype.to_json() if genotype is not None else "",
+            "personalize": True,
+        }
         config = round_record(self.base_config, model_config(self.phase.phases[i].space), deployed, cnn_width(net))
         record = RecordDict({"arrays": array_record(state_arrays(net)), "config": config})
         messages = [Message(record, dst_node_id=n, message_type="evaluate") for n in nodes]
         replies = send_and_receive(self.grid, messages, self.cfg.round_timeout)
-        ok = [dict(m.content["metrics"]) for m in replies if not m.has_error() and "metrics" in m.content.metric_records]
+        ok = [
+            dict(m.content["metrics"]) for m in replies if not m.has_error() and "metrics" in m.content.metric_records
+        ]
         return sorted(ok, key=lambda m: m.get("partition-id", -1))
 
 
@@ -199,7 +205,14 @@ def write_tier_results(rounds: TierRounds, test, device, results_dir: Path, serv
         recorder.write_summary(row)
         export_tier(recorder.dir, net, test, cost)
         rows.append(row)
-        log(INFO, "tier %s: test accuracy %.4f, local %s, %s", tier.budget, result["accuracy"], row["local_test_accuracy"], cost)
+        log(
+            INFO,
+            "tier %s: test accuracy %.4f, local %s, %s",
+            tier.budget,
+            result["accuracy"],
+            row["local_test_accuracy"],
+            cost,
+        )
     return rows
 
 

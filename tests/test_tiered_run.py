@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fedmetanas_core.method.training import run_settings
+from fedmetanas_core.method.width_slices import slice_indices
 from fedmetanas_core.run.config import RunConfig, defaults
 
 RUN = {
@@ -58,7 +60,15 @@ def test_one_search_gives_each_tier_its_network_within_budget(
     for r in rows:
         on_disk = json.loads((tmp_path / "tiers" / r["tier"] / "summary.json").read_text())
         assert on_disk["final_test_accuracy"] == r["final_test_accuracy"]
-        assert (tmp_path / "tiers" / r["tier"] / "model.pt").is_file() or any((tmp_path / "tiers" / r["tier"]).iterdir())
+    # no retraining: every tier's network holds its slice of one set of weights
+    small, large = (torch.load(tmp_path / "tiers" / r["tier"] / "derived_model.pt", weights_only=True) for r in rows)
+    width = lambda m: m["cnn_channels"] or m["space"]["init_channels"]  # noqa: E731
+    common = [k for k in small["state_dict"] if k in large["state_dict"] and small["state_dict"][k].ndim]
+    assert len(common) >= 3
+    for key in common:
+        part = small["state_dict"][key]
+        index = slice_indices(tuple(part.shape), tuple(large["state_dict"][key].shape), width(small), width(large))
+        torch.testing.assert_close(large["state_dict"][key].numpy()[index], part.numpy(), rtol=0, atol=0)
     if method == "fedmetanas":
         assert all(r["genotype"] for r in rows)
     rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]

@@ -59,8 +59,9 @@ def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 @pytest.mark.parametrize("reductions", [None, (0, 1, 2)])
 def test_narrow_network_is_the_wide_one_with_the_other_channels_zeroed(reductions):
-    small, large = replace(SPACE, init_channels=2, reduction_positions=reductions), replace(
-        SPACE, reduction_positions=reductions
+    small, large = (
+        replace(SPACE, init_channels=2, reduction_positions=reductions),
+        replace(SPACE, reduction_positions=reductions),
     )
     x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     for build in (lambda s: DiscreteNetwork(s, GENOTYPE), lambda s: SimpleCNN(s)):

@@ -103,8 +103,7 @@ def client_tier(
         tier = tier_for_budget(tiers, kind, limit)
         if tier is None:
             return None, (
-                f"declares budget-{kind}={limit:g}, and no tier fits it "
-                f"(tiers: {', '.join(t.budget for t in tiers)})"
+                f"declares budget-{kind}={limit:g}, and no tier fits it (tiers: {', '.join(t.budget for t in tiers)})"
             )
         return tier, f"declares budget-{kind}={limit:g}"
     if partition is not None and num_partitions:

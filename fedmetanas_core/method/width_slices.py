@@ -48,7 +48,9 @@ def narrow_state(
     out = {}
     for key in keys if keys is not None else list(shapes):
         value = wide[key]
-        out[key] = value.copy() if value.ndim == 0 else value[slice_indices(shapes[key], value.shape, width, wide_width)]
+        out[key] = (
+            value.copy() if value.ndim == 0 else value[slice_indices(shapes[key], value.shape, width, wide_width)]
+        )
     return out
 
 

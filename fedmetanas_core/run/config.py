@@ -224,7 +224,11 @@ class RunConfig(Mapping[str, Any]):
             raise ConfigError("fedavg-genotype", self.fedavg_genotype, "tiers scale the small CNN; leave it empty")
         for key, allowed in (("strategy", "FedAvg"), ("dp", "none"), ("alpha-defence", "none")):
             if self[key] != allowed:
-                raise ConfigError(key, self[key], f"with tiers must be {allowed} (each element is averaged over the clients that trained it)")
+                raise ConfigError(
+                    key,
+                    self[key],
+                    f"with tiers must be {allowed} (each element is averaged over the clients that trained it)",
+                )
         if self.alpha_aggregation != "logits":
             raise ConfigError("alpha-aggregation", self.alpha_aggregation, "with tiers must be logits")
         budget = parse_budget(self.budget)
@@ -233,7 +237,9 @@ class RunConfig(Mapping[str, Any]):
         try:
             from_shares = [float(s) for s in self.tier_shares.split(",")] if self.tier_shares.strip() else []
         except ValueError:
-            raise ConfigError("tier-shares", self.tier_shares, "expected comma-separated numbers, one per tier") from None
+            raise ConfigError(
+                "tier-shares", self.tier_shares, "expected comma-separated numbers, one per tier"
+            ) from None
         if from_shares and (len(from_shares) != len(tiers) or not all(0 < s < float("inf") for s in from_shares)):
             raise ConfigError("tier-shares", self.tier_shares, f"expected {len(tiers)} numbers > 0, one per tier")
         if self.only_tier >= len(tiers):

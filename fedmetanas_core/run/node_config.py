@@ -50,7 +50,9 @@ def validate_node_config(node_config: Mapping[str, Any], cfg: RunConfig | None =
 
     budgets = [key for key in NODE_BUDGET_KEYS if key in out]
     if len(budgets) > 1:
-        raise ConfigError(budgets[1], out[budgets[1]], f"declare one budget, not both {' and '.join(budgets)}", "node-config")
+        raise ConfigError(
+            budgets[1], out[budgets[1]], f"declare one budget, not both {' and '.join(budgets)}", "node-config"
+        )
     for key in budgets:
         raw = out[key]
         try:
