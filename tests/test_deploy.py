@@ -2,11 +2,13 @@
 
 One module-scoped federation, started with the scripts in deploy/: a SuperLink with TLS and
 SuperNode authentication, three registered SuperNodes (digits, partitions 0-2) and a fourth whose
-public key was never registered. Two runs use it:
+public key was never registered. Three runs use it:
 
 1. 2 rounds with all three nodes: the run completes, writes its results, and the unregistered node
    is refused and never becomes a node of the federation;
-2. 3 rounds in which one SuperNode is SIGKILLed during round 1: every round still aggregates the two
+2. a tiered run (device tiers): the nodes declare different budgets in their node config; two get
+   their tier's network, the third's budget fits no tier and it is refused while the run goes on;
+3. 3 rounds in which one SuperNode is SIGKILLed during round 1: every round still aggregates the two
    remaining nodes' replies (min-train-nodes=2) and the run completes.
 
 Every process started here is stopped by PID in the fixture's finally (SuperNodes, then SuperLink,
@@ -60,6 +62,12 @@ COMMON_CONFIG = (
     "min-train-nodes=2 local-meta-iters=2 batch-size=32 torch-threads=1 fraction-evaluate=0.0 "
     f"round-timeout={ROUND_TIMEOUT}"
 )
+
+
+# What each device can run (node config budget-macs): read by tiered runs only. With the tiers
+# below, sn0 searches for the large tier, sn1 for the small one, and sn2's budget fits neither.
+TIERS = "macs:20000,macs:160000"
+NODE_BUDGETS = [200000, 50000, 5000, 200000]
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +232,7 @@ class Federation:
                 str(self.certs / "supernodes" / f"node_{i}"),
                 str(self.node_dir),
                 str(self.node_ports[i]),
-                f"partition-id={i % NUM_REGISTERED} num-partitions={NUM_REGISTERED}",
+                f"partition-id={i % NUM_REGISTERED} num-partitions={NUM_REGISTERED} budget-macs={NODE_BUDGETS[i]}",
             )
             self.node_pids[name] = int((self.node_dir / f"{name}.pid").read_text())
         wait_for(lambda: len(self.online_nodes()) == NUM_REGISTERED, 120, "3 SuperNodes online", interval=1.0)
@@ -312,6 +320,46 @@ def test_two_rounds_over_tls_with_authenticated_supernodes(federation: Federatio
     for i in range(NUM_REGISTERED):
         assert "Sending: train message" in fed.log(f"sn{i}")
     assert "Receiving" not in fed.log("sn3")
+
+
+def test_supernodes_with_different_budgets_each_get_their_tiers_network(federation: Federation):
+    """Device tiers (issue 28): one search, each SuperNode trains its tier's network; a SuperNode
+    whose budget no tier meets is refused with the reason and the run goes on with the others."""
+    fed = federation
+    results = fed.base / "results-tiers"
+    trained_before = fed.log("sn2").count("Receiving: train message")
+    common = COMMON_CONFIG.replace("init-channels=4 ", "").replace("fraction-evaluate=0.0 ", "")  # set here
+    config = (
+        f'num-server-rounds=2 min-available-nodes=3 {common} init-channels=0 reduction-cells="0,1" '
+        f'tiers="{TIERS}" discrete-round=2 warmup-rounds=1 fraction-evaluate=1.0 personalize-steps=1 '
+        f'results-dir="{results}"'
+    )
+    proc = subprocess.run(
+        fed.run_command(config), env=fed.env, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=fed.base
+    )
+    output = proc.stdout + proc.stderr
+    status = fed.status(run_id_of(output))
+    assert status["status"] == "finished:completed", f"{status}\n{output[-3000:]}"
+    summary = json.loads((results / "summary.json").read_text())
+    refused = summary["refused_nodes"]
+    assert len(refused) == 1 and "budget-macs=5000" in next(iter(refused.values())), refused
+    assert "no tier fits" in next(iter(refused.values()))
+    rounds = read_rounds(results)
+    assert all(r["aggregated"] and usable(r) == 2 for r in rounds), rounds  # sn0 and sn1 only
+    small, large = summary["tiers"]
+    assert (small["budget"], large["budget"]) == ("macs:20000", "macs:160000")
+    for tier in (small, large):
+        assert tier["clients"] == 1 and tier["within_budget"] and len(tier["per_client"]) == 1
+        folder = results / "tiers" / tier["tier"]
+        assert (folder / "summary.json").is_file() and (folder / "model_torchscript.pt").is_file()
+        assert json.loads((folder / "export.json").read_text())["cost"]["macs"] == tier["macs"]
+    # each device got its own tier's network: sn1 (partition 1) the small one, sn0 (partition 0) the large
+    assert [c["partition-id"] for c in small["per_client"]] == [1]
+    assert [c["partition-id"] for c in large["per_client"]] == [0]
+    assert large["macs"] > 2 * small["macs"]
+    # the refused device never received a train message in this run
+    assert fed.log("sn2").count("Receiving: train message") == trained_before
+    assert fed.log("sn1").count("Receiving: train message") >= 2
 
 
 def test_killed_supernode_does_not_stop_the_run(federation: Federation):
