@@ -305,7 +305,15 @@ def resolve_run_config(items: list[str]) -> tuple[dict[str, Any], RunConfig]:
 
 def check_budget_up_front(cfg: RunConfig) -> None:
     """A budget that nothing in the space meets is refused before anything starts, where the data's
-    shape is known without loading it (otherwise the ServerApp refuses at its start)."""
+    shape is known without loading it (otherwise the ServerApp refuses at its start); with device
+    tiers, every tier's budget."""
+    if cfg.tiers:
+        from fedmetanas_core.federation.tiered import naming_tiers, run_tiers, tier_config
+
+        for tier in run_tiers(cfg):
+            with naming_tiers(cfg, tier):
+                check_budget_up_front(tier_config(cfg, tier))
+        return
     if not cfg.budget:
         return
     from fedmetanas_core.method.budget import check_feasible, fixed_network_width, known_run_space

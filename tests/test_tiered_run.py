@@ -90,3 +90,47 @@ def test_a_node_no_tier_fits_is_refused_and_the_run_goes_on(
     assert "budget-macs=5000" in refused["1"] and "no tier fits" in refused["1"]
     assert "'budget-macs'" in refused["2"] and "> 0" in refused["2"]
     assert sum(r["clients"] for r in summary["tiers"]) == 2
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_tiered_run_resumed_after_a_crash_matches_the_uninterrupted_run(
+    tmp_path, flower_task_identity, single_thread, skip_run_extras, monkeypatch
+):
+    """Every tier's architecture and masks are in the checkpoint: a resumed run ends where the
+    uninterrupted one does, tier by tier."""
+    import server_app.tiers as tiers
+    from harness.local_grid import LocalGrid
+    from server_app.app import run_experiment
+
+    monkeypatch.setattr(tiers, "export_tier", lambda *args: None)
+
+    class CrashingGrid(LocalGrid):
+        def __init__(self, run_id, run_config, crash_after=0):
+            super().__init__(run_id, run_config, 4)
+            self.crash_after, self.train_rounds = crash_after, 0
+
+        def send_and_receive(self, messages, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type == "train":
+                if self.crash_after and self.train_rounds == self.crash_after:
+                    raise Crash
+                self.train_rounds += 1
+            return super().send_and_receive(messages, timeout)
+
+    flat = {**defaults(), **RUN, "num-server-rounds": 4, "discrete-round": 3}
+    summaries = {}
+    for name, crash_after in (("reference", 0), ("resumed", 2)):
+        cfg = RunConfig.from_flat({**flat, "results-dir": str(tmp_path / name)})
+        if crash_after:
+            with run_settings(cfg, 1), pytest.raises(Crash):
+                run_experiment(CrashingGrid(9310, dict(cfg), crash_after), cfg)
+            cfg = RunConfig.from_flat({**flat, "results-dir": str(tmp_path / name), "resume": True})
+        with run_settings(cfg, 1):
+            run_experiment(CrashingGrid(9311 + bool(crash_after), dict(cfg)), cfg)
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    keys = ("tier", "genotype", "final_test_accuracy", "local_test_accuracy", "macs")
+    want, got = ([{k: r[k] for k in keys} for r in s["tiers"]] for s in summaries.values())
+    assert got == want and summaries["resumed"]["resumed"] is True

@@ -170,3 +170,16 @@ def test_node_budget_is_validated_and_read():
         validate_node_config({"budget-macs": 1, "budget-params": 2})
     with pytest.raises(ConfigError, match="did you mean 'budget-macs'"):
         validate_node_config({"budget_macs": 1})
+
+
+@pytest.mark.parametrize("method", ["fedmetanas", "fedavg"])
+def test_a_tier_nothing_fits_is_refused_up_front_naming_tiers(method):
+    from harness.cli import check_budget_up_front
+
+    cfg = RunConfig.from_flat(
+        {"dataset": "digits", "method": method, "tiers": "macs:300,macs:160000", "init-channels": 0},
+        check_paths=False,
+    )
+    with pytest.raises(ConfigError, match=r"run-config 'tiers'.*tier macs:300: .*fits"):
+        check_budget_up_front(cfg)
+    check_budget_up_front(cfg.replace(tiers="macs:20000,macs:160000"))  # both fit: no error

@@ -20,6 +20,8 @@ microcontroller and a phone.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,7 +35,7 @@ from ..method.tiers import Tier, parse_tiers
 from ..method.training import space_from_config
 from ..method.width_slices import aggregate_slices, narrow_state
 from ..names import is_arch
-from ..run.config import RunConfig
+from ..run.config import ConfigError, RunConfig
 from ..space import SpaceConfig
 from .coordinator import image_hw, model_config
 from .phases import FixedPhase, Handoff, Phase, SearchPhase
@@ -75,8 +77,9 @@ class TieredPhase(Phase):
 
     def start(self, previous: Handoff) -> None:
         """Every tier's model, then one initialisation for all: the widest tier's, each tier a slice."""
-        for phase in self.phases:
-            phase.start(previous)
+        for tier, phase in zip(self.tiers, self.phases, strict=True):
+            with naming_tiers(phase.cfg, tier):  # the small CNN's width: found here
+                phase.start(previous)
         self.widths = [phase_width(p) for p in self.phases]
         self.wide_width = max(self.widths)
         self.shapes = [{k: tuple(v.shape) for k, v in current_state(p).items()} for p in self.phases]
@@ -176,8 +179,19 @@ class TieredPhase(Phase):
 
 
 def tier_config(cfg: RunConfig, tier: Tier) -> RunConfig:
-    """The run's config as one tier sees it: the tier's budget."""
-    return cfg.replace(budget=tier.budget)
+    """The run's config as one tier sees it: a run with the tier's budget."""
+    return cfg.replace(budget=tier.budget, tiers="", tier_shares="", only_tier=-1)
+
+
+@contextmanager
+def naming_tiers(cfg: RunConfig, tier: Tier) -> Iterator[None]:
+    """A tier's budget that nothing fits is a bad ``tiers`` value: say which tier and why."""
+    try:
+        yield
+    except ConfigError as exc:
+        if exc.key not in ("budget", "init-channels"):
+            raise
+        raise ConfigError("tiers", cfg.tiers, f"tier {tier.budget}: {exc.allowed}") from None
 
 
 def run_tiers(cfg: RunConfig) -> list[Tier]:
@@ -197,13 +211,14 @@ def tiered_phases(cfg: RunConfig, test: ImageData, device: torch.device) -> list
     tiers = run_tiers(cfg)
     phases: list[Phase] = []
     for tier in tiers:
-        tcfg, space = tier_config(cfg, tier), tier_space(cfg, tier, test)
-        if cfg.method == "fedmetanas":
-            phases.append(SearchPhase(tcfg, space, test, device, cfg.num_server_rounds))
-        elif cfg.method == "fedavg":
-            phases.append(FixedPhase(tcfg, space, test, device, cfg.num_server_rounds, "fedavg"))
-        else:
-            raise ValueError(f"tiers do not apply to {cfg.method!r}")
+        with naming_tiers(cfg, tier):
+            tcfg, space = tier_config(cfg, tier), tier_space(cfg, tier, test)
+            if cfg.method == "fedmetanas":
+                phases.append(SearchPhase(tcfg, space, test, device, cfg.num_server_rounds))
+            elif cfg.method == "fedavg":
+                phases.append(FixedPhase(tcfg, space, test, device, cfg.num_server_rounds, "fedavg"))
+            else:
+                raise ValueError(f"tiers do not apply to {cfg.method!r}")
     return [TieredPhase(tiers, phases, test)]
 
 
