@@ -6,12 +6,16 @@
 
 Per seed, real ``fedmetanas run`` s (the Flower simulation through a private local SuperLink):
 
-- ``tiered``: FedMetaNAS with ``tiers``: one search, one network per tier, weights shared;
+- ``tiered``: FedMetaNAS with ``tiers``: one search, one network per tier, weights shared, every
+  client also training the smaller tiers' networks (``train-smaller-tiers``, the default);
+- ``tiered-own-tier-only``: the same with ``train-smaller-tiers = false`` (each client trains its
+  own tier only: HeteroFL's rule over the supernet), the ablation;
 - ``smallest-for-all`` (a): FedMetaNAS at the smallest tier's budget for every client;
 - ``only-tier`` (b): per tier, FedMetaNAS with ``only-tier``: a separate search on that tier's
   clients only (the other clients take no part);
 - ``heterofl-cnn`` (c): FedAvg with ``tiers``: the small CNN as wide as each tier's budget allows,
-  each weight element averaged over every client that trained it (HeteroFL).
+  each weight element averaged over every client that trained it (HeteroFL, each client its own
+  tier only).
 
 Clients are split over the tiers by ``tier-shares`` (seeded, the same split in every run of a seed).
 Per tier: the global test accuracy of the tier's network, and the local test accuracy (before any
@@ -35,7 +39,7 @@ from fedmetanas_core.run.outputs import machine_description
 from fedmetanas_core.util.atomic import atomic_write_text
 from harness.cli import run_command
 
-METHODS = ("tiered", "smallest-for-all", "only-tier", "heterofl-cnn")
+METHODS = ("tiered", "tiered-own-tier-only", "smallest-for-all", "only-tier", "heterofl-cnn")
 
 
 def runs_of(method: str, tiers: list) -> list[tuple[str, list[str]]]:
@@ -43,6 +47,8 @@ def runs_of(method: str, tiers: list) -> list[tuple[str, list[str]]]:
     budgets = ",".join(t.budget for t in tiers)
     if method == "tiered":
         return [("tiered", ['method="fedmetanas"', f'tiers="{budgets}"'])]
+    if method == "tiered-own-tier-only":  # the ablation: no client trains a smaller tier's network
+        return [("tiered-own-tier-only", ['method="fedmetanas"', f'tiers="{budgets}"', "train-smaller-tiers=false"])]
     if method == "smallest-for-all":
         return [("smallest-for-all", ['method="fedmetanas"', f'budget="{tiers[0].budget}"'])]
     if method == "only-tier":
@@ -50,7 +56,7 @@ def runs_of(method: str, tiers: list) -> list[tuple[str, list[str]]]:
             (f"only-{t.name}", ['method="fedmetanas"', f'tiers="{budgets}"', f"only-tier={t.index}"]) for t in tiers
         ]
     if method == "heterofl-cnn":
-        return [("heterofl-cnn", ['method="fedavg"', f'tiers="{budgets}"'])]
+        return [("heterofl-cnn", ['method="fedavg"', f'tiers="{budgets}"', "train-smaller-tiers=false"])]
     raise SystemExit(f"unknown method {method!r}; one of {', '.join(METHODS)}")
 
 

@@ -183,3 +183,33 @@ def test_a_tier_nothing_fits_is_refused_up_front_naming_tiers(method):
     with pytest.raises(ConfigError, match=r"run-config 'tiers'.*tier macs:300: .*fits"):
         check_budget_up_front(cfg)
     check_budget_up_front(cfg.replace(tiers="macs:20000,macs:160000"))  # both fit: no error
+
+
+@pytest.mark.parametrize("train_smaller", [True, False])
+def test_larger_clients_train_the_smaller_tiers_slice_but_never_its_architecture(digits_test, train_smaller):
+    from fedmetanas_core.federation.phases import Handoff
+    from fedmetanas_core.federation.tiered import tier_prefix, tiered_phases
+
+    flat = {"dataset": "digits", "tiers": "macs:20000,macs:160000", "init-channels": 0, "reduction-cells": "0,1"}
+    cfg = RunConfig.from_flat({**flat, "train-smaller-tiers": train_smaller}, check_paths=False)
+    (phase,) = tiered_phases(cfg, digits_test, torch.device("cpu"))
+    phase.start(Handoff())
+    assert phase.widths[0] < phase.widths[1]
+    state = phase.initial_state()
+    config, arrays = phase.tier_round(1, 1, state)  # what a large-tier client gets
+    assert any(k.startswith("sub0/") for k in arrays) is train_smaller
+    assert config.get("sub0/alpha-frozen") is (True if train_smaller else None)
+    # its reply: its own network moved by +1, the small tier's by +10 (architecture included)
+    reply = {k: v + (10 if k.startswith("sub0/") else 1) for k, v in arrays.items()}
+    out = phase.aggregate(state, [(1, reply, 1.0)])
+    stem = "net.stem.0.weight"
+    small_before, small_after = phase.tier_state(0, state), phase.tier_state(0, out)
+    # the small slice: the mean of the two networks that trained it, or the large one's alone
+    np.testing.assert_allclose(small_after[stem], small_before[stem] + (5.5 if train_smaller else 1.0), rtol=1e-6)
+    wide_only = np.ones_like(out[stem], dtype=bool)
+    wide_only[slice_indices(small_before[stem].shape, out[stem].shape, phase.widths[0], phase.wide_width)] = False
+    np.testing.assert_allclose(out[stem][wide_only], state[stem][wide_only] + 1.0, rtol=1e-6)
+    for key in (k for k in state if k.startswith(tier_prefix(0))):  # tier 0's own clients move it, no one else
+        np.testing.assert_array_equal(out[key], state[key])
+    for key in (k for k in state if k.startswith(tier_prefix(1))):
+        np.testing.assert_allclose(out[key], state[key] + 1.0, rtol=1e-6)

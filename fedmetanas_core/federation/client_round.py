@@ -20,7 +20,7 @@ import torch
 
 from ..data import ClientData, node_data
 from ..method.genotype import Genotype, build_fixed_network
-from ..method.tiers import declared_budget
+from ..method.tiers import declared_budget, split_smaller_tiers
 from ..method.training import RoundPlan, local_trainer, personalize_fixed, resolve_device, space_from_config
 from ..method.transfer import live_keys
 from ..run.config import RunConfig
@@ -29,6 +29,7 @@ from ..space import SearchModel
 from ..threats.attacks import attacked
 from ..util.lru import LruCache
 from ..util.seeding import make_generator
+from .coordinator import plan_from_config
 
 # by run id: an actor serving run after run (a long-lived SuperNode, a Ray cluster) keeps the last few
 RUN_CONFIGS: LruCache[int, RunConfig] = LruCache(8)
@@ -96,22 +97,37 @@ def train_round(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Train on the node's data as the round's phase and the method say (``training.LOCAL_TRAINING``);
     the reply carries exactly the arrays sent (nothing pruned travels back), poisoned when this
-    partition attacks (``attacks.attacked``), and the round's metrics."""
+    partition attacks (``attacks.attacked``), and the round's metrics. With device tiers the message
+    may also carry smaller tiers' networks (``train-smaller-tiers``): the node trains their weights
+    on the same data, their architecture frozen, and sends them back under their prefix."""
     t0 = time.time()
-    device, model, data = _prepare(cfg, config, state, plan, node_config, node_id)
+    own_config, own_state, smaller = split_smaller_tiers(dict(config), state)
+    device, model, data = _prepare(cfg, own_config, own_state, plan, node_config, node_id)
     generator = make_generator(cfg.seed, "train", data.partition_id, config.get("phase"), plan.server_round)
     mu = float(config.get("proximal-mu", 0.0))  # set by FedProx
     result = local_trainer(config["phase"], cfg.method)(model, data, cfg, plan, generator, device, mu)
+    steps, images = result.steps, result.images
+    honest = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in own_state}
+    for prefix, sub_config, sub_state in smaller:
+        sub_plan = plan_from_config(sub_config, {k: v.shape for k, v in sub_state.items()})
+        sub_model = build_model(cfg, sub_config, device)
+        load_received(sub_model, sub_state, sub_plan.masks, cfg.transfer)
+        sub_plan.masks = {k: v.to(device) for k, v in sub_plan.masks.items()}
+        sub_generator = make_generator(cfg.seed, "train", data.partition_id, prefix, plan.server_round)
+        sub = local_trainer(sub_config["phase"], cfg.method)(sub_model, data, cfg, sub_plan, sub_generator, device, mu)
+        steps, images = steps + sub.steps, images + sub.images
+        honest.update(
+            {prefix + k: v.detach().cpu().numpy() for k, v in sub_model.state_dict().items() if k in sub_state}
+        )
     metrics = {
         "num-examples": result.num_examples,
         "partition-id": data.partition_id,
         "train-loss": result.train_loss,
-        "steps": result.steps,
-        "images": result.images,
+        "steps": steps,
+        "images": images,
         "client-seconds": time.time() - t0,
         "started-at": t0,  # unix time: the server's rounds.jsonl shows when the first client began
     }
-    honest = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in state}
     received = {k: v.numpy() for k, v in state.items()}
     return attacked(cfg, data.partition_id, received, honest), metrics
 

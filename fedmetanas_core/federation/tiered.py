@@ -31,7 +31,7 @@ from ..data import ImageData
 from ..method.aggregation import State, weighted_average
 from ..method.budget import sized_space
 from ..method.genotype import SimpleCNN
-from ..method.tiers import Tier, parse_tiers
+from ..method.tiers import Tier, parse_tiers, smaller_tier_prefix, split_smaller_tiers
 from ..method.training import space_from_config
 from ..method.width_slices import aggregate_slices, narrow_state
 from ..names import is_arch
@@ -67,11 +67,12 @@ class TieredPhase(Phase):
     """The tiers' phases (smallest budget first) over one set of weights; the server sends each
     client its tier's ``tier_round`` and aggregates with ``aggregate``."""
 
-    def __init__(self, tiers: list[Tier], phases: list[Phase], test: ImageData):
+    def __init__(self, tiers: list[Tier], phases: list[Phase], test: ImageData, train_smaller: bool = True):
         # not Phase.__init__: the masks are the tiers' (a property)
         self.name, self.rounds, self.last = phases[-1].name, phases[-1].rounds, {}
         self.kind = phases[0].kind
         self.tiers, self.phases, self.test = tiers, phases, test
+        self.train_smaller = train_smaller
 
     # -- the shared weights and each tier's view of them
 
@@ -111,7 +112,18 @@ class TieredPhase(Phase):
 
     def tier_round(self, i: int, server_round: int, state: State) -> tuple[dict[str, Any], State]:
         """What tier ``i``'s clients get: its round config (its width, plan, masks, cost model) and
-        its live arrays."""
+        its live arrays; with ``train-smaller-tiers`` also every smaller tier's, under its prefix,
+        with that tier's architecture frozen (a tier's architecture is its own clients')."""
+        config, arrays = self.own_round(i, server_round, state)
+        if self.train_smaller:
+            for j in range(i):
+                sub_config, sub_arrays = self.own_round(j, server_round, state)
+                prefix = smaller_tier_prefix(j)
+                config.update({prefix + k: v for k, v in {**sub_config, "alpha-frozen": True}.items()})
+                arrays.update({prefix + k: v for k, v in sub_arrays.items()})
+        return config, arrays
+
+    def own_round(self, i: int, server_round: int, state: State) -> tuple[dict[str, Any], State]:
         phase = self.phases[i]
         own = self.tier_state(i, state)
         config = {**model_config(phase.space), **phase.round_config(server_round)}  # a CNN's width: cnn-channels
@@ -126,16 +138,23 @@ class TieredPhase(Phase):
 
     def aggregate(self, state: State, replies: list[tuple[int, State, float]]) -> State:
         """The run's next state from (tier, arrays, examples) replies: each weight element over every
-        client that trained it, each tier's architecture over its own clients."""
-        weights = [({k: v for k, v in s.items() if not is_arch(k)}, self.widths[i], n) for i, s, n in replies]
+        network that trained it (a node's own and the smaller tiers' it trained), each tier's
+        architecture over its own clients."""
+        weights, archs = [], []
+        for i, reply, n in replies:
+            _, own, smaller = split_smaller_tiers({}, reply)
+            weights.append(({k: v for k, v in own.items() if not is_arch(k)}, self.widths[i], n))
+            archs.append((i, {k: v for k, v in own.items() if is_arch(k)}, n))
+            for prefix, _, sub in smaller:
+                j = int(prefix[len("sub") : -1])
+                weights.append(({k: v for k, v in sub.items() if not is_arch(k)}, self.widths[j], n))
         shared = {k: v for k, v in state.items() if is_shared(k)}
         out = {**state, **aggregate_slices(shared, weights, self.wide_width)}
         for i in range(len(self.phases)):
-            mine = [(s, n) for t, s, n in replies if t == i]
-            if not mine:
-                continue
-            arch = weighted_average([{k: v for k, v in s.items() if is_arch(k)} for s, _ in mine], [n for _, n in mine])
-            out.update({tier_prefix(i) + k: v for k, v in arch.items()})
+            mine = [(a, n) for t, a, n in archs if t == i]
+            if mine:
+                arch = weighted_average([a for a, _ in mine], [n for _, n in mine])
+                out.update({tier_prefix(i) + k: v for k, v in arch.items()})
         return out
 
     def accept(self, server_round: int, state: State) -> dict[str, Any]:
@@ -180,7 +199,7 @@ class TieredPhase(Phase):
 
 def tier_config(cfg: RunConfig, tier: Tier) -> RunConfig:
     """The run's config as one tier sees it: a run with the tier's budget."""
-    return cfg.replace(budget=tier.budget, tiers="", tier_shares="", only_tier=-1)
+    return cfg.replace(budget=tier.budget, tiers="", tier_shares="", only_tier=-1, train_smaller_tiers=True)
 
 
 @contextmanager
@@ -219,7 +238,7 @@ def tiered_phases(cfg: RunConfig, test: ImageData, device: torch.device) -> list
                 phases.append(FixedPhase(tcfg, space, test, device, cfg.num_server_rounds, "fedavg"))
             else:
                 raise ValueError(f"tiers do not apply to {cfg.method!r}")
-    return [TieredPhase(tiers, phases, test)]
+    return [TieredPhase(tiers, phases, test, cfg.train_smaller_tiers)]
 
 
 def cnn_width(net: nn.Module) -> dict[str, Any]:

@@ -10,6 +10,7 @@ when the run has none). What is shared between tiers and what is not is
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,3 +116,28 @@ def client_tier(
             return None, f"the run's budget {run_budget[0]}:{run_budget[1]:g} is below every tier"
         return tier, "the run's budget"
     return tiers[0], "no budget: the smallest tier"
+
+
+SMALLER_TIER = re.compile(r"^sub\d+/")
+
+
+def smaller_tier_prefix(index: int) -> str:
+    """A smaller tier's round in a node's message (``train-smaller-tiers``): its config and arrays
+    under this prefix, beside the node's own."""
+    return f"sub{index}/"
+
+
+def split_smaller_tiers(config: dict, state: dict) -> tuple[dict, dict, list[tuple[str, dict, dict]]]:
+    """The node's own config and arrays, and (prefix, config, arrays) of each smaller tier it trains."""
+    prefixes = sorted({m.group(0) for k in [*config, *state] if (m := SMALLER_TIER.match(k))})
+    own_config = {k: v for k, v in config.items() if not any(k.startswith(p) for p in prefixes)}
+    own_state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in prefixes)}
+    subs = [
+        (
+            p,
+            {k[len(p) :]: v for k, v in config.items() if k.startswith(p)},
+            {k[len(p) :]: v for k, v in state.items() if k.startswith(p)},
+        )
+        for p in prefixes
+    ]
+    return own_config, own_state, subs

@@ -214,7 +214,7 @@ class RunConfig(Mapping[str, Any]):
         DP, no robust alpha rules (``federation.tiered``)."""
         tiers = parse_tier_budgets(self.tiers)
         if not tiers:
-            for key, unset in (("tier-shares", ""), ("only-tier", -1)):
+            for key, unset in (("tier-shares", ""), ("only-tier", -1), ("train-smaller-tiers", True)):
                 if self[key] != unset:
                     raise ConfigError(key, self[key], "is read only with tiers")
             return

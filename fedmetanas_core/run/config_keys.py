@@ -389,6 +389,15 @@ KEYS: tuple[Key, ...] = (
         "budget",
     ),
     Key(
+        "train-smaller-tiers",
+        True,
+        "with tiers: a node also trains every smaller tier's network (a slice of its own: the sandwich rule of "
+        "slimmable networks) on its data, their architecture frozen, so a small tier's weights are trained as a "
+        "network of their own by every client that can run them; off = each client trains only its tier (HeteroFL)",
+        None,
+        "budget",
+    ),
+    Key(
         "only-tier",
         -1,
         "with tiers: search for this tier only (index from 0, smallest first), on its clients only (the others "
