@@ -13,6 +13,9 @@
 #                'partition-id=0 num-partitions=3'  a partition of the dataset (e.g. digits)
 #                'data-dir="/abs/own/data"'         the device's own dataset (for dataset
 #                                                   "imagefolder": train/<class>/*, test/<class>/*)
+#                '... budget-macs=50000'            what the device can run (or budget-params=...):
+#                                                   with a run's tiers, it searches for the largest
+#                                                   tier within it (docs/tiers.md)
 #
 # The SuperNode never installs dependencies at run time (that is off by default for SuperNodes;
 # we also export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1): the device's environment must
