@@ -147,17 +147,26 @@ def check_flags(args: argparse.Namespace) -> None:
                 )
     if args.ray_address is not None:
         check_ray_address(args.ray_address)
+    if args.connection == "local":  # the private SuperLink takes the caller's ports when set
         for var in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"):
             port = os.environ.get(var)
             if port and not (port.isdigit() and 0 < int(port) < 65536):
                 raise ConfigError(var, port, "must be a port number (environment variable)", source="env")
-            if port and listening(int(port)):
+            if port and listening(int(port)) and args.ray_address is not None:
                 raise ConfigError(
                     "--ray-address",
                     args.ray_address,
                     f"{var}={port} is in use (a running SuperLink keeps its own environment and would not "
                     f"use the Ray cluster); unset it to get free ports",
                     source="flag",
+                )
+            if port and listening(int(port)):
+                raise ConfigError(
+                    var,
+                    port,
+                    "is in use (another SuperLink?): this run's own SuperLink could not listen there; "
+                    "unset it to get free ports",
+                    source="env",
                 )
 
 

@@ -74,6 +74,20 @@ def test_a_busy_superlink_port_is_refused_with_ray_address(monkeypatch, capsys):
     assert len(err) == 1 and "'FLWR_LOCAL_SUPERLINK_HTTP_API_PORT'" in err[0] and "invalid" in err[0], err
 
 
+def test_a_busy_caller_set_port_is_refused_for_any_local_run(monkeypatch, capsys):
+    """Every local run starts its own SuperLink, on the caller's ports when set: a busy one is a
+    one-line error before anything starts, not a run that fails at its SuperLink's start."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        monkeypatch.setenv("FLWR_LOCAL_CONTROL_API_PORT", str(busy.getsockname()[1]))
+        assert cli.main(["run", "-c", "num-server-rounds=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'FLWR_LOCAL_CONTROL_API_PORT'" in err[0] and "in use" in err[0], err
+
+
 REAL_POPEN = subprocess.Popen
 
 
