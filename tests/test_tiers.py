@@ -213,3 +213,23 @@ def test_larger_clients_train_the_smaller_tiers_slice_but_never_its_architecture
         np.testing.assert_array_equal(out[key], state[key])
     for key in (k for k in state if k.startswith(tier_prefix(1))):
         np.testing.assert_allclose(out[key], state[key] + 1.0, rtol=1e-6)
+
+
+def test_a_clients_tier_comes_from_its_budget_then_its_partition_then_the_run():
+    from fedmetanas_core.method.tiers import client_tier
+
+    tiers = parse_tiers("macs:20000,macs:160000")
+    shares = [0.5, 0.5]
+    split = assign_partitions(4, shares, 3)
+    # a declared budget wins over the partition's share
+    tier, why = client_tier(tiers, ("macs", 500_000), 0, 4, shares, 3, None)
+    assert tier == tiers[1] and "budget-macs=500000" in why
+    tier, why = client_tier(tiers, ("macs", 100), 0, 4, shares, 3, None)
+    assert tier is None and "no tier fits" in why
+    assert client_tier(tiers, ("params", 1e9), 0, 4, shares, 3, None)[0] is None  # another kind
+    # simulation: the partition's share
+    assert [client_tier(tiers, None, p, 4, shares, 3, None)[0].index for p in range(4)] == split
+    # neither: the run's budget, else the smallest tier
+    assert client_tier(tiers, None, None, None, shares, 3, ("macs", 200_000))[0] == tiers[1]
+    assert client_tier(tiers, None, None, None, shares, 3, ("macs", 1_000))[0] is None
+    assert client_tier(tiers, None, None, None, shares, 3, None)[0] == tiers[0]
