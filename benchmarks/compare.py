@@ -98,6 +98,17 @@ def run_method(
     return finished_run(out)
 
 
+def add_queue_arguments(parser: argparse.ArgumentParser, methods: tuple[str, ...]) -> None:
+    """The flags every seed queue of real runs takes (the frontier, the device tiers)."""
+    parser.add_argument("--preset", default="digits")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default=",".join(methods))
+    parser.add_argument("--num-supernodes", type=int, default=10)
+    parser.add_argument("-c", action="append", default=[], help="run-config overrides for every run")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tables-only", action="store_true", help="rebuild the tables and plots from --out")
+
+
 def finished_run(out: Path) -> RunData:
     """A finished run's summary, config and rounds (``report.load_run``); exits naming what is
     missing when the run did not finish."""

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.compare import ROOT, finished_run, run_method
+from benchmarks.compare import ROOT, add_queue_arguments, finished_run, run_method
 from fedmetanas_core.report.load import RunData, images_to_reach
 from fedmetanas_core.report.seeds import mean_std
 from fedmetanas_core.run.outputs import machine_description
@@ -218,15 +218,9 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="digits")
+    add_queue_arguments(parser, METHODS)
     parser.add_argument("--partition", default="dirichlet:0.5", help="PARTITIONER[:DIRICHLET_ALPHA]")
     parser.add_argument("--budgets", required=True, help="comma-separated KIND:LIMIT")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--num-supernodes", type=int, default=10)
-    parser.add_argument("-c", action="append", default=[], help="run-config overrides for every run")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args(argv)
     preset = ROOT / "conf" / f"{args.preset}.toml"
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]

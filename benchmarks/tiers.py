@@ -32,7 +32,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from benchmarks.compare import ROOT
+from benchmarks.compare import ROOT, add_queue_arguments
 from fedmetanas_core.method.tiers import assign_partitions, parse_shares, parse_tiers
 from fedmetanas_core.report.seeds import mean_std
 from fedmetanas_core.run.outputs import machine_description
@@ -177,15 +177,9 @@ def draw(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="digits")
+    add_queue_arguments(parser, METHODS)
     parser.add_argument("--tiers", required=True, help="comma-separated KIND:LIMIT, two or more")
     parser.add_argument("--shares", default="", help="tier-shares ('' = equal)")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--num-supernodes", type=int, default=10)
-    parser.add_argument("-c", action="append", default=[], help="run-config overrides for every run")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args(argv)
     tiers, seeds, out = parse_tiers(args.tiers), [int(s) for s in args.seeds.split(",")], Path(args.out).resolve()
     if not args.tables_only:

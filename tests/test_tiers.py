@@ -233,3 +233,27 @@ def test_a_clients_tier_comes_from_its_budget_then_its_partition_then_the_run():
     assert client_tier(tiers, None, None, None, shares, 3, ("macs", 200_000))[0] == tiers[1]
     assert client_tier(tiers, None, None, None, shares, 3, ("macs", 1_000))[0] is None
     assert client_tier(tiers, None, None, None, shares, 3, None)[0] == tiers[0]
+
+
+def test_the_benchmark_scores_one_network_for_all_on_each_tiers_own_clients():
+    from benchmarks.tiers import tier_rows
+
+    tiers = parse_tiers("macs:20000,macs:160000")
+    split = [0, 1, 0, 1]  # partition -> tier
+    clients = [
+        {"partition-id": p, "num-examples": n, "accuracy-before": a, "accuracy-after": a}
+        for p, n, a in ((0, 10, 0.9), (1, 30, 0.5), (2, 30, 0.7), (3, 10, 0.1))
+    ]
+    summary = {
+        "final_test_accuracy": 0.8,
+        "personalized_per_client": clients,
+        "cost": {"macs": 15000.0, "latency_ms": 0.1},
+        "params": 1000,
+    }
+    rows = tier_rows(summary, tiers, split)
+    assert rows["macs-20000"]["local_test_accuracy"] == pytest.approx((10 * 0.9 + 30 * 0.7) / 40)
+    assert rows["macs-160000"]["local_test_accuracy"] == pytest.approx((30 * 0.5 + 10 * 0.1) / 40)
+    assert rows["macs-20000"]["final_test_accuracy"] == rows["macs-160000"]["final_test_accuracy"] == 0.8
+    assert rows["macs-20000"]["within_budget"] and rows["macs-160000"]["within_budget"]
+    tiered = {"tiers": [{"tier": "macs-20000", "x": 1}, {"tier": "macs-160000", "x": 2}]}
+    assert tier_rows(tiered, tiers, split)["macs-160000"] == {"tier": "macs-160000", "x": 2}
