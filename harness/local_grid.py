@@ -41,13 +41,17 @@ class LocalGrid:
         run_config: dict[str, Any],
         num_nodes: int,
         node_configs: dict[int, dict[str, Any]] | None = None,
+        errors_as_replies: bool = False,
     ):
-        """``node_configs``: extra node-config entries by node id (e.g. a device's ``budget-macs``)."""
+        """``node_configs``: extra node-config entries by node id (e.g. a device's ``budget-macs``);
+        ``errors_as_replies``: a raising ClientApp answers with an error reply, as under a SuperNode
+        (off: the exception reaches the caller, so a client bug fails the test that meets it)."""
         from client_app.app import app as client_app
 
         self.client_app, self.run_id, self.run_config, self.num_nodes = client_app, run_id, run_config, num_nodes
         self.states = {i + 1: RecordDict() for i in range(num_nodes)}
         self.node_configs = node_configs or {}
+        self.errors_as_replies = errors_as_replies
 
     def get_node_ids(self) -> list[int]:
         return list(self.states)
@@ -70,6 +74,8 @@ class LocalGrid:
             try:
                 replies.append(self.client_app(msg, ctx))
             except Exception as exc:  # as a SuperNode does: the server gets an error reply
+                if not self.errors_as_replies:
+                    raise
                 reason = f"{type(exc).__name__}: {exc}"
                 replies.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg))
         return replies

@@ -24,7 +24,7 @@ from fedmetanas_core.data import DataSpec, load_test_set
 from fedmetanas_core.data.run_data import validation_set
 from fedmetanas_core.federation.coordinator import ProgressClock, fmt_duration, image_hw, model_config, space_for_run
 from fedmetanas_core.federation.phases import Phase, plan_phases
-from fedmetanas_core.federation.tiered import TieredPhase
+from fedmetanas_core.federation.tiered import TieredPhase, tier_config
 from fedmetanas_core.method.budget import cost_report
 from fedmetanas_core.method.genotype import Genotype, SimpleCNN, count_parameters
 from fedmetanas_core.method.training import evaluate, resolve_device, run_settings, state_arrays
@@ -322,6 +322,11 @@ class Experiment:
         return sorted(self.strategy.evaluate_replies, key=lambda m: m.get("partition-id", -1))
 
 
+def run_cost_config(exp: Experiment) -> RunConfig:
+    """The config the deployed network's cost is reported against: a tiered run's is its largest tier's."""
+    return tier_config(exp.cfg, exp.tiers.phase.tiers[-1]) if exp.tiers is not None else exp.cfg
+
+
 def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
     """For each phase, for each round; then the deployed network's scores and the summary."""
     exp = Experiment(grid, cfg)
@@ -354,7 +359,7 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         "genotype": genotype.to_dict() if genotype else None,
         "params": count_parameters(final_net),
         "supernet_params": progress.carried.results.get("supernet_params"),
-        "cost": cost_report(cfg, exp.space, image_hw(exp.test), final_net),
+        "cost": cost_report(run_cost_config(exp), exp.space, image_hw(exp.test), final_net),
         **communication_fields(rows),
         "rejected_replies": progress.rejected_total,
         **privacy_fields(cfg, exp.accountant, final_clipping_norm),

@@ -51,6 +51,17 @@ def connected_nodes(grid, cfg: RunConfig, settle_s: float = 2.0) -> list[int]:
         time.sleep(0.2)
 
 
+def sample_nodes(nodes: list[int], fraction: float, minimum: int, seed: int, server_round: int) -> list[int]:
+    """``fraction`` of ``nodes`` (at least ``minimum``; Flower's rule), drawn by seed and round.
+    Positions are drawn, not ids: Flower's node ids are unsigned 64-bit and numpy would make a mix
+    of ids above and below 2**63 floats."""
+    k = min(len(nodes), max(minimum, int(len(nodes) * fraction)))
+    if k == len(nodes):
+        return list(nodes)
+    rng = np.random.default_rng(derive_seed(seed, "tier-sample", server_round))
+    return [nodes[i] for i in sorted(rng.choice(len(nodes), size=k, replace=False).tolist())]
+
+
 class TierRounds:
     """A tiered run's node-to-tier map and rounds; has the fields a round's row reads from a strategy."""
 
@@ -103,6 +114,13 @@ class TierRounds:
                 refused[node] = "no reply to the tier query"
         for node, reason in refused.items():
             log(WARNING, "node %s takes no part in this run: %s", node, reason)
+        empty = [t.budget for i, t in enumerate(self.phase.tiers) if i not in node_tier.values()]
+        if empty:  # its architecture would never move, and its cell be decided by the masks' schedule alone
+            raise ConfigError(
+                "tiers",
+                cfg.tiers,
+                f"no client searches for tier {', '.join(empty)} (tier-shares, or the nodes' declared budgets)",
+            )
         if len(node_tier) < self.cfg.min_train_nodes:
             raise ConfigError(
                 "min-train-nodes",
@@ -112,13 +130,11 @@ class TierRounds:
         return node_tier, refused
 
     def sampled(self, server_round: int) -> list[int]:
-        """This round's nodes: every participant, or ``fraction-train`` of them (seeded)."""
-        nodes = sorted(self.node_tier)
-        k = min(len(nodes), max(self.cfg.min_train_nodes, round(len(nodes) * self.cfg.fraction_train)))
-        if k == len(nodes):
-            return nodes
-        rng = np.random.default_rng(derive_seed(self.cfg.seed, "tier-sample", server_round))
-        return sorted(rng.choice(nodes, size=k, replace=False).tolist())
+        """This round's nodes: the participants still connected, all of them or ``fraction-train``
+        of them (seeded)."""
+        online = set(self.grid.get_node_ids())
+        nodes = [n for n in sorted(self.node_tier) if n in online]
+        return sample_nodes(nodes, self.cfg.fraction_train, self.cfg.min_train_nodes, self.cfg.seed, server_round)
 
     def configure_train(self, server_round: int, state: State) -> tuple[list[Message], dict[str, Any]]:
         """Each sampled node's message (its tier's round); and the largest tier's config for the row."""

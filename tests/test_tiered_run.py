@@ -32,13 +32,13 @@ RUN = {
 }
 
 
-def tiered_run(tmp_path, run_id: int, node_configs=None, **flat):
+def tiered_run(tmp_path, run_id: int, node_configs=None, errors_as_replies=False, **flat):
     from harness.local_grid import LocalGrid
     from server_app.app import run_experiment
 
     cfg = RunConfig.from_flat({**defaults(), **RUN, **flat, "results-dir": str(tmp_path)})
     with run_settings(cfg, 1):
-        run_experiment(LocalGrid(run_id, dict(cfg), 4, node_configs), cfg)
+        run_experiment(LocalGrid(run_id, dict(cfg), 4, node_configs, errors_as_replies), cfg)
     return json.loads((tmp_path / "summary.json").read_text())
 
 
@@ -73,7 +73,12 @@ def test_one_search_gives_each_tier_its_network_within_budget(
         assert all(r["genotype"] for r in rows)
     rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert all(set(r["tiers"]) == {"macs-15000", "macs-120000"} for r in rounds)
+    assert all(r["aggregated"] and r["rejected"] == 0 and r["replies"] == 4 for r in rounds)
     assert summary["refused_nodes"] == {}
+    assert 3 in [c["partition-id"] for c in rows[0]["per_client"]]  # node 4 (partition 3): budget 60k -> 15k tier
+    # the run's own figures are its largest tier's, against that tier's budget
+    assert summary["cost"]["budget"]["limit"] == 120000 and summary["cost"]["within_budget"] is True
+    assert summary["final_test_accuracy"] == rows[1]["final_test_accuracy"]
 
 
 def test_a_node_no_tier_fits_is_refused_and_the_run_goes_on(
@@ -83,7 +88,11 @@ def test_a_node_no_tier_fits_is_refused_and_the_run_goes_on(
 
     monkeypatch.setattr(tiers, "export_tier", lambda *args: None)
     summary = tiered_run(
-        tmp_path, 9302, {1: {"budget-macs": 5000}, 2: {"budget-macs": "lots"}}, **{"num-server-rounds": 1}
+        tmp_path,
+        9302,
+        {1: {"budget-macs": 5000}, 2: {"budget-macs": "lots"}},
+        errors_as_replies=True,  # as a SuperNode answers a ClientApp that raised
+        **{"num-server-rounds": 1},
     )
     refused = summary["refused_nodes"]
     assert set(refused) == {"1", "2"}
@@ -134,3 +143,21 @@ def test_a_tiered_run_resumed_after_a_crash_matches_the_uninterrupted_run(
     keys = ("tier", "genotype", "final_test_accuracy", "local_test_accuracy", "macs")
     want, got = ([{k: r[k] for k in keys} for r in s["tiers"]] for s in summaries.values())
     assert got == want and summaries["resumed"]["resumed"] is True
+
+
+def test_a_tier_no_client_searches_for_is_refused(tmp_path, flower_task_identity, single_thread):
+    from fedmetanas_core.run.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'tiers'.*no client searches for tier macs:120000"):
+        tiered_run(tmp_path, 9304, **{"tier-shares": "1,0.01"})  # 4 partitions: all in the small tier
+
+
+def test_sampling_draws_positions_so_any_node_id_survives():
+    from server_app.tiers import sample_nodes
+
+    nodes = sorted([2**64 - 5, 2**63 + 1, 17, 2**63 - 3, 9_000_000_000_000_000_000, 42])
+    for rnd in range(1, 20):
+        chosen = sample_nodes(nodes, 0.5, 2, seed=0, server_round=rnd)
+        assert len(chosen) == 3 and set(chosen) <= set(nodes) and all(isinstance(n, int) for n in chosen)
+    assert sample_nodes(nodes, 0.5, 2, 0, 3) == sample_nodes(nodes, 0.5, 2, 0, 3)
+    assert sample_nodes(nodes, 1.0, 2, 0, 3) == nodes
