@@ -190,7 +190,7 @@ def test_larger_clients_train_the_smaller_tiers_slice_but_never_its_architecture
     from fedmetanas_core.federation.phases import Handoff
     from fedmetanas_core.federation.tiered import tier_prefix, tiered_phases
 
-    flat = {"dataset": "digits", "tiers": "macs:20000,macs:160000", "init-channels": 0, "reduction-cells": "0,1"}
+    flat = {"dataset": "digits", "tiers": "macs:20000,macs:60000", "init-channels": 0, "reduction-cells": "0,1"}
     cfg = RunConfig.from_flat({**flat, "train-smaller-tiers": train_smaller}, check_paths=False)
     (phase,) = tiered_phases(cfg, digits_test, torch.device("cpu"))
     phase.start(Handoff())
