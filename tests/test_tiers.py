@@ -257,3 +257,25 @@ def test_the_benchmark_scores_one_network_for_all_on_each_tiers_own_clients():
     assert rows["macs-20000"]["within_budget"] and rows["macs-160000"]["within_budget"]
     tiered = {"tiers": [{"tier": "macs-20000", "x": 1}, {"tier": "macs-160000", "x": 2}]}
     assert tier_rows(tiered, tiers, split)["macs-160000"] == {"tier": "macs-160000", "x": 2}
+
+
+def test_an_op_a_reply_lacks_is_averaged_over_the_replies_that_have_it(digits_test):
+    """Live transfer: a tier whose masks pruned an op neither gets nor returns its weights; the op's
+    slice is then averaged over the networks that still trained it."""
+    from fedmetanas_core.federation.phases import Handoff
+    from fedmetanas_core.federation.tiered import tiered_phases
+
+    flat = {"dataset": "digits", "tiers": "macs:20000,macs:60000", "init-channels": 0, "reduction-cells": "0,1"}
+    (phase,) = tiered_phases(RunConfig.from_flat(flat, check_paths=False), digits_test, torch.device("cpu"))
+    phase.start(Handoff())
+    state = phase.initial_state()
+    _, small = phase.tier_round(0, 1, state)
+    _, large = phase.tier_round(1, 1, state)
+    pruned = next(k for k in small if "sep_conv_3x3" in k)
+    small_reply = {k: v + 2 for k, v in small.items() if k != pruned}  # as if tier 0 had pruned the op
+    large_reply = {k: v + (4 if k.startswith("sub0/") else 8) for k, v in large.items()}
+    out = phase.aggregate(state, [(0, small_reply, 1.0), (1, large_reply, 1.0)])
+    before, after = phase.tier_state(0, state), phase.tier_state(0, out)
+    stem = "net.stem.0.weight"
+    np.testing.assert_allclose(after[stem], before[stem] + (2 + 4 + 8) / 3, rtol=1e-6)  # three networks
+    np.testing.assert_allclose(after[pruned], before[pruned] + (4 + 8) / 2, rtol=1e-6)  # two had the op
