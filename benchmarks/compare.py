@@ -90,12 +90,17 @@ def run_method(
     base = method.split("-")[0] if method.startswith("fedavg") else method
     extra = _baseline_overrides(method, seed_dir, seed, preset, overrides) if baselines else []
     items = [str(preset), f'method="{base}" results-dir="{out}"', *overrides, f"seed={seed}", *extra]
+    run_items(items, num_supernodes, method)
+    return finished_run(out)
+
+
+def run_items(items: list[str], num_supernodes: int, what: str) -> None:
+    """One real ``fedmetanas run`` of the ``-c`` items, its command echoed; exits when it fails."""
     cmd = run_command(items, num_supernodes)
     print("$", " ".join(cmd), flush=True)
     done = subprocess.run(cmd, cwd=ROOT)
     if done.returncode != 0:
-        raise SystemExit(f"{method} run failed (exit {done.returncode}); see the log above")
-    return finished_run(out)
+        raise SystemExit(f"{what} run failed (exit {done.returncode}); see the log above")
 
 
 def add_queue_arguments(parser: argparse.ArgumentParser, methods: tuple[str, ...]) -> None:

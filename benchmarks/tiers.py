@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from benchmarks.compare import ROOT, add_queue_arguments
-from fedmetanas_core.method.tiers import assign_partitions, parse_shares, parse_tiers
+from benchmarks.compare import ROOT, add_queue_arguments, run_items
+from fedmetanas_core.method.tiers import assign_partitions, parse_tiers
 from fedmetanas_core.report.seeds import mean_std
+from fedmetanas_core.run.config_keys import parse_tier_shares
 from fedmetanas_core.run.outputs import machine_description
 from fedmetanas_core.util.atomic import atomic_write_text
-from harness.cli import run_command
 
 METHODS = ("tiered", "tiered-own-tier-only", "smallest-for-all", "only-tier", "heterofl-cnn")
 
@@ -75,10 +74,7 @@ def run_all(args, tiers, seeds: list[int], out: Path) -> None:
                     *overrides,
                     f'seed={seed} results-dir="{run_dir}"',
                 ]
-                cmd = run_command(items, args.num_supernodes)
-                print("$", " ".join(cmd), flush=True)
-                if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-                    raise SystemExit(f"{run_dir} failed; see the log above")
+                run_items(items, args.num_supernodes, str(run_dir))
 
 
 def tier_rows(summary: dict[str, Any], tiers, tier_of_partition: list[int]) -> dict[str, dict[str, Any]]:
@@ -184,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     tiers, seeds, out = parse_tiers(args.tiers), [int(s) for s in args.seeds.split(",")], Path(args.out).resolve()
     if not args.tables_only:
         run_all(args, tiers, seeds, out)
-    rows = collect(out, tiers, seeds, args.num_supernodes, parse_shares(args.shares, len(tiers)))
+    rows = collect(out, tiers, seeds, args.num_supernodes, parse_tier_shares(args.shares, len(tiers)))
     if not rows:
         raise SystemExit(f"no finished runs under {out}")
     meta = {"preset": args.preset, "tiers": args.tiers, "shares": args.shares, "machine": machine_description()}

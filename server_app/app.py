@@ -22,18 +22,25 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmetanas_core.data import DataSpec, load_test_set
 from fedmetanas_core.data.run_data import validation_set
-from fedmetanas_core.federation.coordinator import ProgressClock, fmt_duration, image_hw, model_config, space_for_run
+from fedmetanas_core.federation.coordinator import (
+    ProgressClock,
+    deployed_config,
+    fmt_duration,
+    image_hw,
+    model_config,
+    space_for_run,
+)
 from fedmetanas_core.federation.phases import Phase, plan_phases
-from fedmetanas_core.federation.tiered import TieredPhase, tier_config
+from fedmetanas_core.federation.tiered import TieredPhase
 from fedmetanas_core.method.budget import cost_report
-from fedmetanas_core.method.genotype import Genotype, SimpleCNN, count_parameters
+from fedmetanas_core.method.genotype import Genotype, count_parameters
 from fedmetanas_core.method.training import evaluate, resolve_device, run_settings, state_arrays
 from fedmetanas_core.run.config import ConfigError, RunConfig
 from fedmetanas_core.run.outputs import RunRecorder, machine_description, package_versions
 from fedmetanas_core.threats.privacy import make_accountant
 from flower_records import array_record, numpy_state, round_record, select
 from server_app.checkpoint import RunCheckpoint
-from server_app.exchange import send_and_receive
+from server_app.exchange import connected_nodes, send_and_receive
 from server_app.privacy import current_clipping_norm, wrap_dp
 from server_app.strategy import (
     SearchStrategy,
@@ -108,26 +115,15 @@ def federation_size(
     if cfg.num_partitions:
         return cfg.num_partitions
     wait_s = cfg.round_timeout if wait_s is None else wait_s
-    start = time.time()
-    count, stable_since, enough_since = -1, start, None
-    while True:
-        now, t = len(list(grid.get_node_ids())), time.time()
-        if now != count:
-            count, stable_since = now, t
-        if count >= cfg.min_available_nodes:
-            enough_since = t if enough_since is None else enough_since
-            if t - stable_since >= settle_s or t - enough_since >= limit_s:
-                return count
-        else:
-            enough_since = None
-            if t - start >= wait_s:
-                raise ConfigError(
-                    "min-available-nodes",
-                    cfg.min_available_nodes,
-                    f"only {count} node(s) connected within {wait_s:g} s (round-timeout); DP accounting needs the "
-                    f"federation's size: start more nodes, lower min-available-nodes, or set num-partitions",
-                )
-        time.sleep(0.2)
+    count = len(connected_nodes(grid, cfg.min_available_nodes, wait_s, settle_s, limit_s))
+    if count < cfg.min_available_nodes:
+        raise ConfigError(
+            "min-available-nodes",
+            cfg.min_available_nodes,
+            f"only {count} node(s) connected within {wait_s:g} s (round-timeout); DP accounting needs the "
+            f"federation's size: start more nodes, lower min-available-nodes, or set num-partitions",
+        )
+    return count
 
 
 def client_order(msg: Message) -> tuple[int, int]:
@@ -208,8 +204,8 @@ class Experiment:
         clipping_norm = current_clipping_norm(strategy.base)  # this round's (adaptive clipping moves it)
         screen = self.tiers if isinstance(phase, TieredPhase) else strategy  # what the row reads
         if screen is self.tiers:  # each node its tier's slice, architecture and plan
-            messages, tier_config = self.tiers.configure_train(rnd, numpy_state(arrays))
-            config = round_record(self.base_config, tier_config)
+            messages, largest = self.tiers.configure_train(rnd, numpy_state(arrays))
+            config = round_record(self.base_config, largest)
         else:
             config = round_record(self.base_config, phase.round_config(rnd))
             live = select(arrays, phase.live_keys(list(arrays.keys())))  # pruned ops stay home
@@ -223,9 +219,10 @@ class Experiment:
         if screen is self.tiers:
             aggregated = self.tiers.aggregate_train(rnd, numpy_state(arrays), replies)
         else:
-            aggregated, _ = strategy.aggregate_train(rnd, replies)
+            record, _ = strategy.aggregate_train(rnd, replies)
+            aggregated = numpy_state(record) if record is not None else None
         if aggregated is not None:  # the live part aggregated; dead ops keep their last aggregate
-            state = numpy_state(arrays) | (aggregated if isinstance(aggregated, dict) else numpy_state(aggregated))
+            state = numpy_state(arrays) | aggregated
             metrics = phase.accept(rnd, state)
             arrays = array_record(state)
         else:
@@ -308,23 +305,12 @@ class Experiment:
         """Every method's deployed network, adapted and scored the same way on every client."""
         if self.cfg.fraction_evaluate == 0:
             return []
-        width = {"cnn-channels": final_net.channels} if isinstance(final_net, SimpleCNN) else {}  # a budget may size it
-        deployed = {
-            "phase": "fixed",
-            "genotype": genotype.to_json() if genotype is not None else "",
-            "personalize": True,
-        }
-        config = round_record(self.base_config, deployed, width)
+        config = round_record(self.base_config, deployed_config(final_net, genotype))
         arrays = array_record(state_arrays(final_net))
         messages = self.strategy.configure_evaluate(rounds, arrays, config, self.grid)
         replies = send_and_receive(self.grid, messages, self.cfg.round_timeout)
         self.strategy.aggregate_evaluate(rounds, replies)
         return sorted(self.strategy.evaluate_replies, key=lambda m: m.get("partition-id", -1))
-
-
-def run_cost_config(exp: Experiment) -> RunConfig:
-    """The config the deployed network's cost is reported against: a tiered run's is its largest tier's."""
-    return tier_config(exp.cfg, exp.tiers.phase.tiers[-1]) if exp.tiers is not None else exp.cfg
 
 
 def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
@@ -359,7 +345,8 @@ def run_experiment(grid: Grid, cfg: RunConfig) -> Path:
         "genotype": genotype.to_dict() if genotype else None,
         "params": count_parameters(final_net),
         "supernet_params": progress.carried.results.get("supernet_params"),
-        "cost": cost_report(run_cost_config(exp), exp.space, image_hw(exp.test), final_net),
+        # a tiered run's network is its largest tier's, costed against that tier's budget
+        "cost": tiers[-1]["cost"] if tiers else cost_report(cfg, exp.space, image_hw(exp.test), final_net),
         **communication_fields(rows),
         "rejected_replies": progress.rejected_total,
         **privacy_fields(cfg, exp.accountant, final_clipping_norm),

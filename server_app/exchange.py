@@ -40,3 +40,24 @@ def send_and_receive(grid, messages: Iterable[Message], timeout: float | None) -
         time.sleep(poll if left is None else min(poll, left))
         poll = min(poll * BACKOFF, MAX_POLL_S)
     return replies
+
+
+def connected_nodes(grid, minimum: int, wait_s: float, settle_s: float = 2.0, limit_s: float = 30.0) -> list[int]:
+    """The connected nodes once at least ``minimum`` are there and they stopped changing for
+    ``settle_s``, or ``limit_s`` after there were enough (nodes register one by one); after
+    ``wait_s`` with fewer, the ones there are (the caller says whether that is enough)."""
+    start = time.time()
+    nodes, stable_since, enough_since = None, start, None
+    while True:
+        now, t = sorted(grid.get_node_ids()), time.time()
+        if now != nodes:
+            nodes, stable_since = now, t
+        if len(nodes) >= minimum:
+            enough_since = t if enough_since is None else enough_since
+            if t - stable_since >= settle_s or t - enough_since >= limit_s:
+                return nodes
+        elif t - start >= wait_s:
+            return nodes
+        else:
+            enough_since = None
+        time.sleep(0.2)

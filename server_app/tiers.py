@@ -10,7 +10,6 @@ weights, its tier's architecture, masks and cost model; faulty replies are scree
 
 from __future__ import annotations
 
-import time
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -19,36 +18,20 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 
-from fedmetanas_core.federation.coordinator import finite_state, image_hw, model_config
-from fedmetanas_core.federation.tiered import TieredPhase, cnn_width, tier_config
+from fedmetanas_core.federation.coordinator import deployed_config, finite_state, image_hw, model_config
+from fedmetanas_core.federation.tiered import TieredPhase, tier_config
 from fedmetanas_core.method.aggregation import State
 from fedmetanas_core.method.budget import cost_report
 from fedmetanas_core.method.genotype import count_parameters
-from fedmetanas_core.method.tiers import Tier, client_tier, parse_shares, parse_tiers
+from fedmetanas_core.method.tiers import Tier, client_tier, parse_tiers
 from fedmetanas_core.method.training import evaluate, state_arrays
 from fedmetanas_core.run.config import ConfigError, RunConfig
-from fedmetanas_core.run.config_keys import parse_budget
+from fedmetanas_core.run.config_keys import parse_budget, parse_tier_shares
 from fedmetanas_core.run.outputs import RunRecorder
 from fedmetanas_core.util.seeding import derive_seed
 from flower_records import array_record, numpy_state, round_record
-from server_app.exchange import send_and_receive
+from server_app.exchange import connected_nodes, send_and_receive
 from server_app.strategy import reply_issue, short_reason
-
-
-def connected_nodes(grid, cfg: RunConfig, settle_s: float = 2.0) -> list[int]:
-    """The connected nodes once at least min-available-nodes are there and the count has not
-    changed for ``settle_s`` (nodes register one by one), or after round-timeout."""
-    start, nodes, stable_since = time.time(), [], time.time()
-    while True:
-        now = sorted(grid.get_node_ids())
-        if now != nodes:
-            nodes, stable_since = now, time.time()
-        enough = len(nodes) >= cfg.min_available_nodes
-        if (enough and time.time() - stable_since >= settle_s) or time.time() - start >= cfg.round_timeout:
-            return nodes
-        if enough and not hasattr(grid, "push_messages"):  # an in-process grid has all its nodes at once
-            return nodes
-        time.sleep(0.2)
 
 
 def sample_nodes(nodes: list[int], fraction: float, minimum: int, seed: int, server_round: int) -> list[int]:
@@ -77,9 +60,11 @@ class TierRounds:
     def ask_nodes(self) -> tuple[dict[int, int], dict[int, str]]:
         """Node id -> index of its tier in the phase; node id -> why it takes no part."""
         cfg, all_tiers = self.cfg, parse_tiers(self.cfg.tiers)
-        shares = parse_shares(cfg.tier_shares, len(all_tiers))
+        shares = parse_tier_shares(cfg.tier_shares, len(all_tiers))
         run_budget = parse_budget(cfg.budget)
-        nodes = connected_nodes(self.grid, cfg)
+        in_process = not hasattr(self.grid, "push_messages")  # an in-process grid has all its nodes at once
+        settle = 0.0 if in_process else 2.0
+        nodes = connected_nodes(self.grid, cfg.min_available_nodes, cfg.round_timeout, settle, cfg.round_timeout)
         ask = RecordDict({"config": ConfigRecord({"ask": "tier"})})
         messages = [Message(ask, dst_node_id=n, message_type="query") for n in nodes]
         node_tier: dict[int, int] = {}
@@ -179,12 +164,9 @@ class TierRounds:
         nodes = [n for n, t in sorted(self.node_tier.items()) if t == i]
         if self.cfg.fraction_evaluate == 0 or not nodes:
             return []
-        deployed = {
-            "phase": "fixed",
-            "genotype": genotype.to_json() if genotype is not None else "",
-            "personalize": True,
-        }
-        config = round_record(self.base_config, model_config(self.phase.phases[i].space), deployed, cnn_width(net))
+        config = round_record(
+            self.base_config, model_config(self.phase.phases[i].space), deployed_config(net, genotype)
+        )
         record = RecordDict({"arrays": array_record(state_arrays(net)), "config": config})
         messages = [Message(record, dst_node_id=n, message_type="evaluate") for n in nodes]
         replies = send_and_receive(self.grid, messages, self.cfg.round_timeout)

@@ -17,13 +17,13 @@ from fedmetanas_core.method.genotype import DiscreteNetwork, Genotype, SimpleCNN
 from fedmetanas_core.method.tiers import (
     assign_partitions,
     declared_budget,
-    parse_shares,
     parse_tiers,
     tier_for_budget,
 )
 from fedmetanas_core.method.training import state_arrays
 from fedmetanas_core.method.width_slices import aggregate_slices, channel_index, narrow_state, slice_indices
 from fedmetanas_core.run.config import ConfigError, RunConfig
+from fedmetanas_core.run.config_keys import parse_tier_shares
 from fedmetanas_core.run.node_config import validate_node_config
 from fedmetanas_core.space import SearchModel, SpaceConfig
 from fedmetanas_core.space.model import RelaxSettings
@@ -116,12 +116,12 @@ def test_tiers_and_shares():
     assert tier_for_budget(tiers, "macs", 160_000) == tiers[1]
     assert tier_for_budget(tiers, "macs", 19_999) is None
     assert tier_for_budget(tiers, "params", 1e9) is None
-    shares = parse_shares("1,3", 2)
+    shares = parse_tier_shares("1,3", 2)
     assignment = assign_partitions(10, shares, seed=0)
     assert assignment == assign_partitions(10, shares, seed=0) != assign_partitions(10, shares, seed=1)
     assert sorted(assignment).count(0) == 2 or sorted(assignment).count(0) == 3  # 2.5 rounds to 2 or 3
     assert sum(assignment) + assignment.count(0) == 10
-    assert assign_partitions(3, parse_shares("", 3), 0).count(2) == 1
+    assert assign_partitions(3, parse_tier_shares("", 3), 0).count(2) == 1
 
 
 @pytest.mark.parametrize(
@@ -279,3 +279,15 @@ def test_an_op_a_reply_lacks_is_averaged_over_the_replies_that_have_it(digits_te
     stem = "net.stem.0.weight"
     np.testing.assert_allclose(after[stem], before[stem] + (2 + 4 + 8) / 3, rtol=1e-6)  # three networks
     np.testing.assert_allclose(after[pruned], before[pruned] + (4 + 8) / 2, rtol=1e-6)  # two had the op
+
+
+def test_a_cnn_tier_nothing_fits_is_named_with_the_runs_tiers_at_the_servers_start(digits_test):
+    """The ServerApp's own check (a run started with plain `flwr run` skips the CLI's): the error
+    quotes the run's tiers, not the empty value a tier's own config holds."""
+    from fedmetanas_core.federation.phases import Handoff
+    from fedmetanas_core.federation.tiered import tiered_phases
+
+    flat = {"dataset": "digits", "method": "fedavg", "tiers": "macs:300,macs:160000", "init-channels": 0}
+    (phase,) = tiered_phases(RunConfig.from_flat(flat, check_paths=False), digits_test, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"'tiers' = 'macs:300,macs:160000'.*tier macs:300: .*fits"):
+        phase.start(Handoff())

@@ -81,10 +81,17 @@ def _prepare(
 ) -> tuple[torch.device, torch.nn.Module, ClientData]:
     node_config = validate_node_config(dict(node_config), cfg)
     device = resolve_device(cfg.device)
+    return device, received_network(cfg, config, state, plan, device), node_data(cfg, node_config, node_id)
+
+
+def received_network(
+    cfg: RunConfig, config: Mapping[str, Any], state: dict[str, torch.Tensor], plan: RoundPlan, device: torch.device
+) -> torch.nn.Module:
+    """The network the server sent, built and loaded on ``device``; the plan's masks moved there too."""
     model = build_model(cfg, config, device)
     load_received(model, state, plan.masks, cfg.transfer)
     plan.masks = {k: v.to(device) for k, v in plan.masks.items()}
-    return device, model, node_data(cfg, node_config, node_id)
+    return model
 
 
 def train_round(
@@ -110,9 +117,7 @@ def train_round(
     honest = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in own_state}
     for prefix, sub_config, sub_state in smaller:
         sub_plan = plan_from_config(sub_config, {k: v.shape for k, v in sub_state.items()})
-        sub_model = build_model(cfg, sub_config, device)
-        load_received(sub_model, sub_state, sub_plan.masks, cfg.transfer)
-        sub_plan.masks = {k: v.to(device) for k, v in sub_plan.masks.items()}
+        sub_model = received_network(cfg, sub_config, sub_state, sub_plan, device)
         sub_generator = make_generator(cfg.seed, "train", data.partition_id, prefix, plan.server_round)
         sub = local_trainer(sub_config["phase"], cfg.method)(sub_model, data, cfg, sub_plan, sub_generator, device, mu)
         steps, images = steps + sub.steps, images + sub.images

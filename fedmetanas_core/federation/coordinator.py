@@ -16,6 +16,7 @@ import torch
 
 from ..data import ImageData
 from ..method.aggregation import State
+from ..method.genotype import Genotype, SimpleCNN
 from ..method.training import RoundPlan, space_from_config
 from ..run.config import RunConfig
 from ..space import SpaceConfig
@@ -116,6 +117,18 @@ def model_config(space: SpaceConfig) -> dict[str, Any]:
     """What a client needs to build the same networks as the server (sent every round; the width,
     since a budget may have sized it)."""
     return {"num-classes": space.num_classes, "in-channels": space.in_channels, "init-channels": space.init_channels}
+
+
+def deployed_config(net: torch.nn.Module, genotype: Genotype | None) -> dict[str, Any]:
+    """What a client needs to score the deployed network: the fixed phase, its genotype ('' for the
+    small CNN) and the CNN's width (a budget may have sized it)."""
+    width = {"cnn-channels": net.channels} if isinstance(net, SimpleCNN) else {}
+    return {
+        "phase": "fixed",
+        "genotype": genotype.to_json() if genotype is not None else "",
+        "personalize": True,
+        **width,
+    }
 
 
 class ProgressClock:

@@ -20,6 +20,7 @@ microcontroller and a phone.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,8 +31,7 @@ import torch.nn as nn
 from ..data import ImageData
 from ..method.aggregation import State, weighted_average
 from ..method.budget import sized_space
-from ..method.genotype import SimpleCNN
-from ..method.tiers import Tier, parse_tiers, smaller_tier_prefix, split_smaller_tiers
+from ..method.tiers import Tier, parse_tiers, smaller_tier_index, smaller_tier_prefix, split_smaller_tiers
 from ..method.training import space_from_config
 from ..method.width_slices import aggregate_slices, narrow_state
 from ..names import is_arch
@@ -46,9 +46,12 @@ def tier_prefix(index: int) -> str:
     return f"tier{index}/"
 
 
+TIER_KEY = re.compile(r"^tier\d+/")
+
+
 def is_shared(name: str) -> bool:
     """A shared weight's name in the run's state (not a tier's architecture)."""
-    return not is_arch(name) and not (name.startswith("tier") and "/" in name)
+    return not is_arch(name) and not TIER_KEY.match(name)
 
 
 def phase_width(phase: Phase) -> int:
@@ -58,37 +61,36 @@ def phase_width(phase: Phase) -> int:
     return phase.space.init_channels
 
 
-def current_state(phase: Phase) -> State:
-    """The phase's model as it is now (``initial_state`` reads the live model)."""
-    return phase.initial_state()
-
-
 class TieredPhase(Phase):
     """The tiers' phases (smallest budget first) over one set of weights; the server sends each
     client its tier's ``tier_round`` and aggregates with ``aggregate``."""
 
-    def __init__(self, tiers: list[Tier], phases: list[Phase], test: ImageData, train_smaller: bool = True):
+    def __init__(self, cfg: RunConfig, tiers: list[Tier], phases: list[Phase]):
         # not Phase.__init__: the masks are the tiers' (a property)
         self.name, self.rounds, self.last = phases[-1].name, phases[-1].rounds, {}
         self.kind = phases[0].kind
-        self.tiers, self.phases, self.test = tiers, phases, test
-        self.train_smaller = train_smaller
+        self.cfg, self.tiers, self.phases = cfg, tiers, phases
+        self.train_smaller = cfg.train_smaller_tiers
 
     # -- the shared weights and each tier's view of them
 
     def start(self, previous: Handoff) -> None:
         """Every tier's model, then one initialisation for all: the widest tier's, each tier a slice."""
         for tier, phase in zip(self.tiers, self.phases, strict=True):
-            with naming_tiers(phase.cfg, tier):  # the small CNN's width: found here
+            with naming_tiers(self.cfg, tier):  # the small CNN's width: found here
                 phase.start(previous)
         self.widths = [phase_width(p) for p in self.phases]
         self.wide_width = max(self.widths)
-        self.shapes = [{k: tuple(v.shape) for k, v in current_state(p).items()} for p in self.phases]
-        widest = self.widths.index(self.wide_width)
-        shared = {k: v for k, v in current_state(self.phases[widest]).items() if not is_arch(k)}
-        for i, phase in enumerate(self.phases):
-            own = current_state(phase)
+        states = [p.initial_state() for p in self.phases]
+        self.shapes = [{k: tuple(v.shape) for k, v in own.items()} for own in states]
+        shared = self.shared_weights()
+        for i, (phase, own) in enumerate(zip(self.phases, states, strict=True)):
             phase.restore({**own, **self.narrow(i, shared)}, phase.masks, {})
+
+    def shared_weights(self) -> State:
+        """The weights as the widest tier holds them: the run's one set (``initial_state`` reads the live model)."""
+        widest = self.phases[self.widths.index(self.wide_width)]
+        return {k: v for k, v in widest.initial_state().items() if not is_arch(k)}
 
     def narrow(self, i: int, shared: State, keys: list[str] | None = None) -> State:
         weights = [k for k in self.shapes[i] if not is_arch(k)] if keys is None else keys
@@ -102,10 +104,9 @@ class TieredPhase(Phase):
 
     def initial_state(self) -> State:
         """The shared weights (the widest tier's) and every tier's architecture, prefixed by tier."""
-        widest = self.widths.index(self.wide_width)
-        out = {k: v for k, v in current_state(self.phases[widest]).items() if not is_arch(k)}
+        out = self.shared_weights()
         for i, phase in enumerate(self.phases):
-            out.update({tier_prefix(i) + k: v for k, v in current_state(phase).items() if is_arch(k)})
+            out.update({tier_prefix(i) + k: v for k, v in phase.initial_state().items() if is_arch(k)})
         return out
 
     # -- a round
@@ -146,7 +147,7 @@ class TieredPhase(Phase):
             weights.append(({k: v for k, v in own.items() if not is_arch(k)}, self.widths[i], n))
             archs.append((i, {k: v for k, v in own.items() if is_arch(k)}, n))
             for prefix, _, sub in smaller:
-                j = int(prefix[len("sub") : -1])
+                j = smaller_tier_index(prefix)
                 weights.append(({k: v for k, v in sub.items() if not is_arch(k)}, self.widths[j], n))
         shared = {k: v for k, v in state.items() if is_shared(k)}
         out = {**state, **aggregate_slices(shared, weights, self.wide_width)}
@@ -191,7 +192,7 @@ class TieredPhase(Phase):
     def handoff(self) -> Handoff:
         last = self.phases[-1].handoff()
         genotypes = {
-            t.name: (p.genotype.to_dict() if getattr(p, "genotype", None) is not None else None)
+            t.name: p.genotype.to_dict() if p.genotype is not None else None
             for t, p in zip(self.tiers, self.phases, strict=True)
         }
         return Handoff(last.genotype, {**last.results, "tier_genotypes": genotypes})
@@ -219,9 +220,9 @@ def run_tiers(cfg: RunConfig) -> list[Tier]:
     return [tiers[cfg.only_tier]] if cfg.only_tier >= 0 else tiers
 
 
-def tier_space(cfg: RunConfig, tier: Tier, test: ImageData) -> SpaceConfig:
-    """The tier's space: sized to its budget with ``init-channels = 0``, else the run's width."""
-    tcfg = tier_config(cfg, tier)
+def tier_space(tcfg: RunConfig, test: ImageData) -> SpaceConfig:
+    """A tier's space (``tcfg``: its ``tier_config``): sized to its budget with ``init-channels = 0``,
+    else the run's width."""
     return sized_space(tcfg, space_from_config(tcfg, test.num_classes, test.in_channels), image_hw(test))
 
 
@@ -231,16 +232,12 @@ def tiered_phases(cfg: RunConfig, test: ImageData, device: torch.device) -> list
     phases: list[Phase] = []
     for tier in tiers:
         with naming_tiers(cfg, tier):
-            tcfg, space = tier_config(cfg, tier), tier_space(cfg, tier, test)
+            tcfg = tier_config(cfg, tier)
+            space = tier_space(tcfg, test)
             if cfg.method == "fedmetanas":
                 phases.append(SearchPhase(tcfg, space, test, device, cfg.num_server_rounds))
             elif cfg.method == "fedavg":
                 phases.append(FixedPhase(tcfg, space, test, device, cfg.num_server_rounds, "fedavg"))
             else:
                 raise ValueError(f"tiers do not apply to {cfg.method!r}")
-    return [TieredPhase(tiers, phases, test, cfg.train_smaller_tiers)]
-
-
-def cnn_width(net: nn.Module) -> dict[str, Any]:
-    """What a client needs to rebuild a tier's deployed CNN (a budget sized it)."""
-    return {"cnn-channels": net.channels} if isinstance(net, SimpleCNN) else {}
+    return [TieredPhase(cfg, tiers, phases)]

@@ -42,22 +42,6 @@ def parse_tiers(text: str) -> list[Tier]:
     return [Tier(i, kind, limit) for i, (kind, limit) in enumerate(parse_tier_budgets(text))]
 
 
-def parse_shares(text: str, num_tiers: int) -> list[float]:
-    """``tier-shares`` as fractions summing to 1 ('' = equal shares); ValueError saying why."""
-    if not text.strip():
-        return [1.0 / num_tiers] * num_tiers
-    try:
-        shares = [float(s) for s in text.split(",")]
-    except ValueError:
-        raise ValueError("expected comma-separated numbers, one per tier") from None
-    if len(shares) != num_tiers:
-        raise ValueError(f"{len(shares)} shares for {num_tiers} tiers")
-    if any(not np.isfinite(s) or s <= 0 for s in shares):
-        raise ValueError("every share must be > 0")
-    total = sum(shares)
-    return [s / total for s in shares]
-
-
 def assign_partitions(num_partitions: int, shares: list[float], seed: int) -> list[int]:
     """Each partition's tier: a seeded shuffle of the partitions cut by the shares (largest
     remainders, so the counts add up and every tier with a share of at least one client has one)."""
@@ -125,6 +109,11 @@ def smaller_tier_prefix(index: int) -> str:
     """A smaller tier's round in a node's message (``train-smaller-tiers``): its config and arrays
     under this prefix, beside the node's own."""
     return f"sub{index}/"
+
+
+def smaller_tier_index(prefix: str) -> int:
+    """The tier a ``smaller_tier_prefix`` names."""
+    return int(prefix[len("sub") : -1])
 
 
 def split_smaller_tiers(config: dict, state: dict) -> tuple[dict, dict, list[tuple[str, dict, dict]]]:

@@ -32,6 +32,7 @@ from .config_keys import (  # noqa: F401 (re-exported: the table's names are par
     markdown_table,
     parse_budget,
     parse_tier_budgets,
+    parse_tier_shares,
     toml_table,
 )
 
@@ -235,13 +236,9 @@ class RunConfig(Mapping[str, Any]):
         if budget is not None and budget[0] != tiers[0][0]:
             raise ConfigError("budget", self.budget, f"with tiers must limit {tiers[0][0]} too (or be empty)")
         try:
-            from_shares = [float(s) for s in self.tier_shares.split(",")] if self.tier_shares.strip() else []
-        except ValueError:
-            raise ConfigError(
-                "tier-shares", self.tier_shares, "expected comma-separated numbers, one per tier"
-            ) from None
-        if from_shares and (len(from_shares) != len(tiers) or not all(0 < s < float("inf") for s in from_shares)):
-            raise ConfigError("tier-shares", self.tier_shares, f"expected {len(tiers)} numbers > 0, one per tier")
+            parse_tier_shares(self.tier_shares, len(tiers))
+        except ValueError as exc:
+            raise ConfigError("tier-shares", self.tier_shares, str(exc)) from None
         if self.only_tier >= len(tiers):
             raise ConfigError("only-tier", self.only_tier, f"must be < the number of tiers ({len(tiers)}) or -1")
 

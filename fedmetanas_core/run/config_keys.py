@@ -139,12 +139,20 @@ def parse_budget(text: str) -> tuple[str, float] | None:
     return kind, limit
 
 
-def _budget(v: str) -> str | None:
-    try:
-        parse_budget(v)
-    except ValueError as exc:
-        return str(exc)
-    return None
+def _parsed_by(parse: Callable[[str], Any]) -> Callable[[str], str | None]:
+    """A key's check: the value parses, else the parser's reason."""
+
+    def check(v: str) -> str | None:
+        try:
+            parse(v)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    return check
+
+
+_budget = _parsed_by(parse_budget)
 
 
 TIER_KINDS = ("macs", "params")  # counted: a latency table holds one width, device tiers have several
@@ -169,12 +177,20 @@ def parse_tier_budgets(text: str) -> list[tuple[str, float]]:
     return sorted(parsed, key=lambda b: b[1])
 
 
-def _tiers(v: str) -> str | None:
+def parse_tier_shares(text: str, num_tiers: int) -> list[float]:
+    """``tier-shares`` as fractions summing to 1 ('' = equal shares); ValueError saying why."""
+    if not text.strip():
+        return [1.0 / num_tiers] * num_tiers
     try:
-        parse_tier_budgets(v)
-    except ValueError as exc:
-        return str(exc)
-    return None
+        shares = [float(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError("expected comma-separated numbers, one per tier") from None
+    if len(shares) != num_tiers or not all(0 < s < math.inf for s in shares):
+        raise ValueError(f"expected {num_tiers} numbers > 0, one per tier")
+    return [s / sum(shares) for s in shares]
+
+
+_tiers = _parsed_by(parse_tier_budgets)
 
 
 def _attack_clients(v: str) -> str | None:
