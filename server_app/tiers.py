@@ -34,14 +34,17 @@ from server_app.exchange import connected_nodes, send_and_receive
 from server_app.strategy import reply_issue, short_reason
 
 
-def sample_nodes(nodes: list[int], fraction: float, minimum: int, seed: int, server_round: int) -> list[int]:
-    """``fraction`` of ``nodes`` (at least ``minimum``; Flower's rule), drawn by seed and round.
+def sample_nodes(
+    nodes: list[int], fraction: float, minimum: int, seed: int, server_round: int, stream: str = "tier-sample"
+) -> list[int]:
+    """``fraction`` of ``nodes`` (at least ``minimum``; Flower's rule), drawn by seed, round and
+    ``stream`` (training and evaluation draw apart, as Flower's two samples do).
     Positions are drawn, not ids: Flower's node ids are unsigned 64-bit and numpy would make a mix
     of ids above and below 2**63 floats."""
     k = min(len(nodes), max(minimum, int(len(nodes) * fraction)))
     if k == len(nodes):
         return list(nodes)
-    rng = np.random.default_rng(derive_seed(seed, "tier-sample", server_round))
+    rng = np.random.default_rng(derive_seed(seed, stream, server_round))
     return [nodes[i] for i in sorted(rng.choice(len(nodes), size=k, replace=False).tolist())]
 
 
@@ -160,10 +163,12 @@ class TierRounds:
         return out
 
     def personalize(self, i: int, net, genotype, server_round: int) -> list[dict[str, Any]]:
-        """Tier ``i``'s network adapted and scored on each of its clients' local test splits."""
+        """Tier ``i``'s network adapted and scored on its clients' local test splits: ``fraction-evaluate``
+        of them (at least one), as the run without tiers samples its evaluation."""
         nodes = [n for n, t in sorted(self.node_tier.items()) if t == i]
         if self.cfg.fraction_evaluate == 0 or not nodes:
             return []
+        nodes = sample_nodes(nodes, self.cfg.fraction_evaluate, 1, self.cfg.seed, server_round, "tier-evaluate")
         config = round_record(
             self.base_config, model_config(self.phase.phases[i].space), deployed_config(net, genotype)
         )

@@ -161,3 +161,31 @@ def test_sampling_draws_positions_so_any_node_id_survives():
         assert len(chosen) == 3 and set(chosen) <= set(nodes) and all(isinstance(n, int) for n in chosen)
     assert sample_nodes(nodes, 0.5, 2, 0, 3) == sample_nodes(nodes, 0.5, 2, 0, 3)
     assert sample_nodes(nodes, 1.0, 2, 0, 3) == nodes
+
+
+@pytest.mark.parametrize(("fraction", "asked"), [(1.0, [4, 1]), (0.5, [2, 1]), (0.0, [0, 0])])
+def test_tier_personalization_asks_fraction_evaluate_of_each_tiers_clients(
+    monkeypatch, flower_task_identity, fraction, asked
+):
+    from types import SimpleNamespace
+
+    import server_app.tiers as tiers_app
+    from fedmetanas_core.method.genotype import SimpleCNN
+    from fedmetanas_core.space import SpaceConfig
+
+    sent: list[list[int]] = []
+    monkeypatch.setattr(tiers_app, "send_and_receive", lambda grid, msgs, timeout: sent.append(msgs) or [])
+    rounds = tiers_app.TierRounds.__new__(tiers_app.TierRounds)
+    rounds.cfg = RunConfig.from_flat({**defaults(), "fraction-evaluate": fraction})
+    rounds.grid, rounds.base_config = None, {}
+    rounds.node_tier = {11: 0, 12: 0, 13: 0, 14: 0, 15: 1}
+    rounds.phase = SimpleNamespace(phases=[SimpleNamespace(space=SpaceConfig(10))] * 2)
+    net = SimpleCNN(SpaceConfig(10), 4)
+    for tier in (0, 1):
+        assert rounds.personalize(tier, net, None, server_round=5) == []
+    counts = [len(m) for m in sent] + [0] * (2 - len(sent))
+    assert counts == asked
+    tier_nodes = {n for m in sent for n in (msg.metadata.dst_node_id for msg in m)}
+    assert tier_nodes <= set(rounds.node_tier)
+    if sent:
+        assert {msg.metadata.dst_node_id for msg in sent[-1]} == {15}
