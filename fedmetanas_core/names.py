@@ -19,6 +19,10 @@ PRIMITIVES = (
     "dil_conv_3x3",
     "dil_conv_5x5",
 )
+# every op a space may name: DARTS's set (the default) and a full 3x3 convolution (ReLU-conv-BN, as
+# NAS-Bench-201's), which mixes channels at every tap: where a budget is large, it buys capacity that
+# the separable ops, cheap per MAC, cannot at the same width (docs/cost-aware.md)
+KNOWN_OPS = (*PRIMITIVES, "conv_3x3")
 CELL_TYPES = ("normal", "reduce")
 COST_KINDS = ("macs", "params", "latency-ms")  # what a budget limits (fedmetanas_core.method.budget)
 NET_PREFIX = "net."

@@ -54,6 +54,7 @@ SPACES = [
     ),
     (SpaceConfig(10, 1, 6, 5, 3), (7, 7)),  # odd sizes, two reduction cells
     (SpaceConfig(10, 1, 3, 2, 2, reduction_positions=(0, 1)), (8, 8)),  # every cell reduces (reduction-cells)
+    (SpaceConfig(10, 3, 4, 3, 2, primitives=("skip_connect", "sep_conv_3x3", "conv_3x3")), (9, 9)),  # full convs
 ]
 
 

@@ -19,6 +19,7 @@ from helpers import randomize_arch, tiny_space
 from fedmetanas_core import space as S
 from fedmetanas_core.method.genotype import DiscreteNetwork, derive_genotype
 from fedmetanas_core.method.maml import InnerLoop, fomaml_task_gradient, second_order_task_gradient
+from fedmetanas_core.names import KNOWN_OPS
 from fedmetanas_core.space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, is_arch, kernels, make_op
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
@@ -100,7 +101,16 @@ def test_depthwise_conv_double_backward(k, d, s):
 
 @pytest.mark.parametrize(
     "name",
-    ["max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"],
+    [
+        "max_pool_3x3",
+        "avg_pool_3x3",
+        "skip_connect",
+        "sep_conv_3x3",
+        "sep_conv_5x5",
+        "dil_conv_3x3",
+        "dil_conv_5x5",
+        "conv_3x3",
+    ],
 )
 @pytest.mark.parametrize("stride", [1, 2])
 def test_each_op_fast_equals_eager_float32(name, stride):
@@ -190,7 +200,7 @@ def test_fast_path_task_gradient_equals_eager_float64(mode, masked):
 
 
 def test_fast_path_task_gradient_equals_eager_float32_all_ops_running():
-    space = tiny_space(num_nodes=3, input_pruning=True)
+    space = tiny_space(num_nodes=3, input_pruning=True, primitives=KNOWN_OPS)
     model = SearchModel(space)
     fw = dict(settings=RelaxSettings(tau=1.0, mode="gumbel-soft", threshold=0.0))
     g_eager, l_eager = task_gradient(model, fast=False, **fw)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..names import COST_KINDS, PRIMITIVES
+from ..names import COST_KINDS, KNOWN_OPS, PRIMITIVES
 from ..threats.attacks import ALPHA_DEFENCES, ATTACKS, parse_attack_clients
 from ..threats.privacy import DP_MODES
 
@@ -109,9 +109,9 @@ def _cell_indices(v: str) -> str | None:
 
 def _primitives(v: str) -> str | None:
     names = [p.strip() for p in v.split(",") if p.strip()]
-    unknown = [p for p in names if p not in PRIMITIVES]
+    unknown = [p for p in names if p not in KNOWN_OPS]
     if unknown:
-        return f"unknown op(s) {', '.join(unknown)}; allowed: {', '.join(PRIMITIVES)}"
+        return f"unknown op(s) {', '.join(unknown)}; allowed: {', '.join(KNOWN_OPS)}"
     if len(set(names)) != len(names):
         return "ops must not repeat"
     if not [p for p in names if p != "none"]:

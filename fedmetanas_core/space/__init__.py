@@ -18,7 +18,7 @@ from ..names import ARCH_PREFIX, CELL_TYPES, NET_PREFIX, PRIMITIVES, arch_param_
 from .fastpath import CHANNELS_LAST_DEVICES, fast_path, fast_path_enabled, set_fast_path, to_fast_layout
 from .kernels import cat_channels
 from .model import Architecture, RelaxSettings, SearchModel
-from .ops import DilConv, FactorizedReduce, PoolBN, ReLUConvBN, SepConv, Zero, make_op
+from .ops import DilConv, FactorizedReduce, FullConv, PoolBN, ReLUConvBN, SepConv, Zero, make_op
 from .supernet import CellBase, CellSlot, CellWeights, MixedEdge, SearchCell, Supernet, cell_plan
 from .topology import CellTopology, SpaceConfig
 
@@ -35,6 +35,7 @@ __all__ = [
     "CellWeights",
     "DilConv",
     "FactorizedReduce",
+    "FullConv",
     "MixedEdge",
     "PoolBN",
     "ReLUConvBN",

@@ -1,4 +1,4 @@
-"""The DARTS candidate ops, built by name (``make_op``).
+"""The candidate ops, built by name (``make_op``): DARTS's, and a full 3x3 convolution.
 
 BatchNorm keeps no running statistics anywhere (no buffers: MAML and federated averaging only ever
 see float parameters). On the fast path (``space.fastpath``) each op takes two extra arguments: the
@@ -50,6 +50,19 @@ class DilConv(nn.Sequential):
             return _scaled(super().forward(x), scale)
         h = relu_x if relu_x is not None else F.relu(x)
         return scaled_batch_norm(self[3], self[2](apply_conv(self[1], h)), scale)
+
+
+class FullConv(ReLUConvBN):
+    """The ``conv_3x3`` op: ReLU, a full (not separable) convolution, BatchNorm, as NAS-Bench-201's;
+    on the fast path it takes the shared ReLU and folds its mixing weight into the BatchNorm."""
+
+    def forward(
+        self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not fast_path_enabled():
+            return _scaled(super().forward(x), scale)
+        h = relu_x if relu_x is not None else F.relu(x)
+        return scaled_batch_norm(self[2], self[1](h), scale)
 
 
 class SepConv(nn.Sequential):
@@ -124,7 +137,7 @@ class PoolBN(nn.Sequential):
 
 
 # ops whose first step is ReLU(x): on the fast path a cell computes ReLU(state) once for all of them
-TAKES_RELU = (DilConv, SepConv, FactorizedReduce)
+TAKES_RELU = (DilConv, SepConv, FullConv, FactorizedReduce)
 
 
 def make_op(name: str, c: int, stride: int) -> nn.Module:
@@ -139,6 +152,8 @@ def make_op(name: str, c: int, stride: int) -> nn.Module:
     if name.startswith("sep_conv_"):
         k = int(name[-1])
         return SepConv(c, c, k, stride, k // 2)
+    if name == "conv_3x3":
+        return FullConv(c, c, 3, stride, 1)
     if name.startswith("dil_conv_"):
         k = int(name[-1])
         return DilConv(c, c, k, stride, k - 1, 2)
