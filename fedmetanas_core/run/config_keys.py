@@ -352,7 +352,13 @@ KEYS: tuple[Key, ...] = (
         "space",
     ),
     Key("stem-multiplier", 3, "stem output channels = stem-multiplier x init-channels", _at_least(1), "space"),
-    Key("primitives", ",".join(PRIMITIVES), "comma-separated op set", _primitives, "space"),
+    Key(
+        "primitives",
+        ",".join(PRIMITIVES),
+        "comma-separated op set: DARTS's (the default), conv_3x3 (a full 3x3 convolution) may be added",
+        _primitives,
+        "space",
+    ),
     Key(
         "input-pruning",
         True,
