@@ -99,19 +99,7 @@ def test_depthwise_conv_double_backward(k, d, s):
     assert torch.autograd.gradgradcheck(lambda x, w: kernels.DepthwiseConv.apply(x, w, s, p, d), (x, w))
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "max_pool_3x3",
-        "avg_pool_3x3",
-        "skip_connect",
-        "sep_conv_3x3",
-        "sep_conv_5x5",
-        "dil_conv_3x3",
-        "dil_conv_5x5",
-        "conv_3x3",
-    ],
-)
+@pytest.mark.parametrize("name", [op for op in KNOWN_OPS if op != "none"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_each_op_fast_equals_eager_float32(name, stride):
     op = make_op(name, 8, stride)

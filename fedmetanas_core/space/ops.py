@@ -33,7 +33,23 @@ class ReLUConvBN(nn.Sequential):
         )
 
 
-class DilConv(nn.Sequential):
+class ReLUConvsBN(nn.Sequential):
+    """ReLU, convolutions, BatchNorm: a conv op. On the fast path it takes the ReLU its cell shares
+    and folds its mixing weight into the BatchNorm."""
+
+    def forward(
+        self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``relu_x``: ReLU(x) if the caller already has it; ``scale``: multiply the output by it."""
+        if not fast_path_enabled():
+            return _scaled(super().forward(x), scale)
+        h = apply_conv(self[1], relu_x if relu_x is not None else F.relu(x))
+        for layer in list(self)[2:-1]:
+            h = layer(h)
+        return scaled_batch_norm(self[-1], h, scale)
+
+
+class DilConv(ReLUConvsBN):
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, dilation: int):
         super().__init__(
             nn.ReLU(inplace=False),
@@ -42,27 +58,12 @@ class DilConv(nn.Sequential):
             batch_stats_bn(c_out),
         )
 
-    def forward(
-        self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``relu_x``: ReLU(x) if the caller already has it; ``scale``: multiply the output by it."""
-        if not fast_path_enabled():
-            return _scaled(super().forward(x), scale)
-        h = relu_x if relu_x is not None else F.relu(x)
-        return scaled_batch_norm(self[3], self[2](apply_conv(self[1], h)), scale)
 
+class FullConv(ReLUConvsBN):
+    """The ``conv_3x3`` op: a full (not separable) convolution, as NAS-Bench-201's."""
 
-class FullConv(ReLUConvBN):
-    """The ``conv_3x3`` op: ReLU, a full (not separable) convolution, BatchNorm, as NAS-Bench-201's;
-    on the fast path it takes the shared ReLU and folds its mixing weight into the BatchNorm."""
-
-    def forward(
-        self, x: torch.Tensor, relu_x: torch.Tensor | None = None, scale: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if not fast_path_enabled():
-            return _scaled(super().forward(x), scale)
-        h = relu_x if relu_x is not None else F.relu(x)
-        return scaled_batch_norm(self[2], self[1](h), scale)
+    def __init__(self, c: int, stride: int):
+        super().__init__(nn.ReLU(inplace=False), nn.Conv2d(c, c, 3, stride, 1, bias=False), batch_stats_bn(c))
 
 
 class SepConv(nn.Sequential):
@@ -137,7 +138,7 @@ class PoolBN(nn.Sequential):
 
 
 # ops whose first step is ReLU(x): on the fast path a cell computes ReLU(state) once for all of them
-TAKES_RELU = (DilConv, SepConv, FullConv, FactorizedReduce)
+TAKES_RELU = (ReLUConvsBN, SepConv, FactorizedReduce)
 
 
 def make_op(name: str, c: int, stride: int) -> nn.Module:
@@ -153,7 +154,7 @@ def make_op(name: str, c: int, stride: int) -> nn.Module:
         k = int(name[-1])
         return SepConv(c, c, k, stride, k // 2)
     if name == "conv_3x3":
-        return FullConv(c, c, 3, stride, 1)
+        return FullConv(c, stride)
     if name.startswith("dil_conv_"):
         k = int(name[-1])
         return DilConv(c, c, k, stride, k - 1, 2)
