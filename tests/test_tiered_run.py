@@ -169,11 +169,13 @@ def test_tier_personalization_asks_fraction_evaluate_of_each_tiers_clients(
 ):
     from types import SimpleNamespace
 
+    from flwr.app import Message
+
     import server_app.tiers as tiers_app
     from fedmetanas_core.method.genotype import SimpleCNN
     from fedmetanas_core.space import SpaceConfig
 
-    sent: list[list[int]] = []
+    sent: list[list[Message]] = []
     monkeypatch.setattr(tiers_app, "send_and_receive", lambda grid, msgs, timeout: sent.append(msgs) or [])
     rounds = tiers_app.TierRounds.__new__(tiers_app.TierRounds)
     rounds.cfg = RunConfig.from_flat({**defaults(), "fraction-evaluate": fraction})

@@ -33,8 +33,8 @@ class ReLUConvBN(nn.Sequential):
         )
 
 
-class ReLUConvsBN(nn.Sequential):
-    """ReLU, convolutions, BatchNorm: a conv op. On the fast path it takes the ReLU its cell shares
+class ConvOp(nn.Sequential):
+    """A conv op: ReLU, convolutions, BatchNorm. On the fast path it takes the ReLU its cell shares
     and folds its mixing weight into the BatchNorm."""
 
     def forward(
@@ -49,7 +49,7 @@ class ReLUConvsBN(nn.Sequential):
         return scaled_batch_norm(self[-1], h, scale)
 
 
-class DilConv(ReLUConvsBN):
+class DilConv(ConvOp):
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, dilation: int):
         super().__init__(
             nn.ReLU(inplace=False),
@@ -59,7 +59,7 @@ class DilConv(ReLUConvsBN):
         )
 
 
-class FullConv(ReLUConvsBN):
+class FullConv(ConvOp):
     """The ``conv_3x3`` op: a full (not separable) convolution, as NAS-Bench-201's."""
 
     def __init__(self, c: int, stride: int):
@@ -138,7 +138,7 @@ class PoolBN(nn.Sequential):
 
 
 # ops whose first step is ReLU(x): on the fast path a cell computes ReLU(state) once for all of them
-TAKES_RELU = (ReLUConvsBN, SepConv, FactorizedReduce)
+TAKES_RELU = (ConvOp, SepConv, FactorizedReduce)
 
 
 def make_op(name: str, c: int, stride: int) -> nn.Module:
