@@ -317,7 +317,8 @@ def check_budget_up_front(cfg: RunConfig) -> None:
     shape is known without loading it (otherwise the ServerApp refuses at its start); with device
     tiers, every tier's budget."""
     if cfg.tiers:
-        from fedmetanas_core.federation.tiered import naming_tiers, run_tiers, tier_config
+        from fedmetanas_core.federation.tiered import naming_tiers, tier_config
+        from fedmetanas_core.method.tiers import run_tiers
 
         for tier in run_tiers(cfg):
             with naming_tiers(cfg, tier):

@@ -101,11 +101,10 @@ def seeded_init(module_factory, seed: int, *stream):
 def space_for_run(cfg: RunConfig, test: ImageData) -> SpaceConfig:
     """The run's space at the test images' shape; with ``init-channels = 0`` sized to the budget."""
     from ..method.budget import sized_space
-    from ..method.tiers import parse_tiers
+    from ..method.tiers import run_tiers
 
     if cfg.tiers:  # the run's own space is its largest tier's (device tiers: federation.tiered)
-        tiers = parse_tiers(cfg.tiers)
-        cfg = cfg.replace(budget=tiers[cfg.only_tier].budget)
+        cfg = cfg.replace(budget=run_tiers(cfg)[-1].budget)
     return sized_space(cfg, space_from_config(cfg, test.num_classes, test.in_channels), image_hw(test))
 
 

@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..data import ImageData
 from ..method.aggregation import State, weighted_average
 from ..method.budget import sized_space
-from ..method.tiers import Tier, parse_tiers, smaller_tier_index, smaller_tier_prefix, split_smaller_tiers
+from ..method.tiers import Tier, run_tiers, smaller_tier_index, smaller_tier_prefix, split_smaller_tiers
 from ..method.training import space_from_config
 from ..method.width_slices import aggregate_slices, narrow_state
 from ..names import is_arch
@@ -212,12 +212,6 @@ def naming_tiers(cfg: RunConfig, tier: Tier) -> Iterator[None]:
         if exc.key not in ("budget", "init-channels"):
             raise
         raise ConfigError("tiers", cfg.tiers, f"tier {tier.budget}: {exc.allowed}") from None
-
-
-def run_tiers(cfg: RunConfig) -> list[Tier]:
-    """The tiers this run searches for: all of them, or ``only-tier``'s."""
-    tiers = parse_tiers(cfg.tiers)
-    return [tiers[cfg.only_tier]] if cfg.only_tier >= 0 else tiers
 
 
 def tier_space(tcfg: RunConfig, test: ImageData) -> SpaceConfig:

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..run.config_keys import parse_tier_budgets
 from ..run.node_config import NODE_BUDGET_KEYS
 from ..util.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from ..run.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,12 @@ class Tier:
 def parse_tiers(text: str) -> list[Tier]:
     """``tiers`` as tiers by increasing limit ('' -> []); ValueError saying why (``parse_tier_budgets``)."""
     return [Tier(i, kind, limit) for i, (kind, limit) in enumerate(parse_tier_budgets(text))]
+
+
+def run_tiers(cfg: RunConfig) -> list[Tier]:
+    """The tiers this run searches for: all of them, or ``only-tier``'s; the last is the largest."""
+    tiers = parse_tiers(cfg.tiers)
+    return [tiers[cfg.only_tier]] if cfg.only_tier >= 0 else tiers
 
 
 def assign_partitions(num_partitions: int, shares: list[float], seed: int) -> list[int]:
