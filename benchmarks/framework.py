@@ -109,12 +109,15 @@ def whole_run_share(result: dict[str, Any]) -> float:
     return sum(r["overhead_share"] * r["round_s"] for r in rounds) / sum(r["round_s"] for r in rounds)
 
 
-def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str, Any]:
-    fraction = PER_ROUND_TRAINERS / clients
+def measure(
+    clients: int, rounds: int, out: Path, extra: list[str], trainers: int = PER_ROUND_TRAINERS
+) -> dict[str, Any]:
+    """One real run of ``clients`` simulated clients of which ``trainers`` train each round."""
+    fraction = trainers / clients
     overrides = (
         f"num-server-rounds={rounds} fraction-train={fraction} fraction-evaluate={fraction} "
         f"min-available-nodes={clients} "
-        f'min-train-nodes={PER_ROUND_TRAINERS} results-dir="{out}" discrete-round=0'
+        f'min-train-nodes={trainers} results-dir="{out}" discrete-round=0'
     )  # discrete-round=0: the preset's lies beyond these few rounds; LATE sets its own
     cmd = run_command([str(ROOT / "conf" / "cifar10-cpu.toml"), overrides, *extra], clients)
     print("$", " ".join(cmd), flush=True)
@@ -129,6 +132,7 @@ def measure(clients: int, rounds: int, out: Path, extra: list[str]) -> dict[str,
     shares = overhead_shares(rows, actors)
     return {
         "clients": clients,
+        "trainers": trainers,
         "fraction_train": fraction,
         "run_s": time.perf_counter() - started,
         "peak_pss_mib": memory.peak / 2**20,
@@ -155,7 +159,7 @@ def round_table(results: list[dict[str, Any]]) -> list[str]:
     for res in results:
         for r in res["rounds"]:
             lines.append(
-                f"| {res['clients']} ({PER_ROUND_TRAINERS}) | {r['round']} | {r['round_s']:.1f} | {r['server_s']:.1f} "
+                f"| {res['clients']} ({res['trainers']}) | {r['round']} | {r['round_s']:.1f} | {r['server_s']:.1f} "
                 f"| {r['client_s_sum'] / res['actors']:.1f} | {100 * r['overhead_share']:.1f} % |"
             )
     return lines
