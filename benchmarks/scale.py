@@ -1,7 +1,7 @@
 """Round time against the work: clients training per round, and image size (issue 26).
 
     python -m benchmarks.scale                      # 10, 30, 100 clients; 8, 16, 32 pixel images
-    python -m benchmarks.scale --clients 10,30 --image-sizes 16 --rounds 3 --json scale.json
+    python -m benchmarks.scale --clients 10,30 --image-sizes 16 --rounds 4 --json scale.json
 
 Each point is one real ``fedmetanas run`` (local SuperLink, Ray simulation engine) of the
 ``cifar10-cpu`` preset (``benchmarks.framework.measure``) in which every simulated client trains in
@@ -28,16 +28,18 @@ PRESET_IMAGE_SIZE = 16  # conf/cifar10-cpu.toml's
 
 
 def point(result: dict[str, Any], image_size: int) -> dict[str, Any]:
-    """One run's row: round 1, and the mean of its later (discrete-cell) rounds."""
+    """One run's row: round 1, and the median of its later (discrete-cell) rounds: the first of
+    them also meets the derived network's shapes for the first time in each actor."""
     later = result["rounds"][1:]
     actors = result["actors"]
     return {
         "clients": result["clients"],
         "image_size": image_size,
         "round_1_s": result["rounds"][0]["round_s"],
-        "discrete_round_s": statistics.mean(r["round_s"] for r in later),
-        "discrete_client_s_per_actor": statistics.mean(r["client_s_sum"] / actors for r in later),
-        "discrete_overhead_share": statistics.mean(r["overhead_share"] for r in later),
+        "discrete_round_s": statistics.median(r["round_s"] for r in later),
+        "discrete_client_s_per_actor": statistics.median(r["client_s_sum"] / actors for r in later),
+        "discrete_overhead_share": statistics.median(r["overhead_share"] for r in later),
+        "round_s": [r["round_s"] for r in result["rounds"]],
         "run_s": result["run_s"],
     }
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", default="10,30,100", help="clients, all training every round")
     ap.add_argument("--image-sizes", default="8,16,32", help="image sizes, at the smallest client count")
-    ap.add_argument("--rounds", type=int, default=3, help="round 1 plus the discrete rounds averaged")
+    ap.add_argument("--rounds", type=int, default=4, help="round 1 plus the discrete rounds (their median)")
     ap.add_argument("-c", "--run-config", action="append", default=[], help="extra overrides")
     ap.add_argument("--json", type=Path, default=None, help="write the points here")
     args = ap.parse_args(argv)
