@@ -143,6 +143,7 @@ def measure(
                 "round_s": r["round-s"],
                 "server_s": r.get("server-s", 0.0),
                 "client_s_sum": r["client-s-sum"],
+                "images": r.get("client-images-mean", 0.0) * r.get("replies", 0),  # images the clients trained on
                 "overhead_share": s,
             }
             for r, s in zip(rows, shares, strict=False)

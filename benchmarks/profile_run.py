@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile_run                        # the default run (digits), seed 0
     python -m benchmarks.profile_run -c conf/cifar10-cpu.toml --runs 1
+    python -m benchmarks.profile_run --plain-flwr -c "seed=1"  # the same run through `flwr run . --stream`
 
 Runs the real command (local SuperLink, Ray simulation engine) and splits its time with the
 timestamps the run writes: each rounds.jsonl row has ``round-started-at`` (unix time) and
@@ -24,21 +25,40 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.bound import phase_of
-from harness.cli import run_command
+from harness.cli import PrivateSuperLink, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def profile(items: list[str], out: Path, cores: int) -> dict:
-    cmd = run_command([*items, f"results-dir={json.dumps(str(out))}"])
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    t_exit = time.time()
+def plain_flwr_command(items: list[str], clients: int = 10) -> list[str]:
+    """The same run through Flower's own CLI (``flwr run . --stream``), as docs/configuration.md
+    shows it: key=value items only (no preset files, which ``fedmetanas run`` resolves)."""
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    federation = f"num-supernodes={clients} client-resources-num-cpus=1"
+    return [flwr, "run", str(ROOT), "--stream", "--federation-config", federation, "--run-config", " ".join(items)]
+
+
+def profile(items: list[str], out: Path, cores: int, plain_flwr: bool = False) -> dict:
+    items = [*items, f"results-dir={json.dumps(str(out))}"]
+    if plain_flwr:  # its own local SuperLink (FLWR_HOME, ports), stopped after the command's exit
+        env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        private = PrivateSuperLink(None, env)
+        t0 = time.time()
+        try:
+            proc = subprocess.run(plain_flwr_command(items), cwd=ROOT, capture_output=True, text=True, env=private.env)
+            t_exit = time.time()
+        finally:
+            private.stop(keep_home=False)
+    else:
+        t0 = time.time()
+        proc = subprocess.run(run_command(items), cwd=ROOT, capture_output=True, text=True)
+        t_exit = time.time()
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
@@ -76,12 +96,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--keep", type=Path, default=None, help="keep each run's results in KEEP/run-N (else a temporary folder)"
     )
+    ap.add_argument(
+        "--plain-flwr",
+        action="store_true",
+        help="time `flwr run . --stream` (key=value items only) instead of `fedmetanas run`",
+    )
     args = ap.parse_args(argv)
     results = []
     for i in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
             out = args.keep / f"run-{i + 1}" if args.keep else Path(tmp) / "run"
-            results.append(profile(args.run_config, out, args.cores))
+            results.append(profile(args.run_config, out, args.cores, args.plain_flwr))
         print(f"run {i + 1}: {results[-1]['total']:.1f} s, accuracy {results[-1]['accuracy']:.4f}", flush=True)
     med = statistics.median
     print(f"\n| part | wall s (median of {len(results)}) | share |\n|---|---:|---:|")

@@ -8,9 +8,10 @@ Each point is one real ``fedmetanas run`` (local SuperLink, Ray simulation engin
 every round, the cell discrete from round 2 on (``framework.LATE``): round 1 trains the full
 supernet and starts Ray's actors, later rounds are the discrete cell's, the rounds that make up
 most of a run. The client count varies at the preset's 16-pixel images; the image size at the
-smallest client count. A client's work does not depend on its data's size (a fixed number of
-meta-steps of one minibatch each), so the work of a round grows with the clients and with the
-pixels; the table says how far the round's time follows it.
+smallest client count. A client takes a fixed number of meta-steps of one minibatch each, smaller
+than the batch size where its partition is (more clients share the same training subset), so a
+round's work is counted as the images its clients trained on (``client-images-mean`` x replies)
+times the pixels; the table says how far the round's time follows it.
 """
 
 from __future__ import annotations
@@ -39,25 +40,32 @@ def point(result: dict[str, Any], image_size: int) -> dict[str, Any]:
         "discrete_round_s": statistics.median(r["round_s"] for r in later),
         "discrete_client_s_per_actor": statistics.median(r["client_s_sum"] / actors for r in later),
         "discrete_overhead_share": statistics.median(r["overhead_share"] for r in later),
+        "discrete_images": statistics.median(r["images"] for r in later),
         "round_s": [r["round_s"] for r in result["rounds"]],
         "run_s": result["run_s"],
     }
 
 
 def table(points: list[dict[str, Any]]) -> list[str]:
-    """Each point against the first (10 clients, the preset's images): the work's growth and the time's."""
+    """Each point against the first (10 clients, the preset's images): the work's growth (pixels the
+    clients trained on in a discrete round) and the time's."""
     base = points[0]
+
+    def pixels(p: dict[str, Any]) -> float:
+        return p["discrete_images"] * p["image_size"] ** 2
+
     lines = [
         "| clients training per round | image size | round 1 s (supernet, actors start) | discrete round s "
-        "| client work per core s | Flower + Ray share | work vs first row | discrete round time vs first row |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| images trained on a discrete round | client work per core s | Flower + Ray share "
+        "| work (pixels) vs first row | discrete round time vs first row |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
-        work = (p["clients"] / base["clients"]) * (p["image_size"] / base["image_size"]) ** 2
         lines.append(
             f"| {p['clients']} | {p['image_size']} | {p['round_1_s']:.1f} | {p['discrete_round_s']:.2f} "
-            f"| {p['discrete_client_s_per_actor']:.2f} | {100 * p['discrete_overhead_share']:.1f} % "
-            f"| {work:.2f}x | {p['discrete_round_s'] / base['discrete_round_s']:.2f}x |"
+            f"| {p['discrete_images']:,.0f} | {p['discrete_client_s_per_actor']:.2f} "
+            f"| {100 * p['discrete_overhead_share']:.1f} % | {pixels(p) / pixels(base):.2f}x "
+            f"| {p['discrete_round_s'] / base['discrete_round_s']:.2f}x |"
         )
     return lines
 

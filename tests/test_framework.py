@@ -24,7 +24,10 @@ def test_overhead_is_what_server_and_packed_client_work_leave_of_the_round():
 
 
 def _run(clients: int, round_s: list[float]) -> dict:
-    rounds = [{"round_s": t, "server_s": 0.0, "client_s_sum": t, "overhead_share": 0.5} for t in round_s]
+    rounds = [
+        {"round_s": t, "server_s": 0.0, "client_s_sum": t, "overhead_share": 0.5, "images": 128.0 * clients}
+        for t in round_s
+    ]
     return {"clients": clients, "actors": 2, "rounds": rounds, "run_s": sum(round_s)}
 
 
