@@ -47,7 +47,9 @@ def plain_flwr_command(items: list[str], clients: int = 10) -> list[str]:
 def profile(items: list[str], out: Path, cores: int, plain_flwr: bool = False) -> dict:
     items = [*items, f"results-dir={json.dumps(str(out))}"]
     if plain_flwr:  # its own local SuperLink (FLWR_HOME, ports), stopped after the command's exit
-        env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        bin_dir = str(Path(sys.executable).parent)  # flwr starts `flower-superlink` from PATH: this venv's
+        path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+        env = {**os.environ, "PATH": path, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
         private = PrivateSuperLink(None, env)
         t0 = time.time()
         try:
