@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bound import phase_of
-from harness.cli import PrivateSuperLink, run_command
+from harness.cli import PrivateSuperLink, flwr_env, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,10 +47,7 @@ def plain_flwr_command(items: list[str], clients: int = 10) -> list[str]:
 def profile(items: list[str], out: Path, cores: int, plain_flwr: bool = False) -> dict:
     items = [*items, f"results-dir={json.dumps(str(out))}"]
     if plain_flwr:  # its own local SuperLink (FLWR_HOME, ports), stopped after the command's exit
-        bin_dir = str(Path(sys.executable).parent)  # flwr starts `flower-superlink` from PATH: this venv's
-        path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
-        env = {**os.environ, "PATH": path, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-        private = PrivateSuperLink(None, env)
+        private = PrivateSuperLink(None, flwr_env(dict(os.environ)))
         t0 = time.time()
         try:
             proc = subprocess.run(plain_flwr_command(items), cwd=ROOT, capture_output=True, text=True, env=private.env)

@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from ray_cluster import RayCluster  # noqa: E402
 
+from harness.cli import flwr_env  # noqa: E402
+
 TINY = (
     "num-server-rounds=1 local-meta-iters=1 min-available-nodes=2 min-train-nodes=2 batch-size=16 init-channels=4 "
     "train-subset=240 test-subset=120 personalize-steps=2 checkpoint=false torch-threads=1"
@@ -51,14 +53,14 @@ print(json.dumps({"driver_cwd": os.getcwd(), "task": ray.get(probe.remote())}))
 def _running_superlink_check(cluster: RayCluster, scratch: Path) -> dict:
     """Start a local SuperLink without RAY_ADDRESS (``flwr ls`` does), then ``flwr run`` with it."""
     home = scratch / "flwr-home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_HOME", "FLWR_LOCAL_", "RAY_ADDRESS"))}
+    env = flwr_env(
+        {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_HOME", "FLWR_LOCAL_", "RAY_ADDRESS"))}
+    )
     env.update(
         {
             "FLWR_HOME": str(home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(cluster.ports.one()),
             "FLWR_LOCAL_CONTROL_API_PORT": str(cluster.ports.one()),
-            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
         }
     )
     before = {a["ActorID"] for a in cluster.actors()}

@@ -177,6 +177,17 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def flwr_env(base: dict[str, str]) -> dict[str, str]:
+    """``base`` plus what every ``flwr`` command of ours needs: Flower's per-run dependency
+    installation off, and flwr (and the SuperLink it starts) from this interpreter's environment,
+    activated or not."""
+    return {
+        **base,
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": os.pathsep.join([os.path.dirname(sys.executable), base.get("PATH", "")]),
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -445,14 +456,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     overrides["results-dir"] = str(results_dir)  # explicit and absolute: the checks below read it
-    env = {
-        **os.environ,
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        # flwr (and the SuperLink it starts) from this interpreter's environment, activated or not
-        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
-    }
+    env = flwr_env(
+        {
+            **os.environ,
+            "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+        }
+    )
     cmd = ["flwr", "run", str(app_dir), args.connection, "--format", "json"]
     cmd += ["--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items())]
     if args.connection == "local":
