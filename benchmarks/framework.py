@@ -36,6 +36,7 @@ from fedmetanas_core.util.processes import descendants
 from harness.cli import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "conf" / "cifar10-cpu.toml"  # every measurement's preset
 PER_ROUND_TRAINERS = 10
 RAY_ACTORS = min(os.cpu_count() or 1, PER_ROUND_TRAINERS)  # Ray runs one client per core (1 CPU each)
 
@@ -119,7 +120,7 @@ def measure(
         f"min-available-nodes={clients} "
         f'min-train-nodes={trainers} results-dir="{out}" discrete-round=0'
     )  # discrete-round=0: the preset's lies beyond these few rounds; LATE sets its own
-    cmd = run_command([str(ROOT / "conf" / "cifar10-cpu.toml"), overrides, *extra], clients)
+    cmd = run_command([str(PRESET), overrides, *extra], clients)
     print("$", " ".join(cmd), flush=True)
     started = time.perf_counter()
     with PeakMemory(superlink_pids) as memory:

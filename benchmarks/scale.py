@@ -20,12 +20,13 @@ import argparse
 import json
 import statistics
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
-from benchmarks.framework import LATE, measure
+from benchmarks.framework import LATE, PRESET, measure
 
-PRESET_IMAGE_SIZE = 16  # conf/cifar10-cpu.toml's
+PRESET_IMAGE_SIZE = int(tomllib.loads(PRESET.read_text())["image-size"])
 
 
 def point(result: dict[str, Any], image_size: int) -> dict[str, Any]:
