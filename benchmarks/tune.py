@@ -54,9 +54,36 @@ SEARCH_SPACES: dict[str, dict[str, tuple]] = {
 }
 
 
-def suggest(trial, method: str) -> dict[str, Any]:
+def parse_range(text: str) -> tuple[str, str, tuple]:
+    """``method.key=low..high`` (a float range, log-scaled as the default's) or ``method.key=a,b,c``
+    (choices): one widened range, for a study that found its best at the edge of the default."""
+    name, sep, values = text.partition("=")
+    method, dot, key = name.partition(".")
+    if not sep or not dot or method not in SEARCH_SPACES or key not in SEARCH_SPACES[method]:
+        raise ValueError(
+            f"--range {text!r}: expected METHOD.KEY=LOW..HIGH or METHOD.KEY=A,B,C with a key of SEARCH_SPACES"
+        )
+    default = SEARCH_SPACES[method][key]
+    try:
+        if default[0] == "float":
+            low, _, high = values.partition("..")
+            spec: tuple = ("float", float(low), float(high), default[3])
+            if not 0 < spec[1] < spec[2]:
+                raise ValueError
+        else:
+            spec = ("choice", [json.loads(v) for v in values.split(",")])
+    except ValueError:
+        raise ValueError(f"--range {text!r}: bad values for {key} (default {_describe(default)})") from None
+    return method, key, spec
+
+
+def search_space(method: str, ranges: dict[str, dict[str, tuple]] | None = None) -> dict[str, tuple]:
+    return {**SEARCH_SPACES[method], **((ranges or {}).get(method, {}))}
+
+
+def suggest(trial, method: str, space: dict[str, tuple] | None = None) -> dict[str, Any]:
     values = {}
-    for key, spec in SEARCH_SPACES[method].items():
+    for key, spec in (space or SEARCH_SPACES[method]).items():
         if spec[0] == "float":
             values[key] = trial.suggest_float(key, spec[1], spec[2], log=spec[3])
         else:
@@ -110,10 +137,12 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run_trial(trial, preset: str, method: str, out_root: Path, overrides: list[str], clients: int) -> float:
+def run_trial(
+    trial, preset: str, method: str, out_root: Path, overrides: list[str], clients: int, space: dict[str, tuple]
+) -> float:
     import optuna
 
-    values = suggest(trial, method)
+    values = suggest(trial, method, space)
     out = out_root / "trials" / preset / f"{method}-{trial.number:03d}"
     cmd = trial_command(preset, method, values, out, overrides, clients)
     log_path = out_root / "trials" / preset / f"{method}-{trial.number:03d}.log"
@@ -196,18 +225,45 @@ def finished_trials(study) -> list:
     return [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
 
 
-def tune(preset: str, methods: list[str], trials: int, out_root: Path, overrides: list[str], clients: int) -> None:
+def study_space(study, method: str, ranges: dict[str, dict[str, tuple]] | None = None) -> dict[str, tuple]:
+    """The ranges a study searches: fixed by its first run (stored with it), so a resumed study and
+    its report never mix ranges."""
+    stored = study.user_attrs.get("ranges")
+    if stored is not None:
+        space = {k: tuple(v) for k, v in stored.items()}
+        if ranges is not None and space != search_space(method, ranges):
+            raise SystemExit(f"{study.study_name}: the stored study searched other ranges; use another --out")
+        return space
+    return search_space(method, ranges)
+
+
+def tune(
+    preset: str,
+    methods: list[str],
+    trials: int,
+    out_root: Path,
+    overrides: list[str],
+    clients: int,
+    ranges: dict[str, dict[str, tuple]] | None = None,
+) -> None:
     out_root.mkdir(parents=True, exist_ok=True)
     for method in methods:
         study = load_study(preset, method, out_root)
+        space = study_space(study, method, ranges)
+        if "ranges" not in study.user_attrs:
+            study.set_user_attr("ranges", {k: list(v) for k, v in space.items()})
         close_interrupted_trials(study)
         todo = trials - len(finished_trials(study))
         if todo > 0:
             study.optimize(
-                lambda t, method=method: run_trial(t, preset, method, out_root, overrides, clients),
+                lambda t, method=method, space=space: run_trial(t, preset, method, out_root, overrides, clients, space),
                 n_trials=todo,
                 catch=(RuntimeError,),
             )
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _describe(spec: tuple) -> str:
@@ -216,7 +272,9 @@ def _describe(spec: tuple) -> str:
     return "{" + ", ".join(map(str, spec[1])) + "}"
 
 
-def report(preset: str, methods: list[str], out_root: Path, overrides: list[str]) -> dict[str, Any]:
+def report(
+    preset: str, methods: list[str], out_root: Path, overrides: list[str], docs: Path | None = None
+) -> dict[str, Any]:
     import optuna
 
     lines = [
@@ -224,7 +282,7 @@ def report(preset: str, methods: list[str], out_root: Path, overrides: list[str]
         "",
         f"`python -m benchmarks.tune --preset {preset}" + "".join(f" -c '{o}'" for o in overrides) + "` "
         f"(TPE sampler, median pruner; this page written with Optuna {optuna.__version__}; studies in "
-        f"`benchmarks/results/tune/{preset}.db`). Objective: the deployed model's mean accuracy over the "
+        f"`{_shown(out_root / f'{preset}.db')}`). Objective: the deployed model's mean accuracy over the "
         f"last {LAST_ROUNDS} rounds on the validation split (the clients' local test splits, carved "
         f"from the training data; the test set is never used). The seconds column is each trial's "
         f"wall-clock time on a machine that was often shared with other jobs.",
@@ -233,11 +291,12 @@ def report(preset: str, methods: list[str], out_root: Path, overrides: list[str]
     best_all = {}
     for method in methods:
         study = load_study(preset, method, out_root, create=False)
-        keys = list(SEARCH_SPACES[method])
+        space = study_space(study, method)
+        keys = list(space)
         lines += [
             f"## {method}",
             "",
-            "Ranges: " + ", ".join(f"`{k}` {_describe(SEARCH_SPACES[method][k])}" for k in keys),
+            "Ranges: " + ", ".join(f"`{k}` {_describe(space[k])}" for k in keys),
             "",
         ]
         lines += [
@@ -285,7 +344,7 @@ def report(preset: str, methods: list[str], out_root: Path, overrides: list[str]
                 "",
             ]
     (out_root / f"{preset}-best.json").write_text(json.dumps(best_all, indent=2))
-    docs = ROOT / "docs" / f"tuning-{preset}.md"
+    docs = docs or ROOT / "docs" / f"tuning-{preset}.md"
     docs.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return best_all
@@ -299,16 +358,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tune")
     parser.add_argument("-c", "--run-config", action="append", default=[], help="extra overrides for every trial")
+    parser.add_argument(
+        "--range",
+        action="append",
+        default=[],
+        help="widen one range: METHOD.KEY=LOW..HIGH or METHOD.KEY=A,B,C (stored with the study)",
+    )
+    parser.add_argument("--docs", type=Path, help="the report's page (default docs/tuning-<preset>.md)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in SEARCH_SPACES]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    ranges: dict[str, dict[str, tuple]] = {}
+    for text in args.range:
+        try:
+            method, key, spec = parse_range(text)
+        except ValueError as err:
+            parser.error(str(err))
+        ranges.setdefault(method, {})[key] = spec
     out = args.out.resolve()
     if not args.report_only:
-        tune(args.preset, methods, args.trials, out, args.run_config, args.clients)
-    report(args.preset, methods, out, args.run_config)
+        tune(args.preset, methods, args.trials, out, args.run_config, args.clients, ranges)
+    report(args.preset, methods, out, args.run_config, args.docs)
 
 
 if __name__ == "__main__":

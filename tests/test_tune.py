@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import optuna
+import pytest
 
-from benchmarks.tune import SEARCH_SPACES, close_interrupted_trials, load_study, suggest, trial_command
+from benchmarks.tune import (
+    SEARCH_SPACES,
+    close_interrupted_trials,
+    load_study,
+    parse_range,
+    search_space,
+    study_space,
+    suggest,
+    trial_command,
+    tune,
+)
 
 
 def test_a_resumed_study_draws_new_values(tmp_path):
@@ -51,3 +62,29 @@ def test_a_trial_left_running_by_a_dead_process_is_closed_as_failed(tmp_path):
     assert close_interrupted_trials(resumed) == [1]
     states = [t.state for t in load_study("toy", "fednas", tmp_path, create=False).trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+
+
+def test_a_widened_range_is_drawn_from_and_fixed_with_its_study(tmp_path):
+    """A study that found its best at a range's edge reruns wider; the stored ranges, not the
+    defaults, then govern every resumed process and the report."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    method, key, spec = parse_range("fedavg.local-epochs=8,12,16")
+    assert (method, key, spec) == ("fedavg", "local-epochs", ("choice", [8, 12, 16]))
+    assert parse_range("fedavg.outer-lr-w=0.01..0.5")[2] == ("float", 0.01, 0.5, True)
+    ranges = {method: {key: spec}}
+    tune("toy", ["fedavg"], 0, tmp_path, [], 10, ranges)  # zero trials: the study and its ranges only
+    study = load_study("toy", "fedavg", tmp_path)
+    space = study_space(study, "fedavg")
+    assert space == search_space("fedavg", ranges) and space["local-epochs"] == ("choice", [8, 12, 16])
+    drawn = {suggest(study.ask(), "fedavg", space)["local-epochs"] for _ in range(12)}
+    assert drawn <= {8, 12, 16} and drawn & {12, 16}
+    with pytest.raises(SystemExit, match="other ranges"):
+        study_space(study, "fedavg", {})  # resuming with the defaults would mix ranges
+
+
+@pytest.mark.parametrize(
+    "text", ["fedavg.local-epochs", "fedavg.momentum=1,2", "fedx.outer-lr-w=0.1..0.2", "fedavg.outer-lr-w=0.5..0.1"]
+)
+def test_a_bad_range_is_refused_naming_it(text):
+    with pytest.raises(ValueError, match="--range"):
+        parse_range(text)
