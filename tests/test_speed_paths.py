@@ -281,3 +281,33 @@ def test_fast_backward_hands_every_op_a_dense_channels_last_gradient():
     for h in handles:
         h.remove()
     assert seen and all(dense for _, dense in seen), [name for name, dense in seen if not dense]
+
+
+@pytest.mark.parametrize("network", ["supernet", "derived"])
+def test_one_channel_input_runs_every_cell_op_channels_last(network):
+    """On one-channel images (digits, the default run) a channels_last input is also contiguous and
+    the stem's convolution returns NCHW: unless the stem lays its output out again, every op runs on
+    the slow layout (max pooling ~5x slower), silently. Same outputs either way."""
+    space = tiny_space(in_channels=1)
+    model = SearchModel(space)
+    randomize_arch(model, 2.0, seed=1)
+    arch = {k: v for k, v in model.state_dict().items() if is_arch(k)}
+    net = model if network == "supernet" else DiscreteNetwork.inherit(model, derive_genotype(space, arch))
+    cells = net.net.cells if network == "supernet" else net.cells
+    seen = []
+
+    def pre_hook(mod, args):
+        x = args[0]
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and not isinstance(mod, (S.SearchCell,)):
+            seen.append((type(mod).__name__, x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1))
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in cells.modules() if m is not cells]
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    settings = (RelaxSettings(threshold=0.0, noise=False),) if network == "supernet" else ()
+    fast = net(x, *settings)
+    for h in handles:
+        h.remove()
+    assert seen and all(ok for _, ok in seen), sorted({name for name, ok in seen if not ok})
+    with S.fast_path(False):
+        eager = net(x, *settings)
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import yaml
 
 from ..names import CELL_TYPES, arch_param_name, edge_key
-from ..space import CellBase, SearchModel, SpaceConfig, cat_channels, cell_plan, make_op, to_fast_layout
+from ..space import CellBase, SearchModel, SpaceConfig, cat_channels, cell_plan, make_op
 from ..space.ops import batch_stats_bn
 from ..space.relaxation import probabilities
 from ..util.atomic import atomic_write_text
@@ -148,7 +148,7 @@ class DiscreteNetwork(nn.Module):
         self.classifier = nn.Linear(c_out, space.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s0 = s1 = self.stem(to_fast_layout(x))  # the supernet's memory format (space.fastpath)
+        s0 = s1 = self.stem(x)  # in the supernet's memory format (space.fastpath)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1)
         return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))
