@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from helpers import randomize_arch, tiny_space
 
 from fedmetanas_core import space as S
-from fedmetanas_core.method.genotype import DiscreteNetwork, derive_genotype
+from fedmetanas_core.method.genotype import DiscreteNetwork, SimpleCNN, derive_genotype
 from fedmetanas_core.method.maml import InnerLoop, fomaml_task_gradient, second_order_task_gradient
 from fedmetanas_core.names import KNOWN_OPS
 from fedmetanas_core.space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, is_arch, kernels, make_op
@@ -283,8 +283,8 @@ def test_fast_backward_hands_every_op_a_dense_channels_last_gradient():
     assert seen and all(dense for _, dense in seen), [name for name, dense in seen if not dense]
 
 
-@pytest.mark.parametrize("network", ["supernet", "derived"])
-def test_one_channel_input_runs_every_cell_op_channels_last(network):
+@pytest.mark.parametrize("network", ["supernet", "derived", "cnn"])
+def test_one_channel_input_runs_every_op_channels_last(network):
     """On one-channel images (digits, the default run) a channels_last input is also contiguous and
     the stem's convolution returns NCHW: unless the stem lays its output out again, every op runs on
     the slow layout (max pooling ~5x slower), silently. Same outputs either way."""
@@ -293,7 +293,10 @@ def test_one_channel_input_runs_every_cell_op_channels_last(network):
     randomize_arch(model, 2.0, seed=1)
     arch = {k: v for k, v in model.state_dict().items() if is_arch(k)}
     net = model if network == "supernet" else DiscreteNetwork.inherit(model, derive_genotype(space, arch))
-    cells = net.net.cells if network == "supernet" else net.cells
+    net = SimpleCNN(space) if network == "cnn" else net
+    cells = {"supernet": lambda: net.net.cells, "derived": lambda: net.cells, "cnn": lambda: net.features[1:]}[
+        network
+    ]()
     seen = []
 
     def pre_hook(mod, args):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import yaml
 
 from ..names import CELL_TYPES, arch_param_name, edge_key
-from ..space import CellBase, SearchModel, SpaceConfig, cat_channels, cell_plan, make_op
+from ..space import CellBase, SearchModel, SpaceConfig, cat_channels, cell_plan, make_op, to_fast_layout
 from ..space.ops import batch_stats_bn
 from ..space.relaxation import probabilities
 from ..util.atomic import atomic_write_text
@@ -181,7 +181,11 @@ class SimpleCNN(nn.Module):
         self.classifier = nn.Linear(c_in, space.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+        first, *rest = self.features
+        h = to_fast_layout(first(to_fast_layout(x)))  # the fast path's memory format, as space.Stem's
+        for layer in rest:
+            h = layer(h)
+        return self.classifier(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
 def build_fixed_network(space: SpaceConfig, genotype: Genotype | None, cnn_channels: int = 0) -> nn.Module:
