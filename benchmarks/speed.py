@@ -5,8 +5,9 @@
     python -m benchmarks.speed --spaces cifar10-cpu --reps 5 --out /tmp/speed.md
     python -m benchmarks.speed --spaces "" --out ""  # only the flwr run measurements (benchmarks/framework.py)
 
-Spaces: ``paper`` (conf/cifar10.toml: 8 cells, C=16, 4 nodes, 8 ops, batch 64, 32x32x3, 10 classes)
-and ``cifar10-cpu`` (conf/cifar10-cpu.toml: 16x16 images, 3 cells, 2 nodes, C=8, batch 64).
+Spaces: ``paper`` (conf/cifar10.toml: 8 cells, C=16, 4 nodes, 8 ops, batch 64, 32x32x3, 10 classes),
+``cifar10-cpu`` (conf/cifar10-cpu.toml: 16x16 images, 3 cells, 2 nodes, C=8, batch 64) and ``digits``
+(conf/digits.toml, the default run's space: 8x8x1 images, 2 cells, 2 nodes, C=8, 8 ops, batch 64).
 
 One *local search step* is what ``training.fedmetanas_local_search`` does per task and meta-iteration:
 ``maml.fomaml_task_gradient`` with ``InnerLoop(1, inner-lr-w, inner-lr-alpha)`` (one task-learner
@@ -48,7 +49,9 @@ from fedmetanas_core.space import SearchModel, SpaceConfig, is_arch, make_op
 from harness.cli import parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SPACES = {"paper": ("cifar10.toml", 32), "cifar10-cpu": ("cifar10-cpu.toml", 32)}  # image-size 0 = native 32
+# preset, native image size (image-size 0 = native), input channels: one-channel input takes another
+# memory-format path on CPU (space.Stem), so the default run's space is timed too
+SPACES = {"paper": ("cifar10.toml", 32, 3), "cifar10-cpu": ("cifar10-cpu.toml", 32, 3), "digits": ("digits.toml", 8, 1)}
 OPS = ("max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
 
 
@@ -101,27 +104,26 @@ def with_path(fast: bool, fn: Callable[[], object]) -> Callable[[], object]:
 # What is timed
 
 
-def load_config(name: str) -> tuple[RunConfig, int]:
-    file, native = SPACES[name]
+def load_config(name: str) -> tuple[RunConfig, int, int]:
+    file, native, channels = SPACES[name]
     cfg = RunConfig.from_flat(parse_run_config([str(ROOT / "conf" / file)]), check_paths=False)  # FedMetaNAS's table
-    return cfg, cfg.image_size or native
+    return cfg, cfg.image_size or native, channels
 
 
 class Bench:
     """One space: a model, fixed batches, and a snapshot to restart every timed call from."""
 
-    def __init__(self, cfg: RunConfig, image: int, device: torch.device, seed: int = 0):
+    def __init__(self, cfg: RunConfig, image: int, device: torch.device, seed: int = 0, channels: int = 3):
         self.cfg, self.device = cfg, device
-        self.space: SpaceConfig = space_from_config(cfg, num_classes=10, in_channels=3)
+        self.space: SpaceConfig = space_from_config(cfg, num_classes=10, in_channels=channels)
         torch.manual_seed(seed)
         self.model = SearchModel(self.space).to(device)
         g = torch.Generator().manual_seed(seed + 1)
         b = cfg.batch_size
 
         def batch():
-            return torch.randn(b, 3, image, image, generator=g).to(device), torch.randint(0, 10, (b,), generator=g).to(
-                device
-            )
+            x = torch.randn(b, channels, image, image, generator=g)
+            return x.to(device), torch.randint(0, 10, (b,), generator=g).to(device)
 
         self.support, self.query = batch(), batch()
         self.image = image
@@ -253,14 +255,14 @@ def fmt(t: tuple[float, float]) -> str:
 
 
 def run_space(name: str, device: torch.device, reps: int, log) -> list[str]:
-    cfg, image = load_config(name)
-    bench = Bench(cfg, image, device)
+    cfg, image, channels = load_config(name)
+    bench = Bench(cfg, image, device, channels=channels)
     timer = Timer(device)
     sp = bench.space
     on_cpu = device.type == "cpu"
     head = (
         f"### `{name}`: {sp.num_cells} cells, C={sp.init_channels}, {sp.num_nodes} nodes, {len(sp.primitives)} ops, "
-        f"batch {cfg.batch_size}, {image}x{image}x3, 10 classes ({reps} reps)"
+        f"batch {cfg.batch_size}, {image}x{image}x{channels}, 10 classes ({reps} reps)"
     )
     log(f"[{name}] timing ...")
     # 1. early search: every op runs (tau-max, Gumbel noise, no masks). No separate warm-up: the
@@ -436,7 +438,7 @@ for the ratios. Both come from the same interleaved run.
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--spaces", default="paper,cifar10-cpu", help="comma-separated: paper, cifar10-cpu")
+    ap.add_argument("--spaces", default="paper,cifar10-cpu", help="comma-separated: paper, cifar10-cpu, digits")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument(
         "--threads",
