@@ -3,6 +3,7 @@
     python -m benchmarks.tune --preset digits --trials 6
     python -m benchmarks.tune --preset cifar10-cpu --trials 3 -c "num-server-rounds=20"
     python -m benchmarks.tune --preset digits --report-only     # tables from the stored studies
+    python -m benchmarks.tune --preset cifar10-cpu --range fedavg.local-epochs=4,8,12,16 --out DIR --docs PAGE
 
 Each method gets its own Optuna study (TPE sampler, median pruner) in one SQLite file per preset
 (``benchmarks/results/tune/<preset>.db``), so a study resumes where it stopped and every trial can
@@ -12,7 +13,8 @@ the union of the clients' local test splits, carved from the training data and n
 The objective is the deployed model's mean validation accuracy over the run's last 3 rounds; a
 trial whose accuracy so far, read from its ``rounds.jsonl`` while it runs, falls below the median
 of earlier trials at the same round is stopped (pruned). Every method gets the same number of
-trials over the ranges in ``SEARCH_SPACES``; ``docs/tuning-<preset>.md`` gets the tables.
+trials over the ranges in ``SEARCH_SPACES`` (``--range`` widens one where a study's best sat at its
+edge; a study stores the ranges it searched); ``docs/tuning-<preset>.md`` (``--docs``) gets the tables.
 """
 
 from __future__ import annotations
