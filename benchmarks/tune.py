@@ -227,6 +227,23 @@ def finished_trials(study) -> list:
     return [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
 
 
+def preset_values(preset: str, method: str, space: dict[str, tuple], overrides: list[str]) -> dict[str, Any]:
+    """The preset's own values of the keys a method is tuned over (its table in ``conf/<preset>.toml``
+    with the study's overrides): enqueued as one trial, so the report shows where the preset stands."""
+    from harness.cli import resolve_run_config
+
+    flat, _ = resolve_run_config([str(ROOT / "conf" / f"{preset}.toml"), *overrides, f'method="{method}"'])
+    values = {k: flat[k] for k in space}
+    outside = [k for k, v in values.items() if not _within(space[k], v)]
+    if outside:
+        raise SystemExit(f"--enqueue-preset: the preset's {', '.join(outside)} lie outside the {method} ranges")
+    return values
+
+
+def _within(spec: tuple, value: Any) -> bool:
+    return spec[1] <= value <= spec[2] if spec[0] == "float" else value in spec[1]
+
+
 def study_space(study, method: str, ranges: dict[str, dict[str, tuple]] | None = None) -> dict[str, tuple]:
     """The ranges a study searches: fixed by its first run (stored with it), so a resumed study and
     its report never mix ranges."""
@@ -247,6 +264,7 @@ def tune(
     overrides: list[str],
     clients: int,
     ranges: dict[str, dict[str, tuple]] | None = None,
+    enqueue_preset: bool = False,
 ) -> None:
     out_root.mkdir(parents=True, exist_ok=True)
     for method in methods:
@@ -254,6 +272,9 @@ def tune(
         space = study_space(study, method, ranges)
         if "ranges" not in study.user_attrs:
             study.set_user_attr("ranges", {k: list(v) for k, v in space.items()})
+            if enqueue_preset:  # a new study: its first trial is the preset's setting
+                values = preset_values(preset, method, space, overrides)
+                study.enqueue_trial(values, user_attrs={"enqueued": "the preset's setting"})
         close_interrupted_trials(study)
         todo = trials - len(finished_trials(study))
         if todo > 0:
@@ -275,14 +296,20 @@ def _describe(spec: tuple) -> str:
 
 
 def report(
-    preset: str, methods: list[str], out_root: Path, overrides: list[str], docs: Path | None = None
+    preset: str,
+    methods: list[str],
+    out_root: Path,
+    overrides: list[str],
+    docs: Path | None = None,
+    flags: str = "",
 ) -> dict[str, Any]:
+    """``flags``: the command's other options, shown as given (``--range``, ``--out``, ...)."""
     import optuna
 
     lines = [
         f"# Tuning on `{preset}`",
         "",
-        f"`python -m benchmarks.tune --preset {preset}" + "".join(f" -c '{o}'" for o in overrides) + "` "
+        f"`python -m benchmarks.tune --preset {preset}{flags}" + "".join(f" -c '{o}'" for o in overrides) + "` "
         f"(TPE sampler, median pruner; this page written with Optuna {optuna.__version__}; studies in "
         f"`{_shown(out_root / f'{preset}.db')}`). Objective: the deployed model's mean accuracy over the "
         f"last {LAST_ROUNDS} rounds on the validation split (the clients' local test splits, carved "
@@ -318,11 +345,8 @@ def report(
                 f"{t.params[k]:.4g}" if isinstance(t.params.get(k), float) else str(t.params.get(k, "-")) for k in keys
             )
             secs = t.user_attrs.get("total_time_s")
-            lines.append(
-                f"| {t.number} | {t.state.name.lower()} | {params} | {shown} | {secs:.0f} |"
-                if secs
-                else f"| {t.number} | {t.state.name.lower()} | {params} | {shown} | - |"
-            )
+            state = t.state.name.lower() + (f" ({t.user_attrs['enqueued']})" if t.user_attrs.get("enqueued") else "")
+            lines.append(f"| {t.number} | {state} | {params} | {shown} | {f'{secs:.0f}' if secs else '-'} |")
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         finished = finished_trials(study)
         failed = len(study.trials) - len(finished)
@@ -367,6 +391,11 @@ def main(argv: list[str] | None = None) -> None:
         help="widen one range: METHOD.KEY=LOW..HIGH or METHOD.KEY=A,B,C (stored with the study)",
     )
     parser.add_argument("--docs", type=Path, help="the report's page (default docs/tuning-<preset>.md)")
+    parser.add_argument(
+        "--enqueue-preset",
+        action="store_true",
+        help="a new study's first trial is the preset's own setting (one of the --trials, for every method)",
+    )
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
@@ -382,8 +411,15 @@ def main(argv: list[str] | None = None) -> None:
         ranges.setdefault(method, {})[key] = spec
     out = args.out.resolve()
     if not args.report_only:
-        tune(args.preset, methods, args.trials, out, args.run_config, args.clients, ranges)
-    report(args.preset, methods, out, args.run_config, args.docs)
+        tune(args.preset, methods, args.trials, out, args.run_config, args.clients, ranges, args.enqueue_preset)
+    flags = "".join(f" --range {r}" for r in args.range)
+    if args.methods != ",".join(METHODS):
+        flags += f" --methods {args.methods}"
+    if out != (ROOT / "benchmarks" / "results" / "tune").resolve():
+        flags += f" --out {_shown(out)}"
+    if args.docs:
+        flags += f" --docs {_shown(args.docs.resolve())}"
+    report(args.preset, methods, out, args.run_config, args.docs, flags)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from benchmarks.tune import (
     close_interrupted_trials,
     load_study,
     parse_range,
+    preset_values,
     search_space,
     study_space,
     suggest,
@@ -88,3 +89,18 @@ def test_a_widened_range_is_drawn_from_and_fixed_with_its_study(tmp_path):
 def test_a_bad_range_is_refused_naming_it(text):
     with pytest.raises(ValueError, match="--range"):
         parse_range(text)
+
+
+def test_the_preset_setting_can_be_one_of_the_trials(tmp_path):
+    """Every method's first trial can be its preset's own values, so the study shows where it stands."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = search_space("fedavg", {"fedavg": {"local-epochs": ("choice", [4, 8, 12, 16])}})
+    values = preset_values("cifar10-cpu", "fedavg", space, [])
+    assert values == {"outer-lr-w": 0.0277, "weight-decay": 1.59e-05, "local-epochs": 8}  # conf/cifar10-cpu.toml
+    tune("cifar10-cpu", ["fedavg"], 0, tmp_path, [], 10, {"fedavg": {"local-epochs": ("choice", [4, 8, 12, 16])}}, True)
+    waiting = load_study("cifar10-cpu", "fedavg", tmp_path).trials
+    assert len(waiting) == 1 and waiting[0].user_attrs["enqueued"] == "the preset's setting"
+    with pytest.raises(SystemExit, match="outside"):
+        preset_values(
+            "cifar10-cpu", "fedavg", search_space("fedavg", {"fedavg": {"local-epochs": ("choice", [1, 2])}}), []
+        )
