@@ -70,11 +70,15 @@ def profile(items: list[str], out: Path, cores: int, plain_flwr: bool = False) -
     }
     phases: dict[str, dict[str, float]] = {}
     for previous, r in zip(rows, rows[1:], strict=False):
-        p = phases.setdefault(phase_of(previous), {"rounds": 0, "wall": 0.0, "client": 0.0, "server": 0.0})
+        p = phases.setdefault(
+            phase_of(previous), {"rounds": 0, "wall": 0.0, "client": 0.0, "server": 0.0, "reply-wait": 0.0}
+        )
         p["rounds"] += 1
         p["wall"] += r["round-s"]
         p["client"] += r["client-s-sum"] / cores
         p["server"] += r["server-s"]
+        if r.get("replies-in-s") is not None and r.get("last-client-end-s") is not None:
+            p["reply-wait"] += r["replies-in-s"] - r["last-client-end-s"]  # the last reply's trip and pulls
     parts.update({f"rounds 2+: {k}": v["wall"] for k, v in phases.items()})
     parts["end of run"] = t_exit - last_end
     return {
@@ -115,16 +119,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {k} | {v:.1f} | {100 * v / total:.0f} % |")
     print(f"| **whole command** | **{total:.1f}** | |")
     print(
-        "\n| rounds 2+ by phase | rounds | wall s | client work per core s | server s | rest (Flower, Ray, waiting) s |"
+        "\n| rounds 2+ by phase | rounds | wall s | client work per core s | server s | rest (Flower, Ray, waiting) s "
+        "| of which: last client's end to its reply at the server s |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    fields = ("rounds", "wall", "client", "server", "reply-wait")
     for k in results[0]["phases"]:
-        p = {
-            f: med(r["phases"].get(k, {}).get(f, 0.0) for r in results) for f in ("rounds", "wall", "client", "server")
-        }
+        p = {f: med(r["phases"].get(k, {}).get(f, 0.0) for r in results) for f in fields}
         print(
             f"| {k} | {p['rounds']:.0f} | {p['wall']:.1f} | {p['client']:.1f} | {p['server']:.1f} | "
-            f"{p['wall'] - p['client'] - p['server']:.1f} |"
+            f"{p['wall'] - p['client'] - p['server']:.1f} | {p['reply-wait']:.1f} |"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

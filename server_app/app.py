@@ -87,6 +87,17 @@ def _reply_metric(replies: list[Message], name: str) -> list[float]:
     ]
 
 
+def _last_client_end(replies: list[Message], t_round: float) -> float | None:
+    ends = [
+        float(m.content["metrics"]["started-at"]) + float(m.content["metrics"]["client-seconds"])
+        for m in replies
+        if not m.has_error()
+        and "metrics" in m.content.metric_records
+        and {"started-at", "client-seconds"} <= set(m.content["metrics"].keys())
+    ]
+    return max(ends) - t_round if ends else None
+
+
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
@@ -212,6 +223,7 @@ class Experiment:
             messages = list(strategy.configure_train(rnd, live, config, self.grid))
         bytes_sent = sum(_record_bytes(m) for m in messages)
         replies = sorted(send_and_receive(self.grid, messages, cfg.round_timeout), key=client_order)
+        replies_in = time.time() - t_round
         bytes_received = sum(_record_bytes(m) for m in replies)
         client_seconds = _reply_metric(replies, "client-seconds")
         self.progress.nodes_seen.update(m.metadata.src_node_id for m in replies)
@@ -251,6 +263,10 @@ class Experiment:
             "client-s-sum": sum(client_seconds),  # with round-s and server-s: the framework's share of the round
             "round-started-at": t_round,  # unix time: with the first client's start, where a run's time goes
             "first-client-start-s": min(_reply_metric(replies, "started-at"), default=t_round) - t_round,
+            # when the last client finished and when the server had every reply: the gap is the
+            # transport's and the pulls' wait (one clock in simulation; across machines, clock skew too)
+            "last-client-end-s": _last_client_end(replies, t_round),
+            "replies-in-s": replies_in,
             "client-steps-mean": _mean(_reply_metric(replies, "steps")),  # optimizer steps per client
             "client-images-mean": _mean(_reply_metric(replies, "images")),  # images through forward+backward per client
             "server-s": server_seconds,  # aggregation, masks, test-set evaluation

@@ -3,8 +3,10 @@
 Flower 1.42's ``HttpGrid.send_and_receive`` (the grid a ServerApp gets under ``flwr run``, in
 simulation and deployment alike) sleeps 3 s between pulls, so a round whose clients are done in
 0.5 s still waits 3 s, and every round's time is rounded up to the next 3 s. Here the pulls start
-at 20 ms apart and back off to 0.5 s: short rounds end when their last reply lands, long rounds
-cost a few pulls a second (each one small request to the SuperLink).
+at 20 ms apart and back off to 0.1 s: a round ends within about 0.1 s of its last reply, and a long
+round costs ten small requests a second to the SuperLink. (With a 0.5 s cap, a default-run round of
+1.5 s waited 0.25 s on average for its last reply: rounds.jsonl's ``replies-in-s`` against
+``last-client-end-s`` shows the wait.)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Iterable
 from flwr.app import Message
 
 FIRST_POLL_S = 0.02
-MAX_POLL_S = 0.5
+MAX_POLL_S = 0.1
 BACKOFF = 1.5
 
 

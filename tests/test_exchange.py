@@ -32,6 +32,16 @@ def test_collects_every_reply_soon_after_the_last_one_lands():
     assert 0.3 <= took < 1.0  # Flower's HttpGrid would take 3 s here (one sleep of 3 s)
 
 
+def test_a_late_reply_is_collected_within_a_short_poll():
+    """Backing off to 0.5 s made a reply landing at 1.5 s wait until 1.99 s; the 0.1 s cap keeps it
+    within about 0.1 s (a default-run round is ~1.5 s: the wait was a sixth of it)."""
+    grid = SlowGrid([1.5])
+    t0 = time.monotonic()
+    replies = send_and_receive(grid, ["a"], timeout=10)
+    assert len(replies) == 1
+    assert time.monotonic() - t0 < 1.5 + 0.3
+
+
 def test_stops_at_the_timeout_with_what_arrived():
     grid = SlowGrid([0.0, 60.0])
     t0 = time.monotonic()
