@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out.resolve()
     if not args.report_only:
         tune(args.preset, methods, args.trials, out, args.run_config, args.clients, ranges, args.enqueue_preset)
-    flags = "".join(f" --range {r}" for r in args.range)
+    flags = "".join(f" --range {r}" for r in args.range) + (" --enqueue-preset" if args.enqueue_preset else "")
     if args.methods != ",".join(METHODS):
         flags += f" --methods {args.methods}"
     if out != (ROOT / "benchmarks" / "results" / "tune").resolve():

@@ -79,21 +79,21 @@ def main(grid: Grid, context: Context) -> None:
             raise SystemExit(2) from None
 
 
+def _reply_metrics(replies: list[Message]) -> list:
+    """The metrics record of every reply that has one (no error)."""
+    return [m.content["metrics"] for m in replies if not m.has_error() and "metrics" in m.content.metric_records]
+
+
 def _reply_metric(replies: list[Message], name: str) -> list[float]:
-    return [
-        float(m.content["metrics"][name])
-        for m in replies
-        if not m.has_error() and "metrics" in m.content.metric_records and name in m.content["metrics"]
-    ]
+    return [float(r[name]) for r in _reply_metrics(replies) if name in r]
 
 
 def _last_client_end(replies: list[Message], t_round: float) -> float | None:
+    """When the last client finished its round's work, from the round's start."""
     ends = [
-        float(m.content["metrics"]["started-at"]) + float(m.content["metrics"]["client-seconds"])
-        for m in replies
-        if not m.has_error()
-        and "metrics" in m.content.metric_records
-        and {"started-at", "client-seconds"} <= set(m.content["metrics"].keys())
+        float(r["started-at"]) + float(r["client-seconds"])
+        for r in _reply_metrics(replies)
+        if "started-at" in r and "client-seconds" in r
     ]
     return max(ends) - t_round if ends else None
 

@@ -51,7 +51,7 @@ class CellSlot:
 class Stem(nn.Sequential):
     """Conv + BatchNorm, its output in the fast path's memory format. On a one-channel input (digits)
     a channels_last tensor is also contiguous, so the convolution returns NCHW and every op after it
-    would run on the slow layout (max pooling ~5x slower, a local step ~1.4x): the output is laid out
+    would run on the slow layout (max pooling 3-5x slower, a local step ~1.4x): the output is laid out
     again here, once, for the supernet and the derived network alike."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
