@@ -220,7 +220,7 @@ def discrete_local_step(net: DiscreteNetwork, cfg: RunConfig, support, query) ->
 def op_pass(name: str, c: int, size: int, batch: int, device: torch.device, fast: bool) -> Callable[[], None]:
     """One op on one edge (stride 1) with its mixing weight, forward+backward, as a cell runs it."""
     torch.manual_seed(0)
-    op = make_op(name, c, 1).to(device)
+    op = make_op(name, c, 1, "batch").to(device)  # the default space's BatchNorm
     with S.fast_path(fast):
         x = S.to_fast_layout(torch.randn(batch, c, size, size, device=device)).requires_grad_(True)
     w = torch.tensor(0.3, device=device, requires_grad=True)

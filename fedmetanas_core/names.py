@@ -24,6 +24,7 @@ PRIMITIVES = (
 # the separable ops, cheap per MAC, cannot at the same width (docs/cost-aware.md)
 KNOWN_OPS = (*PRIMITIVES, "conv_3x3")
 CELL_TYPES = ("normal", "reduce")
+NORMS = ("batch", "group")  # the ops' normalisation (fedmetanas_core.space.ops.norm_layer)
 COST_KINDS = ("macs", "params", "latency-ms")  # what a budget limits (fedmetanas_core.method.budget)
 NET_PREFIX = "net."
 ARCH_PREFIX = "arch."

@@ -19,7 +19,7 @@ from helpers import randomize_arch, tiny_space
 from fedmetanas_core import space as S
 from fedmetanas_core.method.genotype import DiscreteNetwork, SimpleCNN, derive_genotype
 from fedmetanas_core.method.maml import InnerLoop, fomaml_task_gradient, second_order_task_gradient
-from fedmetanas_core.names import KNOWN_OPS
+from fedmetanas_core.names import KNOWN_OPS, NORMS
 from fedmetanas_core.space import RelaxSettings, SearchModel, SpaceConfig, arch_param_name, is_arch, kernels, make_op
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
@@ -101,8 +101,9 @@ def test_depthwise_conv_double_backward(k, d, s):
 
 @pytest.mark.parametrize("name", [op for op in KNOWN_OPS if op != "none"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_each_op_fast_equals_eager_float32(name, stride):
-    op = make_op(name, 8, stride)
+@pytest.mark.parametrize("norm", NORMS)
+def test_each_op_fast_equals_eager_float32(name, stride, norm):
+    op = make_op(name, 8, stride, norm)
     x0 = torch.randn(16, 8, 16, 16)
     scale0 = torch.tensor(0.7)
     results = []
@@ -124,7 +125,7 @@ def test_each_op_fast_equals_eager_float32(name, stride):
 @pytest.mark.parametrize("size", [8, 7])
 def test_pixel_phases_factorized_reduce_equals_eager_and_double_backward(size):
     """The fast FactorizedReduce reads two pixel phases instead of striding; odd sizes zero-pad."""
-    op = make_op("skip_connect", 4, 2).double()
+    op = make_op("skip_connect", 4, 2, "batch").double()
     x0 = torch.randn(3, 4, size, size, dtype=torch.float64)
     out = {}
     for fast in (False, True):

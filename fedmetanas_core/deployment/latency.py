@@ -73,6 +73,8 @@ def space_signature(space: SpaceConfig, image_hw: tuple[int, int]) -> dict[str, 
         del sig["reduction_positions"]  # DARTS's layout: tables measured before the key existed stay valid
     else:
         sig["reduction_positions"] = list(space.reduction_positions)
+    if space.norm == "batch":
+        del sig["norm"]  # likewise for DARTS's BatchNorm
     sig["image_hw"] = list(image_hw)
     return sig
 
@@ -231,7 +233,7 @@ def profile_space(
     # all-skip skeleton and random cells drawn from seeds that no check uses
     calibration = calibration_genotypes(space, calibration_cells)
     modules, examples = overhead_models()
-    modules += [make_op(s.op, s.channels, s.stride) for s in shapes]
+    modules += [make_op(s.op, s.channels, s.stride, space.norm) for s in shapes]
     examples += [torch.randn(1, s.channels, s.height, s.width) for s in shapes]
     modules += [DiscreteNetwork(space, g) for g in calibration]
     examples += [torch.randn(1, space.in_channels, *image_hw)] * len(calibration)

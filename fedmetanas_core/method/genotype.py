@@ -19,7 +19,7 @@ import yaml
 
 from ..names import CELL_TYPES, arch_param_name, edge_key
 from ..space import CellBase, SearchModel, SpaceConfig, cat_channels, cell_plan, make_op, to_fast_layout
-from ..space.ops import batch_stats_bn
+from ..space.ops import norm_layer
 from ..space.relaxation import probabilities
 from ..util.atomic import atomic_write_text
 
@@ -103,9 +103,9 @@ def derive_genotype(
 class _Edge(nn.Module):
     """Holds the one chosen op under the same key path as the supernet's edge (``ops.<name>``)."""
 
-    def __init__(self, op_name: str, c: int, stride: int):
+    def __init__(self, op_name: str, c: int, stride: int, norm: str):
         super().__init__()
-        self.ops = nn.ModuleDict({op_name: make_op(op_name, c, stride)})
+        self.ops = nn.ModuleDict({op_name: make_op(op_name, c, stride, norm)})
         self.op_name = op_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,12 +113,12 @@ class _Edge(nn.Module):
 
 
 class DiscreteCell(CellBase):
-    def __init__(self, nodes, c_pp: int, c_p: int, c: int, reduction: bool, reduction_prev: bool):
-        super().__init__(c_pp, c_p, c, reduction, reduction_prev)
+    def __init__(self, nodes, c_pp: int, c_p: int, c: int, reduction: bool, reduction_prev: bool, norm: str):
+        super().__init__(c_pp, c_p, c, reduction, reduction_prev, norm)
         self.plan = [[(src, edge_key(j, src)) for _, src in node] for j, node in enumerate(nodes, start=2)]
         self.edges = nn.ModuleDict(
             {
-                edge_key(j, src): _Edge(op, c, 2 if reduction and src < 2 else 1)
+                edge_key(j, src): _Edge(op, c, 2 if reduction and src < 2 else 1, norm)
                 for j, node in enumerate(nodes, start=2)
                 for op, src in node
             }
@@ -143,7 +143,8 @@ class DiscreteNetwork(nn.Module):
         self.space, self.genotype = space, genotype
         self.stem, slots, c_out = cell_plan(space)
         self.cells = nn.ModuleList(
-            DiscreteCell(genotype.cell(s.cell_type), s.c_pp, s.c_p, s.c, s.reduction, s.reduction_prev) for s in slots
+            DiscreteCell(genotype.cell(s.cell_type), s.c_pp, s.c_p, s.c, s.reduction, s.reduction_prev, space.norm)
+            for s in slots
         )
         self.classifier = nn.Linear(c_out, space.num_classes)
 
@@ -167,7 +168,8 @@ def count_parameters(module: nn.Module) -> int:
 
 
 class SimpleCNN(nn.Module):
-    """The FedAvg baseline's standard small CNN when no genotype is given (conv-BN-ReLU x 3, pool)."""
+    """The FedAvg baseline's standard small CNN when no genotype is given (conv-norm-ReLU x 3, pool;
+    the space's normalisation, as the cell networks')."""
 
     def __init__(self, space: SpaceConfig, channels: int = 0):
         super().__init__()
@@ -175,7 +177,7 @@ class SimpleCNN(nn.Module):
         self.channels = c  # its first conv's width: what a saved model needs to be rebuilt
         layers, c_in = [], space.in_channels
         for c_out, stride in ((c, 1), (2 * c, 2), (4 * c, 2)):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), batch_stats_bn(c_out), nn.ReLU()]
+            layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), norm_layer(space.norm, c_out), nn.ReLU()]
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c_in, space.num_classes)

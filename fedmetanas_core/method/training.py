@@ -78,6 +78,7 @@ def space_from_config(
         stem_multiplier=cfg.stem_multiplier,
         primitives=cfg.primitive_list,
         reduction_positions=cfg.reduction_positions,
+        norm=cfg.norm,
         input_pruning=cfg.input_pruning if cfg.method == "fedmetanas" else False,
     )
 

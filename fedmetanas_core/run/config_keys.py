@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..names import COST_KINDS, KNOWN_OPS, PRIMITIVES
+from ..names import COST_KINDS, KNOWN_OPS, NORMS, PRIMITIVES
 from ..threats.attacks import ALPHA_DEFENCES, ATTACKS, parse_attack_clients
 from ..threats.privacy import DP_MODES
 
@@ -352,6 +352,15 @@ KEYS: tuple[Key, ...] = (
         "space",
     ),
     Key("stem-multiplier", 3, "stem output channels = stem-multiplier x init-channels", _at_least(1), "space"),
+    Key(
+        "norm",
+        "batch",
+        "batch | group: the normalisation in every op, stem and CNN (stateless, no affine parameters); batch = "
+        "BatchNorm on batch statistics (DARTS's); group = GroupNorm with one group, per image (independent of a "
+        "non-IID client's class mix in a batch)",
+        _choice(NORMS),
+        "space",
+    ),
     Key(
         "primitives",
         ",".join(PRIMITIVES),

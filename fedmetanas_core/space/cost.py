@@ -112,14 +112,15 @@ def count_macs(module: nn.Module, example: torch.Tensor) -> int:
 def op_macs(shape: OpShape) -> float:
     if shape.op == "none":
         return 0.0
-    op = make_op(shape.op, shape.channels, shape.stride)
+    op = make_op(shape.op, shape.channels, shape.stride, "batch")  # a norm adds no MACs: it is not counted
     return float(count_macs(op, torch.zeros(1, shape.channels, shape.height, shape.width)))
 
 
 def op_params(shape: OpShape) -> float:
     if shape.op == "none":
         return 0.0
-    return float(sum(p.numel() for p in make_op(shape.op, shape.channels, shape.stride).parameters()))
+    norm_free = make_op(shape.op, shape.channels, shape.stride, "batch")  # norms have no parameters
+    return float(sum(p.numel() for p in norm_free.parameters()))
 
 
 @dataclass
@@ -250,7 +251,7 @@ def fixed_macs_and_params(space: SpaceConfig, image_hw: tuple[int, int]) -> tupl
     sizes = slot_resolutions(space, image_hw)
     prev_sizes = [image_hw, image_hw]  # (s0, s1) resolutions entering each cell
     for slot, size in zip(slots, sizes, strict=False):
-        base = CellBase(slot.c_pp, slot.c_p, slot.c, slot.reduction, slot.reduction_prev)
+        base = CellBase(slot.c_pp, slot.c_p, slot.c, slot.reduction, slot.reduction_prev, space.norm)
         s0 = torch.zeros(1, slot.c_pp, *prev_sizes[0])
         s1 = torch.zeros(1, slot.c_p, *prev_sizes[1])
         macs += count_macs(base.preprocess0, s0) + count_macs(base.preprocess1, s1)

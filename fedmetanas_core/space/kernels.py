@@ -1,9 +1,9 @@
 """CPU kernels of the supernet's fast path (``space.fastpath``): cheaper routes to the same values.
 
-Batch-statistics BatchNorm with a folded scale, depthwise convolutions whose gradients run on
-oneDNN's fast kernels, a 3x3 average pool as a depthwise conv, a channel concatenation that hands
-back dense gradients, and FactorizedReduce's two pixel phases as dense copies. Each is exact in real
-arithmetic and equal up to summation order in float.
+Normalisation (batch-statistics BatchNorm, or GroupNorm) with a folded scale, depthwise convolutions
+whose gradients run on oneDNN's fast kernels, a 3x3 average pool as a depthwise conv, a channel
+concatenation that hands back dense gradients, and FactorizedReduce's two pixel phases as dense
+copies. Each is exact in real arithmetic and equal up to summation order in float.
 """
 
 from __future__ import annotations
@@ -15,14 +15,17 @@ import torch.nn.functional as F
 from .fastpath import fast_path_enabled
 
 
-def scaled_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Batch-statistics BatchNorm (no affine, no running stats), optionally times a scalar ``scale``.
+def scaled_norm(norm: nn.Module, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A stateless normalisation without affine parameters (``ops.norm_layer``: BatchNorm on batch
+    statistics, or one-group GroupNorm), optionally times a scalar ``scale``.
 
-    Passing the scalar as BatchNorm's per-channel weight costs nothing and saves a separate multiply
-    (and its backward) over the whole activation; the gradient w.r.t. ``scale`` is the same sum.
+    Passing the scalar as the per-channel weight costs nothing and saves a separate multiply (and its
+    backward) over the whole activation; the gradient w.r.t. ``scale`` is the same sum.
     """
     weight = None if scale is None else scale.to(x.dtype).expand(x.shape[1]).contiguous()  # kernels read it densely
-    return F.batch_norm(x, None, None, weight, None, True, 0.0, bn.eps)
+    if isinstance(norm, nn.GroupNorm):
+        return F.group_norm(x, norm.num_groups, weight, None, norm.eps)
+    return F.batch_norm(x, None, None, weight, None, True, 0.0, norm.eps)
 
 
 # Depthwise convolutions on CPU. oneDNN's forward kernels are fast for every kernel size, dilation and

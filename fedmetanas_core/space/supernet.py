@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..names import edge_key
 from .fastpath import fast_path_enabled, to_fast_layout
 from .kernels import CatChannels
-from .ops import TAKES_RELU, FactorizedReduce, ReLUConvBN, batch_stats_bn, make_op
+from .ops import TAKES_RELU, FactorizedReduce, ReLUConvBN, make_op, norm_layer
 from .topology import SpaceConfig
 
 
@@ -49,7 +49,7 @@ class CellSlot:
 
 
 class Stem(nn.Sequential):
-    """Conv + BatchNorm, its output in the fast path's memory format. On a one-channel input (digits)
+    """Conv + normalisation, its output in the fast path's memory format. On a one-channel input (digits)
     a channels_last tensor is also contiguous, so the convolution returns NCHW and every op after it
     would run on the slow layout (max pooling 3-5x slower, a local step ~1.4x): the output is laid out
     again here, once, for the supernet and the derived network alike."""
@@ -61,7 +61,7 @@ class Stem(nn.Sequential):
 def cell_plan(space: SpaceConfig) -> tuple[Stem, list[CellSlot], int]:
     """The stem, each cell's slot (channels double at reduction cells), and the head's input width."""
     c_cur = space.stem_multiplier * space.init_channels
-    stem = Stem(nn.Conv2d(space.in_channels, c_cur, 3, padding=1, bias=False), batch_stats_bn(c_cur))
+    stem = Stem(nn.Conv2d(space.in_channels, c_cur, 3, padding=1, bias=False), norm_layer(space.norm, c_cur))
     c_pp, c_p, c = c_cur, c_cur, space.init_channels
     slots, reduction_prev = [], False
     for cell_type in space.cell_types():
@@ -77,31 +77,34 @@ class CellBase(nn.Module):
     """A cell's two inputs brought to ``c`` channels (the older one halved after a reduction cell);
     the search cell and the derived cell add their edges after these."""
 
-    def __init__(self, c_pp: int, c_p: int, c: int, reduction: bool, reduction_prev: bool):
+    def __init__(self, c_pp: int, c_p: int, c: int, reduction: bool, reduction_prev: bool, norm: str):
         super().__init__()
         self.reduction = reduction
-        self.preprocess0 = FactorizedReduce(c_pp, c) if reduction_prev else ReLUConvBN(c_pp, c, 1, 1, 0)
-        self.preprocess1 = ReLUConvBN(c_p, c, 1, 1, 0)
+        self.preprocess0 = FactorizedReduce(c_pp, c, norm) if reduction_prev else ReLUConvBN(c_pp, c, 1, 1, 0, norm)
+        self.preprocess1 = ReLUConvBN(c_p, c, 1, 1, 0, norm)
 
     def input_states(self, s0: torch.Tensor, s1: torch.Tensor) -> list[torch.Tensor]:
         return [self.preprocess0(s0), self.preprocess1(s1)]
 
 
 class MixedEdge(nn.Module):
-    def __init__(self, primitives: tuple[str, ...], c: int, stride: int):
+    def __init__(self, primitives: tuple[str, ...], c: int, stride: int, norm: str):
         super().__init__()
-        self.ops = nn.ModuleDict({p: make_op(p, c, stride) for p in primitives if p != "none"})
+        self.ops = nn.ModuleDict({p: make_op(p, c, stride, norm) for p in primitives if p != "none"})
         self.index = {p: i for i, p in enumerate(primitives)}
 
 
 class SearchCell(CellBase):
     def __init__(self, space: SpaceConfig, c_pp: int, c_p: int, c: int, reduction: bool, reduction_prev: bool):
-        super().__init__(c_pp, c_p, c, reduction, reduction_prev)
+        super().__init__(c_pp, c_p, c, reduction, reduction_prev, space.norm)
         topo = space.topology
         self.edge_list = topo.edges
         self.nodes = list(topo.nodes)
         self.edges = nn.ModuleDict(
-            {edge_key(j, i): MixedEdge(space.primitives, c, 2 if reduction and i < 2 else 1) for j, i in topo.edges}
+            {
+                edge_key(j, i): MixedEdge(space.primitives, c, 2 if reduction and i < 2 else 1, space.norm)
+                for j, i in topo.edges
+            }
         )
         self.primitives = space.primitives
 

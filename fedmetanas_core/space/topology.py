@@ -53,6 +53,8 @@ class SpaceConfig:
     # which cells reduce (0-based); None = DARTS's rule. Small budgets gain from reducing early: the
     # cells then spend their MACs at low resolution, as a small CNN does (docs/cost-aware.md)
     reduction_positions: tuple[int, ...] | None = None
+    # the ops' normalisation (``ops.norm_layer``): "batch" (DARTS's) or "group" (per image)
+    norm: str = "batch"
 
     def __post_init__(self) -> None:
         if self.reduction_positions is not None:  # a JSON round trip gives a list: keep the dataclass hashable
