@@ -102,6 +102,7 @@ def test_group_norm_network_exports_and_the_file_reproduces_it(digits_test, tmp_
     net = derived("group").eval()
     info = E.export_model(net, digits_test, tmp_path, normalization=([0.3], [0.37]), latency_runs=5)
     assert info["accuracy"]["torchscript_matches_eager"] == 1.0
+    assert info["calibration"]["batchnorm_layers"] == 0 and "nothing calibrated" in info["accuracy"]["note"]
     assert info["onnx"] == "ok" or info["onnx"].startswith("skipped")
     loaded, _ = P.load_exported(tmp_path / P.TORCHSCRIPT_FILE)
     x = digits_test.x[:16]

@@ -375,7 +375,9 @@ def _export(net, test, results_dir: Path, normalization, calibration_size, laten
             "heldout_images": len(held_idx),
             "test": acc_full,
             "test_images": n,
-            "note": "summary.json's final_test_accuracy is the same network with batch statistics",
+            "note": "summary.json's final_test_accuracy is the same network with batch statistics"
+            if batch_stat_norms(reference)
+            else "summary.json's final_test_accuracy is the same network (per-image norms: nothing calibrated)",
             "torchscript_matches_eager": float((pred_ts[check] == pred_eager).float().mean()),
             "torchscript_matches_eager_images": len(check),
         },
