@@ -17,14 +17,22 @@ mkdir -p "$out"
 trees=$(mktemp -d)
 trap 'for t in "$trees"/*; do git -C "$repo" worktree remove --force "$t" 2>/dev/null || true; done; rm -rf "$trees"' EXIT
 
+free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
 run() { # name rev
   local tree="$trees/$1" module=harness.cli
   git -C "$repo" worktree add --detach -q "$tree" "$2"
   [ -f "$tree/harness/cli.py" ] || module=fedmetanas_core.cli  # the CLI's home before harness/ existed
-  local t0 t1
+  # its own Flower home and ports: an older CLI may leave its local SuperLink running, stopped below by PID
+  local home="$trees/flwr-$1" t0 t1 pid
+  mkdir -p "$home"
   t0=$(date +%s.%N)
-  (cd "$tree" && PYTHONPATH="$tree" python -m "$module" run -c "$preset" -c "results-dir=\"$out/$1\"") > "$out/$1.log" 2>&1
+  (cd "$tree" && FLWR_HOME="$home" FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=$(free_port) FLWR_LOCAL_CONTROL_API_PORT=$(free_port) \
+    PYTHONPATH="$tree" python -m "$module" run -c "$preset" -c "results-dir=\"$out/$1\"") > "$out/$1.log" 2>&1
   t1=$(date +%s.%N)
+  for pid in $(pgrep -f flower-superlink || true); do
+    if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "FLWR_HOME=$home"; then kill "$pid"; fi
+  done
   python - "$out" "$1" "$2" "$t0" "$t1" <<'EOF'
 import json, sys
 from pathlib import Path
