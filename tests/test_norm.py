@@ -27,10 +27,10 @@ OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def space(norm: str, in_channels: int = 1) -> SpaceConfig:
+def space(norm: str) -> SpaceConfig:
     return SpaceConfig(
         num_classes=10,
-        in_channels=in_channels,
+        in_channels=1,
         init_channels=4,
         num_cells=2,
         num_nodes=2,

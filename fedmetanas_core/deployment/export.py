@@ -312,6 +312,7 @@ def _export(net, test, results_dir: Path, normalization, calibration_size, laten
 
     calib_idx, held_idx = calibration_split(n, calibration_size)
     reference = copy.deepcopy(net).cpu().eval()
+    calibrated_layers = len(batch_stat_norms(reference))  # 0 when the network normalises per image
     model = calibrate_batchnorm(reference, x[calib_idx])
     with torch.no_grad():
         calib_gap = float((model(x[calib_idx]) - reference(x[calib_idx])).abs().max())
@@ -367,7 +368,7 @@ def _export(net, test, results_dir: Path, normalization, calibration_size, laten
             "data": "fixed subset of the server's test split (labels unused)",
             "images": len(calib_idx),
             "seed": CALIBRATION_SEED,
-            "batchnorm_layers": len(batch_stat_norms(reference)),
+            "batchnorm_layers": calibrated_layers,
             "max_abs_logit_diff_on_calibration_batch": calib_gap,
         },
         "accuracy": {
@@ -376,7 +377,7 @@ def _export(net, test, results_dir: Path, normalization, calibration_size, laten
             "test": acc_full,
             "test_images": n,
             "note": "summary.json's final_test_accuracy is the same network with batch statistics"
-            if batch_stat_norms(reference)
+            if calibrated_layers
             else "summary.json's final_test_accuracy is the same network (per-image norms: nothing calibrated)",
             "torchscript_matches_eager": float((pred_ts[check] == pred_eager).float().mean()),
             "torchscript_matches_eager_images": len(check),
