@@ -79,6 +79,7 @@ def space_from_config(
         primitives=cfg.primitive_list,
         reduction_positions=cfg.reduction_positions,
         norm=cfg.norm,
+        search_norm=cfg.search_norm,
         input_pruning=cfg.input_pruning if cfg.method == "fedmetanas" else False,
     )
 

@@ -58,10 +58,11 @@ class Stem(nn.Sequential):
         return to_fast_layout(super().forward(to_fast_layout(x)))
 
 
-def cell_plan(space: SpaceConfig) -> tuple[Stem, list[CellSlot], int]:
-    """The stem, each cell's slot (channels double at reduction cells), and the head's input width."""
+def cell_plan(space: SpaceConfig, norm: str | None = None) -> tuple[Stem, list[CellSlot], int]:
+    """The stem (its normalisation ``norm``, default the space's), each cell's slot (channels double
+    at reduction cells), and the head's input width."""
     c_cur = space.stem_multiplier * space.init_channels
-    stem = Stem(nn.Conv2d(space.in_channels, c_cur, 3, padding=1, bias=False), norm_layer(space.norm, c_cur))
+    stem = Stem(nn.Conv2d(space.in_channels, c_cur, 3, padding=1, bias=False), norm_layer(norm or space.norm, c_cur))
     c_pp, c_p, c = c_cur, c_cur, space.init_channels
     slots, reduction_prev = [], False
     for cell_type in space.cell_types():
@@ -96,13 +97,13 @@ class MixedEdge(nn.Module):
 
 class SearchCell(CellBase):
     def __init__(self, space: SpaceConfig, c_pp: int, c_p: int, c: int, reduction: bool, reduction_prev: bool):
-        super().__init__(c_pp, c_p, c, reduction, reduction_prev, space.norm)
+        super().__init__(c_pp, c_p, c, reduction, reduction_prev, space.supernet_norm)
         topo = space.topology
         self.edge_list = topo.edges
         self.nodes = list(topo.nodes)
         self.edges = nn.ModuleDict(
             {
-                edge_key(j, i): MixedEdge(space.primitives, c, 2 if reduction and i < 2 else 1, space.norm)
+                edge_key(j, i): MixedEdge(space.primitives, c, 2 if reduction and i < 2 else 1, space.supernet_norm)
                 for j, i in topo.edges
             }
         )
@@ -157,7 +158,7 @@ class Supernet(nn.Module):
     def __init__(self, space: SpaceConfig):
         super().__init__()
         self.space = space
-        self.stem, slots, c_out = cell_plan(space)
+        self.stem, slots, c_out = cell_plan(space, space.supernet_norm)
         self.cells = nn.ModuleList(SearchCell(space, s.c_pp, s.c_p, s.c, s.reduction, s.reduction_prev) for s in slots)
         self.classifier = nn.Linear(c_out, space.num_classes)
 

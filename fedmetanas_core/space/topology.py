@@ -55,10 +55,18 @@ class SpaceConfig:
     reduction_positions: tuple[int, ...] | None = None
     # the ops' normalisation (``ops.norm_layer``): "batch" (DARTS's) or "group" (per image)
     norm: str = "batch"
+    # the supernet's while the cell is undecided ("": ``norm``); the derived network always has ``norm``
+    search_norm: str = ""
 
     def __post_init__(self) -> None:
         if self.reduction_positions is not None:  # a JSON round trip gives a list: keep the dataclass hashable
             object.__setattr__(self, "reduction_positions", tuple(sorted(self.reduction_positions)))
+
+    @property
+    def supernet_norm(self) -> str:
+        """Batch statistics give the search its fast start; per-image statistics suit the derived
+        network on skewed clients (docs/results-frontier.md): the two may differ."""
+        return self.search_norm or self.norm
 
     @property
     def topology(self) -> CellTopology:
