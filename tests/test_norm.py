@@ -27,7 +27,7 @@ OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def space(norm: str) -> SpaceConfig:
+def space(norm: str, search_norm: str = "") -> SpaceConfig:
     return SpaceConfig(
         num_classes=10,
         in_channels=1,
@@ -37,12 +37,13 @@ def space(norm: str) -> SpaceConfig:
         stem_multiplier=2,
         primitives=OPS,
         norm=norm,
+        search_norm=search_norm,
     )
 
 
-def derived(norm: str, seed: int = 0) -> DiscreteNetwork:
+def derived(norm: str, seed: int = 0, search_norm: str = "") -> DiscreteNetwork:
     torch.manual_seed(seed)
-    model = SearchModel(space(norm))
+    model = SearchModel(space(norm, search_norm))
     with torch.no_grad():
         for p in model.arch.parameters():
             p.normal_()
@@ -127,3 +128,27 @@ def test_a_latency_table_is_for_one_norm():
     valid) and names the norm otherwise, so a table of the other norm is refused."""
     batch, group = space_signature(space("batch"), (8, 8)), space_signature(space("group"), (8, 8))
     assert "norm" not in batch and group["norm"] == "group" and batch != group
+
+
+def test_search_norm_searches_on_batch_statistics_and_derives_a_per_image_network():
+    """``norm="group" search-norm="batch"``: the supernet (until the cell is decided) uses batch
+    statistics, the derived network (the client's discrete-phase network, the server's evaluated
+    and exported one) normalises per image, with the same state, so aggregation and checkpoints
+    do not see the difference; a latency table is the derived network's, so it follows ``norm``."""
+    mixed = space("group", "batch")
+    assert norm_kinds(SearchModel(mixed).net) == {nn.BatchNorm2d}
+    assert SearchModel(mixed).state_dict().keys() == SearchModel(space("group")).state_dict().keys()
+    net = derived("group", search_norm="batch")
+    assert norm_kinds(net) == {nn.GroupNorm}
+    torch.testing.assert_close(net.state_dict(), derived("group").state_dict())
+    x = torch.randn(12, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)[:4], net(x[:4]), atol=1e-5, rtol=1e-5)
+    assert space_signature(mixed, (8, 8)) == space_signature(space("group"), (8, 8))
+    from fedmetanas_core.method.training import space_from_config
+
+    cfg = RunConfig.from_flat({"norm": "group", "search-norm": "batch"}, check_paths=False)
+    assert space_from_config(cfg, 10, 1).supernet_norm == "batch" and space_from_config(cfg, 10, 1).norm == "group"
+    assert space_from_config(RunConfig.from_flat({}, check_paths=False), 10, 1).supernet_norm == "batch"
+    with pytest.raises(ConfigError, match="search-norm"):
+        RunConfig.from_flat({"search-norm": "layer"}, check_paths=False)

@@ -75,6 +75,7 @@ def space_signature(space: SpaceConfig, image_hw: tuple[int, int]) -> dict[str, 
         sig["reduction_positions"] = list(space.reduction_positions)
     if space.norm == "batch":
         del sig["norm"]  # likewise for DARTS's BatchNorm
+    del sig["search_norm"]  # the supernet's while it searches: a table is the derived network's
     sig["image_hw"] = list(image_hw)
     return sig
 

@@ -11,6 +11,7 @@ bounded (``RUN_CONFIGS``), like its data (``data.node_cache``).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +34,9 @@ from .coordinator import plan_from_config
 
 # by run id: an actor serving run after run (a long-lived SuperNode, a Ray cluster) keeps the last few
 RUN_CONFIGS: LruCache[int, RunConfig] = LruCache(8)
+# by what the network is: a node reloads the round's weights into the network it built last round
+# rather than building it again (a supernet takes 20-40 ms to build, a discrete-cell round ~300 ms in all)
+NETWORKS: LruCache[tuple, torch.nn.Module] = LruCache(4)
 
 
 def run_config(run_id: int, flat: Mapping[str, Any]) -> RunConfig:
@@ -47,13 +51,26 @@ def node_threads(cfg: RunConfig) -> int:
 
 
 def build_model(cfg: RunConfig, config: Mapping[str, Any], device: torch.device) -> torch.nn.Module:
-    """The network the round's config describes: the supernet while searching, else the fixed one."""
+    """The network the round's config describes: the supernet while searching, else the fixed one.
+
+    Built once per process and thread, then reused (``NETWORKS``): its weights are whatever the last
+    round left, so the caller loads every weight it uses (``load_received``: the ops a mask drops
+    keep stale values, and the forward pass never runs them)."""
     width = int(config["init-channels"]) if "init-channels" in config else None  # a budget may size it
     space = space_from_config(cfg, int(config["num-classes"]), int(config["in-channels"]), width)
-    if config["phase"] == "search":
-        return SearchModel(space).to(device)
-    genotype = Genotype.from_json(config["genotype"]) if config.get("genotype") else None
-    return build_fixed_network(space, genotype, int(config.get("cnn-channels", cfg.fedavg_channels))).to(device)
+    phase, genotype_json = config["phase"], config.get("genotype") or ""
+    channels = int(config.get("cnn-channels", cfg.fedavg_channels))
+
+    def build() -> torch.nn.Module:
+        if phase == "search":
+            return SearchModel(space).to(device)
+        genotype = Genotype.from_json(genotype_json) if genotype_json else None
+        return build_fixed_network(space, genotype, channels).to(device)
+
+    key = (space, phase, genotype_json if phase != "search" else "", channels, str(device), threading.get_ident())
+    model = NETWORKS.get(key, build)
+    model.zero_grad(set_to_none=True)
+    return model.train()
 
 
 def load_received(
@@ -114,7 +131,8 @@ def train_round(
     mu = float(config.get("proximal-mu", 0.0))  # set by FedProx
     result = local_trainer(config["phase"], cfg.method)(model, data, cfg, plan, generator, device, mu)
     steps, images = result.steps, result.images
-    honest = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items() if k in own_state}
+    # copies: the network is reused next round (build_model), and a reply must not change with it
+    honest = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if k in own_state}
     for prefix, sub_config, sub_state in smaller:
         sub_plan = plan_from_config(sub_config, {k: v.shape for k, v in sub_state.items()})
         sub_model = received_network(cfg, sub_config, sub_state, sub_plan, device)
@@ -122,7 +140,7 @@ def train_round(
         sub = local_trainer(sub_config["phase"], cfg.method)(sub_model, data, cfg, sub_plan, sub_generator, device, mu)
         steps, images = steps + sub.steps, images + sub.images
         honest.update(
-            {prefix + k: v.detach().cpu().numpy() for k, v in sub_model.state_dict().items() if k in sub_state}
+            {prefix + k: v.detach().cpu().numpy().copy() for k, v in sub_model.state_dict().items() if k in sub_state}
         )
     metrics = {
         "num-examples": result.num_examples,

@@ -364,8 +364,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "search-norm",
         "",
-        "the supernet's normalisation while the cell is undecided (search phases; \"\" = norm): batch | group. "
-        "With norm=\"group\" search-norm=\"batch\" the search starts on batch statistics and the derived network "
+        'the supernet\'s normalisation while the cell is undecided (search phases; "" = norm): batch | group. '
+        'With norm="group" search-norm="batch" the search starts on batch statistics and the derived network '
         "(trained from the round its cell is decided, deployed) normalises per image",
         lambda v: None if v in ("", *NORMS) else f'must be "" (the same as norm) or one of {", ".join(NORMS)}',
         "space",
