@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import fedmetanas_core.federation.client_round as client_round
@@ -26,12 +27,29 @@ from fedmetanas_core.util.lru import LruCache
 ARMS = ("rebuild", "reuse")
 
 
+BUILD = client_round.build_model
+
+
 def one_run(arm: str, items: list[str], run_id: int) -> dict:
-    """One in-process run of ``items`` with the network built every round or reused."""
+    """One in-process run of ``items`` with the network built every round or reused; also the CPU
+    seconds the clients spent getting their network (``build_model``: a build, or a cache hit)."""
     client_round.NETWORKS = LruCache(0 if arm == "rebuild" else 4)
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = run(items, 10, Path(tmp), run_id)
-        rows = [json.loads(line) for line in (Path(tmp) / "rounds.jsonl").read_text().splitlines()]
+    spent = [0.0]
+
+    def timed_build(*args, **kwargs):
+        t0 = time.process_time()
+        try:
+            return BUILD(*args, **kwargs)
+        finally:
+            spent[0] += time.process_time() - t0
+
+    client_round.build_model = timed_build
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = run(items, 10, Path(tmp), run_id)
+            rows = [json.loads(line) for line in (Path(tmp) / "rounds.jsonl").read_text().splitlines()]
+    finally:
+        client_round.build_model = BUILD
     by_phase = {"supernet": 0.0, "discrete": 0.0}
     for row in rows:
         by_phase["discrete" if row.get("cell-decided") else "supernet"] += row.get("client-s-sum", 0.0)
@@ -40,6 +58,7 @@ def one_run(arm: str, items: list[str], run_id: int) -> dict:
         "wall_s": summary["inprocess_wall_s"],
         "client_s_supernet": round(by_phase["supernet"], 2),
         "client_s_discrete": round(by_phase["discrete"], 2),
+        "network_cpu_s": round(spent[0], 3),
         "final_test_accuracy": summary["final_test_accuracy"],
     }
 
@@ -58,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     medians = {
         arm: {
             k: statistics.median(r[k] for r in runs if r["arm"] == arm)
-            for k in ("wall_s", "client_s_supernet", "client_s_discrete")
+            for k in ("wall_s", "client_s_supernet", "client_s_discrete", "network_cpu_s")
         }
         for arm in ARMS
     }

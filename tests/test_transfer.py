@@ -164,3 +164,23 @@ def test_fedavg_sends_its_whole_network(tmp_path):
     per_client = {r["bytes-sent"] / r["replies"] for r in rows}
     assert len(per_client) == 1
     assert per_client.pop() >= 4 * summary["params"]  # parameters plus BatchNorm statistics
+
+
+@pytest.mark.parametrize("method", ["fedmetanas", "fedavg"])
+def test_a_node_reusing_its_network_gets_the_result_of_building_it_every_round(tmp_path, monkeypatch, method):
+    """Three clients on one in-process node share its reused network (``client_round.NETWORKS``), and
+    under live transfer the ops a mask drops keep the weights an earlier round left: the run must be,
+    to the last bit, the one that builds a fresh network every round."""
+    import fedmetanas_core.federation.client_round as client_round
+    from fedmetanas_core.util.lru import LruCache
+
+    results = {}
+    for arm, capacity in (("rebuild", 0), ("reuse", 4)):
+        monkeypatch.setattr(client_round, "NETWORKS", LruCache(capacity))
+        results[arm] = _run(tmp_path, 7610 + capacity + 10 * (method == "fedavg"), method=method)
+        assert (len(client_round.NETWORKS) >= 1) == (capacity > 0)  # training rounds, personalization: one each
+    (rebuilt, rebuilt_rows), (reused, reused_rows) = results["rebuild"], results["reuse"]
+    assert [r["accuracy"] for r in reused_rows] == [r["accuracy"] for r in rebuilt_rows]
+    assert [r["loss"] for r in reused_rows] == [r["loss"] for r in rebuilt_rows]
+    assert reused["final_test_accuracy"] == rebuilt["final_test_accuracy"]
+    assert reused.get("genotype") == rebuilt.get("genotype")
