@@ -35,7 +35,8 @@ def loss_on(
     """Cross-entropy on ``batch`` at ``params``, plus ``penalty(params)`` (a budget's cost term of the
     architecture logits: the task learner and the meta learner see the same objective)."""
     x, y = batch
-    loss = F.cross_entropy(functional_call(model, params, (x,), forward_kwargs), y)
+    # no tied weights in these networks: without the check, a call skips a walk over every module
+    loss = F.cross_entropy(functional_call(model, params, (x,), forward_kwargs, tie_weights=False), y)
     return loss if penalty is None else loss + penalty(params)
 
 

@@ -251,8 +251,9 @@ def meta_train(
     opt_w = weight_optimizer(weights, cfg, plan.lr_w)
     anchors = _anchor(weights, proximal_mu)
     losses, images = [], 0
+    named = list(module.named_parameters())  # walked once: the steps update these tensors in place
     for _ in range(cfg.local_meta_iters):
-        params = dict(module.named_parameters())
+        params = dict(named)
         task_results = []
         for _ in range(cfg.tasks_per_meta_batch):
             support = _to(support_stream.next_batch(), device)
@@ -268,12 +269,12 @@ def meta_train(
         losses.append(float(np.mean([r[1] for r in task_results])))
         if cfg.meta_learner == "reptile":
             with torch.no_grad():
-                for name, p in module.named_parameters():
+                for name, p in named:
                     if is_arch(name) and opt_a is None:
                         continue
                     p.add_(direction[name], alpha=cfg.reptile_lr_alpha if is_arch(name) else cfg.reptile_lr_w)
             continue
-        for name, p in module.named_parameters():
+        for name, p in named:
             p.grad = direction[name]
         _add_proximal(anchors, proximal_mu)
         _clip(weights.parameters(), cfg.grad_clip)
