@@ -252,6 +252,7 @@ def meta_train(
     anchors = _anchor(weights, proximal_mu)
     losses, images = [], 0
     named = list(module.named_parameters())  # walked once: the steps update these tensors in place
+    weight_params = list(weights.parameters())
     for _ in range(cfg.local_meta_iters):
         params = dict(named)
         task_results = []
@@ -277,11 +278,12 @@ def meta_train(
         for name, p in named:
             p.grad = direction[name]
         _add_proximal(anchors, proximal_mu)
-        _clip(weights.parameters(), cfg.grad_clip)
+        _clip(weight_params, cfg.grad_clip)
         opt_w.step()
         if opt_a is not None:
             opt_a.step()
-        module.zero_grad(set_to_none=True)
+        for _, p in named:  # module.zero_grad(set_to_none=True) without walking the modules again
+            p.grad = None
     return LocalResult(len(support_stream.data), float(np.mean(losses)), cfg.local_meta_iters, images)
 
 
