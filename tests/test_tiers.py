@@ -291,3 +291,30 @@ def test_a_cnn_tier_nothing_fits_is_named_with_the_runs_tiers_at_the_servers_sta
     (phase,) = tiered_phases(RunConfig.from_flat(flat, check_paths=False), digits_test, torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"'tiers' = 'macs:300,macs:160000'.*tier macs:300: .*fits"):
         phase.start(Handoff())
+
+
+def test_each_tiers_clients_search_with_their_tiers_cost_term(digits_test):
+    """The run's own budget is empty here (it may also be the smallest tier's): a client must pull
+    its expected cost to its tier's budget, which the server sends with the tier's cost model;
+    reading the run's would leave the tiers without a cost term (or give every tier the smallest's)."""
+    from fedmetanas_core.federation.coordinator import plan_from_config
+    from fedmetanas_core.federation.phases import Handoff
+    from fedmetanas_core.federation.tiered import tiered_phases
+    from fedmetanas_core.method.training import cost_penalty
+    from fedmetanas_core.names import is_arch
+
+    flat = {"dataset": "digits", "tiers": "macs:20000,macs:60000", "init-channels": 0, "reduction-cells": "0,1"}
+    cfg = RunConfig.from_flat(flat, check_paths=False)
+    assert cfg.budget == ""
+    (phase,) = tiered_phases(cfg, digits_test, torch.device("cpu"))
+    phase.start(Handoff())
+    state = phase.initial_state()
+    for i, limit in enumerate((20000.0, 60000.0)):
+        config, arrays = phase.tier_round(i, 1, state)  # what tier i's client gets
+        tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}
+        plan = plan_from_config(config, {k: v.shape for k, v in tensors.items()})
+        penalty = cost_penalty(cfg, plan)
+        assert penalty is not None
+        arch = {k: v for k, v in tensors.items() if is_arch(k)}
+        expected = float(plan.cost.expected_cost(arch, plan.masks))
+        assert float(penalty(arch)) == pytest.approx(abs(expected / limit - 1.0))

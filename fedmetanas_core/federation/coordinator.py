@@ -25,6 +25,7 @@ from ..util.seeding import derive_seed
 
 MASK_PREFIX = "mask:"
 COST_MODEL_KEY = "cost-model"  # the budget's cost tables: clients need no latency table of their own
+BUDGET_KEY = "budget"  # the budget those tables are for: a tier's client must not take the run's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,6 +46,8 @@ def plan_to_config(plan: RoundPlan) -> dict[str, Any]:
         out[MASK_PREFIX + name] = [bool(b) for b in mask.flatten().tolist()]
     if plan.cost is not None:
         out[COST_MODEL_KEY] = plan.cost.to_json()
+    if plan.budget:
+        out[BUDGET_KEY] = plan.budget
     return out
 
 
@@ -62,6 +65,7 @@ def plan_from_config(config: dict[str, Any], shapes: dict[str, torch.Size]) -> R
         lr_w=float(config["lr-w"]) if "lr-w" in config else None,
         local_epochs=int(config["local-epochs"]) if "local-epochs" in config else None,
         cost=CostModel.from_json(str(config[COST_MODEL_KEY])) if COST_MODEL_KEY in config else None,
+        budget=str(config[BUDGET_KEY]) if BUDGET_KEY in config else None,
     )
 
 

@@ -76,8 +76,10 @@ class Budget:
         return {"kind": self.kind, "limit": self.limit, "weight": self.weight, "penalty": self.penalty_kind}
 
 
-def budget_of(cfg: RunConfig) -> Budget | None:
-    parsed = parse_budget(cfg.budget)
+def budget_of(cfg: RunConfig, limit: str | None = None) -> Budget | None:
+    """The run's budget, or ``limit`` (KIND:LIMIT: a tier's, as the server sends it) with the run's
+    weight and penalty."""
+    parsed = parse_budget(cfg.budget if limit is None else limit)
     if parsed is None:
         return None
     return Budget(parsed[0], parsed[1], cfg.budget_weight, cfg.budget_penalty)

@@ -96,6 +96,7 @@ class RoundPlan:
     lr_w: float | None = None  # the round's weight learning rate (None: outer-lr-w)
     local_epochs: int | None = None  # epoch-based trainers' local epochs (None: local-epochs)
     cost: CostModel | None = None  # the run's cost model when it has a budget (search phases)
+    budget: str | None = None  # the budget that cost model is for (KIND:LIMIT): a tier's in a tiered run
 
 
 @dataclass
@@ -216,7 +217,7 @@ def cost_penalty(cfg: RunConfig, plan: RoundPlan) -> Penalty | None:
     """The budget's cost term of the architecture logits under the round's masks (None: no budget)."""
     from .budget import budget_of
 
-    budget = budget_of(cfg)
+    budget = budget_of(cfg, plan.budget)  # a tier's client: its tier's budget, not the run's
     if budget is None or plan.cost is None:
         return None
     cost, masks = plan.cost, plan.masks
