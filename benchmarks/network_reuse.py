@@ -7,8 +7,8 @@ built fresh every round (as before) and reused (``client_round.NETWORKS``), inte
 Both arms compute the same thing, so their accuracies must match to the digit (the script says so
 when they do not). Times: the whole in-process run (``benchmarks.inprocess``: no Flower or Ray
 start-up), and the clients' own seconds summed over rounds, split by whether the cell was decided
-(supernet rounds against discrete-cell rounds). Medians over the pairs; the arms alternate in
-order, so load on a shared machine hits both alike, and the ratio is the reliable part.
+when the round began (``bound.phase_of``: supernet against discrete-cell rounds). Medians over the
+pairs; the arms alternate in order, so load on a shared machine hits both alike, and the ratio is the reliable part.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import fedmetanas_core.federation.client_round as client_round
+from benchmarks.bound import phase_of
 from benchmarks.inprocess import run
 from fedmetanas_core.util.lru import LruCache
 
@@ -51,8 +52,9 @@ def one_run(arm: str, items: list[str], run_id: int) -> dict:
     finally:
         client_round.build_model = BUILD
     by_phase = {"supernet": 0.0, "discrete": 0.0}
-    for row in rows:
-        by_phase["discrete" if row.get("cell-decided") else "supernet"] += row.get("client-s-sum", 0.0)
+    for previous, row in zip([{}, *rows], rows, strict=False):  # a round trains under the last round's masks
+        phase = "discrete" if phase_of(previous) == "discrete cell" else "supernet"
+        by_phase[phase] += row.get("client-s-sum", 0.0)
     return {
         "arm": arm,
         "wall_s": summary["inprocess_wall_s"],

@@ -154,13 +154,11 @@ class SearchPhase(Phase):
 
     def plan(self, server_round: int) -> RoundPlan:
         lr_w = self.learning_rate(server_round)
+        cost = dict(cost=self.cost, budget=self.cfg.budget or None)  # the tables, and the budget they are for
         if not self.is_meta:  # FedNAS: plain softmax at temperature 1, nothing masked
-            return RoundPlan(server_round, 1.0, False, {}, lr_w, cost=self.cost, budget=self.cfg.budget or None)
+            return RoundPlan(server_round, 1.0, False, {}, lr_w, **cost)
         frozen = server_round <= self.cfg.warmup_rounds
-        tau = self.schedule(server_round)
-        return RoundPlan(
-            server_round, tau, frozen, dict(self.masks), lr_w, cost=self.cost, budget=self.cfg.budget or None
-        )
+        return RoundPlan(server_round, self.schedule(server_round), frozen, dict(self.masks), lr_w, **cost)
 
     def discreteness(self, server_round: int) -> float:
         """0 until the warm-up ends, then linear to 1 at ``discrete-round`` (0 throughout when unset)."""
