@@ -3,6 +3,8 @@
     python -m benchmarks.profile_run                        # the default run (digits), seed 0
     python -m benchmarks.profile_run -c conf/cifar10-cpu.toml --runs 1
     python -m benchmarks.profile_run --plain-flwr -c "seed=1"  # the same run through `flwr run . --stream`
+    python -m benchmarks.profile_run -c "seed=0" --results-dir benchmarks/results/default-run/seed-0 \
+        --json benchmarks/results/default-run/seed-0/command-time.json   # the README's default run
 
 Runs the real command (local SuperLink, Ray simulation engine) and splits its time with the
 timestamps the run writes: each rounds.jsonl row has ``round-started-at`` (unix time) and
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bound import phase_of
+from fedmetanas_core.run.outputs import machine_description
 from harness.cli import PrivateSuperLink, flwr_env, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +89,7 @@ def profile(items: list[str], out: Path, cores: int, plain_flwr: bool = False) -
         "parts": parts,
         "phases": phases,
         "accuracy": summary["final_test_accuracy"],
+        "machine": machine_description(),
         "round1": {k: rows[0][k] for k in ("round-s", "client-s-sum", "server-s", "first-client-start-s")},
     }
 
@@ -100,15 +104,24 @@ def main(argv: list[str] | None = None) -> None:
         "--keep", type=Path, default=None, help="keep each run's results in KEEP/run-N (else a temporary folder)"
     )
     ap.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="with one run: write its results here, as `fedmetanas run -c results-dir=...` would",
+    )
+    ap.add_argument(
         "--plain-flwr",
         action="store_true",
         help="time `flwr run . --stream` (key=value items only) instead of `fedmetanas run`",
     )
     args = ap.parse_args(argv)
+    if args.results_dir is not None and (args.runs != 1 or args.keep is not None):
+        ap.error("--results-dir is for one run (--runs 1), without --keep")
     results = []
     for i in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
             out = args.keep / f"run-{i + 1}" if args.keep else Path(tmp) / "run"
+            out = args.results_dir.resolve() if args.results_dir is not None else out
             results.append(profile(args.run_config, out, args.cores, args.plain_flwr))
         print(f"run {i + 1}: {results[-1]['total']:.1f} s, accuracy {results[-1]['accuracy']:.4f}", flush=True)
     med = statistics.median

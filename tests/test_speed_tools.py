@@ -2,6 +2,7 @@
 
 import collections
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -63,3 +64,20 @@ def test_the_bound_table_divides_the_rounds_time_by_its_bound():
     assert out[0]["gflop"] == out[1]["gflop"] > 0
     assert 0 < out[0]["bound_sustained_s"] and out[1]["round_s"] == 2.0
     assert "round / sustained bound" in lines[0]
+
+
+def test_profile_run_writes_one_runs_results_where_asked_and_refuses_it_for_several(tmp_path, monkeypatch):
+    import benchmarks.profile_run as profile_run
+
+    seen = []
+
+    def fake_profile(items, out, cores, plain_flwr=False):  # only where the results go is under test here
+        seen.append(out)
+        return {"total": 1.0, "parts": {"start-up": 0.5}, "phases": {}, "accuracy": 0.5}
+
+    monkeypatch.setattr(profile_run, "profile", fake_profile)
+    profile_run.main(["--results-dir", str(tmp_path / "seed-0"), "--json", str(tmp_path / "t.json")])
+    assert seen == [(tmp_path / "seed-0").resolve()]
+    with pytest.raises(SystemExit) as err:
+        profile_run.main(["--results-dir", str(tmp_path / "x"), "--runs", "2"])
+    assert err.value.code == 2

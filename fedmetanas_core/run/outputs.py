@@ -37,9 +37,23 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def cpu_model() -> str:
+    """The CPU's model name where the OS says it (Linux): two x86_64 CPUs round floats differently,
+    so the same code and seed can end a few thousandths apart, and a figure must name its CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def machine_description() -> str:
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores{gpu}"
+    model = cpu_model()
+    cpu = f" ({model})" if model else ""
+    return f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores{cpu}{gpu}"
 
 
 class RunRecorder:
