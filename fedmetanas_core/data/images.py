@@ -18,13 +18,14 @@ class ImageData:
     """A labelled image set held as two tensors, so batching is plain indexing."""
 
     x: torch.Tensor  # float32 [N, C, H, W], normalised with the dataset's train mean/std
-    y: torch.Tensor  # int64 [N]
+    y: torch.Tensor  # int64 [N]; or float [N, classes]: soft targets (method.tier_distill)
     classes: tuple[str, ...]
     mean: tuple[float, ...] | None = None  # the normalisation, for models deployed outside the app
     std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.x.ndim != 4 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
+        soft = self.y.ndim == 2 and self.y.is_floating_point() and self.y.shape[1] == len(self.classes)
+        if self.x.ndim != 4 or not (self.y.ndim == 1 or soft) or self.x.shape[0] != self.y.shape[0]:
             raise DataError(
                 f"ImageData needs x [N, C, H, W] and y [N]; got x {tuple(self.x.shape)}, y {tuple(self.y.shape)}"
             )

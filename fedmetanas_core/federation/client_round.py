@@ -21,7 +21,8 @@ import torch
 
 from ..data import ClientData, node_data
 from ..method.genotype import Genotype, build_fixed_network
-from ..method.tiers import declared_budget, split_smaller_tiers
+from ..method.tier_distill import deployed_forward, distilled
+from ..method.tiers import declared_budget, smaller_tier_index, split_smaller_tiers
 from ..method.training import RoundPlan, local_trainer, personalize_fixed, resolve_device, space_from_config
 from ..method.transfer import live_keys
 from ..run.config import RunConfig
@@ -129,7 +130,16 @@ def train_round(
     device, model, data = _prepare(cfg, own_config, own_state, plan, node_config, node_id)
     generator = make_generator(cfg.seed, "train", data.partition_id, config.get("phase"), plan.server_round)
     mu = float(config.get("proximal-mu", 0.0))  # set by FedProx
-    result = local_trainer(config["phase"], cfg.method)(model, data, cfg, plan, generator, device, mu)
+    own_data = data
+    if cfg.tier_distill > 0 and smaller:  # the next smaller tier's network as the teacher, as received
+        _, teacher_config, teacher_state = max(smaller, key=lambda sub: smaller_tier_index(sub[0]))
+        teacher_plan = plan_from_config(teacher_config, {k: v.shape for k, v in teacher_state.items()})
+        teacher = deployed_forward(
+            received_network(cfg, teacher_config, teacher_state, teacher_plan, device), teacher_plan.masks
+        )
+        if teacher is not None:
+            own_data = distilled(data, teacher, cfg.tier_distill, cfg.eval_batch_size, device)
+    result = local_trainer(config["phase"], cfg.method)(model, own_data, cfg, plan, generator, device, mu)
     steps, images = result.steps, result.images
     # copies: the network is reused next round (build_model), and a reply must not change with it
     honest = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if k in own_state}

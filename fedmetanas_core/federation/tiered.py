@@ -200,7 +200,9 @@ class TieredPhase(Phase):
 
 def tier_config(cfg: RunConfig, tier: Tier) -> RunConfig:
     """The run's config as one tier sees it: a run with the tier's budget."""
-    return cfg.replace(budget=tier.budget, tiers="", tier_shares="", only_tier=-1, train_smaller_tiers=True)
+    return cfg.replace(
+        budget=tier.budget, tiers="", tier_shares="", only_tier=-1, train_smaller_tiers=True, tier_distill=0.0
+    )
 
 
 @contextmanager

@@ -215,7 +215,8 @@ class RunConfig(Mapping[str, Any]):
         DP, no robust alpha rules (``federation.tiered``)."""
         tiers = parse_tier_budgets(self.tiers)
         if not tiers:
-            for key, unset in (("tier-shares", ""), ("only-tier", -1), ("train-smaller-tiers", True)):
+            unset_keys = (("tier-shares", ""), ("only-tier", -1), ("train-smaller-tiers", True), ("tier-distill", 0))
+            for key, unset in unset_keys:
                 if self[key] != unset:
                     raise ConfigError(key, self[key], "is read only with tiers")
             return
@@ -239,6 +240,8 @@ class RunConfig(Mapping[str, Any]):
             parse_tier_shares(self.tier_shares, len(tiers))
         except ValueError as exc:
             raise ConfigError("tier-shares", self.tier_shares, str(exc)) from None
+        if self.tier_distill > 0 and not self.train_smaller_tiers:
+            raise ConfigError("tier-distill", self.tier_distill, "needs train-smaller-tiers (its teacher)")
         if self.only_tier >= len(tiers):
             raise ConfigError("only-tier", self.only_tier, f"must be < the number of tiers ({len(tiers)}) or -1")
 

@@ -438,6 +438,15 @@ KEYS: tuple[Key, ...] = (
         "budget",
     ),
     Key(
+        "tier-distill",
+        0.0,
+        "with tiers and train-smaller-tiers: a node trains its own tier's network on targets mixed from its labels "
+        "and the next smaller tier's deployed network's probabilities, this much of the latter (knowledge "
+        "distillation across tiers: the smaller network is trained by every client); 0 = off",
+        _unit,
+        "budget",
+    ),
+    Key(
         "only-tier",
         -1,
         "with tiers: search for this tier only (index from 0, smallest first), on its clients only (the others "

@@ -1,0 +1,59 @@
+"""Knowledge distillation across device tiers (``tier-distill``): a larger tier's clients train on
+targets mixed from their labels and the next smaller tier's deployed network's predictions.
+
+Why: a large tier's extra channels learn from its own clients only, which under label skew see some
+classes rarely; the smaller tier's network is trained by every client (the sandwich rule), so its
+predicted probabilities carry what the other clients' data taught it into the large tier's
+training, while no device runs a network over its budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from ..data import ClientData, ImageData
+from ..names import is_arch
+from ..space import SearchModel
+from .aggregation import masks_are_discrete
+from .genotype import DiscreteNetwork, derive_genotype
+from .training import eval_batches
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def deployed_forward(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> Forward | None:
+    """The network a tier deploys, from what its clients received: a fixed network as it is, a
+    supernet's derived network once its masks leave one cell; None while the cell is undecided
+    (there is no deployed network to learn from yet)."""
+    if not isinstance(model, SearchModel):
+        return model
+    arch = {k: v.detach() for k, v in model.state_dict().items() if is_arch(k)}
+    if not masks_are_discrete(model.space, arch, masks):
+        return None
+    return DiscreteNetwork.inherit(model, derive_genotype(model.space, arch, masks)).to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def soft_targets(forward: Forward, data: ImageData, weight: float, batch_size: int, device: torch.device) -> ImageData:
+    """``data`` with each label replaced by ``(1 - weight) * one-hot + weight * teacher probabilities``:
+    cross-entropy against it is the label loss plus ``weight`` times the KL divergence to the teacher
+    (up to a constant)."""
+    probs = torch.cat(
+        [F.softmax(forward(data.x[a:b].to(device)), dim=1).cpu() for a, b in eval_batches(len(data), batch_size)]
+    )
+    onehot = F.one_hot(data.y, data.num_classes).to(probs.dtype)
+    return replace(data, y=(1 - weight) * onehot + weight * probs)
+
+
+def distilled(data: ClientData, forward: Forward, weight: float, batch_size: int, device: torch.device) -> ClientData:
+    """The client's training splits with soft targets from ``forward``; its test split untouched."""
+    return ClientData(
+        soft_targets(forward, data.train, weight, batch_size, device),
+        soft_targets(forward, data.query, weight, batch_size, device),
+        data.test,
+        data.partition_id,
+    )

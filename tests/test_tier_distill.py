@@ -1,0 +1,116 @@
+"""Distillation across device tiers (``tier-distill``): the targets, the teacher, the config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import arch_state, mask_space, randomize_arch
+
+from fedmetanas_core.data import ClientData, ImageData
+from fedmetanas_core.method.aggregation import update_masks
+from fedmetanas_core.method.genotype import DiscreteNetwork, derive_genotype
+from fedmetanas_core.method.tier_distill import deployed_forward, distilled, soft_targets
+from fedmetanas_core.run.config import ConfigError, RunConfig
+from fedmetanas_core.space import SearchModel
+
+CPU = torch.device("cpu")
+
+
+def images(n: int = 12, classes: int = 4, seed: int = 0) -> ImageData:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 4, 4, generator=g)
+    return ImageData(x, torch.randint(0, classes, (n,), generator=g), tuple(str(c) for c in range(classes)))
+
+
+def linear_teacher(classes: int = 4) -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, classes))
+
+
+def test_cross_entropy_on_the_targets_is_the_label_loss_plus_weight_times_the_teachers():
+    data, teacher, weight = images(), linear_teacher(), 0.3
+    soft = soft_targets(teacher, data, weight, batch_size=5, device=CPU)  # batches of 5, 5 and 2
+    torch.testing.assert_close(soft.y.sum(1), torch.ones(len(data)))
+    student = torch.randn(len(data), 4)
+    with torch.no_grad():
+        teacher_probs = F.softmax(teacher(data.x), dim=1)
+    want = (1 - weight) * F.cross_entropy(student, data.y) + weight * F.cross_entropy(student, teacher_probs)
+    torch.testing.assert_close(F.cross_entropy(student, soft.y), want)
+    torch.testing.assert_close(soft_targets(teacher, data, 0.0, 5, CPU).y, F.one_hot(data.y, 4).float())
+
+
+def test_only_the_training_splits_get_the_teachers_targets():
+    client = ClientData(images(seed=0), images(seed=1), images(seed=2), partition_id=3)
+    out = distilled(client, linear_teacher(), 0.5, 4, CPU)
+    assert out.train.y.ndim == out.query.y.ndim == 2 and out.pool.y.shape == (24, 4)
+    assert out.test is client.test and out.partition_id == 3
+    torch.testing.assert_close(out.train.x, client.train.x)
+
+
+def test_the_teacher_is_the_tiers_deployed_network_once_its_cell_is_decided():
+    model = SearchModel(mask_space())
+    randomize_arch(model, scale=1.0, seed=8)
+    assert deployed_forward(model, {}) is None  # undecided: no deployed network yet
+    masks = update_masks(model.space, arch_state(model), {}, threshold=0.0, tau_min=0.1, discreteness=1.0)
+    teacher = deployed_forward(model, masks)
+    assert isinstance(teacher, DiscreteNetwork)
+    x = torch.randn(6, model.space.in_channels, 8, 8)
+    want = DiscreteNetwork.inherit(model, derive_genotype(model.space, arch_state(model), masks))
+    torch.testing.assert_close(teacher(x), want(x))
+    cnn = linear_teacher()
+    assert deployed_forward(cnn, {}) is cnn  # a fixed network is deployed as it is
+
+
+def test_bad_tier_distill_names_the_key():
+    tiers = {"tiers": "macs:20000,macs:160000", "init-channels": 0}
+    RunConfig.from_flat({**tiers, "tier-distill": 0.5}, check_paths=False)
+    for flat, message in (
+        ({"tier-distill": 0.5}, "only with tiers"),
+        ({**tiers, "tier-distill": 0.5, "train-smaller-tiers": False}, "needs train-smaller-tiers"),
+        ({**tiers, "tier-distill": 1.5}, ""),
+        ({**tiers, "tier-distill": -0.1}, ""),
+    ):
+        with pytest.raises(ConfigError, match=f"'tier-distill'.*{message}"):
+            RunConfig.from_flat(flat, check_paths=False)
+
+
+def test_a_large_tier_client_learns_from_the_small_tiers_network_once_its_cell_is_decided(digits_test):
+    """Bit for bit the same round without a deployed small network; once the small tier's cell is
+    decided, the large tier's own network trains differently and the small one it also trains does not."""
+    import numpy as np
+
+    from fedmetanas_core.federation.client_round import train_round
+    from fedmetanas_core.federation.coordinator import plan_from_config
+    from fedmetanas_core.federation.phases import Handoff
+    from fedmetanas_core.federation.tiered import tiered_phases
+
+    flat = {
+        "dataset": "digits",
+        "tiers": "macs:20000,macs:60000",
+        "init-channels": 0,
+        "reduction-cells": "0,1",
+        "local-meta-iters": 1,
+        "tasks-per-meta-batch": 1,
+        "num-partitions": 4,
+    }
+    cfg = RunConfig.from_flat(flat, check_paths=False)
+    (phase,) = tiered_phases(cfg, digits_test, CPU)
+    phase.start(Handoff())
+    replies = {}
+    for decided in (False, True):
+        if decided:
+            small = phase.phases[0]
+            small.masks = update_masks(small.model.space, small.arch_state(), {}, 0.0, 0.1, discreteness=1.0)
+        config, arrays = phase.tier_round(1, 5, phase.initial_state())  # a large-tier client's round
+        for distill in (0.0, 0.5):
+            tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}
+            plan = plan_from_config(config, {k: v.shape for k, v in tensors.items()})
+            run = cfg.replace(tier_distill=distill)
+            replies[distill, decided], _ = train_round(run, config, tensors, plan, {"partition-id": 1}, 1)
+    for decided in (False, True):
+        plain, taught = replies[0.0, decided], replies[0.5, decided]
+        own = [k for k in plain if not k.startswith("sub0/")]
+        assert any(not np.array_equal(plain[k], taught[k]) for k in own) is decided
+        for key in (k for k in plain if k.startswith("sub0/")):  # the small network learns from labels only
+            np.testing.assert_array_equal(plain[key], taught[key])
