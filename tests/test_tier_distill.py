@@ -44,6 +44,9 @@ def test_only_the_training_splits_get_the_teachers_targets():
     client = ClientData(images(seed=0), images(seed=1), images(seed=2), partition_id=3)
     out = distilled(client, linear_teacher(), 0.5, 4, CPU)
     assert out.train.y.ndim == out.query.y.ndim == 2 and out.pool.y.shape == (24, 4)
+    torch.testing.assert_close(out.query.y, soft_targets(linear_teacher(), client.query, 0.5, 4, CPU).y)
+    one = ClientData(images(seed=0), images(n=1, seed=1), images(seed=2), partition_id=0)  # a 1-example split
+    assert distilled(one, linear_teacher(), 0.5, 4, CPU).query.y.shape == (1, 4)
     assert out.test is client.test and out.partition_id == 3
     torch.testing.assert_close(out.train.x, client.train.x)
 

@@ -50,10 +50,15 @@ def soft_targets(forward: Forward, data: ImageData, weight: float, batch_size: i
 
 
 def distilled(data: ClientData, forward: Forward, weight: float, batch_size: int, device: torch.device) -> ClientData:
-    """The client's training splits with soft targets from ``forward``; its test split untouched."""
+    """The client's training splits with soft targets from ``forward``; its test split untouched.
+    Each split is scored in its own batches; a split of fewer than two examples is scored together
+    with the other (BatchNorm on batch statistics would normalise one example on itself)."""
+    if min(len(data.train), len(data.query)) >= 2:
+        train = soft_targets(forward, data.train, weight, batch_size, device)
+        query = soft_targets(forward, data.query, weight, batch_size, device)
+        return ClientData(train, query, data.test, data.partition_id)
+    pool = soft_targets(forward, data.pool, weight, batch_size, device)
+    n = len(data.train)
     return ClientData(
-        soft_targets(forward, data.train, weight, batch_size, device),
-        soft_targets(forward, data.query, weight, batch_size, device),
-        data.test,
-        data.partition_id,
+        replace(data.train, y=pool.y[:n]), replace(data.query, y=pool.y[n:]), data.test, data.partition_id
     )
