@@ -16,11 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data import ClientData, ImageData
-from ..names import is_arch
 from ..space import SearchModel
-from .aggregation import masks_are_discrete
-from .genotype import DiscreteNetwork, derive_genotype
-from .training import eval_batches
+from .training import decided_network, eval_batches
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -31,10 +28,7 @@ def deployed_forward(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> 
     (there is no deployed network to learn from yet)."""
     if not isinstance(model, SearchModel):
         return model
-    arch = {k: v.detach() for k, v in model.state_dict().items() if is_arch(k)}
-    if not masks_are_discrete(model.space, arch, masks):
-        return None
-    return DiscreteNetwork.inherit(model, derive_genotype(model.space, arch, masks)).to(next(model.parameters()).device)
+    return decided_network(model, masks, next(model.parameters()).device)
 
 
 @torch.no_grad()

@@ -199,9 +199,9 @@ def fedmetanas_local_search(
     supernet, so the reply is the same state at the discrete network's cost.
     """
     model.train()
-    arch = {k: v.detach() for k, v in model.state_dict().items() if is_arch(k)}
-    if masks_are_discrete(model.space, arch, plan.masks):
-        net = DiscreteNetwork.inherit(model, derive_genotype(model.space, arch, plan.masks)).to(device).train()
+    net = decided_network(model, plan.masks, device)
+    if net is not None:
+        net.train()
         result = meta_train(net, net, None, data, cfg, plan, generator, device, proximal_mu, {})
         loaded = model.net.load_state_dict(net.state_dict(), strict=False)  # missing: the pruned ops, expected
         if loaded.unexpected_keys:  # a renamed key would otherwise drop this round's training silently
@@ -211,6 +211,15 @@ def fedmetanas_local_search(
     opt_a = None if plan.alpha_frozen else arch_optimizer(model, cfg)
     penalty = cost_penalty(cfg, plan) if opt_a is not None else None
     return meta_train(model, model.net, opt_a, data, cfg, plan, generator, device, proximal_mu, fw, penalty)
+
+
+def decided_network(model: SearchModel, masks: dict[str, torch.Tensor], device: torch.device) -> DiscreteNetwork | None:
+    """The derived network with the supernet's weights once ``masks`` leave one op per edge and one
+    input pair per node (the supernet then computes exactly it); None while the cell is undecided."""
+    arch = {k: v.detach() for k, v in model.state_dict().items() if is_arch(k)}
+    if not masks_are_discrete(model.space, arch, masks):
+        return None
+    return DiscreteNetwork.inherit(model, derive_genotype(model.space, arch, masks)).to(device)
 
 
 def cost_penalty(cfg: RunConfig, plan: RoundPlan) -> Penalty | None:
