@@ -120,8 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for i in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
-            out = args.keep / f"run-{i + 1}" if args.keep else Path(tmp) / "run"
-            out = args.results_dir.resolve() if args.results_dir is not None else out
+            if args.results_dir is not None:
+                out = args.results_dir.resolve()
+            else:
+                out = args.keep / f"run-{i + 1}" if args.keep else Path(tmp) / "run"
             results.append(profile(args.run_config, out, args.cores, args.plain_flwr))
         print(f"run {i + 1}: {results[-1]['total']:.1f} s, accuracy {results[-1]['accuracy']:.4f}", flush=True)
     med = statistics.median
