@@ -117,3 +117,45 @@ def test_a_large_tier_client_learns_from_the_small_tiers_network_once_its_cell_i
         assert any(not np.array_equal(plain[k], taught[k]) for k in own) is decided
         for key in (k for k in plain if k.startswith("sub0/")):  # the small network learns from labels only
             np.testing.assert_array_equal(plain[key], taught[key])
+
+
+def test_the_teacher_never_overwrites_the_nodes_own_network_when_tiers_share_a_width(digits_test, monkeypatch):
+    """Tiers of one width reuse one network per node (``client_round.NETWORKS``): a large-tier
+    client's reply with reuse equals the one with every network built afresh, though the small
+    tier's alphas differ from its own."""
+    import numpy as np
+
+    from fedmetanas_core.federation import client_round
+    from fedmetanas_core.federation.coordinator import plan_from_config
+    from fedmetanas_core.federation.phases import Handoff
+    from fedmetanas_core.federation.tiered import tiered_phases
+    from fedmetanas_core.util.lru import LruCache
+
+    flat = {
+        "dataset": "digits",
+        "tiers": "macs:120000,macs:240000",  # both within reach of the run's width (8)
+        "reduction-cells": "0,1",
+        "local-meta-iters": 1,
+        "tasks-per-meta-batch": 1,
+        "num-partitions": 4,
+        "tier-distill": 0.5,
+    }
+    cfg = RunConfig.from_flat(flat, check_paths=False)
+    (phase,) = tiered_phases(cfg, digits_test, CPU)
+    phase.start(Handoff())
+    assert phase.widths[0] == phase.widths[1]
+    small = phase.phases[0]
+    small.masks = update_masks(small.model.space, small.arch_state(), {}, 0.0, 0.1, discreteness=1.0)
+    config, arrays = phase.tier_round(1, 5, phase.initial_state())  # a large-tier client's round
+    rng = np.random.default_rng(0)
+    arrays = {
+        k: v + rng.normal(0, 1, v.shape).astype(v.dtype) if k.startswith("sub0/arch.") else v for k, v in arrays.items()
+    }
+    replies = []
+    for capacity in (4, 0):
+        monkeypatch.setattr(client_round, "NETWORKS", LruCache(capacity))
+        tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}
+        plan = plan_from_config(config, {k: v.shape for k, v in tensors.items()})
+        replies.append(client_round.train_round(cfg, config, tensors, plan, {"partition-id": 1}, 1)[0])
+    for key in replies[1]:
+        np.testing.assert_array_equal(replies[0][key], replies[1][key], err_msg=key)

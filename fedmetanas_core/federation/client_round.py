@@ -89,17 +89,10 @@ def load_received(
     model.load_state_dict(state, strict=len(expected) == len(names))
 
 
-def _prepare(
-    cfg: RunConfig,
-    config: Mapping[str, Any],
-    state: dict[str, torch.Tensor],
-    plan: RoundPlan,
-    node_config: Mapping[str, Any],
-    node_id: int,
-) -> tuple[torch.device, torch.nn.Module, ClientData]:
+def _node(cfg: RunConfig, node_config: Mapping[str, Any], node_id: int) -> tuple[torch.device, ClientData]:
+    """The node's device and data (its node config validated)."""
     node_config = validate_node_config(dict(node_config), cfg)
-    device = resolve_device(cfg.device)
-    return device, received_network(cfg, config, state, plan, device), node_data(cfg, node_config, node_id)
+    return resolve_device(cfg.device), node_data(cfg, node_config, node_id)
 
 
 def received_network(
@@ -127,18 +120,13 @@ def train_round(
     on the same data, their architecture frozen, and sends them back under their prefix."""
     t0 = time.time()
     own_config, own_state, smaller = split_smaller_tiers(dict(config), state)
-    device, model, data = _prepare(cfg, own_config, own_state, plan, node_config, node_id)
+    device, data = _node(cfg, node_config, node_id)
+    # the teacher's targets first: a tier of the same width is the same reused network (NETWORKS),
+    # so loading the teacher after the node's own network would overwrite its weights and alphas
+    own_data = teacher_targets(cfg, data, smaller, device) if cfg.tier_distill > 0 else data
+    model = received_network(cfg, own_config, own_state, plan, device)
     generator = make_generator(cfg.seed, "train", data.partition_id, config.get("phase"), plan.server_round)
     mu = float(config.get("proximal-mu", 0.0))  # set by FedProx
-    own_data = data
-    if cfg.tier_distill > 0 and smaller:  # the next smaller tier's network as the teacher, as received
-        _, teacher_config, teacher_state = max(smaller, key=lambda sub: smaller_tier_index(sub[0]))
-        teacher_plan = plan_from_config(teacher_config, {k: v.shape for k, v in teacher_state.items()})
-        teacher = deployed_forward(
-            received_network(cfg, teacher_config, teacher_state, teacher_plan, device), teacher_plan.masks
-        )
-        if teacher is not None:
-            own_data = distilled(data, teacher, cfg.tier_distill, cfg.eval_batch_size, device)
     result = local_trainer(config["phase"], cfg.method)(model, own_data, cfg, plan, generator, device, mu)
     steps, images = result.steps, result.images
     # copies: the network is reused next round (build_model), and a reply must not change with it
@@ -165,6 +153,21 @@ def train_round(
     return attacked(cfg, data.partition_id, received, honest), metrics
 
 
+def teacher_targets(
+    cfg: RunConfig, data: ClientData, smaller: list[tuple[str, dict, dict]], device: torch.device
+) -> ClientData:
+    """``data`` with soft targets from the next smaller tier's deployed network, as received
+    (``tier-distill``); as it is when there is no smaller tier or its cell is undecided."""
+    if not smaller:
+        return data
+    _, teacher_config, teacher_state = max(smaller, key=lambda sub: smaller_tier_index(sub[0]))
+    teacher_plan = plan_from_config(teacher_config, {k: v.shape for k, v in teacher_state.items()})
+    teacher = deployed_forward(
+        received_network(cfg, teacher_config, teacher_state, teacher_plan, device), teacher_plan.masks
+    )
+    return data if teacher is None else distilled(data, teacher, cfg.tier_distill, cfg.eval_batch_size, device)
+
+
 def personalize_round(
     cfg: RunConfig,
     config: Mapping[str, Any],
@@ -176,7 +179,8 @@ def personalize_round(
     """Local test accuracy of the deployed network before and after adapting it on local training data."""
     if config["phase"] != "fixed":
         raise ValueError("personalization evaluates the deployed (fixed) network; the server sent a supernet")
-    device, model, data = _prepare(cfg, config, state, plan, node_config, node_id)
+    device, data = _node(cfg, node_config, node_id)
+    model = received_network(cfg, config, state, plan, device)
     result = personalize_fixed(model, data, cfg, make_generator(cfg.seed, "personalize", data.partition_id), device)
     return {"num-examples": len(data.test), "partition-id": data.partition_id, **result}
 
