@@ -18,10 +18,11 @@ Per seed, real ``fedmetanas run`` s (the Flower simulation through a private loc
   tier only).
 
 Clients are split over the tiers by ``tier-shares`` (seeded, the same split in every run of a seed).
-Per tier: the global test accuracy of the tier's network, and the local test accuracy (before any
-personalization) on that tier's clients' own test splits. Writes ``tiers.json`` (rows: method, tier,
-budget, seeds, macs/params/latency means, final and local test accuracy mean and std), ``tiers.md``
-and ``tiers.png``.
+Per tier: the global test accuracy of the tier's network, and the local test accuracy on that tier's
+clients' own test splits, before any personalization (the goals' figure) and after the same
+``personalize-steps`` SGD steps on the client's training data for every method (the deployed network
+adapted on the device). Writes ``tiers.json`` (rows: method, tier, budget, seeds, macs/params/latency
+means, final, local and personalized test accuracy mean and std), ``tiers.md`` and ``tiers.png``.
 """
 
 from __future__ import annotations
@@ -85,17 +86,22 @@ def tier_rows(summary: dict[str, Any], tiers, tier_of_partition: list[int]) -> d
     cost = summary["cost"]
     for tier in tiers:
         clients = [c for c in summary["personalized_per_client"] if tier_of_partition[c["partition-id"]] == tier.index]
-        n = sum(c["num-examples"] for c in clients)
-        local = sum(c["accuracy-before"] * c["num-examples"] for c in clients) / n if n else None
         rows[tier.name] = {
             "final_test_accuracy": summary["final_test_accuracy"],
-            "local_test_accuracy": local,
+            "local_test_accuracy": weighted_local(clients, "accuracy-before"),
+            "personalized_accuracy": weighted_local(clients, "accuracy-after"),
             "macs": cost["macs"],
             "params": summary["params"],
             "latency_ms": cost.get("latency_ms"),
             "within_budget": cost["macs"] <= tier.limit if tier.kind == "macs" else cost["params"] <= tier.limit,
         }
     return rows
+
+
+def weighted_local(clients: list[dict[str, Any]], key: str) -> float | None:
+    """Clients' local test accuracy, weighted by their test examples."""
+    n = sum(c["num-examples"] for c in clients)
+    return sum(c[key] * c["num-examples"] for c in clients) / n if n else None
 
 
 def collect(out: Path, tiers, seeds: list[int], num_partitions: int, shares: list[float]) -> list[dict[str, Any]]:
@@ -119,8 +125,8 @@ def collect(out: Path, tiers, seeds: list[int], num_partitions: int, shares: lis
             for key in ("macs", "params", "latency_ms"):
                 values = [r[key] for r in per_seed if r.get(key) is not None]
                 row[f"{key}_mean"] = sum(values) / len(values) if values else None
-            for key in ("final_test_accuracy", "local_test_accuracy"):
-                row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in per_seed if r[key] is not None])
+            for key in ("final_test_accuracy", "local_test_accuracy", "personalized_accuracy"):
+                row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in per_seed if r.get(key) is not None])
             row["all_within_budget"] = all(r.get("within_budget") for r in per_seed)
             rows.append(row)
     return rows
@@ -128,18 +134,24 @@ def collect(out: Path, tiers, seeds: list[int], num_partitions: int, shares: lis
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| tier | method | seeds | MACs | params | latency ms | global test acc | local test acc (tier's clients) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tier | method | seeds | MACs | params | latency ms | global test acc | local test acc (tier's clients) "
+        "| tier's clients after personalization |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (float(r["budget"].split(":")[1]), METHODS.index(r["method"]))):
         lat = f"{r['latency_ms_mean']:.3f}" if r["latency_ms_mean"] is not None else "-"
         lines.append(
             f"| {r['budget']} | {r['method']} | {r['seeds']} | {r['macs_mean']:,.0f} | {r['params_mean']:,.0f} | "
             f"{lat} | "
-            f"{r['final_test_accuracy_mean']:.4f} ± {r['final_test_accuracy_std']:.4f} | "
-            f"{r['local_test_accuracy_mean']:.4f} ± {r['local_test_accuracy_std']:.4f} |"
+            f"{_acc(r, 'final_test_accuracy')} | "
+            f"{_acc(r, 'local_test_accuracy')} | {_acc(r, 'personalized_accuracy')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _acc(row: dict[str, Any], key: str) -> str:
+    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    return "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
 
 
 def draw(rows: list[dict[str, Any]], path: Path) -> None:
@@ -171,6 +183,16 @@ def draw(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def machine_of(out: Path, tables_only: bool) -> str:
+    """The machine the runs ran on: a rebuild of the tables keeps the one recorded with them."""
+    previous = out / "tiers.json"
+    if tables_only and previous.is_file():
+        recorded = json.loads(previous.read_text()).get("meta", {}).get("machine")
+        if recorded:
+            return recorded
+    return machine_description()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_queue_arguments(parser, METHODS)
@@ -183,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = collect(out, tiers, seeds, args.num_supernodes, parse_tier_shares(args.shares, len(tiers)))
     if not rows:
         raise SystemExit(f"no finished runs under {out}")
-    meta = {"preset": args.preset, "tiers": args.tiers, "shares": args.shares, "machine": machine_description()}
+    machine = machine_of(out, args.tables_only)
+    meta = {"preset": args.preset, "tiers": args.tiers, "shares": args.shares, "machine": machine}
     atomic_write_text(out / "tiers.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
     atomic_write_text(out / "tiers.md", markdown(rows))
     draw(rows, out / "tiers.png")

@@ -241,7 +241,7 @@ def test_the_benchmark_scores_one_network_for_all_on_each_tiers_own_clients():
     tiers = parse_tiers("macs:20000,macs:160000")
     split = [0, 1, 0, 1]  # partition -> tier
     clients = [
-        {"partition-id": p, "num-examples": n, "accuracy-before": a, "accuracy-after": a}
+        {"partition-id": p, "num-examples": n, "accuracy-before": a, "accuracy-after": a + 0.05}
         for p, n, a in ((0, 10, 0.9), (1, 30, 0.5), (2, 30, 0.7), (3, 10, 0.1))
     ]
     summary = {
@@ -253,6 +253,7 @@ def test_the_benchmark_scores_one_network_for_all_on_each_tiers_own_clients():
     rows = tier_rows(summary, tiers, split)
     assert rows["macs-20000"]["local_test_accuracy"] == pytest.approx((10 * 0.9 + 30 * 0.7) / 40)
     assert rows["macs-160000"]["local_test_accuracy"] == pytest.approx((30 * 0.5 + 10 * 0.1) / 40)
+    assert rows["macs-160000"]["personalized_accuracy"] == pytest.approx((30 * 0.55 + 10 * 0.15) / 40)
     assert rows["macs-20000"]["final_test_accuracy"] == rows["macs-160000"]["final_test_accuracy"] == 0.8
     assert rows["macs-20000"]["within_budget"] and rows["macs-160000"]["within_budget"]
     tiered = {"tiers": [{"tier": "macs-20000", "x": 1}, {"tier": "macs-160000", "x": 2}]}
