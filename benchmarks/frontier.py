@@ -41,8 +41,10 @@ def budget_dir(budget: str) -> str:
 def method_overrides(
     method: str, budget: str, seed_dir: Path, seed: int, preset: Path, overrides: list[str]
 ) -> list[str]:
-    """The run-config overrides that put ``method`` at ``budget``."""
-    common = [f'budget="{budget}"', "init-channels=0"]
+    """The run-config overrides that put ``method`` at ``budget``: the space sized to a MACs or
+    parameter budget; a latency budget keeps the preset's width (its table is measured for one)."""
+    sized = [] if budget.startswith("latency-ms:") else ["init-channels=0"]
+    common = [f'budget="{budget}"', *sized]
     if method != "fedavg-random-cell":
         return common
     from fedmetanas_core.method.budget import RANDOM_CELL_TRIES, cost_model, random_genotype_within, run_space

@@ -7,6 +7,7 @@ against brute force; the cost term by what a search step does to the expected co
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -313,6 +314,8 @@ def test_a_latency_table_covers_every_op_and_predicts_from_its_fit(tmp_path):
     table = LatencyTable(json.loads(json.dumps(data)))
     assert table.mismatch(space, image_hw) is None
     assert "init_channels" in table.mismatch(SpaceConfig(10, 1, 5, 2, 2), image_hw)
+    # input pruning is the search's (FedMetaNAS's betas): a fixed cell of the space uses the same table
+    assert table.mismatch(replace(space, input_pruning=not space.input_pruning), image_hw) is None
     # naming DARTS's own layout keeps the table; another layout does not
     assert table.mismatch(SpaceConfig(10, 1, 4, 2, 2, reduction_positions=[1]), image_hw) is None
     assert "reduction_positions" in table.mismatch(SpaceConfig(10, 1, 4, 2, 2, reduction_positions=(0, 1)), image_hw)

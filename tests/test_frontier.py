@@ -87,3 +87,5 @@ def test_random_cells_are_drawn_within_the_budget(tmp_path):
         'budget="macs:30000"',
         "init-channels=0",
     ]
+    # a latency table is measured for one width: the preset's width stays, the table comes with -c
+    assert method_overrides("fedmetanas", "latency-ms:0.05", tmp_path, 1, preset, []) == ['budget="latency-ms:0.05"']

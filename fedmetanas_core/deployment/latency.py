@@ -76,6 +76,7 @@ def space_signature(space: SpaceConfig, image_hw: tuple[int, int]) -> dict[str, 
     if space.norm == "batch":
         del sig["norm"]  # likewise for DARTS's BatchNorm
     del sig["search_norm"]  # the supernet's while it searches: a table is the derived network's
+    del sig["input_pruning"]  # likewise: a search-only choice, one table for FedMetaNAS and a fixed cell
     sig["image_hw"] = list(image_hw)
     return sig
 
