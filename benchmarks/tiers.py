@@ -33,13 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.compare import ROOT, add_queue_arguments, run_items
-from fedmetanas_core.method.tiers import assign_partitions, parse_tiers
+from fedmetanas_core.method.tiers import assign_partitions, local_mean, parse_tiers
+from fedmetanas_core.report.format import format_mean_std
 from fedmetanas_core.report.seeds import mean_std
 from fedmetanas_core.run.config_keys import parse_tier_shares
 from fedmetanas_core.run.outputs import machine_description
 from fedmetanas_core.util.atomic import atomic_write_text
 
 METHODS = ("tiered", "tiered-own-tier-only", "smallest-for-all", "only-tier", "heterofl-cnn")
+# per tier: the global test set, the tier's clients before and after personalization (the table's order)
+ACCURACY_KEYS = ("final_test_accuracy", "local_test_accuracy", "personalized_accuracy")
 
 
 def runs_of(method: str, tiers: list) -> list[tuple[str, list[str]]]:
@@ -88,20 +91,14 @@ def tier_rows(summary: dict[str, Any], tiers, tier_of_partition: list[int]) -> d
         clients = [c for c in summary["personalized_per_client"] if tier_of_partition[c["partition-id"]] == tier.index]
         rows[tier.name] = {
             "final_test_accuracy": summary["final_test_accuracy"],
-            "local_test_accuracy": weighted_local(clients, "accuracy-before"),
-            "personalized_accuracy": weighted_local(clients, "accuracy-after"),
+            "local_test_accuracy": local_mean(clients, "accuracy-before"),
+            "personalized_accuracy": local_mean(clients, "accuracy-after"),
             "macs": cost["macs"],
             "params": summary["params"],
             "latency_ms": cost.get("latency_ms"),
             "within_budget": cost["macs"] <= tier.limit if tier.kind == "macs" else cost["params"] <= tier.limit,
         }
     return rows
-
-
-def weighted_local(clients: list[dict[str, Any]], key: str) -> float | None:
-    """Clients' local test accuracy, weighted by their test examples."""
-    n = sum(c["num-examples"] for c in clients)
-    return sum(c[key] * c["num-examples"] for c in clients) / n if n else None
 
 
 def collect(out: Path, tiers, seeds: list[int], num_partitions: int, shares: list[float]) -> list[dict[str, Any]]:
@@ -125,7 +122,7 @@ def collect(out: Path, tiers, seeds: list[int], num_partitions: int, shares: lis
             for key in ("macs", "params", "latency_ms"):
                 values = [r[key] for r in per_seed if r.get(key) is not None]
                 row[f"{key}_mean"] = sum(values) / len(values) if values else None
-            for key in ("final_test_accuracy", "local_test_accuracy", "personalized_accuracy"):
+            for key in ACCURACY_KEYS:
                 row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in per_seed if r.get(key) is not None])
             row["all_within_budget"] = all(r.get("within_budget") for r in per_seed)
             rows.append(row)
@@ -140,18 +137,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in sorted(rows, key=lambda r: (float(r["budget"].split(":")[1]), METHODS.index(r["method"]))):
         lat = f"{r['latency_ms_mean']:.3f}" if r["latency_ms_mean"] is not None else "-"
+        accuracies = " | ".join(format_mean_std(r.get(f"{k}_mean"), r.get(f"{k}_std")) for k in ACCURACY_KEYS)
         lines.append(
             f"| {r['budget']} | {r['method']} | {r['seeds']} | {r['macs_mean']:,.0f} | {r['params_mean']:,.0f} | "
-            f"{lat} | "
-            f"{_acc(r, 'final_test_accuracy')} | "
-            f"{_acc(r, 'local_test_accuracy')} | {_acc(r, 'personalized_accuracy')} |"
+            f"{lat} | {accuracies} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _acc(row: dict[str, Any], key: str) -> str:
-    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
-    return "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
 
 
 def draw(rows: list[dict[str, Any]], path: Path) -> None:

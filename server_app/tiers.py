@@ -23,7 +23,7 @@ from fedmetanas_core.federation.tiered import TieredPhase, tier_config
 from fedmetanas_core.method.aggregation import State
 from fedmetanas_core.method.budget import cost_report
 from fedmetanas_core.method.genotype import count_parameters
-from fedmetanas_core.method.tiers import Tier, client_tier, parse_tiers
+from fedmetanas_core.method.tiers import Tier, client_tier, local_mean, parse_tiers
 from fedmetanas_core.method.training import evaluate, state_arrays
 from fedmetanas_core.run.config import ConfigError, RunConfig
 from fedmetanas_core.run.config_keys import parse_budget, parse_tier_shares
@@ -179,14 +179,6 @@ class TierRounds:
             dict(m.content["metrics"]) for m in replies if not m.has_error() and "metrics" in m.content.metric_records
         ]
         return sorted(ok, key=lambda m: m.get("partition-id", -1))
-
-
-def local_mean(clients: list[dict[str, Any]], key: str) -> float | None:
-    """The tier's clients' local test accuracy, weighted by their test examples."""
-    if not clients:
-        return None
-    weights = [float(c.get("num-examples", 1)) for c in clients]
-    return float(np.average([c[key] for c in clients], weights=weights))
 
 
 def write_tier_results(rounds: TierRounds, test, device, results_dir: Path, server_round: int) -> list[dict[str, Any]]:

@@ -78,39 +78,49 @@ def test_bad_tier_distill_names_the_key():
             RunConfig.from_flat(flat, check_paths=False)
 
 
+def started_tiers(digits_test, **flat):
+    """A digits run with two tiers, one meta-step a round, its tiered phase started: a large-tier
+    client's round is ``phase.tier_round(1, 5, ...)``."""
+    from fedmetanas_core.federation.phases import Handoff
+    from fedmetanas_core.federation.tiered import tiered_phases
+
+    base = {"dataset": "digits", "reduction-cells": "0,1", "local-meta-iters": 1, "tasks-per-meta-batch": 1}
+    cfg = RunConfig.from_flat({**base, "num-partitions": 4, **flat}, check_paths=False)
+    (phase,) = tiered_phases(cfg, digits_test, CPU)
+    phase.start(Handoff())
+    return cfg, phase
+
+
+def decide_small_tier(phase) -> None:
+    small = phase.phases[0]
+    small.masks = update_masks(small.model.space, small.arch_state(), {}, 0.0, 0.1, discreteness=1.0)
+
+
+def large_tier_reply(cfg, config, arrays) -> dict:
+    """Partition 1's reply (a large-tier client) to the round ``config`` / ``arrays``."""
+    import numpy as np
+
+    from fedmetanas_core.federation.client_round import train_round
+    from fedmetanas_core.federation.coordinator import plan_from_config
+
+    tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}
+    plan = plan_from_config(config, {k: v.shape for k, v in tensors.items()})
+    return train_round(cfg, config, tensors, plan, {"partition-id": 1}, 1)[0]
+
+
 def test_a_large_tier_client_learns_from_the_small_tiers_network_once_its_cell_is_decided(digits_test):
     """Bit for bit the same round without a deployed small network; once the small tier's cell is
     decided, the large tier's own network trains differently and the small one it also trains does not."""
     import numpy as np
 
-    from fedmetanas_core.federation.client_round import train_round
-    from fedmetanas_core.federation.coordinator import plan_from_config
-    from fedmetanas_core.federation.phases import Handoff
-    from fedmetanas_core.federation.tiered import tiered_phases
-
-    flat = {
-        "dataset": "digits",
-        "tiers": "macs:20000,macs:60000",
-        "init-channels": 0,
-        "reduction-cells": "0,1",
-        "local-meta-iters": 1,
-        "tasks-per-meta-batch": 1,
-        "num-partitions": 4,
-    }
-    cfg = RunConfig.from_flat(flat, check_paths=False)
-    (phase,) = tiered_phases(cfg, digits_test, CPU)
-    phase.start(Handoff())
+    cfg, phase = started_tiers(digits_test, **{"tiers": "macs:20000,macs:60000", "init-channels": 0})
     replies = {}
     for decided in (False, True):
         if decided:
-            small = phase.phases[0]
-            small.masks = update_masks(small.model.space, small.arch_state(), {}, 0.0, 0.1, discreteness=1.0)
+            decide_small_tier(phase)
         config, arrays = phase.tier_round(1, 5, phase.initial_state())  # a large-tier client's round
         for distill in (0.0, 0.5):
-            tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}
-            plan = plan_from_config(config, {k: v.shape for k, v in tensors.items()})
-            run = cfg.replace(tier_distill=distill)
-            replies[distill, decided], _ = train_round(run, config, tensors, plan, {"partition-id": 1}, 1)
+            replies[distill, decided] = large_tier_reply(cfg.replace(tier_distill=distill), config, arrays)
     for decided in (False, True):
         plain, taught = replies[0.0, decided], replies[0.5, decided]
         own = [k for k in plain if not k.startswith("sub0/")]
@@ -126,26 +136,12 @@ def test_the_teacher_never_overwrites_the_nodes_own_network_when_tiers_share_a_w
     import numpy as np
 
     from fedmetanas_core.federation import client_round
-    from fedmetanas_core.federation.coordinator import plan_from_config
-    from fedmetanas_core.federation.phases import Handoff
-    from fedmetanas_core.federation.tiered import tiered_phases
     from fedmetanas_core.util.lru import LruCache
 
-    flat = {
-        "dataset": "digits",
-        "tiers": "macs:120000,macs:240000",  # both within reach of the run's width (8)
-        "reduction-cells": "0,1",
-        "local-meta-iters": 1,
-        "tasks-per-meta-batch": 1,
-        "num-partitions": 4,
-        "tier-distill": 0.5,
-    }
-    cfg = RunConfig.from_flat(flat, check_paths=False)
-    (phase,) = tiered_phases(cfg, digits_test, CPU)
-    phase.start(Handoff())
+    # both tiers within reach of the run's width (8)
+    cfg, phase = started_tiers(digits_test, **{"tiers": "macs:120000,macs:240000", "tier-distill": 0.5})
     assert phase.widths[0] == phase.widths[1]
-    small = phase.phases[0]
-    small.masks = update_masks(small.model.space, small.arch_state(), {}, 0.0, 0.1, discreteness=1.0)
+    decide_small_tier(phase)
     config, arrays = phase.tier_round(1, 5, phase.initial_state())  # a large-tier client's round
     rng = np.random.default_rng(0)
     arrays = {
@@ -154,8 +150,6 @@ def test_the_teacher_never_overwrites_the_nodes_own_network_when_tiers_share_a_w
     replies = []
     for capacity in (4, 0):
         monkeypatch.setattr(client_round, "NETWORKS", LruCache(capacity))
-        tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}
-        plan = plan_from_config(config, {k: v.shape for k, v in tensors.items()})
-        replies.append(client_round.train_round(cfg, config, tensors, plan, {"partition-id": 1}, 1)[0])
+        replies.append(large_tier_reply(cfg, config, arrays))
     for key in replies[1]:
         np.testing.assert_array_equal(replies[0][key], replies[1][key], err_msg=key)

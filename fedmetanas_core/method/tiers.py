@@ -140,3 +140,13 @@ def split_smaller_tiers(config: dict, state: dict) -> tuple[dict, dict, list[tup
         for p in prefixes
     ]
     return own_config, own_state, subs
+
+
+def local_mean(clients: list[dict], key: str) -> float | None:
+    """A tier's clients' local test accuracy (``key``: before or after personalization), weighted by
+    their test examples; None without clients. The server's tier summary and the tiers benchmark's
+    table (one network for everyone, scored on each tier's clients) both report it."""
+    if not clients:
+        return None
+    weights = [float(c.get("num-examples", 1)) for c in clients]
+    return float(np.average([c[key] for c in clients], weights=weights))
