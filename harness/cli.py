@@ -357,8 +357,10 @@ def profile_command(cfg: RunConfig, args: argparse.Namespace) -> int:
     from fedmetanas_core.method.budget import run_space
 
     space, image_hw = run_space(cfg)
-    runtime = args.runtime or default_runtime()
     args.runs = args.runs or PROFILE_RUNS
+    if args.add_cnn:
+        return add_cnn_command(space, image_hw, args)
+    runtime = args.runtime or default_runtime()
     print(
         f"fedmetanas: profiling {len(space.primitives)} ops of the {cfg.dataset} space at {image_hw[0]}x{image_hw[1]} "
         f"(init-channels {space.init_channels}) with {runtime}, batch 1, one thread, median of {args.runs} runs"
@@ -368,6 +370,29 @@ def profile_command(cfg: RunConfig, args: argparse.Namespace) -> int:
     print(
         f'fedmetanas: wrote {args.out}; pass it as -c \'latency-table="{Path(args.out).resolve()}" '
         f'budget="latency-ms:..."\''
+    )
+    return 0
+
+
+def add_cnn_command(space, image_hw: tuple[int, int], args: argparse.Namespace) -> int:
+    """``fedmetanas profile --add-cnn``: the small CNN's entries added to an existing table."""
+    from fedmetanas_core.deployment.latency import LatencyTable, add_cnn_entries
+
+    try:
+        table = LatencyTable.load(args.out)
+    except ValueError as exc:
+        print(f"fedmetanas: --out: {exc}", file=sys.stderr)
+        return 2
+    problem = table.mismatch(space, image_hw)
+    if problem:
+        print(f"fedmetanas: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
+    speed = add_cnn_entries(table, space, image_hw, args.runs)["machine_speed_vs_table"]
+    table.save(args.out)
+    widths = ", ".join(f"{w}: {ms:.4f}" for w, ms in sorted(table.cnn_ms().items()))
+    print(
+        f"fedmetanas: added the small CNN to {args.out} (ms by width, at the table's speed; "
+        f"this machine {speed:.3f}x): {widths}"
     )
     return 0
 
@@ -422,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     profile.add_argument(
         "--runtime", choices=("onnxruntime", "torch"), default=None, help="default: onnxruntime when installed"
+    )
+    profile.add_argument(
+        "--add-cnn",
+        action="store_true",
+        help="add the small CNN's entries to the table at --out (profiled before it had them), timed beside its "
+        "calibration networks",
     )
     args = parser.parse_args(argv)
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedmetanas_core.data import ClientData, ImageData
-from fedmetanas_core.deployment.latency import LatencyTable, profile_space
+from fedmetanas_core.deployment.latency import CNN_PROFILE_WIDTHS, LatencyTable, add_cnn_entries, profile_space
 from fedmetanas_core.federation.coordinator import plan_from_config, plan_to_config
 from fedmetanas_core.method.aggregation import masks_are_discrete, update_masks
 from fedmetanas_core.method.budget import (
@@ -23,6 +23,7 @@ from fedmetanas_core.method.budget import (
     choice_masks,
     cnn_width_within,
     cost_model,
+    cost_report,
     fixed_network_width,
     most_likely_within,
     network_cost,
@@ -331,6 +332,51 @@ def test_a_latency_table_covers_every_op_and_predicts_from_its_fit(tmp_path):
     with pytest.raises(ConfigError) as err:
         cost_model(cfg, SpaceConfig(10, 1, 5, 2, 2), image_hw)
     assert err.value.key == "latency-table" and "another space" in str(err.value)
+
+
+def test_a_latency_budget_sizes_the_cnn_by_the_tables_measurements(tmp_path, capsys):
+    space, image_hw = SpaceConfig(10, 1, 8, 2, 2), (8, 8)
+    data = profile_space(space, image_hw, runs=10, calibration_cells=2)
+    assert sorted(int(w) for w in data["cnn_ms"]) == list(CNN_PROFILE_WIDTHS)
+    old = {k: v for k, v in data.items() if k != "cnn_ms"}  # a table profiled before the CNN had entries
+    path = tmp_path / "table.json"
+    LatencyTable(old).save(path)
+    flat = {**defaults(), "method": "fedavg", "latency-table": str(path)}
+    cfg = RunConfig.from_flat({**flat, "budget": "latency-ms:1"})
+    with pytest.raises(ConfigError) as err:
+        fixed_network_width(cfg, space, image_hw, None)
+    assert err.value.key == "latency-table" and "--add-cnn" in str(err.value)
+    assert (
+        cli_main(
+            ["check", "-c", 'dataset="digits"', "-c", f'method="fedavg" budget="latency-ms:1" latency-table="{path}"']
+        )
+        == 2
+    )
+    assert "--add-cnn" in capsys.readouterr().err
+    # added beside the table's calibration networks, at the table's speed
+    table = LatencyTable.load(path)
+    assert add_cnn_entries(table, space, image_hw, runs=10)["machine_speed_vs_table"] > 0
+    table.save(path)
+    timed = LatencyTable.load(path).cnn_ms()
+    assert sorted(timed) == list(CNN_PROFILE_WIDTHS) and all(ms > 0 for ms in timed.values())
+    # the widest width whose measurement fits, for any limit between two entries
+    for width in (1, 8, 64):
+        limit = timed[width]
+        cfg = RunConfig.from_flat({**flat, "budget": f"latency-ms:{limit}"})
+        chosen = fixed_network_width(cfg, space, image_hw, None)
+        assert timed[chosen] <= limit and all(timed[w] > limit for w in timed if w > chosen)
+        report = cost_report(cfg, space, image_hw, SimpleCNN(space, chosen))
+        assert report["latency_predicted_ms"] == timed[chosen] and report["within_budget"] is True
+    cfg = RunConfig.from_flat({**flat, "budget": f"latency-ms:{min(timed.values()) / 2}"})
+    with pytest.raises(ConfigError) as err:
+        fixed_network_width(cfg, space, image_hw, None)
+    assert err.value.key == "budget"
+    narrow = min(timed, key=timed.get)
+    for width, key in ((5, "fedavg-channels"), (max(timed, key=timed.get), "fedavg-channels")):
+        cfg = RunConfig.from_flat({**flat, "budget": f"latency-ms:{timed[narrow]}", "fedavg-channels": width})
+        with pytest.raises(ConfigError) as err:
+            fixed_network_width(cfg, space, image_hw, None)
+        assert err.value.key == key
 
 
 def test_budget_penalties():

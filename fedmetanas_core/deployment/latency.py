@@ -15,6 +15,11 @@ on whole networks timed during profiling: the all-skip network and ``calibration
 cells from seeds that no check draws. ``benchmarks/latency_check.py`` measures how well the table
 predicts other random networks.
 
+The table also holds FedAvg's small CNN at ``CNN_PROFILE_WIDTHS`` (``cnn_ms``, whole networks timed
+in the same session, no fit: there is nothing to sum), so the CNN baseline is sized to a latency
+budget by the same device's measurements as the cells. ``add_cnn_entries`` adds them to a table
+profiled without them, timed beside its calibration networks and rescaled to the table's speed.
+
 Networks are timed as they are deployed: BatchNorm calibrated to running statistics
 (``export.calibrate_batchnorm``), then exported.
 """
@@ -46,6 +51,7 @@ TABLE_FORMAT = 1
 PROFILE_RUNS = 1500
 CALIBRATION_SEED = 900_000  # random cells that calibrate a table; checks draw theirs elsewhere
 RUNTIMES = ("onnxruntime", "torch")
+CNN_PROFILE_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # the small CNN's first-conv widths a table times
 
 
 def default_runtime() -> str:
@@ -242,13 +248,19 @@ def profile_space(
     held_out = list(held_out or [])
     modules += [DiscreteNetwork(space, g) for g in held_out]
     examples += [torch.randn(1, space.in_channels, *image_hw)] * len(held_out)
+    cnns = cnn_family(space)
+    modules += cnns
+    examples += [torch.randn(1, space.in_channels, *image_hw)] * len(cnns)
     if progress:
-        progress(f"timing {len(shapes)} ops and {len(calibration) + len(held_out)} whole networks, interleaved")
+        wholes_timed = len(calibration) + len(held_out) + len(cnns)
+        progress(f"timing {len(shapes)} ops and {wholes_timed} whole networks, interleaved")
     times = models_latency_ms(modules, examples, runtime, runs)
     overhead = intercept(times[0], times[1])
     ops = {s.key(): max(0.0, t - overhead) for s, t in zip(shapes, times[2 : 2 + len(shapes)], strict=False)}
     first = 2 + len(shapes)
-    wholes, held_out_ms = times[first : first + len(calibration)], times[first + len(calibration) :]
+    wholes = times[first : first + len(calibration)]
+    first += len(calibration)
+    held_out_ms, cnn_times = times[first : first + len(held_out)], times[first + len(held_out) :]
     raw = {
         "format": TABLE_FORMAT,
         "fixed_ms": 0.0,
@@ -280,8 +292,40 @@ def profile_space(
             "measured_ms": wholes,
         },
         "ops": ops,
+        "cnn_ms": {str(w): t for w, t in zip(CNN_PROFILE_WIDTHS, cnn_times, strict=True)},
         **({"held_out_ms": held_out_ms} if held_out else {}),
     }
+
+
+def cnn_family(space: SpaceConfig) -> list[nn.Module]:
+    """FedAvg's small CNN at every width a table times."""
+    from ..method.genotype import SimpleCNN
+
+    return [SimpleCNN(space, w) for w in CNN_PROFILE_WIDTHS]
+
+
+def add_cnn_entries(
+    table: LatencyTable, space: SpaceConfig, image_hw: tuple[int, int], runs: int = PROFILE_RUNS
+) -> dict[str, float]:
+    """Time the small CNN family beside ``table``'s calibration networks and add it at the table's
+    speed (a table profiled before the CNN had entries keeps its op entries, and the runs made with
+    it stay valid). Returns the machine's speed now against the table's."""
+    from ..method.genotype import DiscreteNetwork
+
+    then = table.data["calibration"]["measured_ms"]
+    cnns = cnn_family(space)
+    modules = cnns + [DiscreteNetwork(space, g) for g in calibration_genotypes(space, len(then) - 1)]
+    times = models_latency_ms(
+        modules, [torch.randn(1, space.in_channels, *image_hw)] * len(modules), table.runtime, runs
+    )
+    ratio = statistics.median(now / old for now, old in zip(times[len(cnns) :], then, strict=True))
+    table.data["cnn_ms"] = {str(w): t / ratio for w, t in zip(CNN_PROFILE_WIDTHS, times, strict=False)}
+    table.data["cnn_added"] = {
+        "machine": f"{platform.machine()} {platform.processor() or platform.platform()}",
+        "machine_speed_vs_table": ratio,
+        "runs": runs,
+    }
+    return {"machine_speed_vs_table": ratio}
 
 
 def _line(x: list[float], y: list[float]) -> tuple[float, float]:
@@ -340,6 +384,10 @@ class LatencyTable:
 
     def cost_model(self, space: SpaceConfig, image_hw: tuple[int, int]) -> CostModel:
         return build_cost_model(space, image_hw, "latency-ms", self.op_ms, float(self.data["fixed_ms"]))
+
+    def cnn_ms(self) -> dict[int, float]:
+        """The small CNN measured whole, by first-conv width (empty: the table did not time it)."""
+        return {int(w): float(ms) for w, ms in self.data.get("cnn_ms", {}).items()}
 
 
 def calibration_genotypes(space: SpaceConfig, cells: int) -> list:

@@ -94,6 +94,11 @@ def cost_model(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], ki
     kind = kind or budget_of(cfg).kind
     if kind != "latency-ms":
         return counted_cost_model(space, image_hw, kind)
+    return latency_table(cfg, space, image_hw).cost_model(space, image_hw)
+
+
+def latency_table(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int]):
+    """The run's latency table, checked to be one for ``space`` at ``image_hw``."""
     from ..deployment.latency import LatencyTable
 
     if not cfg.latency_table:
@@ -107,7 +112,7 @@ def cost_model(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], ki
     problem = table.mismatch(space, image_hw)
     if problem:
         raise ConfigError("latency-table", cfg.latency_table, problem)
-    return table.cost_model(space, image_hw)
+    return table
 
 
 def uniform_expected_cost(model: CostModel) -> float:
@@ -376,11 +381,7 @@ def fixed_network_width(
             )
         return cfg.fedavg_channels
     if budget.kind == "latency-ms":
-        raise ConfigError(
-            "budget",
-            cfg.budget,
-            "a latency table has no entries for the small CNN: give fedavg-genotype, or a macs / params budget",
-        )
+        return cnn_width_within_latency(cfg, latency_table(cfg, space, image_hw), budget.limit)
     if cfg.fedavg_channels:
         from .genotype import SimpleCNN
 
@@ -395,6 +396,34 @@ def fixed_network_width(
     width = cnn_width_within(space, budget.kind, budget.limit, image_hw)
     if width is None:
         raise ConfigError("budget", cfg.budget, f"not even a 1-channel CNN fits ({budget.kind})")
+    return width
+
+
+def cnn_width_within_latency(cfg: RunConfig, table, limit: float) -> int:
+    """The small CNN's width under a latency budget, from the table's measured CNN entries."""
+    timed = table.cnn_ms()
+    if not timed:
+        raise ConfigError(
+            "latency-table",
+            cfg.latency_table,
+            "has no entries for the small CNN (profiled before they were added): "
+            "fedmetanas profile --add-cnn --out TABLE adds them",
+        )
+    if cfg.fedavg_channels:
+        if cfg.fedavg_channels not in timed:
+            widths = ", ".join(map(str, sorted(timed)))
+            raise ConfigError(
+                "fedavg-channels", cfg.fedavg_channels, f"the latency table times the CNN at widths {widths}"
+            )
+        if not within(timed[cfg.fedavg_channels], limit):
+            ms = timed[cfg.fedavg_channels]
+            raise ConfigError(
+                "fedavg-channels", cfg.fedavg_channels, f"the CNN takes {ms:.4g} ms, over the budget {limit:g}"
+            )
+        return cfg.fedavg_channels
+    width = max((w for w, ms in timed.items() if within(ms, limit)), default=None)
+    if width is None:
+        raise ConfigError("budget", cfg.budget, "not even the narrowest CNN the latency table times fits")
     return width
 
 
@@ -459,7 +488,10 @@ def cost_report(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], n
     if budget is not None:
         genotype = getattr(net, "genotype", None)
         if table is not None:
-            predicted = table.cost_model(space, image_hw).genotype_cost(genotype) if genotype is not None else None
+            if genotype is not None:
+                predicted = table.cost_model(space, image_hw).genotype_cost(genotype)
+            else:  # the small CNN: the table's measurement of it
+                predicted = table.cnn_ms().get(getattr(net, "channels", 0))
             report["latency_predicted_ms"] = predicted
             spent = predicted
         else:
