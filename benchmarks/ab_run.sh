@@ -17,6 +17,9 @@ mkdir -p "$out"
 trees=$(mktemp -d)
 trap 'for t in "$trees"/*; do git -C "$repo" worktree remove --force "$t" 2>/dev/null || true; done; rm -rf "$trees"' EXIT
 
+# presets name their data relative to the checkout (../shared/data): the trees see the same folder
+if [ -e "$repo/../shared" ]; then ln -s "$(realpath "$repo/../shared")" "$trees/shared"; fi
+
 free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 run() { # name rev
