@@ -353,6 +353,9 @@ def test_a_latency_budget_sizes_the_cnn_by_the_tables_measurements(tmp_path, cap
         == 2
     )
     assert "--add-cnn" in capsys.readouterr().err
+    assert cli_main(["profile", "-c", 'dataset="digits"', "--add-cnn", "--out", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read latency table" in err[0]
     # added beside the table's calibration networks, at the table's speed
     table = LatencyTable.load(path)
     assert add_cnn_entries(table, space, image_hw, runs=10)["machine_speed_vs_table"] > 0
