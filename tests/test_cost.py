@@ -25,6 +25,7 @@ from fedmetanas_core.method.budget import (
     cost_model,
     cost_report,
     fixed_network_width,
+    latency_table,
     most_likely_within,
     network_cost,
     sized_space,
@@ -380,6 +381,37 @@ def test_a_latency_budget_sizes_the_cnn_by_the_tables_measurements(tmp_path, cap
         with pytest.raises(ConfigError) as err:
             fixed_network_width(cfg, space, image_hw, None)
         assert err.value.key == key
+
+
+def test_several_latency_tables_size_the_space_among_their_widths(tmp_path, capsys):
+    image_hw = (8, 8)
+    paths, uniform = [], {}
+    for width in (4, 8):
+        space = SpaceConfig(10, 1, width, 2, 2)
+        table = LatencyTable(profile_space(space, image_hw, runs=10, calibration_cells=1))
+        table.save(tmp_path / f"w{width}.json")
+        paths.append(str(tmp_path / f"w{width}.json"))
+        uniform[width] = uniform_expected_cost(table.cost_model(space, image_hw))
+    unsized = SpaceConfig(10, 1, 0, 2, 2)
+    for limit in (min(uniform.values()) / 2, min(uniform.values()), max(uniform.values())):
+        cfg = RunConfig.from_flat(
+            {**defaults(), "budget": f"latency-ms:{limit}", "init-channels": 0, "latency-table": ",".join(paths)}
+        )
+        fits = [w for w, u in uniform.items() if u <= limit * (1 + 1e-9)]
+        sized = sized_space(cfg, unsized, image_hw)
+        assert sized.init_channels == max(fits, default=4)
+        # the run's table is the one measured for the sized space
+        assert latency_table(cfg, sized, image_hw).data["space"]["init_channels"] == sized.init_channels
+    with pytest.raises(ConfigError) as err:
+        latency_table(cfg, SpaceConfig(10, 1, 5, 2, 2), image_hw)
+    assert err.value.key == "latency-table" and "none of its tables" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_flat(
+            {**defaults(), "budget": "latency-ms:1", "latency-table": f"{paths[0]},{tmp_path}/none.json"}
+        )
+    assert err.value.key == "latency-table" and "none.json" in str(err.value)
+    # the CLI makes every path absolute and sizes the space before anything starts
+    assert cli_main(["check", "-c", f'budget="latency-ms:1" init-channels=0 latency-table="{",".join(paths)}"']) == 0
 
 
 def test_budget_penalties():

@@ -97,22 +97,38 @@ def cost_model(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], ki
     return latency_table(cfg, space, image_hw).cost_model(space, image_hw)
 
 
-def latency_table(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int]):
-    """The run's latency table, checked to be one for ``space`` at ``image_hw``."""
+def latency_tables(cfg: RunConfig) -> list:
+    """Every table ``latency-table`` names (one per width it was measured at)."""
     from ..deployment.latency import LatencyTable
 
-    if not cfg.latency_table:
+    if not cfg.latency_table_paths:
         raise ConfigError(
             "latency-table", "", "a latency-ms budget needs a table measured on the device (fedmetanas profile)"
         )
-    try:
-        table = LatencyTable.load(cfg.latency_table)
-    except ValueError as exc:
-        raise ConfigError("latency-table", cfg.latency_table, str(exc)) from None
-    problem = table.mismatch(space, image_hw)
-    if problem:
-        raise ConfigError("latency-table", cfg.latency_table, problem)
-    return table
+    tables = []
+    for path in cfg.latency_table_paths:
+        try:
+            tables.append(LatencyTable.load(path))
+        except ValueError as exc:
+            raise ConfigError("latency-table", cfg.latency_table, str(exc)) from None
+    return tables
+
+
+def latency_table(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int]):
+    """The run's latency table for ``space`` at ``image_hw`` (of several, the one measured for it)."""
+    tables = latency_tables(cfg)
+    for table in tables:
+        if table.mismatch(space, image_hw) is None:
+            return table
+    if len(tables) == 1:
+        raise ConfigError("latency-table", cfg.latency_table, tables[0].mismatch(space, image_hw))
+    widths = ", ".join(str(t.data["space"].get("init_channels")) for t in tables)
+    raise ConfigError(
+        "latency-table",
+        cfg.latency_table,
+        f"none of its tables was measured for this space (init-channels {space.init_channels}; the tables' widths "
+        f"{widths}); run `fedmetanas profile` for it",
+    )
 
 
 def uniform_expected_cost(model: CostModel) -> float:
@@ -132,12 +148,33 @@ def sized_space(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int]) -
     if space.init_channels > 0:
         return space
     budget = budget_of(cfg)
+    if budget.kind == "latency-ms":
+        return latency_sized_space(cfg, space, image_hw, budget)
     best = widest(
         lambda c: budget.fits(
             uniform_expected_cost(counted_cost_model(_with_channels(space, c), image_hw, budget.kind))
         )
     )
     return _with_channels(space, best or 1)
+
+
+def latency_sized_space(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], budget: Budget) -> SpaceConfig:
+    """The widest of the latency tables' widths whose uniform expected latency fits the budget (the
+    narrowest when none does). At small images a cell's latency is mostly per-op cost, so a wider
+    space can cost little more time (docs/results-frontier.md, "Latency budgets")."""
+    fitting, widths = [], []
+    for table in latency_tables(cfg):
+        candidate = _with_channels(space, int(table.data["space"].get("init_channels", 0)))
+        if candidate.init_channels < 1 or table.mismatch(candidate, image_hw) is not None:
+            continue
+        widths.append(candidate.init_channels)
+        if budget.fits(uniform_expected_cost(table.cost_model(candidate, image_hw))):
+            fitting.append(candidate.init_channels)
+    if not widths:
+        raise ConfigError(
+            "latency-table", cfg.latency_table, "no table was measured for this space at any width (fedmetanas profile)"
+        )
+    return _with_channels(space, max(fitting, default=min(widths)))
 
 
 def _with_channels(space: SpaceConfig, channels: int) -> SpaceConfig:
@@ -458,7 +495,6 @@ def cost_report(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], n
     number the search saw; the measurement is reported beside it, also rescaled to the machine's
     speed when the table was measured, ``latency_against_table``)."""
     from ..deployment.latency import (
-        LatencyTable,
         default_runtime,
         latency_against_table,
         model_latency_ms,
@@ -469,7 +505,7 @@ def cost_report(cfg: RunConfig, space: SpaceConfig, image_hw: tuple[int, int], n
     macs = network_cost(net, "macs", image_hw, space.in_channels)
     params = network_cost(net, "params", image_hw, space.in_channels)
     # a latency budget's table fixes the runtime, and its networks are timed beside this one
-    table = LatencyTable.load(cfg.latency_table) if budget is not None and budget.kind == "latency-ms" else None
+    table = latency_table(cfg, space, image_hw) if budget is not None and budget.kind == "latency-ms" else None
     runtime = table.runtime if table is not None else default_runtime()
     report: dict[str, Any] = {
         "budget": budget.describe() if budget else None,

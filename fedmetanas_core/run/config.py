@@ -120,6 +120,11 @@ class RunConfig(Mapping[str, Any]):
         if check_paths:
             self._check_paths()
 
+    @property
+    def latency_table_paths(self) -> list[str]:
+        """``latency-table``: one table, or several (comma-separated, one per width) to size the space."""
+        return [path.strip() for path in self.latency_table.split(",") if path.strip()]
+
     def check_dp(self, population: int | None) -> None:
         """A DP config that cannot work with ``population`` clients (None: unknown yet) is refused
         here, before anything starts; the CLI and the ServerApp call it again once they know."""
@@ -195,12 +200,6 @@ class RunConfig(Mapping[str, Any]):
         kind = parsed[0] if parsed else None
         if self.init_channels == 0 and kind is None and not self.tiers:
             raise ConfigError("init-channels", 0, '0 sizes the space to the budget: set budget (e.g. "macs:200000")')
-        if self.init_channels == 0 and kind == "latency-ms":
-            raise ConfigError(
-                "init-channels",
-                0,
-                "cannot size the space to a latency budget (a table is measured for one width); set init-channels",
-            )
         if kind == "latency-ms" and not self.latency_table:
             raise ConfigError(
                 "latency-table",
@@ -276,10 +275,13 @@ class RunConfig(Mapping[str, Any]):
             builder, sep, local_dir = self.hf_dataset.partition(":")
             if sep and builder and "/" not in builder and not Path(local_dir).expanduser().is_dir():
                 raise ConfigError("hf-dataset", self.hf_dataset, f"{local_dir!r} is not an existing directory")
-        if self.latency_table and not (Path(self.latency_table).is_file() and os.access(self.latency_table, os.R_OK)):
-            raise ConfigError(
-                "latency-table", self.latency_table, "must be a readable latency table (fedmetanas profile --out)"
-            )
+        for path in self.latency_table_paths:
+            if not (Path(path).is_file() and os.access(path, os.R_OK)):
+                raise ConfigError(
+                    "latency-table",
+                    self.latency_table,
+                    f"{path} must be a readable latency table (fedmetanas profile --out)",
+                )
         if self.fedavg_genotype and not (
             Path(self.fedavg_genotype).is_file() and os.access(self.fedavg_genotype, os.R_OK)
         ):

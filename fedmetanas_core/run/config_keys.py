@@ -339,7 +339,7 @@ KEYS: tuple[Key, ...] = (
         "init-channels",
         8,
         "channels of the first cell; 0 = sized to the budget (the widest space whose expected cost under uniform "
-        "op and pair probabilities fits it)",
+        "op and pair probabilities fits it; with a latency budget, among the latency tables' widths)",
         _at_least(0),
         "space",
     ),
@@ -406,7 +406,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "latency-table",
         "",
-        "a latency table from `fedmetanas profile`, measured on the device, for budget = latency-ms:...",
+        "a latency table from `fedmetanas profile`, measured on the device, for budget = latency-ms:...; "
+        "several, comma-separated, measured at different init-channels: init-channels = 0 picks the width",
         None,
         "budget",
     ),
