@@ -42,7 +42,8 @@ def method_overrides(
     method: str, budget: str, seed_dir: Path, seed: int, preset: Path, overrides: list[str]
 ) -> list[str]:
     """The run-config overrides that put ``method`` at ``budget``: the space sized to a MACs or
-    parameter budget; a latency budget keeps the preset's width (its table is measured for one)."""
+    parameter budget; a latency budget keeps the run config's width (a table is measured for one:
+    pass ``-c init-channels=0`` with one table per width to size it)."""
     sized = [] if budget.startswith("latency-ms:") else ["init-channels=0"]
     common = [f'budget="{budget}"', *sized]
     if method != "fedavg-random-cell":
