@@ -319,8 +319,8 @@ def resolve_run_config(items: list[str]) -> tuple[dict[str, Any], RunConfig]:
     overrides = resolve_method_tables(parse_run_config(items), base["method"])
     for key in PATH_KEYS:  # the ServerApp runs in the SuperLink's directory: send absolute paths
         if isinstance(overrides.get(key), str) and overrides[key]:
-            paths = overrides[key].split(",") if key == "latency-table" else [overrides[key]]  # one per width
-            overrides[key] = ",".join(str(Path(p.strip()).expanduser().resolve()) for p in paths if p.strip())
+            paths = config_keys.parse_latency_tables(overrides[key]) if key == "latency-table" else [overrides[key]]
+            overrides[key] = ",".join(str(Path(p).expanduser().resolve()) for p in paths)
     return overrides, RunConfig.from_flat({**base, **overrides})
 
 

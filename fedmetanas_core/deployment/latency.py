@@ -310,16 +310,8 @@ def add_cnn_entries(
     """Time the small CNN family beside ``table``'s calibration networks and add it at the table's
     speed (a table profiled before the CNN had entries keeps its op entries, and the runs made with
     it stay valid). Returns the machine's speed now against the table's."""
-    from ..method.genotype import DiscreteNetwork
-
-    then = table.data["calibration"]["measured_ms"]
-    cnns = cnn_family(space)
-    modules = cnns + [DiscreteNetwork(space, g) for g in calibration_genotypes(space, len(then) - 1)]
-    times = models_latency_ms(
-        modules, [torch.randn(1, space.in_channels, *image_hw)] * len(modules), table.runtime, runs
-    )
-    ratio = statistics.median(now / old for now, old in zip(times[len(cnns) :], then, strict=True))
-    table.data["cnn_ms"] = {str(w): t / ratio for w, t in zip(CNN_PROFILE_WIDTHS, times, strict=False)}
+    times, ratio = timed_beside_table(cnn_family(space), table, space, image_hw, table.runtime, runs)
+    table.data["cnn_ms"] = {str(w): t / ratio for w, t in zip(CNN_PROFILE_WIDTHS, times, strict=True)}
     table.data["cnn_added"] = {
         "machine": f"{platform.machine()} {platform.processor() or platform.platform()}",
         "machine_speed_vs_table": ratio,
@@ -408,16 +400,28 @@ def latency_against_table(
     runtime: str,
     runs: int = PROFILE_RUNS,
 ) -> dict[str, float]:
-    """``net``'s latency now, and at the speed the machine had when ``table`` was measured: the
-    table's calibration networks are timed again in the same interleaved session, and their median
-    ratio now / then is the machine's speed change (1 on a device that runs nothing else; up to 2x
-    on a shared machine minutes apart)."""
+    """``net``'s latency now, and at the speed the machine had when ``table`` was measured
+    (``timed_beside_table``)."""
+    (now,), ratio = timed_beside_table([net], table, space, image_hw, runtime, runs)
+    return {"latency_ms": now, "machine_speed_vs_table": ratio, "latency_ms_at_table_speed": now / ratio}
+
+
+def timed_beside_table(
+    modules: list[nn.Module],
+    table: LatencyTable,
+    space: SpaceConfig,
+    image_hw: tuple[int, int],
+    runtime: str,
+    runs: int,
+) -> tuple[list[float], float]:
+    """``modules``' latencies now, timed in one interleaved session with ``table``'s calibration
+    networks, and the median ratio of those networks' times now / then: the machine's speed change
+    since the table (1 on a device that runs nothing else; up to 2x on a shared machine minutes apart)."""
     from ..method.genotype import DiscreteNetwork
 
     then = table.data["calibration"]["measured_ms"]
-    genotypes = calibration_genotypes(space, len(then) - 1)
+    calibration = [DiscreteNetwork(space, g) for g in calibration_genotypes(space, len(then) - 1)]
     example = torch.randn(1, space.in_channels, *image_hw)
-    modules = [net, *(DiscreteNetwork(space, g) for g in genotypes)]
-    times = models_latency_ms(modules, [example] * len(modules), runtime, runs)
-    ratio = statistics.median(now / old for now, old in zip(times[1:], then, strict=False))
-    return {"latency_ms": times[0], "machine_speed_vs_table": ratio, "latency_ms_at_table_speed": times[0] / ratio}
+    times = models_latency_ms([*modules, *calibration], [example] * (len(modules) + len(calibration)), runtime, runs)
+    ratio = statistics.median(now / old for now, old in zip(times[len(modules) :], then, strict=True))
+    return times[: len(modules)], ratio

@@ -122,8 +122,7 @@ class RunConfig(Mapping[str, Any]):
 
     @property
     def latency_table_paths(self) -> list[str]:
-        """``latency-table``: one table, or several (comma-separated, one per width) to size the space."""
-        return [path.strip() for path in self.latency_table.split(",") if path.strip()]
+        return config_keys.parse_latency_tables(self.latency_table)
 
     def check_dp(self, population: int | None) -> None:
         """A DP config that cannot work with ``population`` clients (None: unknown yet) is refused

@@ -177,6 +177,11 @@ def parse_tier_budgets(text: str) -> list[tuple[str, float]]:
     return sorted(parsed, key=lambda b: b[1])
 
 
+def parse_latency_tables(text: str) -> list[str]:
+    """``latency-table``'s paths: one table, or several (comma-separated, one per width) to size the space."""
+    return [path.strip() for path in text.split(",") if path.strip()]
+
+
 def parse_tier_shares(text: str, num_tiers: int) -> list[float]:
     """``tier-shares`` as fractions summing to 1 ('' = equal shares); ValueError saying why."""
     if not text.strip():
