@@ -152,3 +152,27 @@ def test_search_norm_searches_on_batch_statistics_and_derives_a_per_image_networ
     assert space_from_config(RunConfig.from_flat({}, check_paths=False), 10, 1).supernet_norm == "batch"
     with pytest.raises(ConfigError, match="search-norm"):
         RunConfig.from_flat({"search-norm": "layer"}, check_paths=False)
+
+
+def test_fixbn_probe_statistics_reproduce_the_batch_they_were_measured_on():
+    """benchmarks.fixbn_probe: statistics measured on one batch holding all data, then fixed, give that
+    batch's outputs (every normalisation hooked, the fast path included); on a second batch they no
+    longer follow it (a prediction independent of what else is in the batch)."""
+    from types import SimpleNamespace
+
+    from benchmarks.fixbn_probe import FixedStatsNorm, federation_statistics, fix_statistics, fixed_statistics_path
+    from fedmetanas_core.data import ImageData
+
+    net = derived("batch", seed=3)
+    x = torch.randn(16, 1, 8, 8)
+    client = SimpleNamespace(pool=ImageData(x, torch.zeros(16, dtype=torch.long), tuple("0123456789")))
+    with fast_path(True), fixed_statistics_path(), torch.no_grad():
+        before = net(x)
+        stats = federation_statistics(net, [client], batch_size=16)
+        norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert len(stats) == len(norms) > 0
+        fix_statistics(net, stats)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+        assert sum(isinstance(m, FixedStatsNorm) for m in net.modules()) == len(norms)
+        assert torch.allclose(net(x), before, atol=1e-4)
+        assert torch.allclose(net(x[:4]), before[:4], atol=1e-4)  # no longer depends on the batch
