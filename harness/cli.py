@@ -292,6 +292,27 @@ def materialise_app(dest: Path) -> Path:
     return dest
 
 
+def stage_app(source: Path, dest: Path) -> Path:
+    """A copy in ``dest`` of only what the FAB holds: pyproject.toml and the files its
+    ``[tool.flwr.app] fab-include`` patterns match. ``flwr run`` walks every file under the app
+    directory to build the FAB, a checkout's .venv and results included (~59,000 files, ~3 s of
+    start-up here); the FAB built from the copy is the same. ``source`` itself when the pyproject
+    lists no patterns (nothing says what the FAB leaves out)."""
+    config = tomllib.loads((source / "pyproject.toml").read_text())
+    patterns = config.get("tool", {}).get("flwr", {}).get("app", {}).get("fab-include")
+    if not patterns:
+        return source
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / "pyproject.toml", dest / "pyproject.toml")
+    for pattern in patterns:
+        for path in source.glob(pattern):
+            if path.is_file() and not path.is_symlink() and "__pycache__" not in path.parts:
+                target = dest / path.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+    return dest
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
@@ -458,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     app_dir = Path(args.app).resolve() if getattr(args, "app", None) else None
-    made_app_dir: Path | None = None  # built from the installed package for this run, removed after it
+    made_app_dir: Path | None = None  # the app staged for this run (from the checkout or the package), removed after it
     try:
         if args.command == "run":
             check_flags(args)
@@ -474,10 +495,9 @@ def main(argv: list[str] | None = None) -> int:
             check_strategy(cfg, app_dir=app_dir or checkout_dir())
         results_dir = cfg.resolved_results_dir(datetime.now().strftime("%Y%m%d-%H%M%S"))
         if args.command == "run" and app_dir is None:
-            app_dir = checkout_dir()
-            if app_dir is None:
-                made_app_dir = Path(tempfile.mkdtemp(prefix="fedmetanas-app-"))
-                app_dir = materialise_app(made_app_dir)
+            checkout = checkout_dir()
+            made_app_dir = Path(tempfile.mkdtemp(prefix="fedmetanas-app-"))
+            app_dir = stage_app(checkout, made_app_dir) if checkout else materialise_app(made_app_dir)
     except (ConfigError, OSError, ValueError, tomllib.TOMLDecodeError) as exc:
         if made_app_dir:
             shutil.rmtree(made_app_dir, ignore_errors=True)

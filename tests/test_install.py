@@ -287,3 +287,32 @@ def test_the_installed_wheel_checks_and_runs_outside_the_source_tree(tmp_path, s
     assert installed and "fedmetanas-flwr-" in installed.group(1) and str(home) not in installed.group(1), run.stdout[
         -3000:
     ]
+
+
+def test_a_checkout_run_sends_the_same_fab_built_from_a_copy_of_only_its_files(tmp_path):
+    """`flwr run` walks every file under the app directory to build the FAB (a checkout's .venv:
+    ~50,000 files, ~3 s of every run's start-up); `fedmetanas run` stages only pyproject.toml and what
+    its fab-include patterns match. Flower's own build gives the same bytes from the copy."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from harness.cli import stage_app
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    shutil.copyfile(ROOT / "pyproject.toml", checkout / "pyproject.toml")
+    for name in ("fedmetanas_core", "server_app", "client_app", "flower_records"):
+        shutil.copytree(ROOT / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    junk_files = (".venv/lib/site.py", "benchmarks/results/run/summary.json", "server_app/__pycache__/stale.py")
+    for junk in junk_files:
+        (checkout / junk).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / junk).write_text("junk\n")
+    staged = stage_app(checkout, tmp_path / "staged")
+    assert staged != checkout and (staged / "server_app" / "app.py").is_file()
+    assert not (staged / ".venv").exists() and not (staged / "benchmarks").exists()
+    assert not list(staged.rglob("__pycache__"))
+    assert build_fab_from_disk(staged) == build_fab_from_disk(checkout)
+
+    bare = tmp_path / "bare"  # no fab-include: nothing says what to leave out, so the directory as it is
+    bare.mkdir()
+    (bare / "pyproject.toml").write_text('[project]\nname = "x"\n[tool.flwr.app]\npublisher = "x"\n')
+    assert stage_app(bare, tmp_path / "unused") == bare
