@@ -289,6 +289,7 @@ def test_the_installed_wheel_checks_and_runs_outside_the_source_tree(tmp_path, s
     ]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pathspec and click, inside Flower's build
 def test_a_checkout_run_sends_the_same_fab_built_from_a_copy_of_only_its_files(tmp_path):
     """`flwr run` walks every file under the app directory to build the FAB (a checkout's .venv:
     ~50,000 files, ~3 s of every run's start-up); `fedmetanas run` stages only pyproject.toml and what
