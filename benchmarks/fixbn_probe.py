@@ -63,12 +63,16 @@ class FixedStatsNorm(nn.Module):
 _batch_scaled_norm = kernels.scaled_norm
 
 
+def _scaled(norm: nn.Module, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference path's normalisation and mixing: the module, times ``scale`` when given."""
+    out = norm(x)
+    return out if scale is None else scale * out
+
+
 def _scaled_norm(norm: nn.Module, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The fast path's normalisation, with fixed statistics where a layer has them."""
-    if isinstance(norm, FixedStatsNorm):
-        weight = None if scale is None else scale.to(x.dtype).expand(x.shape[1]).contiguous()
-        return F.batch_norm(x, norm.mean, norm.var, weight, None, False, 0.0, norm.eps)
-    return _batch_scaled_norm(norm, x, scale)
+    """The fast path's normalisation, with fixed statistics where a layer has them (the module
+    itself, as the reference path calls it)."""
+    return _scaled(norm, x, scale) if isinstance(norm, FixedStatsNorm) else _batch_scaled_norm(norm, x, scale)
 
 
 @contextlib.contextmanager
@@ -116,11 +120,6 @@ def federation_statistics(net: nn.Module, clients, batch_size: int) -> dict[str,
         mean = s / n
         out[name] = (mean.float(), (ss / n - mean * mean).clamp_min(0).float())
     return out
-
-
-def _scaled(norm: nn.Module, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    out = norm(x)
-    return out if scale is None else scale * out
 
 
 def fix_statistics(net: nn.Module, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
